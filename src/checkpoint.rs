@@ -1,0 +1,258 @@
+//! Checkpoint I/O: memory-mapped safetensors inputs, and outputs written through a temporary
+//! file that is renamed into place only when complete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::json;
+
+/// One tensor's header entry.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+    /// Byte range of the data, relative to the file start.
+    pub range: std::ops::Range<usize>,
+}
+
+impl TensorInfo {
+    /// Number of elements (1 for a 0-d tensor).
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// A safetensors file, memory-mapped and validated.
+pub struct Checkpoint {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: BTreeMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Maps and validates `path`. The data is not read; pages come in as they are touched.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        if file.metadata()?.is_dir() {
+            bail!(
+                "{}: is a folder; folder checkpoints are not supported yet, pass the .safetensors file",
+                path.display()
+            );
+        }
+        // SAFETY: the map is read-only. A file truncated by another process while mapped makes
+        // reads fault; that is the documented limit of memory-mapped input.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let data_start = 8 + n;
+        let mut tensors = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            let (s, e) = info.data_offsets;
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range: data_start + s..data_start + e,
+                },
+            );
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    /// The file's path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensors, in name order.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    /// A tensor's header entry.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// A tensor's raw little-endian bytes.
+    pub fn data(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[info.range.clone()]
+    }
+
+    /// The `__metadata__` map (empty when absent).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// The file's size in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    /// Asks the kernel to read ahead: the inputs are walked front to back.
+    pub fn advise_sequential(&self) {
+        let _ = self.mmap.advise(memmap2::Advice::Sequential);
+    }
+}
+
+/// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
+pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    if data.len() >= 1 << 20 {
+        h.update_rayon(data);
+    } else {
+        h.update(data);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The base fingerprint (docs/FORMAT.md section 7) of per-tensor hashes given in name order.
+pub fn fingerprint(hashes: &[[u8; 32]]) -> String {
+    blake3::hash(hashes.as_flattened()).to_hex().to_string()
+}
+
+/// A tensor to be written: name, dtype, shape and byte length.
+#[derive(Clone, Debug)]
+pub struct OutTensor {
+    /// Tensor key.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Data length in bytes.
+    pub len: u64,
+}
+
+/// An output safetensors file being written: the header is final, data goes in by positional
+/// writes from any thread, and the file appears at its path only on [`Output::commit`].
+pub struct Output {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    offsets: HashMap<String, u64>,
+    total: u64,
+}
+
+impl Output {
+    /// Creates the temporary file beside `dest` and writes the header for `tensors`, whose data
+    /// is laid out in the given order without gaps.
+    pub fn create(
+        dest: &Path,
+        tensors: &[OutTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!(metadata));
+        let mut offsets = HashMap::new();
+        let mut pos = 0u64;
+        for t in tensors {
+            header.insert(
+                t.name.clone(),
+                json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
+            );
+            offsets.insert(t.name.clone(), pos);
+            pos += t.len;
+        }
+        let mut hbytes = serde_json::to_vec(&header)?;
+        // Pad with spaces so the data starts 8-byte aligned, as the safetensors writer does.
+        while (hbytes.len() + 8) % 8 != 0 {
+            hbytes.push(b' ');
+        }
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".sotu-delta-partial-")
+            .tempfile_in(&dir)
+            .with_context(|| {
+                format!(
+                    "{}: cannot create a temporary file in {}",
+                    dest.display(),
+                    dir.display()
+                )
+            })?;
+        let data_start = 8 + hbytes.len() as u64;
+        let total = data_start + pos;
+        let file = tmp.as_file();
+        let io = |r: std::io::Result<()>| {
+            r.with_context(|| format!("{}: cannot write", dest.display()))
+        };
+        io(file.set_len(total))?;
+        io(file.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0))?;
+        io(file.write_all_at(&hbytes, 8))?;
+        let offsets = offsets
+            .into_iter()
+            .map(|(k, v)| (k, v + data_start))
+            .collect();
+        Ok(Output {
+            tmp,
+            dest: dest.to_path_buf(),
+            offsets,
+            total,
+        })
+    }
+
+    /// Writes `bytes` at byte `at` of tensor `name`'s data.
+    pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
+        let base = self.offsets[name];
+        self.tmp
+            .as_file()
+            .write_all_at(bytes, base + at)
+            .with_context(|| format!("{}: cannot write tensor {name}", self.dest.display()))
+    }
+
+    /// The final file size.
+    pub fn total_len(&self) -> u64 {
+        self.total
+    }
+
+    /// Flushes to disk and renames the file into place.
+    pub fn commit(self) -> Result<()> {
+        let dest = self.dest.clone();
+        self.tmp
+            .as_file()
+            .sync_all()
+            .with_context(|| format!("{}: cannot flush", dest.display()))?;
+        self.tmp
+            .persist(&dest)
+            .map_err(|e| anyhow::anyhow!("{}: cannot rename into place: {}", dest.display(), e.error))?;
+        Ok(())
+    }
+}
+
+/// Refuses an output path that names one of the inputs, directly, through a link, or as a hard
+/// link of the same file.
+pub fn refuse_output_over_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out_meta) = std::fs::metadata(output) else {
+        return Ok(()); // nothing there yet, so it cannot be an input
+    };
+    for input in inputs {
+        if let Ok(m) = std::fs::metadata(input)
+            && m.dev() == out_meta.dev()
+            && m.ino() == out_meta.ino()
+        {
+            bail!(
+                "{}: the output path is the input {}; refusing to overwrite an input",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}

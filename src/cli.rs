@@ -1,0 +1,404 @@
+//! The command line: argument parsing and the text each subcommand prints.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::checkpoint::{Checkpoint, refuse_output_over_input};
+use crate::dtype::Float;
+use crate::extract::{ExtractOptions, Selector, extract};
+use crate::format::Delta;
+use crate::inspect::{human_bytes, inspect, verify};
+use crate::mask::{DEFAULT_SEED, Interval};
+use crate::merge::{MergeOptions, merge};
+
+/// A mistake in the arguments: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+#[derive(Parser)]
+#[command(
+    name = "sotu-delta",
+    version,
+    about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify"
+)]
+struct Cli {
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Print nothing but errors and warnings.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Diff a fine-tuned checkpoint against its base and store a sparse, seeded delta.
+    Extract(ExtractArgs),
+    /// Add many deltas onto the base and write one merged checkpoint.
+    Merge(MergeArgs),
+    /// Add one delta onto the base: the fine-tune, exact at every kept element.
+    Apply(ApplyArgs),
+    /// Show what deltas hold, and how their masks collide and their values align.
+    Inspect(InspectArgs),
+    /// Check that deltas were taken against this base.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    /// The pretrained base checkpoint (.safetensors).
+    #[arg(long)]
+    base: PathBuf,
+    /// The fine-tuned checkpoint (.safetensors).
+    #[arg(long)]
+    tuned: PathBuf,
+    /// The delta file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Fraction of elements kept (default 0.1, or the whole slot with --slot).
+    #[arg(long)]
+    density: Option<f64>,
+    /// Mask seed; deltas given disjoint slots must share it.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Keep slot K of N (0-based): disjoint from the other slots under one seed.
+    #[arg(long, value_name = "K/N")]
+    slot: Option<String>,
+    /// Mask only tensors matching this glob (repeatable; default all float tensors).
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// Do not mask tensors matching this glob; they are stored whole if they changed.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The base checkpoint the deltas were taken against.
+    #[arg(long)]
+    base: PathBuf,
+    /// Delta files, applied in this order.
+    #[arg(required = true, num_args = 1..)]
+    deltas: Vec<PathBuf>,
+    /// The checkpoint to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// One weight per delta, comma-separated (default all 1).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    weights: Vec<f64>,
+    /// Scale kept values by 1/density (DARE).
+    #[arg(long)]
+    rescale: bool,
+    #[command(flatten)]
+    common: OutputArgs,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// The base checkpoint the delta was taken against.
+    #[arg(long)]
+    base: PathBuf,
+    /// The delta file.
+    delta: PathBuf,
+    /// The checkpoint to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    common: OutputArgs,
+}
+
+#[derive(Args)]
+struct OutputArgs {
+    /// Output dtype of float tensors: f32, f16, bf16 or f64 (default: the base's).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Merge even if a delta was taken against another base (says so, and records it).
+    #[arg(long)]
+    force: bool,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Delta files.
+    #[arg(required = true, num_args = 1..)]
+    deltas: Vec<PathBuf>,
+    /// The base, to compute cosines of deltas whose masks overlap.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Leave out the per-tensor table.
+    #[arg(long)]
+    summary: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The base checkpoint.
+    #[arg(long)]
+    base: PathBuf,
+    /// Delta files.
+    #[arg(required = true, num_args = 1..)]
+    deltas: Vec<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `args` and runs the subcommand.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => return Err(usage(e.to_string().trim_end().trim_start_matches("error: "))),
+        Err(e) => {
+            // --help and --version
+            print!("{e}");
+            return Ok(());
+        }
+    };
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return Err(usage("--threads must be at least 1"));
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Extract(a) => run_extract(a, quiet),
+        Command::Merge(a) => run_merge(
+            &a.base,
+            &a.deltas,
+            &a.output,
+            a.weights,
+            a.rescale,
+            a.common,
+            quiet,
+        ),
+        Command::Apply(a) => run_merge(
+            &a.base,
+            std::slice::from_ref(&a.delta),
+            &a.output,
+            vec![],
+            false,
+            a.common,
+            quiet,
+        ),
+        Command::Inspect(a) => run_inspect(a),
+        Command::Verify(a) => run_verify(a),
+    }
+}
+
+fn parse_slot(s: &str) -> Result<(u64, u64)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
+    parsed.ok_or_else(|| usage(format!("--slot {s:?}: expected K/N, e.g. 0/3")))
+}
+
+fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
+    let interval = match &a.slot {
+        Some(s) => {
+            let (k, n) = parse_slot(s)?;
+            Interval::from_slot(k, n, a.density).map_err(|e| usage(format!("--slot {s}: {e}")))?
+        }
+        None => Interval::from_density(a.density.unwrap_or(0.1))
+            .map_err(|e| usage(format!("--density: {e}")))?,
+    };
+    let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
+    refuse_output_over_input(&a.output, &[&a.base, &a.tuned])?;
+    let base = Checkpoint::open(&a.base)?;
+    let tuned = Checkpoint::open(&a.tuned)?;
+    let opts = ExtractOptions {
+        seed: a.seed,
+        interval,
+        slot: a.slot.clone(),
+        selector,
+    };
+    let r = extract(&base, &tuned, &a.output, &opts)?;
+    for (name, n) in &r.inexact {
+        eprintln!(
+            "sotu-delta: warning: {}: tensor {name}: {n} kept element(s) cannot be reproduced exactly by the merge arithmetic (base far larger than the fine-tuned value, or -0.0); see docs/FORMAT.md section 8",
+            a.tuned.display()
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else if !quiet {
+        println!(
+            "extract: {} vs {} -> {}\n  seed {}  density {:.6}  interval [{}, {}){}\n  tensors: {} masked, {} whole, {} same as base\n  kept {} of {} masked elements ({:.4})\n  wrote {} of dense {} ({:.2}%) in {:.3} s ({:.1} MB/s read)",
+            a.base.display(),
+            a.tuned.display(),
+            a.output.display(),
+            a.seed,
+            interval.density(),
+            interval.lo(),
+            interval.hi(),
+            a.slot.map(|s| format!(", slot {s}")).unwrap_or_default(),
+            r.masked,
+            r.whole,
+            r.same,
+            r.kept,
+            r.masked_elems,
+            r.kept as f64 / r.masked_elems.max(1) as f64,
+            human_bytes(r.file_bytes),
+            human_bytes(r.dense_bytes),
+            100.0 * r.file_bytes as f64 / r.dense_bytes.max(1) as f64,
+            r.seconds,
+            r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+fn run_merge(
+    base_path: &Path,
+    delta_paths: &[PathBuf],
+    output: &Path,
+    weights: Vec<f64>,
+    rescale: bool,
+    common: OutputArgs,
+    quiet: bool,
+) -> Result<()> {
+    if !weights.is_empty() && weights.len() != delta_paths.len() {
+        return Err(usage(format!(
+            "--weights has {} values for {} deltas; give one per delta",
+            weights.len(),
+            delta_paths.len()
+        )));
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(usage(format!("--weights: {w} is not a finite number")));
+    }
+    let dtype = common
+        .dtype
+        .as_deref()
+        .map(Float::parse)
+        .transpose()
+        .map_err(|e| usage(format!("--dtype: {e}")))?;
+    let mut inputs: Vec<&Path> = vec![base_path];
+    inputs.extend(delta_paths.iter().map(PathBuf::as_path));
+    refuse_output_over_input(output, &inputs)?;
+    let base = Checkpoint::open(base_path)?;
+    let deltas = delta_paths
+        .iter()
+        .map(|p| Delta::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = MergeOptions {
+        weights,
+        rescale,
+        dtype,
+        force: common.force,
+    };
+    let r = merge(&base, &deltas, output, &opts)?;
+    if !r.mismatches.is_empty() {
+        eprintln!(
+            "sotu-delta: warning: --force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",
+            r.mismatches.len(),
+            r.mismatches[0]
+        );
+    }
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else if !quiet {
+        println!(
+            "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input",
+            if delta_paths.len() == 1 { "apply" } else { "merge" },
+            delta_paths.len(),
+            base_path.display(),
+            output.display(),
+            r.tensors,
+            r.changed,
+            human_bytes(r.output_bytes),
+            human_bytes(r.input_bytes),
+            r.seconds,
+            r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9),
+            r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    let deltas = a
+        .deltas
+        .iter()
+        .map(|p| Delta::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let base = a.base.as_deref().map(Checkpoint::open).transpose()?;
+    let r = inspect(&deltas, base.as_ref())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", r.render(!a.summary));
+    }
+    Ok(())
+}
+
+fn run_verify(a: VerifyArgs) -> Result<()> {
+    let base = Checkpoint::open(&a.base)?;
+    let deltas = a
+        .deltas
+        .iter()
+        .map(|p| Delta::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let verdicts = verify(&base, &deltas);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&verdicts)?);
+    } else {
+        for v in &verdicts {
+            println!(
+                "{}: {} against {} ({} tensor(s) match)",
+                v.file,
+                if v.ok { "OK" } else { "MISMATCH" },
+                a.base.display(),
+                v.matched.len()
+            );
+            for n in &v.mismatched {
+                println!("  differs:         {n}");
+            }
+            for n in &v.missing_in_base {
+                println!("  missing in base: {n}");
+            }
+            for n in &v.unknown_to_delta {
+                println!("  not in delta:    {n}");
+            }
+        }
+    }
+    let bad: Vec<&str> = verdicts
+        .iter()
+        .filter(|v| !v.ok)
+        .map(|v| v.file.as_str())
+        .collect();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{}: does not match the base {}",
+            bad.join(", "),
+            a.base.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! Element types: exact conversion of stored elements to f64, and the single rounding from f64
+//! back to an output dtype (docs/FORMAT.md section 8).
+
+use anyhow::{Result, bail};
+use safetensors::Dtype;
+
+/// The float dtypes that can be masked and that the merge arithmetic reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Float {
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64.
+    F64,
+}
+
+impl Float {
+    /// The float kind of `dtype`, or `None` for integer, bool and 8-bit float dtypes.
+    pub fn of(dtype: Dtype) -> Option<Float> {
+        match dtype {
+            Dtype::F16 => Some(Float::F16),
+            Dtype::BF16 => Some(Float::BF16),
+            Dtype::F32 => Some(Float::F32),
+            Dtype::F64 => Some(Float::F64),
+            _ => None,
+        }
+    }
+
+    /// Parses a `--dtype` argument.
+    pub fn parse(s: &str) -> Result<Float> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f16" | "float16" | "fp16" => Float::F16,
+            "bf16" | "bfloat16" => Float::BF16,
+            "f32" | "float32" | "fp32" => Float::F32,
+            "f64" | "float64" => Float::F64,
+            _ => bail!("unknown dtype {s:?}: expected f16, bf16, f32 or f64"),
+        })
+    }
+
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Float::F16 => Dtype::F16,
+            Float::BF16 => Dtype::BF16,
+            Float::F32 => Dtype::F32,
+            Float::F64 => Dtype::F64,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Float::F16 | Float::BF16 => 2,
+            Float::F32 => 4,
+            Float::F64 => 8,
+        }
+    }
+
+    /// Element `i` of little-endian `bytes`, converted to f64 exactly.
+    #[inline(always)]
+    pub fn load(self, bytes: &[u8], i: usize) -> f64 {
+        match self {
+            Float::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]))
+                .to_f64(),
+            Float::BF16 => bf16_bits_to_f64(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
+            Float::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
+            Float::F64 => f64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().unwrap()),
+        }
+    }
+
+    /// Converts all of `bytes` (a whole number of elements) to f64 into `out`.
+    pub fn load_all(self, bytes: &[u8], out: &mut Vec<f64>) {
+        out.clear();
+        match self {
+            Float::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()),
+            ),
+            Float::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16_bits_to_f64(u16::from_le_bytes([c[0], c[1]]))),
+            ),
+            Float::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
+            ),
+            Float::F64 => out.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap())),
+            ),
+        }
+    }
+
+    /// Rounds each value once to this dtype and appends the little-endian bytes to `out`.
+    pub fn store_all(self, values: &[f64], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(values.len() * self.size());
+        let n = self.size();
+        for &x in values {
+            out.extend_from_slice(&self.round_bits(x).to_le_bytes()[..n]);
+        }
+    }
+
+    /// The bits of `x` rounded once to this dtype (canonical NaN), in the low bits of a u64.
+    #[inline(always)]
+    pub fn round_bits(self, x: f64) -> u64 {
+        match self {
+            Float::F16 => f64_to_f16_bits(x) as u64,
+            Float::BF16 => f64_to_bf16_bits(x) as u64,
+            Float::F32 => f64_to_f32_bits(x) as u64,
+            Float::F64 => f64_bits(x),
+        }
+    }
+
+    /// The raw bits of element `i` of little-endian `bytes`.
+    #[inline(always)]
+    pub fn bits(self, bytes: &[u8], i: usize) -> u64 {
+        let n = self.size();
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&bytes[i * n..i * n + n]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Whether the merge arithmetic reproduces `v` from base `b` with one delta of weight 1:
+    /// `round(b + (v − b)) == v` bit for bit (docs/FORMAT.md section 8). A NaN `v` counts as
+    /// reproduced when the result is a NaN: payloads are not preserved.
+    #[inline(always)]
+    pub fn reproduces(self, b: f64, v: f64, v_bits: u64) -> bool {
+        let r = b + (v - b);
+        if v.is_nan() {
+            r.is_nan()
+        } else {
+            self.round_bits(r) == v_bits
+        }
+    }
+}
+
+#[inline(always)]
+fn bf16_bits_to_f64(b: u16) -> f64 {
+    f32::from_bits((b as u32) << 16) as f64
+}
+
+#[inline(always)]
+fn f64_bits(x: f64) -> u64 {
+    if x.is_nan() {
+        0x7ff8_0000_0000_0000
+    } else {
+        x.to_bits()
+    }
+}
+
+#[inline(always)]
+fn f64_to_f32_bits(x: f64) -> u32 {
+    if x.is_nan() {
+        0x7fc0_0000
+    } else {
+        // `as` rounds f64 to f32 to nearest even, once.
+        (x as f32).to_bits()
+    }
+}
+
+/// Rounds to f32 "to odd": truncate toward zero, and set the last bit when anything was lost.
+/// A value rounded to odd with 2+ extra bits of precision rounds to nearest-even correctly in a
+/// second step, so f64 → f32 (odd) → bf16/f16 (even) is one correct rounding, not a double one.
+#[inline(always)]
+fn f64_to_f32_round_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if r as f64 == x {
+        return r;
+    }
+    let mut bits = r.to_bits();
+    if (r as f64).abs() > x.abs() {
+        bits -= 1; // one step toward zero in magnitude (sign-magnitude encoding)
+    }
+    f32::from_bits(bits | 1)
+}
+
+#[inline(always)]
+fn f64_to_bf16_bits(x: f64) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = f64_to_f32_round_odd(x).to_bits();
+    // Round to nearest even on the low 16 bits; a carry into the exponent is the right answer,
+    // including the overflow to infinity.
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn f64_to_f16_bits(x: f64) -> u16 {
+    if x.is_nan() {
+        return 0x7e00;
+    }
+    // half's f32 → f16 conversion rounds to nearest even with sticky bits (and uses F16C where
+    // the target has it); its f64 → f16 path is not relied on.
+    half::f16::from_f32(f64_to_f32_round_odd(x)).to_bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(x: f64) -> u16 {
+        f64_to_bf16_bits(x)
+    }
+
+    #[test]
+    fn bf16_rounding_is_single() {
+        // 1 + 2^-8 is the midpoint between 1 and 1 + 2^-7: ties to even gives 1.
+        assert_eq!(bf16(1.0 + 2f64.powi(-8)), 0x3f80);
+        // Just above the midpoint, by less than f32 can hold: a double rounding through f32
+        // would land on the midpoint and then go to even (down); the single rounding goes up.
+        assert_eq!(bf16(1.0 + 2f64.powi(-8) + 2f64.powi(-40)), 0x3f81);
+        assert_eq!(bf16(-(1.0 + 2f64.powi(-8) + 2f64.powi(-40))), 0xbf81);
+        assert_eq!(bf16(f64::INFINITY), 0x7f80);
+        assert_eq!(bf16(1e300), 0x7f80);
+        assert_eq!(bf16(-1e300), 0xff80);
+        assert_eq!(bf16(1e-300), 0x0000);
+        assert_eq!(bf16(-0.0), 0x8000);
+        assert_eq!(bf16(f64::NAN), 0x7fc0);
+        // Largest finite bf16 is 0x7f7f; halfway to the next binade goes to infinity (even).
+        let max = f32::from_bits(0x7f7f_0000) as f64;
+        let half_ulp = 2f64.powi(127 - 8);
+        assert_eq!(bf16(max + half_ulp * 0.999), 0x7f7f);
+        assert_eq!(bf16(max + half_ulp), 0x7f80);
+        // Smallest subnormal bf16 is 2^-133; half of it ties to even (zero), above goes up.
+        assert_eq!(bf16(2f64.powi(-134)), 0x0000);
+        assert_eq!(bf16(2f64.powi(-134) * 1.0001), 0x0001);
+    }
+
+    #[test]
+    fn f16_rounding_is_single() {
+        let f16 = f64_to_f16_bits;
+        assert_eq!(f16(1.0 + 2f64.powi(-11)), 0x3c00);
+        assert_eq!(f16(1.0 + 2f64.powi(-11) + 2f64.powi(-40)), 0x3c01);
+        assert_eq!(f16(65504.0), 0x7bff);
+        assert_eq!(f16(65519.99), 0x7bff);
+        assert_eq!(f16(65520.0), 0x7c00);
+        assert_eq!(f16(2f64.powi(-25)), 0x0000);
+        assert_eq!(f16(2f64.powi(-25) * 1.0001), 0x0001);
+        assert_eq!(f16(f64::NAN), 0x7e00);
+    }
+
+    #[test]
+    fn loads_are_exact() {
+        for bits in [0u16, 1, 0x3f80, 0x7f7f, 0x8001, 0xff80] {
+            let b = bits.to_le_bytes();
+            let x = Float::BF16.load(&b, 0);
+            assert_eq!(f64_to_bf16_bits(x), bits);
+            let x = Float::F16.load(&b, 0);
+            if !x.is_nan() {
+                assert_eq!(f64_to_f16_bits(x), bits);
+            }
+        }
+    }
+}

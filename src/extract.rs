@@ -1,0 +1,391 @@
+//! `extract`: the difference between a fine-tuned checkpoint and its base, sparsified by the
+//! seeded mask and written as a delta file (docs/FORMAT.md).
+//!
+//! Each input is read once. The chunk offsets depend on the mask alone, so they are counted
+//! before any data is read; the header is then final, and the one pass over the data fills in
+//! the kept values, the provenance hashes and the statistics.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::checkpoint::{Checkpoint, OutTensor, Output, tensor_hash};
+use crate::dtype::Float;
+use crate::format::{
+    BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, Kind, RESERVED_PREFIX, STATS, STATS_COLS,
+    offsets_key,
+};
+use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
+
+/// Which tensors are masked: those matching an include pattern (all, when none is given) and
+/// no exclude pattern. The others are stored whole when they differ from the base.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    include: Option<GlobSet>,
+    exclude: Option<GlobSet>,
+}
+
+impl Selector {
+    /// Builds a selector from glob patterns (`*` matches across dots).
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self> {
+        let build = |pats: &[String]| -> Result<Option<GlobSet>> {
+            if pats.is_empty() {
+                return Ok(None);
+            }
+            let mut b = GlobSetBuilder::new();
+            for p in pats {
+                b.add(Glob::new(p).with_context(|| format!("invalid pattern {p:?}"))?);
+            }
+            Ok(Some(b.build()?))
+        };
+        Ok(Selector {
+            include: build(include)?,
+            exclude: build(exclude)?,
+        })
+    }
+
+    /// Whether tensor `name` is selected for masking.
+    pub fn selects(&self, name: &str) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(name))
+            && !self.exclude.as_ref().is_some_and(|g| g.is_match(name))
+    }
+}
+
+/// What `extract` is asked to do.
+#[derive(Clone, Debug)]
+pub struct ExtractOptions {
+    /// Mask seed.
+    pub seed: u64,
+    /// Keep interval.
+    pub interval: Interval,
+    /// `K/N` when the interval came from `--slot`.
+    pub slot: Option<String>,
+    /// Which tensors are masked.
+    pub selector: Selector,
+}
+
+/// What `extract` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExtractReport {
+    /// Tensors per kind: masked, whole, same.
+    pub masked: usize,
+    /// Tensors stored whole.
+    pub whole: usize,
+    /// Tensors equal to the base.
+    pub same: usize,
+    /// Kept elements over all masked tensors.
+    pub kept: u64,
+    /// Elements of all masked tensors.
+    pub masked_elems: u64,
+    /// Bytes of the delta file.
+    pub file_bytes: u64,
+    /// Bytes of the fine-tuned checkpoint's tensors.
+    pub dense_bytes: u64,
+    /// Bytes read from the two inputs.
+    pub input_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Tensors with kept elements that the merge arithmetic cannot reproduce, with counts.
+    pub inexact: Vec<(String, u64)>,
+    /// The base fingerprint recorded.
+    pub base_fingerprint: String,
+}
+
+/// One tensor's plan: its entry plus where its data comes from.
+struct Planned {
+    name: String,
+    entry: Entry,
+    offsets: Vec<u64>,
+}
+
+/// Diffs `tuned` against `base` and writes the delta to `out`.
+pub fn extract(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    out: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport> {
+    let start = Instant::now();
+    let plan = plan(base, tuned, opts)?;
+
+    let mut layout = Vec::new();
+    for p in &plan {
+        let e = &p.entry;
+        match e.kind {
+            Kind::Masked => {
+                let size = Float::of(e.dtype).unwrap().size() as u64;
+                let kept = e.kept.unwrap();
+                layout.push(OutTensor {
+                    name: p.name.clone(),
+                    dtype: e.dtype,
+                    shape: vec![kept as usize],
+                    len: kept * size,
+                });
+                layout.push(OutTensor {
+                    name: offsets_key(&p.name),
+                    dtype: Dtype::U64,
+                    shape: vec![p.offsets.len()],
+                    len: 8 * p.offsets.len() as u64,
+                });
+            }
+            Kind::Whole => {
+                let info = tuned.info(&p.name).unwrap();
+                layout.push(OutTensor {
+                    name: p.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    len: info.range.len() as u64,
+                });
+            }
+            Kind::Same => {}
+        }
+    }
+    let rows = plan.len();
+    layout.push(OutTensor {
+        name: BASE_HASHES.into(),
+        dtype: Dtype::U8,
+        shape: vec![rows, 32],
+        len: 32 * rows as u64,
+    });
+    layout.push(OutTensor {
+        name: STATS.into(),
+        dtype: Dtype::F64,
+        shape: vec![rows, STATS_COLS],
+        len: (8 * STATS_COLS * rows) as u64,
+    });
+    layout.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let entries: BTreeMap<&str, &Entry> = plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
+    let mut md = BTreeMap::new();
+    md.insert("format".into(), FORMAT_NAME.into());
+    md.insert("format_version".into(), FORMAT_VERSION.into());
+    md.insert("mask".into(), MASK_NAME.into());
+    md.insert("seed".into(), opts.seed.to_string());
+    md.insert("lo".into(), opts.interval.lo().to_string());
+    md.insert("hi".into(), opts.interval.hi().to_string());
+    md.insert("density".into(), format!("{}", opts.interval.density()));
+    if let Some(s) = &opts.slot {
+        md.insert("slot".into(), s.clone());
+    }
+    md.insert("chunk".into(), CHUNK_ELEMS.to_string());
+    md.insert("tool".into(), crate::TOOL.into());
+    md.insert("tensors".into(), serde_json::to_string(&entries)?);
+
+    let output = Output::create(out, &layout, &md)?;
+    base.advise_sequential();
+    tuned.advise_sequential();
+
+    for p in plan.iter().filter(|p| p.entry.kind == Kind::Masked) {
+        let bytes: Vec<u8> = p.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        output.write(&offsets_key(&p.name), 0, &bytes)?;
+    }
+    let (hashes, stats) = rayon::join(
+        || -> Vec<[u8; 32]> {
+            plan.par_iter()
+                .map(|p| match base.info(&p.name) {
+                    Some(info) => tensor_hash(base.data(info)),
+                    None => [0u8; 32],
+                })
+                .collect()
+        },
+        || -> Result<Vec<[f64; STATS_COLS]>> {
+            plan.iter()
+                .map(|p| write_tensor(base, tuned, &output, p, opts.seed, opts.interval))
+                .collect()
+        },
+    );
+    let stats = stats?;
+    output.write(BASE_HASHES, 0, hashes.as_flattened())?;
+    let stat_bytes: Vec<u8> = stats.as_flattened().iter().flat_map(|x| x.to_le_bytes()).collect();
+    output.write(STATS, 0, &stat_bytes)?;
+    let file_bytes = output.total_len();
+    output.commit()?;
+
+    let inexact = plan
+        .iter()
+        .zip(&stats)
+        .filter(|(_, s)| s[2] > 0.0)
+        .map(|(p, s)| (p.name.clone(), s[2] as u64))
+        .collect();
+    let count = |k: Kind| plan.iter().filter(|p| p.entry.kind == k).count();
+    let masked: Vec<&Entry> = plan.iter().map(|p| &p.entry).filter(|e| e.kind == Kind::Masked).collect();
+    Ok(ExtractReport {
+        masked: masked.len(),
+        whole: count(Kind::Whole),
+        same: count(Kind::Same),
+        kept: masked.iter().map(|e| e.kept.unwrap()).sum(),
+        masked_elems: masked.iter().map(|e| e.numel()).sum(),
+        file_bytes,
+        dense_bytes: tuned.tensors().values().map(|t| t.range.len() as u64).sum(),
+        input_bytes: base.file_len() + tuned.file_len(),
+        seconds: start.elapsed().as_secs_f64(),
+        inexact,
+        base_fingerprint: crate::checkpoint::fingerprint(
+            &plan
+                .iter()
+                .zip(&hashes)
+                .filter(|(p, _)| p.entry.in_base)
+                .map(|(_, h)| *h)
+                .collect::<Vec<_>>(),
+        ),
+    })
+}
+
+/// Decides each tensor's kind and counts the kept elements of the masked ones.
+fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<Vec<Planned>> {
+    for ck in [base, tuned] {
+        if let Some(name) = ck.tensors().keys().find(|n| n.starts_with(RESERVED_PREFIX)) {
+            bail!(
+                "{}: tensor {name}: names beginning with {RESERVED_PREFIX} are reserved by the delta format",
+                ck.path().display()
+            );
+        }
+    }
+    if let Some(name) = base.tensors().keys().find(|n| tuned.info(n).is_none()) {
+        bail!(
+            "{}: tensor {name} is in the base {} but not in the fine-tune",
+            tuned.path().display(),
+            base.path().display()
+        );
+    }
+    let mut plan = Vec::with_capacity(tuned.tensors().len());
+    for (row, (name, t)) in tuned.tensors().iter().enumerate() {
+        let b = base.info(name);
+        if let Some(b) = b
+            && (b.dtype != t.dtype || b.shape != t.shape)
+        {
+            bail!(
+                "{}: tensor {name} is {:?} {:?}, but the base {} has {:?} {:?}",
+                tuned.path().display(),
+                t.dtype,
+                t.shape,
+                base.path().display(),
+                b.dtype,
+                b.shape
+            );
+        }
+        let kind = match b {
+            None => Kind::Whole,
+            Some(b) if base.data(b) == tuned.data(t) => Kind::Same,
+            Some(_) if Float::of(t.dtype).is_some() && opts.selector.selects(name) => Kind::Masked,
+            Some(_) => Kind::Whole,
+        };
+        let offsets = if kind == Kind::Masked {
+            chunk_offsets(&Mask::new(opts.seed, name, opts.interval), t.numel())
+        } else {
+            Vec::new()
+        };
+        plan.push(Planned {
+            name: name.clone(),
+            entry: Entry {
+                kind,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                row,
+                kept: (kind == Kind::Masked).then(|| *offsets.last().unwrap()),
+                in_base: b.is_some(),
+            },
+            offsets,
+        });
+    }
+    Ok(plan)
+}
+
+/// The chunk offsets of a tensor of `numel` elements: kept counts before each chunk, then the
+/// total.
+pub fn chunk_offsets(mask: &Mask, numel: u64) -> Vec<u64> {
+    let chunks = numel.div_ceil(CHUNK_ELEMS);
+    let counts: Vec<u64> = (0..chunks)
+        .into_par_iter()
+        .map(|c| mask.count_kept(c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS)))
+        .collect();
+    let mut offsets = Vec::with_capacity(counts.len() + 1);
+    let mut acc = 0;
+    offsets.push(0);
+    for c in counts {
+        acc += c;
+        offsets.push(acc);
+    }
+    offsets
+}
+
+/// Writes one tensor's data and returns its statistics row.
+fn write_tensor(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    out: &Output,
+    p: &Planned,
+    seed: u64,
+    interval: Interval,
+) -> Result<[f64; STATS_COLS]> {
+    let e = &p.entry;
+    let t_data = tuned.data(tuned.info(&p.name).unwrap());
+    if e.kind == Kind::Whole {
+        out.write(&p.name, 0, t_data)?;
+    }
+    let float = Float::of(e.dtype);
+    let (Some(float), Some(b_info), Kind::Masked | Kind::Whole) = (float, base.info(&p.name), e.kind)
+    else {
+        return Ok([0.0; STATS_COLS]);
+    };
+    let b_data = base.data(b_info);
+    let numel = e.numel();
+    let size = float.size();
+    // A whole float tensor is a delta with every element kept (docs/FORMAT.md section 8).
+    let mask = (e.kind == Kind::Masked).then(|| Mask::new(seed, &p.name, interval));
+    let chunks = numel.div_ceil(CHUNK_ELEMS);
+    let partials: Vec<[f64; STATS_COLS]> = (0..chunks)
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(b, t, kept_bytes), c| -> Result<[f64; STATS_COLS]> {
+                let lo = c * CHUNK_ELEMS;
+                let hi = numel.min(lo + CHUNK_ELEMS);
+                let bytes = lo as usize * size..hi as usize * size;
+                float.load_all(&b_data[bytes.clone()], b);
+                float.load_all(&t_data[bytes.clone()], t);
+                let mut s = [0.0; STATS_COLS];
+                for (&bv, &tv) in b.iter().zip(t.iter()) {
+                    let d = tv - bv;
+                    s[0] += d * d;
+                }
+                let t_raw = &t_data[bytes];
+                let mut visit = |i: u64| {
+                    let k = (i - lo) as usize;
+                    let d = t[k] - b[k];
+                    s[1] += d * d;
+                    if !float.reproduces(b[k], t[k], float.bits(t_raw, k)) {
+                        s[2] += 1.0;
+                    }
+                };
+                match &mask {
+                    Some(m) => {
+                        kept_bytes.clear();
+                        m.for_each_kept(lo..hi, |i| {
+                            let k = (i - lo) as usize;
+                            kept_bytes.extend_from_slice(&t_raw[k * size..(k + 1) * size]);
+                            visit(i);
+                        });
+                        let at = p.offsets[c as usize] * size as u64;
+                        out.write(&p.name, at, kept_bytes)?;
+                    }
+                    None => (lo..hi).for_each(&mut visit),
+                }
+                Ok(s)
+            },
+        )
+        .collect::<Result<_>>()?;
+    // Chunk partials are summed in chunk order, so the file does not depend on the thread count.
+    let mut total = [0.0; STATS_COLS];
+    for s in partials {
+        for (a, x) in total.iter_mut().zip(s) {
+            *a += x;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,437 @@
+//! `inspect` and `verify`: what deltas hold, how their masks and values relate, and whether they
+//! belong to a base.
+
+use std::fmt::Write as _;
+
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, tensor_hash};
+use crate::dtype::Float;
+use crate::format::{Delta, Kind};
+use crate::mask::SPAN;
+
+/// One tensor of a delta.
+#[derive(Serialize, Clone, Debug)]
+pub struct TensorSummary {
+    /// Name.
+    pub name: String,
+    /// How it is stored.
+    pub kind: Kind,
+    /// Dtype.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub numel: u64,
+    /// Kept elements (masked only).
+    pub kept: Option<u64>,
+    /// ‖δ‖₂ over all elements.
+    pub delta_norm: f64,
+    /// ‖mask ⊙ δ‖₂: over kept elements.
+    pub kept_norm: f64,
+    /// Kept elements the merge arithmetic cannot reproduce exactly.
+    pub inexact: u64,
+}
+
+/// One delta.
+#[derive(Serialize, Clone, Debug)]
+pub struct DeltaSummary {
+    /// File path.
+    pub file: String,
+    /// Writer.
+    pub tool: String,
+    /// Seed.
+    pub seed: u64,
+    /// Interval start.
+    pub lo: u64,
+    /// Interval end.
+    pub hi: u64,
+    /// `(hi − lo) / 2^32`.
+    pub density: f64,
+    /// `K/N`, when a slot was used.
+    pub slot: Option<String>,
+    /// Base fingerprint.
+    pub base_fingerprint: String,
+    /// Tensors per kind.
+    pub masked: usize,
+    /// Tensors stored whole.
+    pub whole: usize,
+    /// Tensors equal to the base.
+    pub same: usize,
+    /// Bytes of the file.
+    pub stored_bytes: u64,
+    /// Bytes of the fine-tuned tensors it describes.
+    pub dense_bytes: u64,
+    /// ‖mask ⊙ δ‖₂ over the whole delta.
+    pub kept_norm: f64,
+    /// Per-tensor detail.
+    pub tensors: Vec<TensorSummary>,
+}
+
+/// Two deltas compared.
+#[derive(Serialize, Clone, Debug)]
+pub struct PairSummary {
+    /// First delta's file.
+    pub a: String,
+    /// Second delta's file.
+    pub b: String,
+    /// Expected fraction of elements kept by both: the interval overlap under one seed, the
+    /// product of densities under different seeds.
+    pub expected_collision: f64,
+    /// Measured fraction over the tensors both mask.
+    pub measured_collision: f64,
+    /// Elements compared.
+    pub compared: u64,
+    /// Cosine of the two masked deltas; `None` when it needs the base and none was given.
+    pub cosine: Option<f64>,
+}
+
+/// The result of `inspect`.
+#[derive(Serialize, Clone, Debug)]
+pub struct InspectReport {
+    /// Per delta.
+    pub deltas: Vec<DeltaSummary>,
+    /// Per pair of deltas.
+    pub pairs: Vec<PairSummary>,
+}
+
+/// Summarizes `deltas`, and compares each pair. Cosines of overlapping deltas need `base`.
+pub fn inspect(deltas: &[Delta], base: Option<&Checkpoint>) -> Result<InspectReport> {
+    let summaries = deltas.iter().map(summarize).collect();
+    let mut pairs = Vec::new();
+    for i in 0..deltas.len() {
+        for j in i + 1..deltas.len() {
+            pairs.push(compare(&deltas[i], &deltas[j], base)?);
+        }
+    }
+    Ok(InspectReport {
+        deltas: summaries,
+        pairs,
+    })
+}
+
+fn summarize(d: &Delta) -> DeltaSummary {
+    let p = d.params();
+    let mut tensors = Vec::new();
+    let mut dense = 0;
+    let mut kept_sq = 0.0;
+    for (name, e) in d.entries() {
+        let s = d.stats(e.row);
+        kept_sq += s[1];
+        dense += (e.numel() * e.dtype.bitsize() as u64).div_ceil(8);
+        tensors.push(TensorSummary {
+            name: name.clone(),
+            kind: e.kind,
+            dtype: format!("{:?}", e.dtype),
+            shape: e.shape.clone(),
+            numel: e.numel(),
+            kept: e.kept,
+            delta_norm: s[0].sqrt(),
+            kept_norm: s[1].sqrt(),
+            inexact: s[2] as u64,
+        });
+    }
+    let count = |k: Kind| d.entries().values().filter(|e| e.kind == k).count();
+    DeltaSummary {
+        file: d.path().display().to_string(),
+        tool: d.tool().to_string(),
+        seed: p.seed,
+        lo: p.interval.lo(),
+        hi: p.interval.hi(),
+        density: p.interval.density(),
+        slot: p.slot.clone(),
+        base_fingerprint: d.fingerprint(),
+        masked: count(Kind::Masked),
+        whole: count(Kind::Whole),
+        same: count(Kind::Same),
+        stored_bytes: d.file_len(),
+        dense_bytes: dense,
+        kept_norm: kept_sq.sqrt(),
+        tensors,
+    }
+}
+
+/// `mask ⊙ δ` of tensor `name` over chunk `c` (dense, zeros where not kept), given the base's
+/// values of that chunk. Checks the chunk walk against the offsets.
+pub fn decode_chunk(d: &Delta, name: &str, c: u64, base: &[f64]) -> Result<Vec<f64>> {
+    let e = &d.entries()[name];
+    let float = Float::of(e.dtype).expect("only float tensors have deltas");
+    let chunk = d.params().chunk;
+    let lo = c * chunk;
+    let values = d.data(name);
+    let mut out = vec![0.0; base.len()];
+    match e.kind {
+        Kind::Masked => {
+            let offsets = d.offsets(name);
+            let (mut j, limit) = (offsets[c as usize], offsets[c as usize + 1]);
+            let mut overrun = false;
+            d.mask(name).for_each_kept(lo..lo + base.len() as u64, |i| {
+                let k = (i - lo) as usize;
+                if j < limit {
+                    out[k] = float.load(values, j as usize) - base[k];
+                } else {
+                    overrun = true;
+                }
+                j += 1;
+            });
+            if overrun || j != limit {
+                bail!(
+                    "{}: tensor {name}: chunk {c} keeps {} elements but its offsets say {}; the file is corrupt",
+                    d.path().display(),
+                    j - offsets[c as usize],
+                    limit - offsets[c as usize]
+                );
+            }
+        }
+        Kind::Whole => {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = float.load(values, lo as usize + k) - base[k];
+            }
+        }
+        Kind::Same => {}
+    }
+    Ok(out)
+}
+
+fn compare(a: &Delta, b: &Delta, base: Option<&Checkpoint>) -> Result<PairSummary> {
+    let (pa, pb) = (a.params(), b.params());
+    let expected = if pa.seed == pb.seed {
+        pa.interval.overlap(&pb.interval) as f64 / SPAN as f64
+    } else {
+        pa.interval.density() * pb.interval.density()
+    };
+    let mut both = 0u64;
+    let mut compared = 0u64;
+    let mut shares_whole_float = false;
+    for (name, ea) in a.entries() {
+        let Some(eb) = b.entries().get(name) else {
+            continue;
+        };
+        if ea.kind == Kind::Masked && eb.kind == Kind::Masked && ea.numel() == eb.numel() {
+            let (ma, mb) = (a.mask(name), b.mask(name));
+            let n = ea.numel();
+            both += (0..n.div_ceil(1 << 20))
+                .into_par_iter()
+                .map(|c| {
+                    let r = c << 20..n.min((c + 1) << 20);
+                    let mut k = 0u64;
+                    ma.for_each_kept(r, |i| k += mb.kept(i) as u64);
+                    k
+                })
+                .sum::<u64>();
+            compared += n;
+        } else if ea.kind != Kind::Same && eb.kind != Kind::Same && Float::of(ea.dtype).is_some() {
+            shares_whole_float = true;
+        }
+    }
+    let norm = |d: &Delta| d.entries().values().map(|e| d.stats(e.row)[1]).sum::<f64>().sqrt();
+    let cosine = if both == 0 && !shares_whole_float {
+        Some(0.0) // no shared support: the masked deltas are exactly orthogonal
+    } else if let Some(base) = base {
+        let dot = dot(a, b, base)?;
+        let den = norm(a) * norm(b);
+        Some(if den > 0.0 { dot / den } else { 0.0 })
+    } else {
+        None
+    };
+    Ok(PairSummary {
+        a: a.path().display().to_string(),
+        b: b.path().display().to_string(),
+        expected_collision: expected,
+        measured_collision: if compared > 0 {
+            both as f64 / compared as f64
+        } else {
+            0.0
+        },
+        compared,
+        cosine,
+    })
+}
+
+/// `⟨mask_a ⊙ δ_a, mask_b ⊙ δ_b⟩` over all float tensors, decoding chunk by chunk.
+fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
+    let mut total = 0.0;
+    for (name, ea) in a.entries() {
+        let Some(eb) = b.entries().get(name) else {
+            continue;
+        };
+        let (Some(float), Some(info)) = (Float::of(ea.dtype), base.info(name)) else {
+            continue;
+        };
+        if ea.kind == Kind::Same || eb.kind == Kind::Same {
+            continue;
+        }
+        if a.params().chunk != b.params().chunk {
+            bail!(
+                "{} and {}: chunk sizes differ; cosine needs equal chunk sizes",
+                a.path().display(),
+                b.path().display()
+            );
+        }
+        let chunk = a.params().chunk;
+        let data = base.data(info);
+        let n = ea.numel();
+        let parts: Vec<f64> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| -> Result<f64> {
+                let r = (c * chunk) as usize..n.min((c + 1) * chunk) as usize;
+                let mut bv = Vec::new();
+                float.load_all(&data[r.start * float.size()..r.end * float.size()], &mut bv);
+                let (da, db) = (decode_chunk(a, name, c, &bv)?, decode_chunk(b, name, c, &bv)?);
+                Ok(da.iter().zip(&db).map(|(x, y)| x * y).sum())
+            })
+            .collect::<Result<_>>()?;
+        total += parts.iter().sum::<f64>();
+    }
+    Ok(total)
+}
+
+impl InspectReport {
+    /// The human-readable report.
+    pub fn render(&self, verbose_tensors: bool) -> String {
+        let mut s = String::new();
+        for d in &self.deltas {
+            let _ = writeln!(s, "{}", d.file);
+            let slot = d.slot.as_deref().map(|x| format!(", slot {x}")).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  seed {}  density {:.6}  interval [{}, {}){slot}",
+                d.seed, d.density, d.lo, d.hi
+            );
+            let _ = writeln!(s, "  base fingerprint {}", d.base_fingerprint);
+            let _ = writeln!(
+                s,
+                "  tensors: {} masked, {} whole, {} same as base",
+                d.masked, d.whole, d.same
+            );
+            let _ = writeln!(
+                s,
+                "  stored {} of dense {} ({:.2}%)   ‖mask⊙δ‖ = {:.6e}   written by {}",
+                human_bytes(d.stored_bytes),
+                human_bytes(d.dense_bytes),
+                100.0 * d.stored_bytes as f64 / d.dense_bytes.max(1) as f64,
+                d.kept_norm,
+                d.tool
+            );
+            if verbose_tensors {
+                let _ = writeln!(
+                    s,
+                    "  {:<48} {:<6} {:<5} {:>12} {:>12} {:>12} {:>12}",
+                    "tensor", "kind", "dtype", "elements", "kept", "‖δ‖", "‖mask⊙δ‖"
+                );
+                for t in &d.tensors {
+                    let _ = writeln!(
+                        s,
+                        "  {:<48} {:<6} {:<5} {:>12} {:>12} {:>12.4e} {:>12.4e}{}",
+                        t.name,
+                        format!("{:?}", t.kind).to_lowercase(),
+                        t.dtype,
+                        t.numel,
+                        t.kept.map_or("-".into(), |k| k.to_string()),
+                        t.delta_norm,
+                        t.kept_norm,
+                        if t.inexact > 0 {
+                            format!("  ({} inexact)", t.inexact)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+        }
+        if !self.pairs.is_empty() {
+            let _ = writeln!(s, "pairs:");
+            for p in &self.pairs {
+                let _ = writeln!(
+                    s,
+                    "  {} × {}: collision expected {:.6} measured {:.6} over {} elements, cosine {}",
+                    short(&p.a),
+                    short(&p.b),
+                    p.expected_collision,
+                    p.measured_collision,
+                    p.compared,
+                    p.cosine
+                        .map_or("n/a (overlapping masks: pass --base)".into(), |c| format!("{c:.6}"))
+                );
+            }
+        }
+        s
+    }
+}
+
+fn short(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Bytes as a short human string (KiB, MiB, GiB).
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.2} {}", units[u])
+    }
+}
+
+/// The verdict of `verify` for one delta.
+#[derive(Serialize, Clone, Debug)]
+pub struct Verdict {
+    /// Delta file.
+    pub file: String,
+    /// Whether every recorded base tensor matches.
+    pub ok: bool,
+    /// Tensors whose hashes match.
+    pub matched: Vec<String>,
+    /// Tensors whose hashes differ.
+    pub mismatched: Vec<String>,
+    /// Tensors the delta records but the base lacks.
+    pub missing_in_base: Vec<String>,
+    /// Tensors the base has but the delta does not record.
+    pub unknown_to_delta: Vec<String>,
+}
+
+/// Checks each delta against `base`, tensor by tensor.
+pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Vec<Verdict> {
+    let names: Vec<&String> = base.tensors().keys().collect();
+    let hashes: std::collections::BTreeMap<&str, [u8; 32]> = names
+        .par_iter()
+        .map(|n| (n.as_str(), tensor_hash(base.data(base.info(n).unwrap()))))
+        .collect();
+    deltas
+        .iter()
+        .map(|d| {
+            let mut v = Verdict {
+                file: d.path().display().to_string(),
+                ok: true,
+                matched: vec![],
+                mismatched: vec![],
+                missing_in_base: vec![],
+                unknown_to_delta: vec![],
+            };
+            for (name, e) in d.entries().iter().filter(|(_, e)| e.in_base) {
+                match hashes.get(name.as_str()) {
+                    None => v.missing_in_base.push(name.clone()),
+                    Some(h) if *h == d.base_hash(e.row) => v.matched.push(name.clone()),
+                    Some(_) => v.mismatched.push(name.clone()),
+                }
+            }
+            v.unknown_to_delta = names
+                .iter()
+                .filter(|n| !d.entries().get(n.as_str()).is_some_and(|e| e.in_base))
+                .map(|n| n.to_string())
+                .collect();
+            v.ok = v.mismatched.is_empty()
+                && v.missing_in_base.is_empty()
+                && v.unknown_to_delta.is_empty();
+            v
+        })
+        .collect()
+}

@@ -1,0 +1,20 @@
+//! sotu-delta: sparse task deltas of model checkpoints (SoTU, arXiv 2411.02813).
+//!
+//! - [`mask`]: the seeded, counter-based mask function.
+//! - [`dtype`]: exact loads to f64 and the single rounding back to a checkpoint dtype.
+//! - [`checkpoint`]: memory-mapped safetensors input, atomic output.
+//! - [`format`]: the delta file of docs/FORMAT.md, and its validating reader.
+//! - [`extract`], [`merge`], [`inspect`]: the operations.
+//! - [`cli`]: the command line.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod dtype;
+pub mod extract;
+pub mod format;
+pub mod inspect;
+pub mod mask;
+pub mod merge;
+
+/// The writer string recorded in every file this build writes.
+pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));
