@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -179,6 +179,8 @@ impl Output {
         };
         let tmp = tempfile::Builder::new()
             .prefix(".sotu-delta-partial-")
+            // The usual mode of a new file (0666 less the umask), not tempfile's private 0600.
+            .permissions(std::fs::Permissions::from_mode(0o666))
             .tempfile_in(&dir)
             .with_context(|| {
                 format!(
@@ -255,4 +257,29 @@ pub fn refuse_output_over_input(output: &Path, inputs: &[&Path]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a whole safetensors file from in-memory tensors (name, dtype, shape, data), through
+/// the same atomic [`Output`] path as every other output. For fixtures, tests and benchmarks.
+pub fn write_file(
+    path: &Path,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut sorted: Vec<&(String, Dtype, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let layout: Vec<OutTensor> = sorted
+        .iter()
+        .map(|(name, dtype, shape, data)| OutTensor {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            len: data.len() as u64,
+        })
+        .collect();
+    let out = Output::create(path, &layout, metadata)?;
+    for (name, _, _, data) in sorted {
+        out.write(name, 0, data)?;
+    }
+    out.commit()
 }

@@ -404,7 +404,8 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
                     let size = from.size();
                     from.load_all(&data[lo as usize * size..hi as usize * size], b);
                     acc.clear();
-                    acc.resize(b.len(), 0.0);
+                    // −0.0 is the additive identity: untouched elements stay bit-exact.
+                    acc.resize(b.len(), -0.0);
                     for term in terms {
                         add_term(&deltas[term.delta], &p.name, *from, term, lo..hi, b, acc)?;
                     }
