@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
@@ -51,8 +52,9 @@ impl Checkpoint {
         // reads fault; that is the documented limit of memory-mapped input.
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
-        let (n, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+        })?;
         let data_start = 8 + n;
         let mut tensors = BTreeMap::new();
         for (name, info) in meta.tensors() {
@@ -139,10 +141,29 @@ pub struct OutTensor {
     pub len: u64,
 }
 
+/// Temporary files being written, for the signal handler to remove.
+static PARTIALS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every partial output of this process (called on SIGINT/SIGTERM).
+pub fn remove_partial_outputs() {
+    if let Ok(list) = PARTIALS.lock() {
+        for p in list.iter() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn forget_partial(path: &Path) {
+    if let Ok(mut list) = PARTIALS.lock() {
+        list.retain(|p| p != path);
+    }
+}
+
 /// An output safetensors file being written: the header is final, data goes in by positional
 /// writes from any thread, and the file appears at its path only on [`Output::commit`].
 pub struct Output {
-    tmp: tempfile::NamedTempFile,
+    /// `None` once committed.
+    tmp: Option<tempfile::NamedTempFile>,
     dest: PathBuf,
     offsets: HashMap<String, u64>,
     total: u64,
@@ -192,9 +213,8 @@ impl Output {
         let data_start = 8 + hbytes.len() as u64;
         let total = data_start + pos;
         let file = tmp.as_file();
-        let io = |r: std::io::Result<()>| {
-            r.with_context(|| format!("{}: cannot write", dest.display()))
-        };
+        let io =
+            |r: std::io::Result<()>| r.with_context(|| format!("{}: cannot write", dest.display()));
         io(file.set_len(total))?;
         io(file.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0))?;
         io(file.write_all_at(&hbytes, 8))?;
@@ -202,8 +222,11 @@ impl Output {
             .into_iter()
             .map(|(k, v)| (k, v + data_start))
             .collect();
+        if let Ok(mut list) = PARTIALS.lock() {
+            list.push(tmp.path().to_path_buf());
+        }
         Ok(Output {
-            tmp,
+            tmp: Some(tmp),
             dest: dest.to_path_buf(),
             offsets,
             total,
@@ -213,8 +236,7 @@ impl Output {
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
     pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
         let base = self.offsets[name];
-        self.tmp
-            .as_file()
+        self.file()
             .write_all_at(bytes, base + at)
             .with_context(|| format!("{}: cannot write tensor {name}", self.dest.display()))
     }
@@ -224,17 +246,33 @@ impl Output {
         self.total
     }
 
+    fn file(&self) -> &File {
+        self.tmp.as_ref().expect("not yet committed").as_file()
+    }
+
     /// Flushes to disk and renames the file into place.
-    pub fn commit(self) -> Result<()> {
+    pub fn commit(mut self) -> Result<()> {
         let dest = self.dest.clone();
-        self.tmp
-            .as_file()
+        self.file()
             .sync_all()
             .with_context(|| format!("{}: cannot flush", dest.display()))?;
-        self.tmp
-            .persist(&dest)
-            .map_err(|e| anyhow::anyhow!("{}: cannot rename into place: {}", dest.display(), e.error))?;
+        let tmp = self.tmp.take().expect("not yet committed");
+        let path = tmp.path().to_path_buf();
+        let persisted = tmp.persist(&dest);
+        forget_partial(&path);
+        persisted.map_err(|e| {
+            anyhow::anyhow!("{}: cannot rename into place: {}", dest.display(), e.error)
+        })?;
         Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        // An uncommitted output: NamedTempFile deletes the file as it drops.
+        if let Some(tmp) = &self.tmp {
+            forget_partial(tmp.path());
+        }
     }
 }
 

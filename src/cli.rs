@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::checkpoint::{Checkpoint, refuse_output_over_input};
@@ -13,6 +13,21 @@ use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{MergeOptions, merge};
+
+/// `println!` that stops quietly at a closed pipe instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => { emit(&format!("{}\n", format_args!($($t)*)))? };
+}
+
+/// Writes to standard output; a closed pipe (`sotu-delta inspect … | head`) ends the output
+/// quietly rather than failing the command.
+fn emit(s: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(s.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r.context("cannot write to standard output")?),
+    }
+}
 
 /// A mistake in the arguments: exit code 2.
 #[derive(Debug)]
@@ -104,7 +119,7 @@ struct MergeArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// One weight per delta, comma-separated (default all 1).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     weights: Vec<f64>,
     /// Scale kept values by 1/density (DARE).
     #[arg(long)]
@@ -173,30 +188,35 @@ struct VerifyArgs {
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) if e.use_stderr() => return Err(usage(e.to_string().trim_end().trim_start_matches("error: "))),
+        Err(e) if e.use_stderr() => {
+            return Err(usage(
+                e.to_string().trim_end().trim_start_matches("error: "),
+            ));
+        }
         Err(e) => {
             // --help and --version
-            print!("{e}");
-            return Ok(());
+            return emit(&e.to_string());
         }
     };
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(usage("--threads must be at least 1"));
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
+    // Ctrl-C or SIGTERM: remove any partial output before exiting (SIGKILL cannot be caught;
+    // it leaves a `.sotu-delta-partial-*` file, never a file at the output path).
+    let _ = ctrlc::set_handler(|| {
+        crate::checkpoint::remove_partial_outputs();
+        std::process::exit(130);
+    });
     let quiet = cli.quiet;
     match cli.command {
         Command::Extract(a) => run_extract(a, quiet),
         Command::Merge(a) => run_merge(
-            &a.base,
-            &a.deltas,
-            &a.output,
-            a.weights,
-            a.rescale,
-            a.common,
-            quiet,
+            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, quiet,
         ),
         Command::Apply(a) => run_merge(
             &a.base,
@@ -246,9 +266,9 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
         );
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else if !quiet {
-        println!(
+        out!(
             "extract: {} vs {} -> {}\n  seed {}  density {:.6}  interval [{}, {}){}\n  tensors: {} masked, {} whole, {} same as base\n  kept {} of {} masked elements ({:.4})\n  wrote {} of dense {} ({:.2}%) in {:.3} s ({:.1} MB/s read)",
             a.base.display(),
             a.tuned.display(),
@@ -322,11 +342,15 @@ fn run_merge(
         );
     }
     if common.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else if !quiet {
-        println!(
+        out!(
             "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input",
-            if delta_paths.len() == 1 { "apply" } else { "merge" },
+            if delta_paths.len() == 1 {
+                "apply"
+            } else {
+                "merge"
+            },
             delta_paths.len(),
             base_path.display(),
             output.display(),
@@ -351,9 +375,9 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let base = a.base.as_deref().map(Checkpoint::open).transpose()?;
     let r = inspect(&deltas, base.as_ref())?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else {
-        print!("{}", r.render(!a.summary));
+        emit(&r.render(!a.summary))?;
     }
     Ok(())
 }
@@ -367,10 +391,10 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let verdicts = verify(&base, &deltas);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&verdicts)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&verdicts)?))?;
     } else {
         for v in &verdicts {
-            println!(
+            out!(
                 "{}: {} against {} ({} tensor(s) match)",
                 v.file,
                 if v.ok { "OK" } else { "MISMATCH" },
@@ -378,13 +402,13 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
                 v.matched.len()
             );
             for n in &v.mismatched {
-                println!("  differs:         {n}");
+                out!("  differs:         {n}");
             }
             for n in &v.missing_in_base {
-                println!("  missing in base: {n}");
+                out!("  missing in base: {n}");
             }
             for n in &v.unknown_to_delta {
-                println!("  not in delta:    {n}");
+                out!("  not in delta:    {n}");
             }
         }
     }

@@ -63,8 +63,9 @@ impl Float {
     #[inline(always)]
     pub fn load(self, bytes: &[u8], i: usize) -> f64 {
         match self {
-            Float::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]))
-                .to_f64(),
+            Float::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f64()
+            }
             Float::BF16 => bf16_bits_to_f64(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
             Float::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
             Float::F64 => f64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().unwrap()),

@@ -160,7 +160,8 @@ pub fn extract(
     });
     layout.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let entries: BTreeMap<&str, &Entry> = plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
+    let entries: BTreeMap<&str, &Entry> =
+        plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
     let mut md = BTreeMap::new();
     md.insert("format".into(), FORMAT_NAME.into());
     md.insert("format_version".into(), FORMAT_VERSION.into());
@@ -201,7 +202,11 @@ pub fn extract(
     );
     let stats = stats?;
     output.write(BASE_HASHES, 0, hashes.as_flattened())?;
-    let stat_bytes: Vec<u8> = stats.as_flattened().iter().flat_map(|x| x.to_le_bytes()).collect();
+    let stat_bytes: Vec<u8> = stats
+        .as_flattened()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     output.write(STATS, 0, &stat_bytes)?;
     let file_bytes = output.total_len();
     output.commit()?;
@@ -213,7 +218,11 @@ pub fn extract(
         .map(|(p, s)| (p.name.clone(), s[2] as u64))
         .collect();
     let count = |k: Kind| plan.iter().filter(|p| p.entry.kind == k).count();
-    let masked: Vec<&Entry> = plan.iter().map(|p| &p.entry).filter(|e| e.kind == Kind::Masked).collect();
+    let masked: Vec<&Entry> = plan
+        .iter()
+        .map(|p| &p.entry)
+        .filter(|e| e.kind == Kind::Masked)
+        .collect();
     Ok(ExtractReport {
         masked: masked.len(),
         whole: count(Kind::Whole),
@@ -329,7 +338,8 @@ fn write_tensor(
         out.write(&p.name, 0, t_data)?;
     }
     let float = Float::of(e.dtype);
-    let (Some(float), Some(b_info), Kind::Masked | Kind::Whole) = (float, base.info(&p.name), e.kind)
+    let (Some(float), Some(b_info), Kind::Masked | Kind::Whole) =
+        (float, base.info(&p.name), e.kind)
     else {
         return Ok([0.0; STATS_COLS]);
     };

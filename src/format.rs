@@ -114,7 +114,9 @@ impl Delta {
             .split('.')
             .next()
             .and_then(|m| m.parse().ok())
-            .with_context(|| format!("{file}: __metadata__.format_version {version:?} is not MAJOR.MINOR"))?;
+            .with_context(|| {
+                format!("{file}: __metadata__.format_version {version:?} is not MAJOR.MINOR")
+            })?;
         if major != FORMAT_MAJOR {
             bail!(
                 "{file}: format version {version} is not supported (this build reads {FORMAT_MAJOR}.x); use a sotu-delta that does"
@@ -155,7 +157,10 @@ impl Delta {
         for (row, (name, e)) in entries.iter().enumerate() {
             let at = || format!("{file}: tensor {name}");
             if name.starts_with(RESERVED_PREFIX) {
-                bail!("{}: the name uses the reserved prefix {RESERVED_PREFIX}", at());
+                bail!(
+                    "{}: the name uses the reserved prefix {RESERVED_PREFIX}",
+                    at()
+                );
             }
             if e.row != row {
                 bail!(
@@ -171,7 +176,11 @@ impl Delta {
             match e.kind {
                 Kind::Masked => {
                     if Float::of(e.dtype).is_none() {
-                        bail!("{}: masked, but its dtype {:?} is not a float", at(), e.dtype);
+                        bail!(
+                            "{}: masked, but its dtype {:?} is not a float",
+                            at(),
+                            e.dtype
+                        );
                     }
                     if !e.in_base {
                         bail!("{}: masked, but marked as not in the base", at());
@@ -197,6 +206,9 @@ impl Delta {
         }
         for (key, info) in ckpt.tensors() {
             let Some((dtype, shape)) = expected.get(key) else {
+                if key.starts_with(RESERVED_PREFIX) {
+                    continue; // added by a later minor version (docs/FORMAT.md section 10)
+                }
                 bail!("{file}: tensor {key} is stored but not described by __metadata__.tensors");
             };
             if info.dtype != *dtype || &info.shape != shape {
@@ -278,7 +290,8 @@ impl Delta {
 
     /// The stored data of tensor `name` (kept values of a masked tensor, or a whole tensor).
     pub fn data(&self, name: &str) -> &[u8] {
-        self.ckpt.data(self.ckpt.info(name).expect("validated at open"))
+        self.ckpt
+            .data(self.ckpt.info(name).expect("validated at open"))
     }
 
     /// The chunk offsets of masked tensor `name`.

@@ -120,7 +120,7 @@ fn summarize(d: &Delta) -> DeltaSummary {
     for (name, e) in d.entries() {
         let s = d.stats(e.row);
         kept_sq += s[1];
-        dense += (e.numel() * e.dtype.bitsize() as u64).div_ceil(8);
+        dense += (e.numel().saturating_mul(e.dtype.bitsize() as u64)).div_ceil(8);
         tensors.push(TensorSummary {
             name: name.clone(),
             kind: e.kind,
@@ -209,7 +209,18 @@ fn compare(a: &Delta, b: &Delta, base: Option<&Checkpoint>) -> Result<PairSummar
         let Some(eb) = b.entries().get(name) else {
             continue;
         };
-        if ea.kind == Kind::Masked && eb.kind == Kind::Masked && ea.numel() == eb.numel() {
+        if ea.dtype != eb.dtype || ea.shape != eb.shape {
+            bail!(
+                "tensor {name}: {} has {:?} {:?} but {} has {:?} {:?}; they are not deltas of one model",
+                a.path().display(),
+                ea.dtype,
+                ea.shape,
+                b.path().display(),
+                eb.dtype,
+                eb.shape
+            );
+        }
+        if ea.kind == Kind::Masked && eb.kind == Kind::Masked {
             let (ma, mb) = (a.mask(name), b.mask(name));
             let n = ea.numel();
             both += (0..n.div_ceil(1 << 20))
@@ -226,7 +237,13 @@ fn compare(a: &Delta, b: &Delta, base: Option<&Checkpoint>) -> Result<PairSummar
             shares_whole_float = true;
         }
     }
-    let norm = |d: &Delta| d.entries().values().map(|e| d.stats(e.row)[1]).sum::<f64>().sqrt();
+    let norm = |d: &Delta| {
+        d.entries()
+            .values()
+            .map(|e| d.stats(e.row)[1])
+            .sum::<f64>()
+            .sqrt()
+    };
     let cosine = if both == 0 && !shares_whole_float {
         Some(0.0) // no shared support: the masked deltas are exactly orthogonal
     } else if let Some(base) = base {
@@ -263,6 +280,26 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
         if ea.kind == Kind::Same || eb.kind == Kind::Same {
             continue;
         }
+        if info.dtype != ea.dtype || info.shape != ea.shape {
+            bail!(
+                "{}: tensor {name} is {:?} {:?}, but the deltas have {:?} {:?}",
+                base.path().display(),
+                info.dtype,
+                info.shape,
+                ea.dtype,
+                ea.shape
+            );
+        }
+        let hash = tensor_hash(base.data(info));
+        for (d, e) in [(a, ea), (b, eb)] {
+            if e.in_base && d.base_hash(e.row) != hash {
+                bail!(
+                    "{}: tensor {name} differs from the base {} was taken against",
+                    base.path().display(),
+                    d.path().display()
+                );
+            }
+        }
         if a.params().chunk != b.params().chunk {
             bail!(
                 "{} and {}: chunk sizes differ; cosine needs equal chunk sizes",
@@ -279,7 +316,10 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
                 let r = (c * chunk) as usize..n.min((c + 1) * chunk) as usize;
                 let mut bv = Vec::new();
                 float.load_all(&data[r.start * float.size()..r.end * float.size()], &mut bv);
-                let (da, db) = (decode_chunk(a, name, c, &bv)?, decode_chunk(b, name, c, &bv)?);
+                let (da, db) = (
+                    decode_chunk(a, name, c, &bv)?,
+                    decode_chunk(b, name, c, &bv)?,
+                );
                 Ok(da.iter().zip(&db).map(|(x, y)| x * y).sum())
             })
             .collect::<Result<_>>()?;
@@ -294,7 +334,11 @@ impl InspectReport {
         let mut s = String::new();
         for d in &self.deltas {
             let _ = writeln!(s, "{}", d.file);
-            let slot = d.slot.as_deref().map(|x| format!(", slot {x}")).unwrap_or_default();
+            let slot = d
+                .slot
+                .as_deref()
+                .map(|x| format!(", slot {x}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
                 "  seed {}  density {:.6}  interval [{}, {}){slot}",
@@ -353,7 +397,9 @@ impl InspectReport {
                     p.measured_collision,
                     p.compared,
                     p.cosine
-                        .map_or("n/a (overlapping masks: pass --base)".into(), |c| format!("{c:.6}"))
+                        .map_or("n/a (overlapping masks: pass --base)".into(), |c| format!(
+                            "{c:.6}"
+                        ))
                 );
             }
         }

@@ -242,7 +242,9 @@ mod tests {
             4294967297,
             21474836487,
         ];
-        let cases: [(u64, &str, (u32, u32), [u32; 9]); 4] = [
+        /// (seed, name, (k0, k1), u at each index of `idx`)
+        type Case<'a> = (u64, &'a str, (u32, u32), [u32; 9]);
+        let cases: [Case; 4] = [
             (
                 2411,
                 "model.embed_tokens.weight",
@@ -304,10 +306,21 @@ mod tests {
 
     #[test]
     fn contains_matches_definition() {
-        for (lo, hi) in [(0, 0), (0, SPAN), (5, 9), (SPAN - 3, SPAN), (SPAN, SPAN), (0, 1)] {
+        for (lo, hi) in [
+            (0, 0),
+            (0, SPAN),
+            (5, 9),
+            (SPAN - 3, SPAN),
+            (SPAN, SPAN),
+            (0, 1),
+        ] {
             let iv = Interval::new(lo, hi).unwrap();
             for u in [0u32, 1, 4, 5, 8, 9, u32::MAX - 3, u32::MAX - 2, u32::MAX] {
-                assert_eq!(iv.contains(u), lo <= u as u64 && (u as u64) < hi, "{lo} {hi} {u}");
+                assert_eq!(
+                    iv.contains(u),
+                    lo <= u as u64 && (u as u64) < hi,
+                    "{lo} {hi} {u}"
+                );
             }
         }
     }

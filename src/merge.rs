@@ -152,7 +152,6 @@ pub fn merge(
         "sotu_delta".into(),
         json!({
             "tool": crate::TOOL,
-            "base_fingerprint": deltas.first().map(|d| d.fingerprint()),
             "forced": opts.force,
             "deltas": record,
         })
@@ -310,7 +309,15 @@ fn plan(
                     (info.dtype, Source::Copy(Origin::Base))
                 } else {
                     let origin = Origin::Base;
-                    (to.dtype(), Source::Compute { origin, from, to, terms })
+                    (
+                        to.dtype(),
+                        Source::Compute {
+                            origin,
+                            from,
+                            to,
+                            terms,
+                        },
+                    )
                 }
             }
             (None, None) => (info.dtype, Source::Copy(Origin::Base)),

@@ -1,0 +1,678 @@
+"""Independent numpy reference of the sotu-delta file format (docs/FORMAT.md, version 1.0).
+
+Written from docs/FORMAT.md alone, without looking at the Rust code, so that the tests can check
+the binary against a second reading of the spec. Section numbers (§) refer to FORMAT.md.
+Clarity beats speed here: everything is whole-tensor numpy, which is plenty for test fixtures.
+
+Only numpy and blake3 are used.
+"""
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+
+TWO32 = 1 << 32
+FORMAT = "sotu-delta"
+FORMAT_MAJOR = 1
+FORMAT_VERSION = "1.0"
+MASK_NAME = "sotu-mix32-v1"
+DEFAULT_SEED = 2411
+DEFAULT_CHUNK = 65536
+KEY_DOMAIN = b"sotu-delta/mask/v1"
+RESERVED_PREFIX = "sotu/"
+
+
+class FormatError(ValueError):
+    """A file that a reader must refuse, or an operation the spec refuses."""
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors container (§1)
+# --------------------------------------------------------------------------------------------
+
+# Element size and the numpy dtype used to hold the raw elements. BF16 has no numpy dtype, so its
+# elements are kept as their uint16 bit patterns; 8-bit floats likewise as uint8.
+DTYPES = {
+    "F64": (8, "<f8"), "F32": (4, "<f4"), "F16": (2, "<f2"), "BF16": (2, "<u2"),
+    "I64": (8, "<i8"), "I32": (4, "<i4"), "I16": (2, "<i2"), "I8": (1, "i1"),
+    "U64": (8, "<u8"), "U32": (4, "<u4"), "U16": (2, "<u2"), "U8": (1, "u1"),
+    "BOOL": (1, "u1"), "F8_E4M3": (1, "u1"), "F8_E5M2": (1, "u1"),
+}
+# The dtypes that may be `masked` (§3) and that merge does arithmetic on (§8).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass
+class Tensor:
+    dtype: str
+    shape: tuple
+    data: bytes  # raw little-endian element bytes, row-major
+
+    @property
+    def numel(self):
+        return numel(self.shape)
+
+    def array(self):
+        """The elements as a flat numpy array (BF16 as uint16 bit patterns)."""
+        return np.frombuffer(self.data, dtype=DTYPES[self.dtype][1])
+
+
+def numel(shape):
+    return math.prod(shape)  # a 0-d tensor (shape ()) has one element
+
+
+def _reject_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"duplicate JSON key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_uint(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_safetensors(path):
+    """Parse and validate a safetensors file. Returns (metadata or None, {name: Tensor}).
+
+    Validation is what safetensors itself guarantees: a JSON object header, known dtypes,
+    data_offsets whose length matches dtype and shape, and byte ranges that tile the data
+    section exactly (no gap, no overlap, nothing left over). Padding and key order are not relied
+    on (§1).
+    """
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise FormatError(f"{path}: shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise FormatError(f"{path}: header length {n} exceeds the file")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is not a JSON object")
+    data = blob[8 + n:]
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise FormatError(f"{path}: __metadata__ must map strings to strings")
+
+    tensors, spans = {}, []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise FormatError(f"{path}: bad entry for {name!r}")
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise FormatError(f"{path}: {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise FormatError(f"{path}: {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)
+                and offs[0] <= offs[1]):
+            raise FormatError(f"{path}: {name!r} has bad data_offsets {offs!r}")
+        if offs[1] - offs[0] != numel(shape) * DTYPES[dtype][0]:
+            raise FormatError(f"{path}: {name!r}: data_offsets do not match dtype and shape")
+        spans.append((offs[0], offs[1], name))
+        tensors[name] = Tensor(dtype, tuple(shape), data[offs[0]:offs[1]])
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise FormatError(f"{path}: {name!r} does not start where the previous tensor ends")
+        end = stop
+    if end != len(data):
+        raise FormatError(f"{path}: data section has {len(data)} bytes, tensors cover {end}")
+    return metadata, tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: Tensor} in ascending name order, header padded with spaces to 8 bytes."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        assert len(t.data) == t.numel * DTYPES[t.dtype][0], name
+        header[name] = {"dtype": t.dtype, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(t.data)]}
+        offset += len(t.data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in sorted(tensors):
+            f.write(tensors[name].data)
+
+
+# --------------------------------------------------------------------------------------------
+# The mask function (§4)
+# --------------------------------------------------------------------------------------------
+
+def mix32(x):
+    """The 32-bit bijection of §4, elementwise on a uint32 array (or a scalar)."""
+    scalar = np.ndim(x) == 0
+    # Always work on arrays: numpy array multiplication wraps modulo 2^32 silently, which is
+    # exactly the u32 arithmetic the spec asks for (scalar arithmetic may warn instead).
+    x = np.array(x, dtype=np.uint64).astype(np.uint32, copy=True).reshape(-1)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x21F0AAAD)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x735A2D97)
+    x ^= x >> np.uint32(15)
+    return int(x[0]) if scalar else x
+
+
+def key(seed, name):
+    """(k0, k1) of §4: the first two little-endian u32 words of a BLAKE3 digest."""
+    if not (0 <= seed < 1 << 64):
+        raise ValueError("seed must be a u64")
+    msg = KEY_DOMAIN + b"\x00" + struct.pack("<Q", seed) + name.encode("utf-8")
+    d = blake3.blake3(msg).digest()
+    k0, k1 = struct.unpack("<II", d[:8])
+    return k0, k1
+
+
+def u(seed, name, indices):
+    """u(s, name, i) of §4 for an array of u64 indices (any values, including >= 2^32).
+
+    Returns a uint32 array (or an int for a scalar index)."""
+    scalar = np.ndim(indices) == 0
+    i = np.array(indices, dtype=np.uint64).reshape(-1)
+    k0, k1 = key(seed, name)
+    high = (i >> np.uint64(32)).astype(np.uint32)  # i >> 32: fits in 32 bits
+    low = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)  # i mod 2^32
+    c = mix32(np.uint32(k1) ^ high) ^ np.uint32(k0)  # constant over each 2^32 block
+    out = mix32(low ^ c)
+    return int(out[0]) if scalar else out
+
+
+def kept_mask(seed, name, n, lo, hi, start=0):
+    """Boolean mask of lo <= u < hi for indices start .. start+n-1 (compared as integers)."""
+    v = u(seed, name, np.arange(start, start + n, dtype=np.uint64)).astype(np.uint64)
+    return (v >= np.uint64(lo)) & (v < np.uint64(hi))  # hi may be 2^32: fine in uint64
+
+
+# --------------------------------------------------------------------------------------------
+# The keep interval (§5)
+# --------------------------------------------------------------------------------------------
+
+def round_half_away(x):
+    """Round a non-negative float to the nearest integer, halves away from zero.
+
+    Python's round() is half-to-even and must not be used. floor() and x - floor(x) are exact
+    for a float64 (the fractional part of a double is representable), so this is exact."""
+    if not (x >= 0) or math.isinf(x):
+        raise ValueError(x)
+    f = math.floor(x)
+    return f + 1 if x - f >= 0.5 else f
+
+
+def density_count(density):
+    """round(D * 2^32), D in [0, 1]: the multiplication by 2^32 is exact in f64."""
+    d = float(density)
+    if not (0.0 <= d <= 1.0):
+        raise ValueError(f"density {density!r} is not in [0, 1]")
+    return round_half_away(d * 4294967296.0)
+
+
+def parse_slot(slot):
+    if isinstance(slot, str):
+        k, n = (int(p) for p in slot.split("/"))
+    else:
+        k, n = slot
+    if not (n >= 1 and 0 <= k < n):
+        raise ValueError(f"bad slot {slot!r}: need 0 <= K < N")
+    return k, n
+
+
+def slot_span(k, n):
+    """[floor(K 2^32 / N), floor((K+1) 2^32 / N)) in exact integer arithmetic."""
+    return (k * TWO32) // n, ((k + 1) * TWO32) // n
+
+
+def interval(density=None, slot=None):
+    """(lo, hi) from --density, --slot K/N, or both (§5). Neither: density 1 (keep everything)."""
+    if slot is None:
+        return 0, density_count(1.0 if density is None else density)
+    lo, end = slot_span(*parse_slot(slot))
+    if density is None:
+        return lo, end
+    hi = lo + density_count(density)
+    if hi > end:
+        raise ValueError(f"density {density} does not fit in slot {slot}")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------
+# Float conversions and the single rounding of §8
+# --------------------------------------------------------------------------------------------
+
+# (mantissa bits p, minimum normal exponent, maximum exponent) of the binary formats.
+FLOAT_FORMATS = {"F32": (23, -126, 127), "F16": (10, -14, 15), "BF16": (7, -126, 127)}
+CANONICAL_NAN = {"F64": 0x7FF8000000000000, "F32": 0x7FC00000, "F16": 0x7E00, "BF16": 0x7FC0}
+_BITS = {"F64": "<u8", "F32": "<u4", "F16": "<u2", "BF16": "<u2"}
+
+
+def to_f64(dtype, raw):
+    """Exact conversion of float elements to float64. raw: a Tensor, bytes, or a numpy array in
+    the DTYPES representation (BF16 as uint16 bits)."""
+    if isinstance(raw, Tensor):
+        raw = raw.data
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(raw, dtype=DTYPES[dtype][1])
+    with np.errstate(invalid="ignore"):  # NaN inputs are fine: they stay NaN
+        if dtype == "BF16":
+            # A bfloat16 is the top half of a float32: shift the bits up, then widen.
+            f32 = (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+            return f32.astype(np.float64)
+        if dtype in ("F16", "F32", "F64"):
+            raw = np.asarray(raw)
+            if raw.dtype.kind != "f":
+                raise TypeError("F16/F32/F64 elements must be given as a float array, not bits")
+            return raw.astype(np.float64)  # widening float conversions are exact
+    raise ValueError(f"{dtype} is not a float dtype")
+
+
+def round_from_f64(x, dtype):
+    """Round float64 values once, directly, to `dtype` (§8 round_to_output_dtype).
+
+    Round to nearest, ties to even; overflow to +-infinity; subnormals kept; any NaN becomes the
+    canonical quiet NaN. Returns a numpy array in the DTYPES representation (BF16 as uint16).
+
+    Method: find the exponent e of each value (clamped at the format's minimum normal exponent,
+    which gives subnormals their fixed spacing), scale by the exact power of two 2^-(e-p) so that
+    the target's ulp becomes 1, round to an integer with np.rint (half to even), scale back. All
+    scalings by powers of two are exact here, so the only rounding is the rint. The result is then
+    exactly representable in the target format, so the final numpy cast is exact.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    nan = np.isnan(x)
+    if dtype == "F64":
+        bits = x.view(np.uint64).copy()
+    else:
+        p, emin, emax = FLOAT_FORMATS[dtype]
+        with np.errstate(invalid="ignore", over="ignore"):
+            _, e2 = np.frexp(x)  # x = m 2^e2 with 0.5 <= |m| < 1, so floor(log2|x|) = e2 - 1
+            shift = np.maximum(e2 - 1, emin) - p  # log2 of the target ulp at x
+            r = np.ldexp(np.rint(np.ldexp(x, -shift)), shift)
+            max_finite = math.ldexp(2.0 - 2.0 ** -p, emax)
+            # Anything that rounded past the largest finite value overflows. With ties to even,
+            # that is exactly every |x| >= max_finite + ulp/2 (the rint above rounds those up to
+            # 2^(emax+1)); infinities pass through the same way.
+            r = np.where(np.abs(r) > max_finite, np.copysign(np.inf, x), r)
+        if dtype == "F32":
+            bits = r.astype("<f4").view(np.uint32)
+        elif dtype == "F16":
+            bits = r.astype("<f2").view(np.uint16)
+        else:  # BF16: r is a bfloat16 value, hence exactly a float32 whose low 16 bits are zero
+            f32bits = r.astype("<f4").view(np.uint32)
+            assert not np.any(f32bits[~nan] & 0xFFFF)
+            bits = (f32bits >> np.uint32(16)).astype(np.uint16)
+    bits = np.where(nan, bits.dtype.type(CANONICAL_NAN[dtype]), bits).astype(_BITS[dtype])
+    return bits.view(DTYPES[dtype][1])
+
+
+def round_to_bytes(x, dtype):
+    return np.ascontiguousarray(round_from_f64(x, dtype)).tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The logical content of a delta (§3, §6, §7)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One tensor of a delta, decoded."""
+    kind: str                      # "masked", "whole" or "same"
+    dtype: str
+    shape: tuple
+    row: int
+    in_base: bool
+    kept: int = None               # masked only
+    indices: np.ndarray = None     # masked: kept flat indices (uint64, ascending)
+    values: np.ndarray = None      # masked: kept fine-tuned values (DTYPES representation)
+    offsets: np.ndarray = None     # masked: chunk offsets (uint64)
+    whole: Tensor = None           # whole: the stored tensor
+
+
+@dataclass
+class Delta:
+    seed: int
+    lo: int
+    hi: int
+    chunk: int
+    entries: dict                  # name -> Entry
+    base_hashes: np.ndarray        # [rows, 32] uint8
+    stats: np.ndarray              # [rows, 3] float64
+    metadata: dict = field(default_factory=dict)
+
+    def rows(self):
+        """Names in row order."""
+        return sorted(self.entries, key=lambda n: self.entries[n].row)
+
+
+def _offsets(mask, n, chunk):
+    """Entry j: kept elements in chunks 0..j-1 (§6). Length ceil(n / chunk) + 1."""
+    nchunks = -(-n // chunk)
+    counts = [int(np.count_nonzero(mask[j * chunk:(j + 1) * chunk])) for j in range(nchunks)]
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.uint64)]).astype(np.uint64)
+
+
+def _seq_sum(x):
+    """Sequential left-to-right float64 sum (np.sum is pairwise, which is a different order)."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.cumsum(x)[-1]) if x.size else 0.0
+
+
+def _chunked_sum(x, chunk):
+    """§7: sum in index order within each chunk, then the chunk sums in chunk order.
+
+    Interpretation: each chunk's partial sum starts from 0.0 and the partials are then added
+    left to right from 0.0 (what makes the result independent of the thread count)."""
+    x = np.asarray(x, dtype=np.float64)
+    return _seq_sum([_seq_sum(x[j:j + chunk]) for j in range(0, x.size, chunk)])
+
+
+def extract(base, tuned, seed=DEFAULT_SEED, lo=0, hi=TWO32, chunk=DEFAULT_CHUNK):
+    """The logical delta that `extract` must write for these checkpoints (§3, §6, §7).
+
+    base, tuned: paths or {name: Tensor}. No --include/--exclude: every maskable tensor is
+    selected. Returns a Delta.
+    """
+    if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
+        base = read_safetensors(base)[1]
+    if isinstance(tuned, (str, bytes)) or hasattr(tuned, "__fspath__"):
+        tuned = read_safetensors(tuned)[1]
+    if not (0 <= lo <= hi <= TWO32) or chunk < 1:
+        raise ValueError("bad interval or chunk")
+    for name in list(base) + list(tuned):
+        if name.startswith(RESERVED_PREFIX):
+            raise FormatError(f"tensor name {name!r} uses the reserved prefix sotu/")
+    for name, b in base.items():
+        t = tuned.get(name)
+        if t is None:
+            raise FormatError(f"{name!r} is in the base but not in the fine-tune")
+        if (t.dtype, t.shape) != (b.dtype, b.shape):
+            raise FormatError(f"{name!r} changes dtype or shape")
+
+    names = sorted(set(base) | set(tuned))
+    entries = {}
+    hashes = np.zeros((len(names), 32), dtype=np.uint8)
+    stats = np.zeros((len(names), 3), dtype=np.float64)
+    for row, name in enumerate(names):
+        t = tuned[name]
+        b = base.get(name)
+        in_base = b is not None
+        if in_base:
+            hashes[row] = np.frombuffer(blake3.blake3(b.data).digest(), dtype=np.uint8)
+        if in_base and b.data == t.data:
+            entries[name] = Entry("same", t.dtype, t.shape, row, True)
+            continue
+        if not in_base or t.dtype not in FLOAT_DTYPES:
+            entries[name] = Entry("whole", t.dtype, t.shape, row, in_base, whole=t)
+            continue
+        n = t.numel
+        mask = kept_mask(seed, name, n, lo, hi)
+        idx = np.flatnonzero(mask).astype(np.uint64)
+        values = t.array()[mask]
+        entries[name] = Entry("masked", t.dtype, t.shape, row, True, kept=int(idx.size),
+                              indices=idx, values=values, offsets=_offsets(mask, n, chunk))
+        # §7 statistics, delta = tuned - base in f64.
+        bv, tv = to_f64(b.dtype, b.data), to_f64(t.dtype, t.data)
+        d2 = (tv - bv) * (tv - bv)
+        kept_d2 = np.where(mask, d2, 0.0)  # adding +0.0 for dropped elements changes no sum
+        # Kept elements that one delta with weight 1 cannot reproduce: round(b + (v - b)) != v.
+        back = round_from_f64(bv[mask] + (tv[mask] - bv[mask]), t.dtype)
+        bad = np.count_nonzero(back.view(_BITS[t.dtype]) != values.view(_BITS[t.dtype]))
+        stats[row] = (_chunked_sum(d2, chunk), _chunked_sum(kept_d2, chunk), float(bad))
+    return Delta(seed, lo, hi, chunk, entries, hashes, stats)
+
+
+def write_delta(path, delta, slot=None, tool="sotu_ref (python reference)"):
+    """Serialize a Delta as §1-§7 describe (used to test decode_delta on our own files)."""
+    table, tensors = {}, {}
+    for name, e in delta.entries.items():
+        entry = {"kind": e.kind, "dtype": e.dtype, "shape": list(e.shape), "row": e.row}
+        if e.kind == "masked":
+            entry["kept"] = e.kept
+            tensors[name] = Tensor(e.dtype, (e.kept,), np.ascontiguousarray(e.values).tobytes())
+            tensors["sotu/offsets/" + name] = Tensor("U64", (e.offsets.size,), e.offsets.astype("<u8").tobytes())
+        elif e.kind == "whole":
+            tensors[name] = e.whole
+        entry["in_base"] = e.in_base
+        table[name] = entry
+    tensors["sotu/base_hashes"] = Tensor("U8", delta.base_hashes.shape, delta.base_hashes.astype(np.uint8).tobytes())
+    tensors["sotu/stats"] = Tensor("F64", delta.stats.shape, delta.stats.astype("<f8").tobytes())
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mask": MASK_NAME,
+        "seed": str(delta.seed), "lo": str(delta.lo), "hi": str(delta.hi),
+        "density": repr((delta.hi - delta.lo) / TWO32), "chunk": str(delta.chunk), "tool": tool,
+        "tensors": json.dumps(table, separators=(",", ":"), sort_keys=True),
+    }
+    if slot is not None:
+        meta["slot"] = slot
+    write_safetensors(path, tensors, meta)
+
+
+def _decimal(meta, k, path):
+    s = meta.get(k)
+    if s is None:
+        raise FormatError(f"{path}: metadata key {k!r} is missing")
+    if not (isinstance(s, str) and s.isascii() and s.isdigit()):
+        raise FormatError(f"{path}: metadata {k}={s!r} is not a decimal integer")
+    return int(s)
+
+
+def decode_delta(path):
+    """Parse and validate a delta file (§1-§7). Returns a Delta; raises FormatError on any
+    violation a reader must refuse."""
+    meta, tensors = read_safetensors(path)
+    if meta is None:
+        raise FormatError(f"{path}: no __metadata__")
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: format is {meta.get('format')!r}, not {FORMAT!r}")
+    version = meta.get("format_version", "")
+    parts = version.split(".")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise FormatError(f"{path}: bad format_version {version!r}")
+    if int(parts[0]) != FORMAT_MAJOR:  # a larger minor only adds keys: still readable
+        raise FormatError(f"{path}: format_version {version} has an unknown major version")
+    if meta.get("mask") != MASK_NAME:
+        raise FormatError(f"{path}: unknown mask function {meta.get('mask')!r}")
+    seed = _decimal(meta, "seed", path)
+    lo, hi, chunk = (_decimal(meta, k, path) for k in ("lo", "hi", "chunk"))
+    if seed >= 1 << 64:
+        raise FormatError(f"{path}: seed does not fit in u64")
+    if not (0 <= lo <= hi <= TWO32):
+        raise FormatError(f"{path}: need 0 <= lo <= hi <= 2^32, got lo={lo} hi={hi}")
+    if chunk < 1:
+        raise FormatError(f"{path}: chunk must be >= 1")
+    try:
+        table = json.loads(meta.get("tensors", ""), object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: metadata 'tensors' is not JSON: {e}") from None
+    if not isinstance(table, dict):
+        raise FormatError(f"{path}: metadata 'tensors' is not a JSON object")
+
+    # Rows are 0, 1, ... in ascending name order.
+    names = sorted(table)
+    rows = len(names)
+    for name, want in zip(names, range(rows)):
+        if not isinstance(table[name], dict) or table[name].get("row") != want:
+            raise FormatError(f"{path}: {name!r} should have row {want}")
+
+    def fixed(k, dtype, shape):
+        t = tensors.get(k)
+        if t is None or t.dtype != dtype or t.shape != shape:
+            raise FormatError(f"{path}: {k} must be a {dtype} tensor of shape {list(shape)}")
+        return t
+
+    hashes = fixed("sotu/base_hashes", "U8", (rows, 32)).array().reshape(rows, 32)
+    stats = fixed("sotu/stats", "F64", (rows, 3)).array().reshape(rows, 3)
+
+    entries = {}
+    for name in names:
+        info = table[name]
+        kind, dtype, shape, in_base = info.get("kind"), info.get("dtype"), info.get("shape"), info.get("in_base")
+        if kind not in ("masked", "whole", "same"):
+            raise FormatError(f"{path}: {name!r} has unknown kind {kind!r}")
+        if dtype not in DTYPES:
+            raise FormatError(f"{path}: {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise FormatError(f"{path}: {name!r} has a bad shape")
+        if not isinstance(in_base, bool):
+            raise FormatError(f"{path}: {name!r}: in_base must be a boolean")
+        if name.startswith(RESERVED_PREFIX):
+            raise FormatError(f"{path}: {name!r} uses the reserved prefix")
+        shape = tuple(shape)
+        e = Entry(kind, dtype, shape, info["row"], in_base)
+        if not in_base and (kind != "whole" or np.any(hashes[e.row])):
+            raise FormatError(f"{path}: {name!r} is not in the base, so it must be whole with a zero hash")
+        if kind == "whole":
+            e.whole = fixed(name, dtype, shape)
+        elif kind == "masked":
+            if dtype not in FLOAT_DTYPES:
+                raise FormatError(f"{path}: {name!r} is masked but {dtype} is not a float dtype")
+            kept = info.get("kept")
+            if not _is_uint(kept):
+                raise FormatError(f"{path}: {name!r}: bad kept count {kept!r}")
+            n = numel(shape)
+            nchunks = -(-n // chunk)
+            values = fixed(name, dtype, (kept,)).array()
+            offsets = fixed("sotu/offsets/" + name, "U64", (nchunks + 1,)).array()
+            if offsets[0] != 0 or offsets[-1] != kept:
+                raise FormatError(f"{path}: {name!r}: offsets must start at 0 and end at kept")
+            if np.any(np.diff(offsets.astype(np.int64)) < 0):
+                raise FormatError(f"{path}: {name!r}: offsets decrease")
+            # Walk each chunk and check it consumes exactly offsets[j+1] - offsets[j] values.
+            mask = kept_mask(seed, name, n, lo, hi)
+            walked = _offsets(mask, n, chunk)
+            bad = np.flatnonzero(walked != offsets)
+            if bad.size:
+                j = int(bad[0]) - 1
+                raise FormatError(f"{path}: {name!r}: chunk {j} walk ends at {walked[j + 1]}, offsets say {offsets[j + 1]}")
+            e.kept, e.values, e.offsets = kept, values, offsets
+            e.indices = np.flatnonzero(mask).astype(np.uint64)
+        entries[name] = e
+    return Delta(seed, lo, hi, chunk, entries, hashes, stats, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Merge (§8, §9)
+# --------------------------------------------------------------------------------------------
+
+def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, force=False):
+    """The tensors `merge` must write (§8): {name: (dtype, shape, raw bytes)}.
+
+    delta_paths: paths or decoded Delta objects, in command-line order. out_dtype: None or
+    "F32"/"F16"/"BF16" (also accepted: "f32", "f16", "bf16"). force: accept base hash mismatches.
+    Output metadata (§9) is not produced here.
+    """
+    base = base_path if isinstance(base_path, dict) else read_safetensors(base_path)[1]
+    deltas = [d if isinstance(d, Delta) else decode_delta(d) for d in delta_paths]
+    if weights is None:
+        weights = [1.0] * len(deltas)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(deltas):
+        raise ValueError("one weight per delta")
+    if out_dtype is not None:
+        out_dtype = out_dtype.upper()
+        if out_dtype not in FLOAT_FORMATS:
+            raise ValueError(f"--dtype {out_dtype} is not one of F32, F16, BF16")
+
+    # c_t = w_t * s_t, one f64 rounding each; s_t = 2^32 / (hi - lo) is itself one division.
+    coeffs = []
+    for d, w in zip(deltas, weights):
+        s = 4294967296.0 / float(d.hi - d.lo) if rescale and d.hi != d.lo else 1.0
+        coeffs.append(w * s)
+
+    # Every delta must have been extracted from this base (§7).
+    for t, d in enumerate(deltas):
+        for name in base:
+            if name not in d.entries or not d.entries[name].in_base:
+                raise FormatError(f"delta {t}: base tensor {name!r} is not recorded as in the base")
+        for name, e in d.entries.items():
+            if e.in_base and name not in base:
+                raise FormatError(f"delta {t}: {name!r} is missing from the base")
+            if e.in_base and (base[name].dtype, base[name].shape) != (e.dtype, e.shape):
+                raise FormatError(f"delta {t}: {name!r} has another dtype or shape than the base")
+            if e.in_base:
+                h = np.frombuffer(blake3.blake3(base[name].data).digest(), dtype=np.uint8)
+                if not np.array_equal(h, d.base_hashes[e.row]) and not force:
+                    raise FormatError(f"delta {t}: base tensor {name!r} does not match the delta's base hash")
+
+    def output_dtype(dtype):
+        return out_dtype if (out_dtype is not None and dtype in FLOAT_DTYPES) else dtype
+
+    out = {}
+    for name, b in base.items():
+        if b.dtype not in FLOAT_DTYPES:
+            # A `whole` entry replaces a non-float tensor outright; weights do not apply.
+            reps = [d.entries[name].whole for d in deltas if d.entries[name].kind == "whole"]
+            t = _single_replacement(name, reps) if reps else b
+            out[name] = (t.dtype, t.shape, t.data)
+            continue
+        # Float: every element goes through acc and the single final rounding, even where no
+        # delta touches it (so a NaN in the base still comes out as the canonical NaN).
+        bv = to_f64(b.dtype, b.data)
+        # acc starts at -0.0, the additive identity (-0.0 + x == x for every x), so an element
+        # no delta keeps comes out as round(b): b itself when the dtype is unchanged, -0.0 too.
+        acc = np.full(bv.size, -0.0, dtype=np.float64)
+        for d, w, c in zip(deltas, weights, coeffs):
+            e = d.entries[name]
+            if e.kind == "same":
+                continue
+            if e.kind == "masked":
+                idx, vals = e.indices.astype(np.intp), e.values
+            else:  # whole, in the base, float: every element kept, never rescaled (s_t = 1)
+                idx, vals, c = np.arange(bv.size), e.whole.array(), w
+            # Three separate numpy operations = three IEEE roundings, no FMA, in spec order.
+            diff = to_f64(e.dtype, vals) - bv[idx]
+            term = c * diff
+            acc[idx] = acc[idx] + term
+        dt = output_dtype(b.dtype)
+        out[name] = (dt, b.shape, round_to_bytes(bv + acc, dt))
+
+    # Tensors new in the fine-tunes: not in the base, stored whole.
+    new = {}
+    for d in deltas:
+        for name, e in d.entries.items():
+            if not e.in_base:
+                new.setdefault(name, []).append(e.whole)
+    for name, reps in new.items():
+        t = _single_replacement(name, reps)
+        dt = output_dtype(t.dtype)
+        if dt != t.dtype:
+            # Interpretation: --dtype applies to every float tensor of the output, new ones too;
+            # the conversion is the same single rounding through f64.
+            out[name] = (dt, t.shape, round_to_bytes(to_f64(t.dtype, t.data), dt))
+        else:
+            out[name] = (t.dtype, t.shape, t.data)
+    return out
+
+
+def _single_replacement(name, tensors):
+    first = tensors[0]
+    for t in tensors[1:]:
+        if (t.dtype, t.shape, t.data) != (first.dtype, first.shape, first.data):
+            raise FormatError(f"deltas disagree on the replacement of {name!r}")
+    return first
+
+
+def apply(base_path, delta_path, out_dtype=None, force=False):
+    """§8: apply is the merge of one delta with weight 1."""
+    return merge(base_path, [delta_path], out_dtype=out_dtype, force=force)
+
+
+def read_tensors(path):
+    """{name: (dtype, shape, raw bytes)} of a checkpoint, the shape merge() returns."""
+    return {k: (t.dtype, t.shape, t.data) for k, t in read_safetensors(path)[1].items()}
