@@ -279,6 +279,23 @@ def test_mask_kept_fraction_is_binomial(density, start):
         assert abs(kept - n * d) <= 5 * sigma + 1, (seed, name, kept, n * d, sigma)
 
 
+def test_mask_top_byte_is_uniform():
+    """docs/FORMAT.md section 4: the top byte of u over consecutive indices shows no excess
+    non-uniformity. The mean of 12 chi-squares (df 255, 2^22 indices each) must not exceed 255 by
+    4 standard errors. Values below 255 are expected (about 225): consecutive indices XOR a key
+    form an aligned block, and a bijection spreads a block more evenly than independent draws."""
+    rng = np.random.default_rng(2024)
+    n = 1 << 22
+    chis = []
+    for seed in rng.integers(0, 2**63, size=12):
+        top = (ref.u(int(seed), "model.layers.0.mlp.up_proj.weight", np.arange(n, dtype=np.uint64)) >> 24).astype(np.int64)
+        counts = np.bincount(top, minlength=256)
+        expected = n / 256
+        chis.append(float(((counts - expected) ** 2 / expected).sum()))
+    mean = np.mean(chis)
+    assert mean < 255 + 4 * np.sqrt(2 * 255) / np.sqrt(12), chis
+
+
 def test_fixture_tensor_kept_fractions():
     _, tensors = ref.read_safetensors(fixture("task1", "bf16"))
     for density in (0.05, 0.3):
