@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo fixtures clean
+.PHONY: all build venv test lint demo bench bench-small fixtures clean
 
 all: build
 
@@ -42,6 +42,13 @@ demo: build
 	@cmd="$(BIN) inspect --summary $(DEMO)/task1.delta.safetensors $(DEMO)/task2.delta.safetensors $(DEMO)/task3.delta.safetensors"; echo "\$$ $$cmd"; $$cmd; echo
 	@cmd="$(BIN) merge --base $(FIX)/base-bf16.safetensors $(DEMO)/task1.delta.safetensors $(DEMO)/task2.delta.safetensors $(DEMO)/task3.delta.safetensors -o $(DEMO)/merged.safetensors"; echo "\$$ $$cmd"; $$cmd; echo
 	@cmd="$(BIN) verify --base $(FIX)/base-bf16.safetensors $(DEMO)/task1.delta.safetensors $(DEMO)/task2.delta.safetensors $(DEMO)/task3.delta.safetensors"; echo "\$$ $$cmd"; $$cmd
+
+# sotu-delta against the physical floor (cp of the same bytes); data cached under target/bench.
+bench: build
+	$(PYTHON) tests/bench/bench.py --size tinyllama
+
+bench-small: build
+	$(PYTHON) tests/bench/bench.py --size small
 
 # Regenerates the committed fixtures (byte-identical output).
 fixtures: venv

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
@@ -141,6 +142,16 @@ pub struct OutTensor {
     pub len: u64,
 }
 
+/// Whether outputs are flushed to disk before they are renamed into place (`--no-sync` clears
+/// it). A process-wide I/O policy, set once by the command line.
+static DURABLE: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether outputs are flushed to disk (fsync) before the rename. Without it, a crash of
+/// the process still leaves no partial file at the output path, but a power loss may.
+pub fn set_durable(durable: bool) {
+    DURABLE.store(durable, Ordering::Relaxed);
+}
+
 /// Temporary files being written, for the signal handler to remove.
 static PARTIALS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -253,9 +264,11 @@ impl Output {
     /// Flushes to disk and renames the file into place.
     pub fn commit(mut self) -> Result<()> {
         let dest = self.dest.clone();
-        self.file()
-            .sync_all()
-            .with_context(|| format!("{}: cannot flush", dest.display()))?;
+        if DURABLE.load(Ordering::Relaxed) {
+            self.file()
+                .sync_all()
+                .with_context(|| format!("{}: cannot flush", dest.display()))?;
+        }
         let tmp = self.tmp.take().expect("not yet committed");
         let path = tmp.path().to_path_buf();
         let persisted = tmp.persist(&dest);

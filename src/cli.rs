@@ -58,6 +58,10 @@ struct Cli {
     /// Print nothing but errors and warnings.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Do not fsync outputs before renaming them into place (faster; a power loss may then
+    /// leave an incomplete file at the output path, a crash of the process still does not).
+    #[arg(long, global = true)]
+    no_sync: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -212,6 +216,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         crate::checkpoint::remove_partial_outputs();
         std::process::exit(130);
     });
+    crate::checkpoint::set_durable(!cli.no_sync);
     let quiet = cli.quiet;
     match cli.command {
         Command::Extract(a) => run_extract(a, quiet),

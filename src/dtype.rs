@@ -143,6 +143,91 @@ impl Float {
     }
 }
 
+/// Element types as types, so that hot loops are compiled once per dtype with fixed-size loads
+/// and stores instead of matching on [`Float`] per element. [`with_elem!`](crate::with_elem)
+/// picks the instance for a run-time [`Float`].
+pub mod elem {
+    /// A float element type of a checkpoint.
+    pub trait Elem: Send + Sync + 'static {
+        /// Bytes per element.
+        const SIZE: usize;
+        /// The run-time name of this type.
+        const FLOAT: super::Float;
+        /// Element `i` of little-endian `bytes`, exactly, as f64.
+        fn load(bytes: &[u8], i: usize) -> f64;
+        /// Rounds `x` once to this type and writes it as element `i` of `bytes`.
+        fn store(bytes: &mut [u8], i: usize, x: f64);
+    }
+
+    macro_rules! elem {
+        ($name:ident, $size:expr, $bits:ty, $to_f64:expr, $round:expr) => {
+            #[doc = concat!("The ", stringify!($name), " element type.")]
+            pub struct $name;
+            impl Elem for $name {
+                const SIZE: usize = $size;
+                const FLOAT: super::Float = super::Float::$name;
+                #[inline(always)]
+                fn load(bytes: &[u8], i: usize) -> f64 {
+                    let b: [u8; $size] = bytes[i * $size..i * $size + $size].try_into().unwrap();
+                    $to_f64(<$bits>::from_le_bytes(b))
+                }
+                #[inline(always)]
+                fn store(bytes: &mut [u8], i: usize, x: f64) {
+                    let r: $bits = $round(x);
+                    bytes[i * $size..i * $size + $size].copy_from_slice(&r.to_le_bytes());
+                }
+            }
+        };
+    }
+    elem!(
+        F16,
+        2,
+        u16,
+        |b| half::f16::from_bits(b).to_f64(),
+        super::f64_to_f16_bits
+    );
+    elem!(
+        BF16,
+        2,
+        u16,
+        super::bf16_bits_to_f64,
+        super::f64_to_bf16_bits
+    );
+    elem!(
+        F32,
+        4,
+        u32,
+        |b| f32::from_bits(b) as f64,
+        super::f64_to_f32_bits
+    );
+    elem!(F64, 8, u64, f64::from_bits, super::f64_bits);
+}
+
+/// Runs `$body` with `$E` bound to the [`elem`] type of the [`Float`] `$f`.
+#[macro_export]
+macro_rules! with_elem {
+    ($f:expr, $E:ident => $body:expr) => {
+        match $f {
+            $crate::dtype::Float::F16 => {
+                type $E = $crate::dtype::elem::F16;
+                $body
+            }
+            $crate::dtype::Float::BF16 => {
+                type $E = $crate::dtype::elem::BF16;
+                $body
+            }
+            $crate::dtype::Float::F32 => {
+                type $E = $crate::dtype::elem::F32;
+                $body
+            }
+            $crate::dtype::Float::F64 => {
+                type $E = $crate::dtype::elem::F64;
+                $body
+            }
+        }
+    };
+}
+
 #[inline(always)]
 fn bf16_bits_to_f64(b: u16) -> f64 {
     f32::from_bits((b as u32) << 16) as f64

@@ -16,11 +16,14 @@ use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, OutTensor, Output, tensor_hash};
 use crate::dtype::Float;
+use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
 use crate::mask::SPAN;
 
-/// Elements per unit of parallel work: four 65536-element chunks, a few MB of buffers.
-const TILE: u64 = 4 * 65536;
+/// Elements per unit of parallel work: 16 chunks, so each output write is 2–8 MiB.
+const TASK: u64 = 16 * 65536;
+/// Elements computed at a time within a task: the f64 accumulator (512 KiB) stays in L2.
+const TILE: u64 = 65536;
 /// Bytes per unit of parallel work when a tensor is copied unchanged.
 const COPY_PIECE: usize = 64 << 20;
 
@@ -402,48 +405,119 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
             terms,
         } => {
             let data = origin_data(*origin);
-            let tiles = p.numel.div_ceil(TILE);
-            (0..tiles).into_par_iter().try_for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(b, acc, bytes), t| -> Result<()> {
-                    let lo = t * TILE;
-                    let hi = p.numel.min(lo + TILE);
-                    let size = from.size();
-                    from.load_all(&data[lo as usize * size..hi as usize * size], b);
-                    acc.clear();
-                    // −0.0 is the additive identity: untouched elements stay bit-exact.
-                    acc.resize(b.len(), -0.0);
-                    for term in terms {
-                        add_term(&deltas[term.delta], &p.name, *from, term, lo..hi, b, acc)?;
-                    }
-                    for (a, &bv) in acc.iter_mut().zip(b.iter()) {
-                        *a += bv;
-                    }
-                    to.store_all(acc, bytes);
-                    out.write(&p.name, lo * to.size() as u64, bytes)
+            let tasks = p.numel.div_ceil(TASK);
+            (0..tasks).into_par_iter().try_for_each_init(
+                Scratch::default,
+                |scratch, t| -> Result<()> {
+                    let range = t * TASK..p.numel.min((t + 1) * TASK);
+                    crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
+                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)
                 },
             )
         }
     }
 }
 
-/// `acc[i] += coeff · (v_i − b_i)` over the elements of `range` that the term keeps.
-fn add_term(
+/// Per-thread buffers, reused from task to task.
+#[derive(Default)]
+struct Scratch {
+    acc: Vec<f64>,
+    touched: Vec<u64>,
+    base: Vec<f64>,
+    sub: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+/// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
+/// at a time so that the f64 accumulator stays in the L2 cache.
+fn compute<E: Elem>(
+    deltas: &[Delta],
+    name: &str,
+    data: &[u8],
+    terms: &[Term],
+    to: Float,
+    range: std::ops::Range<u64>,
+    s: &mut Scratch,
+) -> Result<()> {
+    s.bytes.clear();
+    let mut lo = range.start;
+    while lo < range.end {
+        let hi = range.end.min(lo + TILE);
+        let n = (hi - lo) as usize;
+        let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
+        s.acc.clear();
+        // −0.0 is the additive identity (docs/FORMAT.md section 8).
+        s.acc.resize(n, -0.0);
+        s.touched.clear();
+        s.touched.resize(n.div_ceil(64), 0);
+        for term in terms {
+            add_term::<E>(
+                &deltas[term.delta],
+                name,
+                term,
+                lo..hi,
+                tile,
+                &mut s.acc,
+                &mut s.touched,
+            )?;
+        }
+        if to == E::FLOAT {
+            // Untouched elements keep the base's bits; only touched ones are rounded.
+            let at = s.bytes.len();
+            s.bytes.extend_from_slice(tile);
+            let out = &mut s.bytes[at..];
+            for_each_bit(&s.touched, |k| {
+                E::store(out, k, E::load(tile, k) + s.acc[k])
+            });
+        } else {
+            s.base.clear();
+            s.base.extend((0..n).map(|k| E::load(tile, k)));
+            for (a, &b) in s.acc.iter_mut().zip(&s.base) {
+                *a += b;
+            }
+            to.store_all(&s.acc, &mut s.sub);
+            s.bytes.extend_from_slice(&s.sub);
+        }
+        lo = hi;
+    }
+    Ok(())
+}
+
+/// Calls `f(k)` for each set bit `k` of `words`, in ascending order.
+#[inline]
+fn for_each_bit(words: &[u64], mut f: impl FnMut(usize)) {
+    for (w, &word) in words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            f(w * 64 + bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+    }
+}
+
+/// `acc[k] += coeff · (v − b_k)` at each element of `range` that the term keeps (`tile` holds the
+/// base elements of `range`), marking it in `touched`.
+fn add_term<E: Elem>(
     delta: &Delta,
     name: &str,
-    float: Float,
     term: &Term,
     range: std::ops::Range<u64>,
-    b: &[f64],
+    tile: &[u8],
     acc: &mut [f64],
+    touched: &mut [u64],
 ) -> Result<()> {
     let values = delta.data(name);
     let lo = range.start;
     let c = term.coeff;
     if !term.masked {
-        let v = &values[lo as usize * float.size()..range.end as usize * float.size()];
-        for (k, (a, &bv)) in acc.iter_mut().zip(b).enumerate() {
-            *a += c * (float.load(v, k) - bv);
+        let v = &values[lo as usize * E::SIZE..range.end as usize * E::SIZE];
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += c * (E::load(v, k) - E::load(tile, k));
+        }
+        touched.fill(!0);
+        if !acc.len().is_multiple_of(64) {
+            // Bits past the tile's end must stay clear: they index no element.
+            *touched.last_mut().unwrap() = (1u64 << (acc.len() % 64)) - 1;
         }
         return Ok(());
     }
@@ -462,7 +536,8 @@ fn add_term(
         mask.for_each_kept(pos..end, |i| {
             if j < limit {
                 let k = (i - lo) as usize;
-                acc[k] += c * (float.load(values, j as usize) - b[k]);
+                acc[k] += c * (E::load(values, j as usize) - E::load(tile, k));
+                touched[k / 64] |= 1 << (k % 64);
             } else {
                 overrun = true;
             }

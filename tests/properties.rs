@@ -91,13 +91,24 @@ fn write(path: &Path, name: &str, f: Float, shape: &[usize], data: Vec<u8>) {
 }
 
 fn do_extract(dir: &Path, tuned: &str, out: &str, seed: u64, interval: Interval) -> Delta {
+    extract_with(dir, tuned, out, seed, interval, Selector::default())
+}
+
+fn extract_with(
+    dir: &Path,
+    tuned: &str,
+    out: &str,
+    seed: u64,
+    interval: Interval,
+    selector: Selector,
+) -> Delta {
     let base = Checkpoint::open(&dir.join("base.st")).unwrap();
     let tuned = Checkpoint::open(&dir.join(tuned)).unwrap();
     let opts = ExtractOptions {
         seed,
         interval,
         slot: None,
-        selector: Selector::default(),
+        selector,
     };
     extract(&base, &tuned, &dir.join(out), &opts).unwrap();
     Delta::open(&dir.join(out)).unwrap()
@@ -156,11 +167,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
     /// Kept values are the fine-tuned values bit for bit; the kept count follows the density;
-    /// apply gives the fine-tune at kept elements and the base elsewhere.
+    /// apply gives the fine-tune at kept elements and the base elsewhere. An excluded tensor is
+    /// stored whole and applied as a dense delta: the fine-tune everywhere.
     #[test]
     fn kept_values_are_exact_and_apply_reproduces_them(
         f in arb_float(), shape in arb_shape(), density in arb_density(),
-        seed in any::<u64>(), data_seed in any::<u64>(),
+        seed in any::<u64>(), data_seed in any::<u64>(), exclude in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let numel: usize = shape.iter().product();
@@ -168,10 +180,17 @@ proptest! {
         write(&dir.path().join("base.st"), "w", f, &shape, base.clone());
         write(&dir.path().join("t.st"), "w", f, &shape, tuned[0].clone());
         let interval = Interval::from_density(density).unwrap();
-        let delta = do_extract(dir.path(), "t.st", "d.st", seed, interval);
+        let selector = if exclude {
+            Selector::new(&[], &["w".to_string()]).unwrap()
+        } else {
+            Selector::default()
+        };
+        let delta = extract_with(dir.path(), "t.st", "d.st", seed, interval, selector);
         let e = &delta.entries()["w"];
         if base == tuned[0] {
             prop_assert_eq!(e.kind, Kind::Same);
+        } else if exclude {
+            prop_assert_eq!(e.kind, Kind::Whole);
         } else {
             prop_assert_eq!(e.kind, Kind::Masked);
             let mask = Mask::new(seed, "w", interval);
@@ -192,7 +211,8 @@ proptest! {
         let mask = Mask::new(seed, "w", interval);
         let (b_bits, t_bits) = (decode(f, &base), decode(f, &tuned[0]));
         for i in 0..numel {
-            let want = if mask.kept(i as u64) && e.kind == Kind::Masked { t_bits[i] } else { b_bits[i] };
+            let kept = e.kind == Kind::Whole || (e.kind == Kind::Masked && mask.kept(i as u64));
+            let want = if kept { t_bits[i] } else { b_bits[i] };
             prop_assert_eq!(out[i], want, "element {}", i);
         }
     }

@@ -374,12 +374,15 @@ def _seq_sum(x):
 
 
 def _chunked_sum(x, chunk):
-    """§7: sum in index order within each chunk, then the chunk sums in chunk order.
-
-    Interpretation: each chunk's partial sum starts from 0.0 and the partials are then added
-    left to right from 0.0 (what makes the result independent of the thread count)."""
+    """§7: per chunk, 8 lane sums (lane p: the chunk's elements at in-chunk index = p mod 8, in
+    index order, from 0.0), the chunk's sum = 0.0 + lane 0 + ... + lane 7; then the chunk sums
+    in chunk order from 0.0."""
     x = np.asarray(x, dtype=np.float64)
-    return _seq_sum([_seq_sum(x[j:j + chunk]) for j in range(0, x.size, chunk)])
+    chunks = []
+    for j in range(0, x.size, chunk):
+        xc = x[j:j + chunk]
+        chunks.append(_seq_sum([_seq_sum(xc[p::8]) for p in range(8)]))
+    return _seq_sum(chunks)
 
 
 def extract(base, tuned, seed=DEFAULT_SEED, lo=0, hi=TWO32, chunk=DEFAULT_CHUNK):
@@ -621,9 +624,10 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
             t = _single_replacement(name, reps) if reps else b
             out[name] = (t.dtype, t.shape, t.data)
             continue
-        # Float: every element goes through acc and the single final rounding, even where no
-        # delta touches it (so a NaN in the base still comes out as the canonical NaN).
+        # Float: every element a delta keeps goes through acc and the single final rounding;
+        # an element no delta keeps stays the base's bits when the dtype is unchanged (§8).
         bv = to_f64(b.dtype, b.data)
+        touched = np.zeros(bv.size, dtype=bool)
         # acc starts at -0.0, the additive identity (-0.0 + x == x for every x), so an element
         # no delta keeps comes out as round(b): b itself when the dtype is unchanged, -0.0 too.
         acc = np.full(bv.size, -0.0, dtype=np.float64)
@@ -639,8 +643,15 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
             diff = to_f64(e.dtype, vals) - bv[idx]
             term = c * diff
             acc[idx] = acc[idx] + term
+            touched[idx] = True
         dt = output_dtype(b.dtype)
-        out[name] = (dt, b.shape, round_to_bytes(bv + acc, dt))
+        rounded = round_to_bytes(bv + acc, dt)
+        if dt == b.dtype:
+            raw = np.frombuffer(b.data, dtype=np.uint8).reshape(bv.size, -1).copy()
+            new_raw = np.frombuffer(rounded, dtype=np.uint8).reshape(bv.size, -1)
+            raw[touched] = new_raw[touched]
+            rounded = raw.tobytes()
+        out[name] = (dt, b.shape, rounded)
 
     # Tensors new in the fine-tunes: not in the base, stored whole.
     new = {}
