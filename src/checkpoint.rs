@@ -2,7 +2,9 @@
 //! file that is renamed into place only when complete.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,6 +36,8 @@ impl TensorInfo {
 /// A safetensors file, memory-mapped and validated.
 pub struct Checkpoint {
     path: PathBuf,
+    /// Size and modification time when opened, to notice a file changed while it was read.
+    stamp: (u64, Option<std::time::SystemTime>),
     mmap: Mmap,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
@@ -49,10 +53,15 @@ impl Checkpoint {
                 path.display()
             );
         }
+        let meta = file.metadata()?;
+        let stamp = (meta.len(), meta.modified().ok());
         // SAFETY: the map is read-only. A file truncated by another process while mapped makes
-        // reads fault; that is the documented limit of memory-mapped input.
+        // reads fault with SIGBUS, which `install_fault_handler` turns into exit status 1.
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
+        if let Ok(mut maps) = MAPS.lock() {
+            maps.push((mmap.as_ptr() as usize, mmap.len(), c_path(path)));
+        }
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
         })?;
@@ -71,6 +80,7 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             path: path.to_path_buf(),
+            stamp,
             mmap,
             tensors,
             metadata: meta.metadata().clone().unwrap_or_default(),
@@ -105,6 +115,24 @@ impl Checkpoint {
     /// The file's size in bytes.
     pub fn file_len(&self) -> u64 {
         self.mmap.len() as u64
+    }
+
+    /// Fails if the file's size or modification time changed since it was opened: what was
+    /// read may mix old and new contents, so an output built from it must not be committed.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = std::fs::metadata(&self.path).with_context(|| {
+            format!(
+                "{}: input disappeared while being read",
+                self.path.display()
+            )
+        })?;
+        if (meta.len(), meta.modified().ok()) != self.stamp {
+            bail!(
+                "{}: the file changed while it was being read; nothing was written. Run again on a stable file",
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 
     /// Asks the kernel to read ahead: the inputs are walked front to back.
@@ -152,21 +180,66 @@ pub fn set_durable(durable: bool) {
     DURABLE.store(durable, Ordering::Relaxed);
 }
 
-/// Temporary files being written, for the signal handler to remove.
-static PARTIALS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Temporary files being written, for the signal handlers to remove. C strings, so that a
+/// handler can unlink them without allocating.
+static PARTIALS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 
-/// Removes every partial output of this process (called on SIGINT/SIGTERM).
+/// Mapped input files (start address, length, path), so that a SIGBUS can name its file.
+static MAPS: Mutex<Vec<(usize, usize, CString)>> = Mutex::new(Vec::new());
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// Removes every partial output of this process (called on SIGINT, SIGTERM and SIGBUS). Uses
+/// only `try_lock` and `unlink`, so it is safe in a signal handler.
 pub fn remove_partial_outputs() {
-    if let Ok(list) = PARTIALS.lock() {
+    if let Ok(list) = PARTIALS.try_lock() {
         for p in list.iter() {
-            let _ = std::fs::remove_file(p);
+            // SAFETY: a valid NUL-terminated path; unlink is async-signal-safe.
+            unsafe { libc::unlink(p.as_ptr()) };
         }
     }
 }
 
 fn forget_partial(path: &Path) {
+    let c = c_path(path);
     if let Ok(mut list) = PARTIALS.lock() {
-        list.retain(|p| p != path);
+        list.retain(|p| *p != c);
+    }
+}
+
+/// Installs the SIGBUS handler: reading a memory-mapped input that another process truncated
+/// faults, and instead of dying with a signal the process removes its partial outputs, names
+/// the file and exits with status 1.
+pub fn install_fault_handler() {
+    extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo; only async-signal-safe calls follow
+        // (try_lock never blocks, write, unlink, _exit).
+        unsafe {
+            let addr = (*info).si_addr() as usize;
+            let say = |b: &[u8]| {
+                libc::write(2, b.as_ptr().cast(), b.len());
+            };
+            say(b"sotu-delta: error: ");
+            if let Ok(maps) = MAPS.try_lock()
+                && let Some((_, _, path)) = maps.iter().find(|(s, l, _)| addr >= *s && addr < s + l)
+            {
+                say(path.as_bytes());
+                say(b": ");
+            }
+            say(b"an input file was truncated while it was being read; nothing was written\n");
+            remove_partial_outputs();
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: installs a handler with SA_SIGINFO and an empty mask; the handler is above.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
     }
 }
 
@@ -234,7 +307,7 @@ impl Output {
             .map(|(k, v)| (k, v + data_start))
             .collect();
         if let Ok(mut list) = PARTIALS.lock() {
-            list.push(tmp.path().to_path_buf());
+            list.push(c_path(tmp.path()));
         }
         Ok(Output {
             tmp: Some(tmp),

@@ -106,6 +106,9 @@ struct ExtractArgs {
     /// Do not mask tensors matching this glob; they are stored whole if they changed.
     #[arg(long, value_name = "GLOB")]
     exclude: Vec<String>,
+    /// Store NaN and infinite differences instead of refusing the fine-tune.
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -212,6 +215,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     }
     // Ctrl-C or SIGTERM: remove any partial output before exiting (SIGKILL cannot be caught;
     // it leaves a `.sotu-delta-partial-*` file, never a file at the output path).
+    crate::checkpoint::install_fault_handler();
     let _ = ctrlc::set_handler(|| {
         crate::checkpoint::remove_partial_outputs();
         std::process::exit(130);
@@ -262,6 +266,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
         interval,
         slot: a.slot.clone(),
         selector,
+        allow_nonfinite: a.allow_nonfinite,
     };
     let r = extract(&base, &tuned, &a.output, &opts)?;
     for (name, n) in &r.inexact {
@@ -344,6 +349,12 @@ fn run_merge(
             "sotu-delta: warning: --force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",
             r.mismatches.len(),
             r.mismatches[0]
+        );
+    }
+    for (name, n) in &r.overflowed {
+        eprintln!(
+            "sotu-delta: warning: {}: tensor {name}: {n} element(s) overflowed the output dtype and are now infinite",
+            output.display()
         );
     }
     if common.json {

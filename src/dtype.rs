@@ -120,6 +120,19 @@ impl Float {
         }
     }
 
+    /// Whether a finite `x` becomes ±infinity when rounded to this dtype: `|x|` at or above
+    /// the largest finite value plus half an ulp (ties go to even, which is infinity).
+    #[inline(always)]
+    pub fn overflows(self, x: f64) -> bool {
+        let limit = match self {
+            Float::F16 => 65520.0,
+            Float::BF16 => (2.0 - 2f64.powi(-8)) * 2f64.powi(127),
+            Float::F32 => (2.0 - 2f64.powi(-24)) * 2f64.powi(127),
+            Float::F64 => f64::INFINITY,
+        };
+        x.is_finite() && x.abs() >= limit
+    }
+
     /// The raw bits of element `i` of little-endian `bytes`.
     #[inline(always)]
     pub fn bits(self, bytes: &[u8], i: usize) -> u64 {
@@ -332,6 +345,28 @@ mod tests {
         assert_eq!(f16(2f64.powi(-25)), 0x0000);
         assert_eq!(f16(2f64.powi(-25) * 1.0001), 0x0001);
         assert_eq!(f16(f64::NAN), 0x7e00);
+    }
+
+    #[test]
+    fn overflow_limits_are_where_rounding_reaches_infinity() {
+        for f in [Float::F16, Float::BF16, Float::F32] {
+            for x in [
+                1.0,
+                60000.0,
+                65519.0,
+                65520.0,
+                3.3e38,
+                3.4028235e38,
+                3.5e38,
+                1e300,
+            ] {
+                for x in [x, -x] {
+                    let inf = f.round_bits(x) == f.round_bits(f64::INFINITY * x.signum());
+                    assert_eq!(f.overflows(x), inf, "{f:?} {x}");
+                }
+            }
+        }
+        assert!(!Float::F16.overflows(f64::INFINITY));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct ExtractOptions {
     pub slot: Option<String>,
     /// Which tensors are masked.
     pub selector: Selector,
+    /// Store NaN and infinite differences instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 /// What `extract` did.
@@ -195,13 +197,24 @@ pub fn extract(
                 })
                 .collect()
         },
-        || -> Result<Vec<[f64; STATS_COLS]>> {
+        || -> Result<Vec<([f64; STATS_COLS], u64)>> {
             plan.iter()
                 .map(|p| write_tensor(base, tuned, &output, p, opts.seed, opts.interval))
                 .collect()
         },
     );
-    let stats = stats?;
+    let (stats, nonfinite): (Vec<[f64; STATS_COLS]>, Vec<u64>) = stats?.into_iter().unzip();
+    if !opts.allow_nonfinite
+        && let Some((p, n)) = plan.iter().zip(&nonfinite).find(|(_, n)| **n > 0)
+    {
+        bail!(
+            "{}: tensor {}: {n} element(s) of the difference from the base are NaN or infinite; nothing was written. Pass --allow-nonfinite to store them anyway",
+            tuned.path().display(),
+            p.name
+        );
+    }
+    base.check_unchanged()?;
+    tuned.check_unchanged()?;
     output.write(BASE_HASHES, 0, hashes.as_flattened())?;
     let stat_bytes: Vec<u8> = stats
         .as_flattened()
@@ -332,26 +345,34 @@ fn write_tensor(
     p: &Planned,
     seed: u64,
     interval: Interval,
-) -> Result<[f64; STATS_COLS]> {
+) -> Result<([f64; STATS_COLS], u64)> {
     let e = &p.entry;
     let t_data = tuned.data(tuned.info(&p.name).unwrap());
     if e.kind == Kind::Whole {
         out.write(&p.name, 0, t_data)?;
     }
-    let float = Float::of(e.dtype);
-    let (Some(float), Some(b_info), Kind::Masked | Kind::Whole) =
-        (float, base.info(&p.name), e.kind)
-    else {
-        return Ok([0.0; STATS_COLS]);
+    let (Some(float), Kind::Masked | Kind::Whole) = (Float::of(e.dtype), e.kind) else {
+        return Ok(([0.0; STATS_COLS], 0));
+    };
+    let Some(b_info) = base.info(&p.name) else {
+        // New in the fine-tune: its values are what the delta carries.
+        let nonfinite = t_data
+            .par_chunks(CHUNK_ELEMS as usize * float.size())
+            .map_init(Vec::new, |v, piece| {
+                float.load_all(piece, v);
+                v.iter().filter(|x| !x.is_finite()).count() as u64
+            })
+            .sum();
+        return Ok(([0.0; STATS_COLS], nonfinite));
     };
     let b_data = base.data(b_info);
     let numel = e.numel();
     // A whole float tensor is a delta with every element kept (docs/FORMAT.md section 8).
     let mask = (e.kind == Kind::Masked).then(|| Mask::new(seed, &p.name, interval));
     let chunks = numel.div_ceil(CHUNK_ELEMS);
-    let partials: Vec<[f64; STATS_COLS]> = (0..chunks)
+    let partials: Vec<([f64; STATS_COLS], u64)> = (0..chunks)
         .into_par_iter()
-        .map_init(Vec::new, |kept_bytes, c| -> Result<[f64; STATS_COLS]> {
+        .map_init(Vec::new, |kept_bytes, c| -> Result<([f64; STATS_COLS], u64)> {
             let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
             let s = crate::with_elem!(float, E => chunk_stats::<E>(b_data, t_data, range.clone(), mask.as_ref(), kept_bytes));
             if mask.is_some() {
@@ -362,38 +383,44 @@ fn write_tensor(
         .collect::<Result<_>>()?;
     // Chunk partials are summed in chunk order, so the file does not depend on the thread count.
     let mut total = [0.0; STATS_COLS];
-    for s in partials {
+    let mut nonfinite = 0;
+    for (s, nf) in partials {
         for (a, x) in total.iter_mut().zip(s) {
             *a += x;
         }
+        nonfinite += nf;
     }
-    Ok(total)
+    Ok((total, nonfinite))
 }
 
-/// One chunk's statistics row (docs/FORMAT.md section 7), and its kept values' raw bytes in
-/// `kept_bytes` when there is a mask (without one, every element counts as kept).
+/// One chunk's statistics row (docs/FORMAT.md section 7) and its number of non-finite
+/// differences, and its kept values' raw bytes in `kept_bytes` when there is a mask (without
+/// one, every element counts as kept).
 fn chunk_stats<E: Elem>(
     base: &[u8],
     tuned: &[u8],
     range: std::ops::Range<u64>,
     mask: Option<&Mask>,
     kept_bytes: &mut Vec<u8>,
-) -> [f64; STATS_COLS] {
+) -> ([f64; STATS_COLS], u64) {
     let bytes = range.start as usize * E::SIZE..range.end as usize * E::SIZE;
     let (b, t) = (&base[bytes.clone()], &tuned[bytes]);
     let n = (range.end - range.start) as usize;
     // Eight lanes by index mod 8: independent sums, so the loop vectorizes without reordering.
     let mut all = [0.0f64; 8];
+    let mut nonfinite = [0u64; 8];
     let whole = n / 8 * 8;
     for k in (0..whole).step_by(8) {
-        for (p, lane) in all.iter_mut().enumerate() {
+        for p in 0..8 {
             let d = E::load(t, k + p) - E::load(b, k + p);
-            *lane += d * d;
+            all[p] += d * d;
+            nonfinite[p] += !d.is_finite() as u64;
         }
     }
     for k in whole..n {
         let d = E::load(t, k) - E::load(b, k);
         all[k % 8] += d * d;
+        nonfinite[0] += !d.is_finite() as u64;
     }
     let mut kept = [0.0f64; 8];
     let mut inexact = 0.0;
@@ -415,5 +442,5 @@ fn chunk_stats<E: Elem>(
         None => (0..n).for_each(visit),
     }
     let total = |lanes: [f64; 8]| lanes.iter().fold(0.0, |a, &x| a + x);
-    [total(all), total(kept), inexact]
+    ([total(all), total(kept), inexact], nonfinite.iter().sum())
 }

@@ -326,6 +326,11 @@ impl Delta {
         self.ckpt.file_len()
     }
 
+    /// Fails if the file changed since it was opened (see [`Checkpoint::check_unchanged`]).
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.ckpt.check_unchanged()
+    }
+
     /// Hints sequential reading of the whole file.
     pub fn advise_sequential(&self) {
         self.ckpt.advise_sequential()

@@ -57,6 +57,8 @@ pub struct MergeReport {
     pub mismatches: Vec<String>,
     /// The base fingerprint computed from the base as read.
     pub base_fingerprint: String,
+    /// Tensors where finite results became ±infinity in the output dtype, with counts.
+    pub overflowed: Vec<(String, u64)>,
 }
 
 /// Where an output tensor's starting values come from.
@@ -171,13 +173,14 @@ pub fn merge(
                 .map(|n| tensor_hash(base.data(base.info(n).unwrap())))
                 .collect()
         },
-        || -> Result<()> {
+        || -> Result<Vec<u64>> {
             plans
                 .iter()
-                .try_for_each(|p| execute(base, deltas, &output, p))
+                .map(|p| execute(base, deltas, &output, p))
+                .collect()
         },
     );
-    written?;
+    let overflows = written?;
     let base_hashes = hashes;
 
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
@@ -191,6 +194,8 @@ pub fn merge(
             if mismatches.len() > 5 { ", …" } else { "" }
         );
     }
+    base.check_unchanged()?;
+    deltas.iter().try_for_each(Delta::check_unchanged)?;
     let output_bytes = output.total_len();
     output.commit()?;
 
@@ -206,6 +211,12 @@ pub fn merge(
         seconds: start.elapsed().as_secs_f64(),
         mismatches,
         base_fingerprint: fingerprint,
+        overflowed: plans
+            .iter()
+            .zip(overflows)
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| (p.name.clone(), n))
+            .collect(),
     })
 }
 
@@ -383,8 +394,8 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes one output tensor.
-fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<()> {
+/// Writes one output tensor; returns how many finite results overflowed its dtype.
+fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
     let origin_data = |o: Origin| -> &[u8] {
         match o {
             Origin::Base => base.data(base.info(&p.name).unwrap()),
@@ -396,7 +407,8 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
             let data = origin_data(*o);
             data.par_chunks(COPY_PIECE)
                 .enumerate()
-                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))
+                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
+            Ok(0)
         }
         Source::Compute {
             origin,
@@ -406,14 +418,15 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
         } => {
             let data = origin_data(*origin);
             let tasks = p.numel.div_ceil(TASK);
-            (0..tasks).into_par_iter().try_for_each_init(
-                Scratch::default,
-                |scratch, t| -> Result<()> {
+            (0..tasks)
+                .into_par_iter()
+                .map_init(Scratch::default, |scratch, t| -> Result<u64> {
                     let range = t * TASK..p.numel.min((t + 1) * TASK);
-                    crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
-                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)
-                },
-            )
+                    let overflows = crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
+                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
+                    Ok(overflows)
+                })
+                .sum()
         }
     }
 }
@@ -438,7 +451,8 @@ fn compute<E: Elem>(
     to: Float,
     range: std::ops::Range<u64>,
     s: &mut Scratch,
-) -> Result<()> {
+) -> Result<u64> {
+    let mut overflows = 0u64;
     s.bytes.clear();
     let mut lo = range.start;
     while lo < range.end {
@@ -467,20 +481,23 @@ fn compute<E: Elem>(
             s.bytes.extend_from_slice(tile);
             let out = &mut s.bytes[at..];
             for_each_bit(&s.touched, |k| {
-                E::store(out, k, E::load(tile, k) + s.acc[k])
+                let x = E::load(tile, k) + s.acc[k];
+                overflows += to.overflows(x) as u64;
+                E::store(out, k, x)
             });
         } else {
             s.base.clear();
             s.base.extend((0..n).map(|k| E::load(tile, k)));
             for (a, &b) in s.acc.iter_mut().zip(&s.base) {
                 *a += b;
+                overflows += to.overflows(*a) as u64;
             }
             to.store_all(&s.acc, &mut s.sub);
             s.bytes.extend_from_slice(&s.sub);
         }
         lo = hi;
     }
-    Ok(())
+    Ok(overflows)
 }
 
 /// Calls `f(k)` for each set bit `k` of `words`, in ascending order.

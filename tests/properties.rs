@@ -109,6 +109,7 @@ fn extract_with(
         interval,
         slot: None,
         selector,
+        allow_nonfinite: false,
     };
     extract(&base, &tuned, &dir.join(out), &opts).unwrap();
     Delta::open(&dir.join(out)).unwrap()

@@ -1,0 +1,352 @@
+//! Operational faults (docs/RELIABILITY.md): a full disk, a read-only output folder, a process
+//! killed mid-merge, an input truncated or rewritten while it is read, and overflow of the
+//! output dtype. After each: exit status 1 (or a warning), no file at the output path, inputs
+//! untouched, and a rerun that succeeds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use safetensors::Dtype;
+use sotu_delta::checkpoint::write_file;
+use sotu_delta::dtype::Float;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run sotu-delta")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn partials(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".sotu-delta-partial-")
+        })
+        .collect()
+}
+
+/// A checkpoint with one f32 tensor of `n` elements, base or fine-tuned.
+fn checkpoint(path: &Path, n: usize, tuned: bool) {
+    let values: Vec<f64> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f64 - 500.0) * 1e-4 + if tuned { 1e-3 } else { 0.0 })
+        .collect();
+    let mut bytes = Vec::new();
+    Float::F32.store_all(&values, &mut bytes);
+    write_file(
+        path,
+        &[("w".into(), Dtype::F32, vec![n], bytes)],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+}
+
+/// A base and a delta big enough that a one-thread merge takes a good fraction of a second.
+fn big_pair(dir: &Path) {
+    checkpoint(&dir.join("base.st"), 24 << 20, false);
+    checkpoint(&dir.join("tuned.st"), 24 << 20, true);
+    let o = run(
+        dir,
+        &[
+            "extract",
+            "-q",
+            "--base",
+            "base.st",
+            "--tuned",
+            "tuned.st",
+            "--density",
+            "0.5",
+            "-o",
+            "d.st",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Mounts a tmpfs at `dir` (root only); `None`, with the reason printed, where that fails.
+fn tmpfs(dir: &Path, opts: &str) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+        .arg(dir)
+        .output();
+    match o {
+        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs ({}); needs root",
+                stderr(&o).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run mount ({e})");
+            None
+        }
+    }
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Starts a one-thread merge of `d.st` onto `base.st`, waits until its partial output exists
+/// (the data pass has begun), runs `during` with the merge's pid, and returns its output.
+fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
+    let child = Command::new(BIN)
+        .current_dir(dir)
+        .args([
+            "merge",
+            "--threads",
+            "1",
+            "--no-sync",
+            "--base",
+            "base.st",
+            "d.st",
+            "-o",
+            "out.st",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while partials(dir).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "merge never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    during(child.id());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(&d.join("base.st"), 1 << 18, false);
+    checkpoint(&d.join("tuned.st"), 1 << 18, true);
+    let small = d.join("small");
+    let Some(_mount) = tmpfs(&small, "size=256k") else {
+        return;
+    };
+    let base_before = std::fs::read(d.join("base.st")).unwrap();
+    for args in [
+        vec![
+            "extract",
+            "--base",
+            "../base.st",
+            "--tuned",
+            "../tuned.st",
+            "--density",
+            "1",
+            "-o",
+            "out.st",
+        ],
+        vec!["merge", "--base", "../base.st", "../d.st", "-o", "out.st"],
+    ] {
+        if args[0] == "merge" {
+            let o = run(
+                d,
+                &[
+                    "extract",
+                    "--base",
+                    "base.st",
+                    "--tuned",
+                    "tuned.st",
+                    "--density",
+                    "0.5",
+                    "-o",
+                    "d.st",
+                ],
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        let o = run(&small, &args);
+        assert_eq!(o.status.code(), Some(1), "{:?}: {}", args, stderr(&o));
+        assert!(stderr(&o).contains("out.st"), "{}", stderr(&o));
+        assert!(!small.join("out.st").exists());
+        assert!(partials(&small).is_empty(), "{:?}", partials(&small));
+        // The same command with room to write succeeds.
+        let o = run(
+            d,
+            &args
+                .iter()
+                .map(|a| a.replace("../", ""))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(d.join("base.st")).unwrap(), base_before);
+}
+
+#[test]
+fn read_only_output_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(&d.join("base.st"), 1024, false);
+    checkpoint(&d.join("tuned.st"), 1024, true);
+    let ro = d.join("ro");
+    // As root, file modes do not stop a write; a read-only mount does.
+    let Some(_mount) = tmpfs(&ro, "ro,size=1m") else {
+        return;
+    };
+    let o = run(
+        d,
+        &[
+            "extract", "--base", "base.st", "--tuned", "tuned.st", "-o", "ro/d.st",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ro/d.st"), "{}", stderr(&o));
+    assert!(!ro.join("d.st").exists());
+}
+
+#[test]
+fn killed_merge_leaves_no_output_and_a_rerun_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    big_pair(d);
+    let before = std::fs::read(d.join("base.st")).unwrap();
+    let o = merge_with(d, |_| {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", "out.st"])
+            .status();
+    });
+    assert_eq!(o.status.code(), None, "killed by a signal");
+    // SIGKILL cannot be caught: the partial file may stay, but nothing is at the output path.
+    assert!(!d.join("out.st").exists());
+    for p in partials(d) {
+        std::fs::remove_file(p).unwrap();
+    }
+    assert_eq!(std::fs::read(d.join("base.st")).unwrap(), before);
+    let o = run(d, &["merge", "--base", "base.st", "d.st", "-o", "out.st"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn input_truncated_while_read_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    big_pair(d);
+    let o = merge_with(d, |_| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("base.st"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+    });
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("base.st"), "{}", stderr(&o));
+    assert!(!d.join("out.st").exists());
+    assert!(partials(d).is_empty(), "{:?}", partials(d));
+}
+
+#[test]
+fn input_rewritten_while_read_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    big_pair(d);
+    let o = merge_with(d, |_| {
+        // Same size, new contents and modification time: an in-place rewrite.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("d.st"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+    });
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("d.st") && stderr(&o).contains("changed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("out.st").exists());
+    assert!(partials(d).is_empty());
+}
+
+#[test]
+fn f16_overflow_warns_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f16 = |v: &[f64]| {
+        let mut b = Vec::new();
+        Float::F16.store_all(v, &mut b);
+        b
+    };
+    let tensors = |v: &[f64]| vec![("hot".to_string(), Dtype::F16, vec![2], f16(v))];
+    write_file(
+        &d.join("base.st"),
+        &tensors(&[60000.0, 1.0]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    write_file(
+        &d.join("tuned.st"),
+        &tensors(&[65504.0, 2.0]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let o = run(
+        d,
+        &[
+            "extract",
+            "--base",
+            "base.st",
+            "--tuned",
+            "tuned.st",
+            "--density",
+            "1",
+            "-o",
+            "d.st",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 60000 + 2·(65504 − 60000) = 71008: past the largest f16.
+    let o = run(
+        d,
+        &[
+            "merge",
+            "--base",
+            "base.st",
+            "d.st",
+            "--weights",
+            "2",
+            "-o",
+            "out.st",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning") && err.contains("hot") && err.contains("1 element"),
+        "{err}"
+    );
+    // Weight 1 stays finite: no warning.
+    let o = run(d, &["merge", "--base", "base.st", "d.st", "-o", "out2.st"]);
+    assert!(!stderr(&o).contains("overflow"), "{}", stderr(&o));
+}
