@@ -65,6 +65,12 @@ impl Checkpoint {
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
         })?;
+        if let Some(dup) = duplicate_key(&mmap[8..8 + n])? {
+            bail!(
+                "{}: not a valid safetensors file: tensor {dup} appears twice in the header",
+                path.display()
+            );
+        }
         let data_start = 8 + n;
         let mut tensors = BTreeMap::new();
         for (name, info) in meta.tensors() {
@@ -139,6 +145,35 @@ impl Checkpoint {
     pub fn advise_sequential(&self) {
         let _ = self.mmap.advise(memmap2::Advice::Sequential);
     }
+}
+
+/// The first key that appears twice in the JSON object `json`, if any. serde_json keeps the
+/// last of duplicate keys without a word, which would hide a tensor; readers must refuse them.
+pub fn duplicate_key(json: &[u8]) -> Result<Option<String>> {
+    struct Dup(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Dup {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Dup;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Dup, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        if !seen.insert(k.clone()) {
+                            return Ok(Dup(Some(k)));
+                        }
+                    }
+                    Ok(Dup(None))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    Ok(serde_json::from_slice::<Dup>(json)?.0)
 }
 
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).

@@ -140,8 +140,12 @@ impl Delta {
         if chunk == 0 {
             bail!("{file}: __metadata__.chunk is 0");
         }
-        let entries: BTreeMap<String, Entry> = serde_json::from_str(get("tensors")?)
+        let tensors_json = get("tensors")?;
+        let entries: BTreeMap<String, Entry> = serde_json::from_str(tensors_json)
             .with_context(|| format!("{file}: __metadata__.tensors is not valid"))?;
+        if let Some(dup) = crate::checkpoint::duplicate_key(tensors_json.as_bytes())? {
+            bail!("{file}: __metadata__.tensors: tensor {dup} appears twice");
+        }
         let params = Params {
             seed,
             interval,
