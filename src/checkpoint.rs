@@ -63,11 +63,25 @@ impl Checkpoint {
             maps.push((mmap.as_ptr() as usize, mmap.len(), c_path(path)));
         }
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+            // Name the tensor or key at fault where the header is readable JSON.
+            let detail = header_span(&mmap).and_then(|(json, data_len)| {
+                duplicate_key(json)
+                    .map(|k| format!("{k} appears twice in the header"))
+                    .or_else(|| diagnose_header(json, data_len))
+            });
+            match detail {
+                Some(d) => {
+                    anyhow::anyhow!(
+                        "{}: not a valid safetensors file: {d} ({e})",
+                        path.display()
+                    )
+                }
+                None => anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()),
+            }
         })?;
-        if let Some(dup) = duplicate_key(&mmap[8..8 + n])? {
+        if let Some(dup) = duplicate_key(&mmap[8..8 + n]) {
             bail!(
-                "{}: not a valid safetensors file: tensor {dup} appears twice in the header",
+                "{}: not a valid safetensors file: {dup} appears twice in the header",
                 path.display()
             );
         }
@@ -147,9 +161,10 @@ impl Checkpoint {
     }
 }
 
-/// The first key that appears twice in the JSON object `json`, if any. serde_json keeps the
-/// last of duplicate keys without a word, which would hide a tensor; readers must refuse them.
-pub fn duplicate_key(json: &[u8]) -> Result<Option<String>> {
+/// The first key that appears twice in the JSON object `json`, or inside its `__metadata__`
+/// object (reported as `__metadata__.KEY`), if any. serde_json keeps the last of duplicate keys
+/// without a word, which would hide a tensor or a setting; readers must refuse them.
+pub fn duplicate_key(json: &[u8]) -> Option<String> {
     struct Dup(Option<String>);
     impl<'de> serde::Deserialize<'de> for Dup {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -159,21 +174,94 @@ pub fn duplicate_key(json: &[u8]) -> Result<Option<String>> {
                 fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                     f.write_str("a JSON object")
                 }
-                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Dup, A::Error> {
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Dup, A::Error> {
                     let mut seen = std::collections::HashSet::new();
+                    let mut dup = None;
                     while let Some(k) = m.next_key::<String>()? {
-                        m.next_value::<serde::de::IgnoredAny>()?;
+                        if k == "__metadata__" {
+                            // A non-object is left to the real parser's error.
+                            if let Ok(Dup(Some(inner))) = m.next_value::<Dup>() {
+                                dup = dup.or(Some(format!("__metadata__.{inner}")));
+                            }
+                        } else {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
                         if !seen.insert(k.clone()) {
-                            return Ok(Dup(Some(k)));
+                            dup = dup.or(Some(k));
                         }
                     }
-                    Ok(Dup(None))
+                    Ok(Dup(dup))
                 }
             }
             d.deserialize_map(V)
         }
     }
-    Ok(serde_json::from_slice::<Dup>(json)?.0)
+    serde_json::from_slice::<Dup>(json).ok().and_then(|d| d.0)
+}
+
+/// Why the safetensors header `json` (followed by `data_len` bytes) is invalid, naming the
+/// tensor or metadata key at fault: the safetensors crate's own errors do not name them.
+fn diagnose_header(json: &[u8], data_len: u64) -> Option<String> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(json) else {
+        return None;
+    };
+    let mut spans = Vec::new();
+    for (name, v) in &map {
+        if name == "__metadata__" {
+            if let Some((k, _)) = v
+                .as_object()
+                .and_then(|o| o.iter().find(|(_, v)| !v.is_string()))
+            {
+                return Some(format!("__metadata__.{k} is not a string"));
+            }
+            continue;
+        }
+        let info: safetensors::tensor::TensorInfo = match serde_json::from_value(v.clone()) {
+            Ok(i) => i,
+            Err(e) => return Some(format!("tensor {name}: {e}")),
+        };
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize() as u64, |a, &d| a.checked_mul(d as u64));
+        let Some(bits) = bits else {
+            return Some(format!("tensor {name}: shape {:?} overflows", info.shape));
+        };
+        let (s, e) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        if e < s || e > data_len {
+            return Some(format!(
+                "tensor {name}: data offsets [{s}, {e}) are outside the {data_len} data bytes"
+            ));
+        }
+        if bits.div_ceil(8) != e - s {
+            return Some(format!(
+                "tensor {name}: {:?} {:?} needs {} bytes, its offsets span {}",
+                info.dtype,
+                info.shape,
+                bits.div_ceil(8),
+                e - s
+            ));
+        }
+        spans.push((s, e, name));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Some(format!("tensors {} and {} overlap", w[0].2, w[1].2));
+        }
+    }
+    None
+}
+
+/// The header JSON of a safetensors buffer and the length of the data after it, when the
+/// length prefix is sane.
+fn header_span(buf: &[u8]) -> Option<(&[u8], u64)> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    Some((buf.get(8..end)?, (buf.len() - end) as u64))
 }
 
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).

@@ -207,9 +207,16 @@ pub fn extract(
     if !opts.allow_nonfinite
         && let Some((p, n)) = plan.iter().zip(&nonfinite).find(|(_, n)| **n > 0)
     {
+        // Name the file that holds the non-finite values: the base if it has any there.
+        let in_base = base.info(&p.name).is_some_and(|info| {
+            let f = Float::of(info.dtype).unwrap();
+            let mut v = Vec::new();
+            f.load_all(base.data(info), &mut v);
+            v.iter().any(|x| !x.is_finite())
+        });
         bail!(
-            "{}: tensor {}: {n} element(s) of the difference from the base are NaN or infinite; nothing was written. Pass --allow-nonfinite to store them anyway",
-            tuned.path().display(),
+            "{}: tensor {}: {n} element(s) of the difference are NaN or infinite; nothing was written. Pass --allow-nonfinite to store them anyway",
+            if in_base { base.path() } else { tuned.path() }.display(),
             p.name
         );
     }

@@ -141,10 +141,16 @@ impl Delta {
             bail!("{file}: __metadata__.chunk is 0");
         }
         let tensors_json = get("tensors")?;
-        let entries: BTreeMap<String, Entry> = serde_json::from_str(tensors_json)
-            .with_context(|| format!("{file}: __metadata__.tensors is not valid"))?;
-        if let Some(dup) = crate::checkpoint::duplicate_key(tensors_json.as_bytes())? {
+        if let Some(dup) = crate::checkpoint::duplicate_key(tensors_json.as_bytes()) {
             bail!("{file}: __metadata__.tensors: tensor {dup} appears twice");
+        }
+        let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(tensors_json)
+            .with_context(|| format!("{file}: __metadata__.tensors is not a JSON object"))?;
+        let mut entries = BTreeMap::new();
+        for (name, v) in raw {
+            let e: Entry = serde_json::from_value(v)
+                .with_context(|| format!("{file}: __metadata__.tensors: tensor {name}"))?;
+            entries.insert(name, e);
         }
         let params = Params {
             seed,
@@ -195,12 +201,20 @@ impl Delta {
                     if kept > e.numel() {
                         bail!("{}: kept {kept} exceeds its {} elements", at(), e.numel());
                     }
-                    let chunks = e.numel().div_ceil(chunk);
+                    let offsets_len = usize::try_from(e.numel().div_ceil(chunk))
+                        .ok()
+                        .and_then(|c| c.checked_add(1))
+                        .with_context(|| {
+                            format!("{}: {} chunks of {chunk} are too many", at(), e.numel())
+                        })?;
                     expected.insert(name.clone(), (e.dtype, vec![kept as usize]));
-                    expected.insert(offsets_key(name), (Dtype::U64, vec![chunks as usize + 1]));
+                    expected.insert(offsets_key(name), (Dtype::U64, vec![offsets_len]));
                 }
                 Kind::Whole => {
                     expected.insert(name.clone(), (e.dtype, e.shape.clone()));
+                }
+                Kind::Same if !e.in_base => {
+                    bail!("{}: same as the base, but marked as not in the base", at())
                 }
                 Kind::Same => {}
             }

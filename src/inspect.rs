@@ -80,7 +80,7 @@ pub struct PairSummary {
     /// Expected fraction of elements kept by both: the interval overlap under one seed, the
     /// product of densities under different seeds.
     pub expected_collision: f64,
-    /// Measured fraction over the tensors both mask.
+    /// Measured fraction over the tensors both mask (their first 2^26 elements each).
     pub measured_collision: f64,
     /// Elements compared.
     pub compared: u64,
@@ -222,7 +222,9 @@ fn compare(a: &Delta, b: &Delta, base: Option<&Checkpoint>) -> Result<PairSummar
         }
         if ea.kind == Kind::Masked && eb.kind == Kind::Masked {
             let (ma, mb) = (a.mask(name), b.mask(name));
-            let n = ea.numel();
+            // A sample of the first 2^26 elements is plenty for a rate, and bounds the work a
+            // tiny file that declares an enormous tensor can cause.
+            let n = ea.numel().min(1 << 26);
             both += (0..n.div_ceil(1 << 20))
                 .into_par_iter()
                 .map(|c| {
@@ -274,12 +276,20 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
         let Some(eb) = b.entries().get(name) else {
             continue;
         };
-        let (Some(float), Some(info)) = (Float::of(ea.dtype), base.info(name)) else {
-            continue;
-        };
-        if ea.kind == Kind::Same || eb.kind == Kind::Same {
+        if ea.kind == Kind::Same || eb.kind == Kind::Same || Float::of(ea.dtype).is_none() {
             continue;
         }
+        let float = Float::of(ea.dtype).unwrap();
+        let Some(info) = base.info(name) else {
+            if !ea.in_base {
+                continue; // new in both fine-tunes: no base values to differ from
+            }
+            bail!(
+                "{}: has no tensor {name}, which {} was taken against",
+                base.path().display(),
+                a.path().display()
+            );
+        };
         if info.dtype != ea.dtype || info.shape != ea.shape {
             bail!(
                 "{}: tensor {name} is {:?} {:?}, but the deltas have {:?} {:?}",
@@ -463,8 +473,12 @@ pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Vec<Verdict> {
                 unknown_to_delta: vec![],
             };
             for (name, e) in d.entries().iter().filter(|(_, e)| e.in_base) {
+                let info = base.info(name);
                 match hashes.get(name.as_str()) {
                     None => v.missing_in_base.push(name.clone()),
+                    Some(_) if info.is_some_and(|i| i.dtype != e.dtype || i.shape != e.shape) => {
+                        v.mismatched.push(name.clone())
+                    }
                     Some(h) if *h == d.base_hash(e.row) => v.matched.push(name.clone()),
                     Some(_) => v.mismatched.push(name.clone()),
                 }
