@@ -58,21 +58,24 @@ fn checkpoint(path: &Path, n: usize, tuned: bool) {
 fn big_pair(dir: &Path) {
     checkpoint(&dir.join("base.st"), 24 << 20, false);
     checkpoint(&dir.join("tuned.st"), 24 << 20, true);
-    let o = run(
-        dir,
-        &[
-            "extract",
-            "-q",
-            "--base",
-            "base.st",
-            "--tuned",
-            "tuned.st",
-            "--density",
-            "0.5",
-            "-o",
-            "d.st",
-        ],
-    );
+    extract_delta(dir);
+}
+
+/// Extracts `d.st` (density 0.5) from `base.st` and `tuned.st` in `dir`.
+fn extract_delta(dir: &Path) {
+    let args = [
+        "extract",
+        "-q",
+        "--base",
+        "base.st",
+        "--tuned",
+        "tuned.st",
+        "--density",
+        "0.5",
+        "-o",
+        "d.st",
+    ];
+    let o = run(dir, &args);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -165,21 +168,7 @@ fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
         vec!["merge", "--base", "../base.st", "../d.st", "-o", "out.st"],
     ] {
         if args[0] == "merge" {
-            let o = run(
-                d,
-                &[
-                    "extract",
-                    "--base",
-                    "base.st",
-                    "--tuned",
-                    "tuned.st",
-                    "--density",
-                    "0.5",
-                    "-o",
-                    "d.st",
-                ],
-            );
-            assert!(o.status.success(), "{}", stderr(&o));
+            extract_delta(d);
         }
         let o = run(&small, &args);
         assert_eq!(o.status.code(), Some(1), "{:?}: {}", args, stderr(&o));
