@@ -166,7 +166,7 @@ pub fn merge(
     let output = Output::create(out, &layout, &md)?;
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
-    let (hashes, written) = rayon::join(
+    let (base_hashes, written) = rayon::join(
         || -> Vec<[u8; 32]> {
             base_names
                 .par_iter()
@@ -181,7 +181,6 @@ pub fn merge(
         },
     );
     let overflows = written?;
-    let base_hashes = hashes;
 
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
     if !mismatches.is_empty() && !opts.force {
