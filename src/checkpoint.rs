@@ -264,6 +264,16 @@ fn header_span(buf: &[u8]) -> Option<(&[u8], u64)> {
     Some((buf.get(8..end)?, (buf.len() - end) as u64))
 }
 
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        // The mapping goes away: the SIGBUS handler must forget it.
+        let start = self.mmap.as_ptr() as usize;
+        if let Ok(mut maps) = MAPS.lock() {
+            maps.retain(|(s, _, _)| *s != start);
+        }
+    }
+}
+
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
 pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
