@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small fixtures clean
+.PHONY: all build venv test lint demo bench bench-small fixtures clean fuzz
 
 all: build
 
@@ -57,3 +57,42 @@ fixtures: venv
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+# Fuzzing (docs/FUZZING.md): builds the cargo-fuzz targets of fuzz/, then runs them side by side
+# for FUZZ_SECONDS each, from the committed seeds (fuzz/seeds/<target>, read only) and a working
+# corpus that grows in fuzz/corpus/<target> (ignored by git; the small delta files of the
+# bad-input corpus fixtures/bad/ are copied into it as extra seeds). Logs go to fuzz/logs/. A crash,
+# timeout or out-of-memory fails the target; its input is left in fuzz/artifacts/<target>/.
+# Needs a nightly toolchain and cargo-fuzz; without them it says why and succeeds.
+# -detect_leaks=0: see docs/FUZZING.md, finding F3 (LeakSanitizer scans would take most of a short run).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= delta_reader merge_fuzzed_delta
+FUZZ_FLAGS   ?=
+FUZZ_ARGS    ?= -timeout=10 -rss_limit_mb=2048 -detect_leaks=0 -dict=fuzz/delta.dict -print_final_stats=1
+fuzz:
+	@if ! $(CARGO) +nightly --version >/dev/null 2>&1; then \
+	  echo "make fuzz: skipped: no nightly toolchain (rustup toolchain install nightly)"; exit 0; fi; \
+	if ! $(CARGO) +nightly fuzz --version >/dev/null 2>&1; then \
+	  echo "make fuzz: skipped: cargo-fuzz is not installed (cargo install cargo-fuzz --locked)"; exit 0; fi; \
+	set -e; start=$$(date +%s); \
+	$(CARGO) +nightly fuzz build $(FUZZ_FLAGS); \
+	echo "make fuzz: targets built in $$(( $$(date +%s) - start )) s"; \
+	mkdir -p fuzz/logs; pids=""; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  if [ -d fixtures/bad ]; then \
+	    find fixtures/bad -maxdepth 1 -name 'd-*.delta.safetensors' -size -32k -exec cp {} fuzz/corpus/$$t/ \; ; fi; \
+	  echo "make fuzz: $$t for $(FUZZ_SECONDS) s (log fuzz/logs/$$t.log)"; \
+	  RAYON_NUM_THREADS=1 $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS) > fuzz/logs/$$t.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	fail=0; set -- $(FUZZ_TARGETS); \
+	for p in $$pids; do \
+	  t=$$1; shift; \
+	  if wait $$p; then \
+	    echo "make fuzz: $$t: $$(grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/logs/$$t.log | tail -1)"; \
+	  else \
+	    fail=1; echo "make fuzz: $$t FAILED; the end of fuzz/logs/$$t.log:"; tail -n 60 fuzz/logs/$$t.log; \
+	  fi; \
+	done; \
+	echo "make fuzz: done in $$(( $$(date +%s) - start )) s"; exit $$fail
