@@ -59,9 +59,6 @@ impl Checkpoint {
         // reads fault with SIGBUS, which `install_fault_handler` turns into exit status 1.
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
-        if let Ok(mut maps) = MAPS.lock() {
-            maps.push((mmap.as_ptr() as usize, mmap.len(), c_path(path)));
-        }
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             // Name the tensor or key at fault where the header is readable JSON.
             let detail = header_span(&mmap).and_then(|(json, data_len)| {
@@ -97,6 +94,11 @@ impl Checkpoint {
                     range: data_start + s..data_start + e,
                 },
             );
+        }
+        // Registered only once valid: a rejected file must not leave an entry behind (the
+        // entry is removed when the Checkpoint drops).
+        if let Ok(mut maps) = MAPS.lock() {
+            maps.push((mmap.as_ptr() as usize, mmap.len(), c_path(path)));
         }
         Ok(Checkpoint {
             path: path.to_path_buf(),
