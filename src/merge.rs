@@ -171,21 +171,18 @@ pub fn merge(
     let output = Output::create(out, &layout, &md)?;
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
-    let (base_hashes, written) = rayon::join(
-        || -> Vec<[u8; 32]> {
-            base_names
-                .par_iter()
-                .map(|n| tensor_hash(base.data(base.info(n).unwrap())))
-                .collect()
-        },
-        || -> Result<Vec<u64>> {
-            plans
-                .iter()
-                .map(|p| execute(base, deltas, &output, p))
-                .collect()
-        },
-    );
-    let overflows = written?;
+    // Tensor by tensor, in file order, each one hashed while it is computed: the two passes
+    // share its pages, so a model larger than the page cache is still read from disk once.
+    let mut base_hashes = Vec::with_capacity(base_names.len());
+    let mut overflows = Vec::with_capacity(plans.len());
+    for p in &plans {
+        let (hash, written) = rayon::join(
+            || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+            || execute(base, deltas, &output, p),
+        );
+        base_hashes.extend(hash);
+        overflows.push(written?);
+    }
 
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
     if !mismatches.is_empty() && !opts.force {
