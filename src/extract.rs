@@ -15,7 +15,6 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::checkpoint::{Checkpoint, tensor_hash};
-use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
@@ -23,6 +22,7 @@ use crate::format::{
     offsets_key,
 };
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
+use crate::output::{OutTensor, Output, Target};
 
 /// Which tensors are masked: those matching an include pattern (all, when none is given) and
 /// no exclude pattern. The others are stored whole when they differ from the base.
@@ -199,7 +199,10 @@ pub fn extract(
     let mut stats = Vec::with_capacity(plan.len());
     for p in &plan {
         let (hash, row) = rayon::join(
-            || base.info(&p.name).map_or([0u8; 32], |i| tensor_hash(base.data(i))),
+            || {
+                base.info(&p.name)
+                    .map_or([0u8; 32], |i| tensor_hash(base.data(i)))
+            },
             || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
         );
         hashes.push(hash);

@@ -15,11 +15,11 @@ use safetensors::Dtype;
 use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, tensor_hash};
-use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
 use crate::mask::SPAN;
+use crate::output::{OutTensor, Output, Target};
 
 /// Elements per unit of parallel work: 16 chunks, so each output write is 2–8 MiB.
 const TASK: u64 = 16 * 65536;

@@ -24,8 +24,8 @@ use assert_cmd::Command;
 use safetensors::Dtype;
 use serde_json::{Value, json};
 use sotu_delta::checkpoint::Checkpoint;
-use sotu_delta::output::write_file;
 use sotu_delta::mask::{DEFAULT_SEED, Interval, Mask};
+use sotu_delta::output::write_file;
 use tempfile::TempDir;
 
 // ==========================================================================================
@@ -464,7 +464,10 @@ fn quiet_extract_and_apply_print_nothing() {
         &format!("--quiet extract --base {base} --tuned {tuned} -o d.safetensors"),
     );
     assert_eq!(out.stdout, "", "{out}");
-    let out = ok(d, &format!("apply -q --base {base} d.safetensors -o m.safetensors"));
+    let out = ok(
+        d,
+        &format!("apply -q --base {base} d.safetensors -o m.safetensors"),
+    );
     assert_eq!(out.stdout, "", "{out}");
     assert!(d.join("m.safetensors").exists());
 }
@@ -487,7 +490,10 @@ fn extract_json_summary_parses() {
     assert_eq!(n("masked") + n("whole") + n("same"), 22, "{j}");
     assert_eq!(n("whole"), 1, "{j}");
     assert!(n("kept") > 0 && n("kept") < n("masked_elems"), "{j}");
-    assert_eq!(n("output_bytes"), fs::metadata(d.join("d.safetensors")).unwrap().len());
+    assert_eq!(
+        n("output_bytes"),
+        fs::metadata(d.join("d.safetensors")).unwrap().len()
+    );
     assert!(n("dense_bytes") > n("output_bytes"), "{j}");
     let fp = j["base_fingerprint"].as_str().unwrap();
     assert!(
@@ -531,7 +537,10 @@ fn inspect_text_shows_seed_density_and_zero_collisions_for_disjoint_slots() {
         assert!(l.contains("cosine 0.000000"), "{l}");
     }
     // --summary leaves the per-tensor table out.
-    let summary = ok(d, "inspect --summary d1.safetensors d2.safetensors d3.safetensors");
+    let summary = ok(
+        d,
+        "inspect --summary d1.safetensors d2.safetensors d3.safetensors",
+    );
     assert!(!summary.stdout.contains(Q_PROJ0), "{summary}");
     assert!(summary.stdout.contains("seed 2411"), "{summary}");
 }
@@ -541,7 +550,11 @@ fn inspect_json_reports_deltas_and_disjoint_pairs() {
     let dir = tmp();
     let d = dir.path();
     three_slot_deltas(d, "bf16");
-    let j = ok(d, "inspect --json d1.safetensors d2.safetensors d3.safetensors").json();
+    let j = ok(
+        d,
+        "inspect --json d1.safetensors d2.safetensors d3.safetensors",
+    )
+    .json();
     let deltas = j["deltas"].as_array().expect("a deltas array");
     assert_eq!(deltas.len(), 3);
     for (k, delta) in deltas.iter().enumerate() {
@@ -573,7 +586,12 @@ fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "bf16");
-    ok(d, &format!("merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"));
+    ok(
+        d,
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    );
     let merged = tensor_map(&d.join("m.safetensors"));
     let base_t = tensor_map(&d.join(&base));
     let tasks: Vec<TensorMap> = (1..=3)
@@ -664,12 +682,22 @@ fn apply_then_verify_succeeds() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "f32");
-    let out = ok(d, &format!("apply --base {base} d2.safetensors -o a.safetensors"));
+    let out = ok(
+        d,
+        &format!("apply --base {base} d2.safetensors -o a.safetensors"),
+    );
     assert!(out.stdout.contains("apply"), "{out}");
     assert!(d.join("a.safetensors").exists());
-    let v = ok(d, &format!("verify --base {base} d1.safetensors d2.safetensors d3.safetensors"));
+    let v = ok(
+        d,
+        &format!("verify --base {base} d1.safetensors d2.safetensors d3.safetensors"),
+    );
     assert_eq!(v.stdout.matches(": OK against").count(), 3, "{v}");
-    let j = ok(d, &format!("verify --json --base {base} d1.safetensors d2.safetensors d3.safetensors")).json();
+    let j = ok(
+        d,
+        &format!("verify --json --base {base} d1.safetensors d2.safetensors d3.safetensors"),
+    )
+    .json();
     for verdict in j.as_array().unwrap() {
         assert_eq!(verdict["ok"], true, "{verdict}");
         assert_eq!(verdict["mismatched"], json!([]), "{verdict}");
@@ -688,7 +716,10 @@ fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly() {
                 d,
                 &format!("extract --base {base} --tuned {tuned} -o d.safetensors --density 1"),
             );
-            ok(d, &format!("apply --base {base} d.safetensors -o out.safetensors"));
+            ok(
+                d,
+                &format!("apply --base {base} d.safetensors -o out.safetensors"),
+            );
             let want = tensor_map(&d.join(&tuned));
             let got = tensor_map(&d.join("out.safetensors"));
             assert_eq!(
@@ -753,7 +784,9 @@ fn merge_with_zero_weights_leaves_float_tensors_at_the_base() {
     let base = three_slot_deltas(d, "f16");
     ok(
         d,
-        &format!("merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --weights 0,0,0"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --weights 0,0,0"
+        ),
     );
     let got = tensor_map(&d.join("m.safetensors"));
     for (name, want) in tensor_map(&d.join(&base)) {
@@ -793,7 +826,10 @@ fn include_pattern_stores_unselected_tensors_whole() {
     );
     assert!(all > Some(0.0) && all == kept, "{}", tensors[EMBED]);
     // ... and is applied in full.
-    ok(d, &format!("apply --base {base} d.safetensors -o out.safetensors"));
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o out.safetensors"),
+    );
     assert!(tensor_map(&d.join("out.safetensors"))[EMBED] == tensor_map(&d.join(&tuned))[EMBED]);
 }
 
@@ -831,16 +867,24 @@ fn thread_count_does_not_change_output_bytes() {
         let base = fx(&sub, "base", "f32");
         for k in 1..=3 {
             let tuned = fx(&sub, &format!("task{k}"), "f32");
-            let args = format!("--base {base} --tuned {tuned} -o d{k}.safetensors --density 0.5 --seed {k}");
+            let args = format!(
+                "--base {base} --tuned {tuned} -o d{k}.safetensors --density 0.5 --seed {k}"
+            );
             ok(&sub, &format!("extract --threads {threads} {args}"));
         }
-        let deltas = "d1.safetensors d2.safetensors d3.safetensors --weights 0.5,1.5,-0.25 --rescale";
+        let deltas =
+            "d1.safetensors d2.safetensors d3.safetensors --weights 0.5,1.5,-0.25 --rescale";
         ok(
             &sub,
             &format!("--threads {threads} merge --base {base} {deltas} -o m.safetensors"),
         );
     }
-    for f in ["d1.safetensors", "d2.safetensors", "d3.safetensors", "m.safetensors"] {
+    for f in [
+        "d1.safetensors",
+        "d2.safetensors",
+        "d3.safetensors",
+        "m.safetensors",
+    ] {
         let first = bytes_of(&dir.path().join("t1").join(f));
         for threads in &counts[1..] {
             let other = bytes_of(&dir.path().join(format!("t{threads}")).join(f));
@@ -858,8 +902,14 @@ fn outputs_are_not_private_files() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task2", "bf16"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.safetensors"));
-    ok(d, &format!("apply --base {base} d.safetensors -o m.safetensors"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o m.safetensors"),
+    );
     for f in ["d.safetensors", "m.safetensors"] {
         let mode = fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
         assert_ne!(mode, 0o600, "{f} has mode {mode:o}");
@@ -875,8 +925,18 @@ fn delta_and_merge_files_follow_the_container_layout() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "f16");
-    ok(d, &format!("merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"));
-    for f in ["d1.safetensors", "d2.safetensors", "d3.safetensors", "m.safetensors"] {
+    ok(
+        d,
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    );
+    for f in [
+        "d1.safetensors",
+        "d2.safetensors",
+        "d3.safetensors",
+        "m.safetensors",
+    ] {
         assert_container_layout(&d.join(f));
     }
 }
@@ -895,7 +955,10 @@ fn merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it() {
         d,
         &format!("extract --base {base} --tuned {tuned} -o b.safetensors --slot 1/2"),
     );
-    ok(d, &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"));
+    ok(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    );
     assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join(&tuned)));
 }
 
@@ -908,15 +971,21 @@ fn negative_weights_are_accepted_without_an_equals_sign() {
     let base = three_slot_deltas(d, "bf16");
     ok(
         d,
-        &format!("merge --base {base} d1.safetensors d2.safetensors -o eq.safetensors --weights=-1,1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o eq.safetensors --weights=-1,1"
+        ),
     );
     ok(
         d,
-        &format!("merge --base {base} d1.safetensors d2.safetensors -o sp.safetensors --weights -1,1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o sp.safetensors --weights -1,1"
+        ),
     );
     ok(
         d,
-        &format!("merge --base {base} d1.safetensors d2.safetensors -o sp2.safetensors --weights -0.5,-1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o sp2.safetensors --weights -0.5,-1"
+        ),
     );
     assert!(tensor_map(&d.join("eq.safetensors")) == tensor_map(&d.join("sp.safetensors")));
 }
@@ -988,7 +1057,10 @@ fn non_float_and_unusual_tensors_round_trip_through_extract_and_apply() {
     ] {
         assert_eq!(tensors[name]["kind"], kind, "{name}: {}", tensors[name]);
     }
-    ok(d, "apply --base base.safetensors delta.safetensors -o out.safetensors");
+    ok(
+        d,
+        "apply --base base.safetensors delta.safetensors -o out.safetensors",
+    );
     assert!(tensor_map(&d.join("out.safetensors")) == tensor_map(&d.join("tuned.safetensors")));
     ok(d, "verify --base base.safetensors delta.safetensors");
 }
@@ -1211,9 +1283,17 @@ fn missing_input_file_fails_naming_it() {
     )
     .error(&["nope.safetensors"]);
     assert_nothing_written(d, "d.safetensors");
-    run(d, &format!("apply --base {base} gone.safetensors -o m.safetensors")).error(&["gone.safetensors"]);
+    run(
+        d,
+        &format!("apply --base {base} gone.safetensors -o m.safetensors"),
+    )
+    .error(&["gone.safetensors"]);
     assert_nothing_written(d, "m.safetensors");
-    run(d, "apply --base nobase.safetensors gone.safetensors -o m.safetensors").error(&["nobase.safetensors"]);
+    run(
+        d,
+        "apply --base nobase.safetensors gone.safetensors -o m.safetensors",
+    )
+    .error(&["nobase.safetensors"]);
     assert_nothing_written(d, "m.safetensors");
     run(d, "inspect gone.safetensors").error(&["gone.safetensors"]);
     run(d, "verify --base nobase.safetensors gone.safetensors").error(&["nobase.safetensors"]);
@@ -1227,17 +1307,33 @@ fn assert_unreadable_refused(file: &str, bytes: &[u8]) {
     let d = dir.path();
     fs::write(d.join(file), bytes).unwrap();
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task1", "bf16"));
-    run(d, &format!("extract --base {base} --tuned {file} -o d.safetensors")).error(&[file]);
+    run(
+        d,
+        &format!("extract --base {base} --tuned {file} -o d.safetensors"),
+    )
+    .error(&[file]);
     assert_nothing_written(d, "d.safetensors");
-    run(d, &format!("extract --base {file} --tuned {tuned} -o d.safetensors")).error(&[file]);
+    run(
+        d,
+        &format!("extract --base {file} --tuned {tuned} -o d.safetensors"),
+    )
+    .error(&[file]);
     assert_nothing_written(d, "d.safetensors");
     ok(
         d,
         &format!("extract --base {base} --tuned {tuned} -o good.safetensors"),
     );
-    run(d, &format!("apply --base {file} good.safetensors -o m.safetensors")).error(&[file]);
+    run(
+        d,
+        &format!("apply --base {file} good.safetensors -o m.safetensors"),
+    )
+    .error(&[file]);
     assert_nothing_written(d, "m.safetensors");
-    run(d, &format!("merge --base {base} good.safetensors {file} -o m.safetensors")).error(&[file]);
+    run(
+        d,
+        &format!("merge --base {base} good.safetensors {file} -o m.safetensors"),
+    )
+    .error(&[file]);
     assert_nothing_written(d, "m.safetensors");
     run(d, &format!("inspect {file}")).error(&[file]);
     run(d, &format!("verify --base {base} {file}")).error(&[file]);
@@ -1273,7 +1369,11 @@ fn folder_given_as_checkpoint_is_refused() {
     let d = dir.path();
     fs::create_dir(d.join("ckpt")).unwrap();
     let tuned = fx(d, "task1", "f32");
-    run(d, &format!("extract --base ckpt --tuned {tuned} -o d.safetensors")).error(&["ckpt"]);
+    run(
+        d,
+        &format!("extract --base ckpt --tuned {tuned} -o d.safetensors"),
+    )
+    .error(&["ckpt"]);
     assert_nothing_written(d, "d.safetensors");
 }
 
@@ -1282,7 +1382,8 @@ fn plain_checkpoint_given_as_delta_is_refused() {
     let dir = tmp();
     let d = dir.path();
     let (base, task) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    run(d, &format!("apply --base {base} {task} -o m.safetensors")).error(&[&task, "not a sotu-delta file"]);
+    run(d, &format!("apply --base {base} {task} -o m.safetensors"))
+        .error(&[&task, "not a sotu-delta file"]);
     assert_nothing_written(d, "m.safetensors");
     run(d, &format!("inspect {task}")).error(&[&task]);
 }
@@ -1374,7 +1475,11 @@ fn apply_onto_a_perturbed_base_names_the_tensor_and_writes_nothing() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    run(d, &format!("apply --base {bad} d1.safetensors -o m.safetensors")).error(&[&bad, UP_PROJ1, "--force"]);
+    run(
+        d,
+        &format!("apply --base {bad} d1.safetensors -o m.safetensors"),
+    )
+    .error(&[&bad, UP_PROJ1, "--force"]);
     assert_nothing_written(d, "m.safetensors");
 }
 
@@ -1384,7 +1489,13 @@ fn merge_onto_a_perturbed_base_names_the_tensor_and_writes_nothing() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", EMBED);
-    run(d, &format!("merge --base {bad} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors")).error(&[&bad, EMBED]);
+    run(
+        d,
+        &format!(
+            "merge --base {bad} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    )
+    .error(&[&bad, EMBED]);
     assert_nothing_written(d, "m.safetensors");
 }
 
@@ -1394,7 +1505,10 @@ fn apply_onto_a_perturbed_base_with_force_warns_and_succeeds() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    let out = ok(d, &format!("apply --force --base {bad} d1.safetensors -o m.safetensors"));
+    let out = ok(
+        d,
+        &format!("apply --force --base {bad} d1.safetensors -o m.safetensors"),
+    );
     assert!(out.message("warning").contains(UP_PROJ1), "{out}");
     assert!(d.join("m.safetensors").exists());
     assert!(partial_files(d).is_empty());
@@ -1412,11 +1526,14 @@ fn forced_merge_records_the_deltas_fingerprints_and_the_flag() {
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
     let used = ok(
         d,
-        &format!("merge --force --json --base {bad} d1.safetensors d2.safetensors -o m.safetensors"),
+        &format!(
+            "merge --force --json --base {bad} d1.safetensors d2.safetensors -o m.safetensors"
+        ),
     )
     .json()["base_fingerprint"]
         .clone();
-    let deltas_base = ok(d, "inspect --json d1.safetensors").json()["deltas"][0]["base_fingerprint"].clone();
+    let deltas_base =
+        ok(d, "inspect --json d1.safetensors").json()["deltas"][0]["base_fingerprint"].clone();
     assert_ne!(
         used, deltas_base,
         "the perturbed base must have a fingerprint of its own"
@@ -1470,15 +1587,21 @@ fn apply_onto_a_base_with_an_extra_tensor_is_refused_unless_forced() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task2", "f32"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.safetensors"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
     let extra: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
     rewrite(
         &d.join(&base),
         &d.join("base-bigger.safetensors"),
         |ts, _| ts.push(("extra.bias".into(), Dtype::F32, vec![2], extra.clone())),
     );
-    run(d, "apply --base base-bigger.safetensors d.safetensors -o m.safetensors")
-        .error(&["base-bigger.safetensors", "extra.bias"]);
+    run(
+        d,
+        "apply --base base-bigger.safetensors d.safetensors -o m.safetensors",
+    )
+    .error(&["base-bigger.safetensors", "extra.bias"]);
     assert_nothing_written(d, "m.safetensors");
     let v = run(d, "verify --base base-bigger.safetensors d.safetensors");
     v.error(&["d.safetensors"]);
@@ -1497,7 +1620,10 @@ fn verify_against_a_perturbed_base_fails_and_lists_the_tensor() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    let out = run(d, &format!("verify --base {bad} d1.safetensors d2.safetensors"));
+    let out = run(
+        d,
+        &format!("verify --base {bad} d1.safetensors d2.safetensors"),
+    );
     out.error(&["d1.safetensors", "d2.safetensors", &bad]);
     assert_eq!(out.stdout.matches("MISMATCH").count(), 2, "{out}");
     let differs: Vec<&str> = out
@@ -1524,13 +1650,19 @@ fn verify_fails_naming_only_the_foreign_delta() {
         fx(d, "task1", "f16"),
         fx(d, "task2", "f16"),
     );
-    ok(d, &format!("extract --base {base} --tuned {t1} -o good.safetensors"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {t1} -o good.safetensors"),
+    );
     // Taken against task2 as if it were the base.
     ok(
         d,
         &format!("extract --base {t2} --tuned {t1} -o foreign.safetensors"),
     );
-    let out = run(d, &format!("verify --base {base} good.safetensors foreign.safetensors"));
+    let out = run(
+        d,
+        &format!("verify --base {base} good.safetensors foreign.safetensors"),
+    );
     out.error(&["foreign.safetensors"]);
     assert!(!out.message("error").contains("good.safetensors"), "{out}");
     assert!(out.stdout.contains("good.safetensors: OK"), "{out}");
@@ -1550,7 +1682,11 @@ fn damaged_delta(edit: impl FnOnce(&mut Vec<Tensor>, &mut Metadata)) -> TempDir 
         d,
         &format!("extract --base {base} --tuned {tuned} -o good.safetensors --density 0.5"),
     );
-    rewrite(&d.join("good.safetensors"), &d.join("bad.safetensors"), edit);
+    rewrite(
+        &d.join("good.safetensors"),
+        &d.join("bad.safetensors"),
+        edit,
+    );
     dir
 }
 
@@ -1577,7 +1713,11 @@ fn unknown_major_format_version_is_refused_naming_the_version() {
     });
     assert_damaged_delta_refused(dir.path(), &["2.0"]);
     run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", "2.0"]);
-    run(dir.path(), "verify --base base-bf16.safetensors bad.safetensors").error(&["bad.safetensors", "2.0"]);
+    run(
+        dir.path(),
+        "verify --base base-bf16.safetensors bad.safetensors",
+    )
+    .error(&["bad.safetensors", "2.0"]);
 }
 
 #[test]
@@ -1596,8 +1736,14 @@ fn newer_minor_format_version_with_an_added_key_is_readable() {
     });
     let d = dir.path();
     ok(d, "inspect bad.safetensors");
-    ok(d, "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors");
-    ok(d, "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors");
+    ok(
+        d,
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
+    );
+    ok(
+        d,
+        "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors",
+    );
     assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join("m2.safetensors")));
 }
 
@@ -1689,8 +1835,14 @@ fn informational_metadata_is_not_relied_on() {
         "{}",
         j["deltas"][0]
     );
-    ok(d, "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors");
-    ok(d, "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors");
+    ok(
+        d,
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
+    );
+    ok(
+        d,
+        "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors",
+    );
     assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join("m2.safetensors")));
 }
 
@@ -1737,9 +1889,15 @@ fn corrupt_offsets_are_refused_by_inspect_when_it_decodes() {
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task2", "bf16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o other.safetensors --density 0.5 --seed 5"),
+        &format!(
+            "extract --base {base} --tuned {tuned} -o other.safetensors --density 0.5 --seed 5"
+        ),
     );
-    run(d, &format!("inspect --base {base} bad.safetensors other.safetensors")).error(&["bad.safetensors", EMBED]);
+    run(
+        d,
+        &format!("inspect --base {base} bad.safetensors other.safetensors"),
+    )
+    .error(&["bad.safetensors", EMBED]);
 }
 
 #[test]
@@ -1892,7 +2050,10 @@ fn delta_with_another_chunk_size_is_decoded_the_same() {
         d,
         "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 0.3",
     );
-    ok(d, "apply --base base.safetensors delta.safetensors -o want.safetensors");
+    ok(
+        d,
+        "apply --base base.safetensors delta.safetensors -o want.safetensors",
+    );
     let want = tensor_map(&d.join("want.safetensors"));
     for chunk in [1000u64, 7, 1 << 40] {
         rechunk(
@@ -1901,10 +2062,15 @@ fn delta_with_another_chunk_size_is_decoded_the_same() {
             chunk,
         );
         ok(d, &format!("inspect delta-{chunk}.safetensors"));
-        ok(d, &format!("verify --base base.safetensors delta-{chunk}.safetensors"));
         ok(
             d,
-            &format!("apply --base base.safetensors delta-{chunk}.safetensors -o got-{chunk}.safetensors"),
+            &format!("verify --base base.safetensors delta-{chunk}.safetensors"),
+        );
+        ok(
+            d,
+            &format!(
+                "apply --base base.safetensors delta-{chunk}.safetensors -o got-{chunk}.safetensors"
+            ),
         );
         assert!(
             tensor_map(&d.join(format!("got-{chunk}.safetensors"))) == want,
@@ -1929,11 +2095,11 @@ fn merge_of_conflicting_new_tensors_names_the_tensor() {
         d,
         &format!("extract --base {base} --tuned variant.safetensors -o b.safetensors --slot 1/2"),
     );
-    run(d, &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors")).error(&[
-        "score.weight",
-        "a.safetensors",
-        "b.safetensors",
-    ]);
+    run(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    )
+    .error(&["score.weight", "a.safetensors", "b.safetensors"]);
     assert_nothing_written(d, "m.safetensors");
 }
 
@@ -1953,11 +2119,11 @@ fn merge_of_conflicting_whole_integer_tensors_names_the_tensor() {
         d,
         &format!("extract --base {base} --tuned variant.safetensors -o b.safetensors --slot 1/2"),
     );
-    run(d, &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors")).error(&[
-        POSITION_IDS,
-        "a.safetensors",
-        "b.safetensors",
-    ]);
+    run(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    )
+    .error(&[POSITION_IDS, "a.safetensors", "b.safetensors"]);
     assert_nothing_written(d, "m.safetensors");
 }
 
@@ -1991,8 +2157,16 @@ fn output_equal_to_an_input_is_refused_and_the_input_is_unchanged() {
         &format!("extract --base {base} --tuned {tuned} -o {base}"),
     )
     .error(&[&base]);
-    run(d, &format!("apply --base {base} delta.safetensors -o delta.safetensors")).error(&["delta.safetensors"]);
-    run(d, &format!("apply --base {base} delta.safetensors -o ./{base}")).error(&[&base]);
+    run(
+        d,
+        &format!("apply --base {base} delta.safetensors -o delta.safetensors"),
+    )
+    .error(&["delta.safetensors"]);
+    run(
+        d,
+        &format!("apply --base {base} delta.safetensors -o ./{base}"),
+    )
+    .error(&[&base]);
     run(
         d,
         &format!("merge --force --base {base} delta.safetensors -o delta.safetensors"),
@@ -2013,7 +2187,11 @@ fn output_that_is_a_link_to_an_input_is_refused_and_the_input_is_unchanged() {
     );
     fs::hard_link(d.join(&tuned), d.join("tuned-hardlink.safetensors")).unwrap();
     fs::hard_link(d.join(&base), d.join("base-hardlink.safetensors")).unwrap();
-    std::os::unix::fs::symlink(d.join("delta.safetensors"), d.join("delta-symlink.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        d.join("delta.safetensors"),
+        d.join("delta-symlink.safetensors"),
+    )
+    .unwrap();
     let files = [base.as_str(), tuned.as_str(), "delta.safetensors"];
     let before = snapshot(d, &files);
     run(
@@ -2053,8 +2231,15 @@ fn output_in_a_missing_folder_fails() {
     .error(&["d.safetensors"]);
     assert!(!d.join("no").exists());
     assert!(partial_files(d).is_empty());
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.safetensors"));
-    run(d, &format!("apply --base {base} d.safetensors -o missing/m.safetensors")).error(&["m.safetensors"]);
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
+    run(
+        d,
+        &format!("apply --base {base} d.safetensors -o missing/m.safetensors"),
+    )
+    .error(&["m.safetensors"]);
     assert!(!d.join("missing").exists());
     assert!(partial_files(d).is_empty());
 }
@@ -2064,12 +2249,23 @@ fn file_output_that_is_an_existing_folder_fails_and_leaves_no_partial_file() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.safetensors"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
     fs::create_dir(d.join("outdir.safetensors")).unwrap();
-    run(d, &format!("apply --base {base} d.safetensors -o outdir.safetensors"))
-        .error(&["outdir.safetensors"]);
+    run(
+        d,
+        &format!("apply --base {base} d.safetensors -o outdir.safetensors"),
+    )
+    .error(&["outdir.safetensors"]);
     assert!(d.join("outdir.safetensors").is_dir());
-    assert!(fs::read_dir(d.join("outdir.safetensors")).unwrap().next().is_none());
+    assert!(
+        fs::read_dir(d.join("outdir.safetensors"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
     assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
 }
 
@@ -2080,7 +2276,10 @@ fn folder_output_replaces_an_existing_folder_whole() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.safetensors"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
     fs::create_dir(d.join("outdir")).unwrap();
     fs::write(d.join("outdir/stale.txt"), "old").unwrap();
     ok(d, &format!("apply --base {base} d.safetensors -o outdir"));
@@ -2089,7 +2288,10 @@ fn folder_output_replaces_an_existing_folder_whole() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["model.safetensors"]);
-    ok(d, &format!("apply --base {base} d.safetensors -o m.safetensors"));
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o m.safetensors"),
+    );
     assert_eq!(
         bytes_of(&d.join("outdir/model.safetensors")),
         bytes_of(&d.join("m.safetensors"))
@@ -2113,7 +2315,10 @@ fn failed_write_leaves_no_partial_file() {
             format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
             "d.safetensors",
         ),
-        (format!("apply --base {base} delta.safetensors -o m.safetensors"), "m.safetensors"),
+        (
+            format!("apply --base {base} delta.safetensors -o m.safetensors"),
+            "m.safetensors",
+        ),
     ] {
         let script = format!("trap '' XFSZ; ulimit -f 8; exec '{BIN}' {args}");
         let o = std::process::Command::new("sh")
@@ -2156,7 +2361,15 @@ fn interrupted_merge_leaves_no_partial_file() {
         "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 0.5",
     );
 
-    let mut args = vec!["--threads", "1", "merge", "--base", "base.safetensors", "-o", "m.safetensors"];
+    let mut args = vec![
+        "--threads",
+        "1",
+        "merge",
+        "--base",
+        "base.safetensors",
+        "-o",
+        "m.safetensors",
+    ];
     args.extend(std::iter::repeat_n("delta.safetensors", 40));
     let mut child = std::process::Command::new(BIN)
         .current_dir(d)
@@ -2202,7 +2415,11 @@ fn inspect_with_a_base_of_another_dtype_fails_cleanly() {
     let d = dir.path();
     independent_deltas(d); // f32 deltas with overlapping masks: the cosine needs the base
     let other = fx(d, "base", "bf16");
-    run(d, &format!("inspect --base {other} a.safetensors b.safetensors")).error(&[&other]);
+    run(
+        d,
+        &format!("inspect --base {other} a.safetensors b.safetensors"),
+    )
+    .error(&[&other]);
 }
 
 /// Two deltas of models that disagree on a tensor's shape (the embedding: masked in one,
@@ -2230,7 +2447,9 @@ fn inspect_of_deltas_with_different_shapes_fails_cleanly() {
     let exclude = format!("--exclude {EMBED}");
     ok(
         d,
-        &format!("extract --base small-base.safetensors --tuned small-tuned.safetensors -o small.safetensors {exclude}"),
+        &format!(
+            "extract --base small-base.safetensors --tuned small-tuned.safetensors -o small.safetensors {exclude}"
+        ),
     );
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     ok(
@@ -2238,8 +2457,16 @@ fn inspect_of_deltas_with_different_shapes_fails_cleanly() {
         &format!("extract --base {base} --tuned {tuned} -o full.safetensors --slot 0/2"),
     );
     // Deltas of two different models: refused whether or not a base is given.
-    run(d, "inspect full.safetensors small.safetensors").error(&[EMBED, "full.safetensors", "small.safetensors"]);
-    run(d, &format!("inspect --base {base} full.safetensors small.safetensors")).error(&[EMBED]);
+    run(d, "inspect full.safetensors small.safetensors").error(&[
+        EMBED,
+        "full.safetensors",
+        "small.safetensors",
+    ]);
+    run(
+        d,
+        &format!("inspect --base {base} full.safetensors small.safetensors"),
+    )
+    .error(&[EMBED]);
 }
 
 /// `sotu-delta inspect ... | head` closes the pipe early; the tool must not panic over it.
@@ -2252,7 +2479,12 @@ fn output_into_a_closed_pipe_does_not_panic() {
     drop(reader); // every write to stdout now fails with EPIPE
     let out = std::process::Command::new(BIN)
         .current_dir(d)
-        .args(["inspect", "d1.safetensors", "d2.safetensors", "d3.safetensors"])
+        .args([
+            "inspect",
+            "d1.safetensors",
+            "d2.safetensors",
+            "d3.safetensors",
+        ])
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(Stdio::piped())

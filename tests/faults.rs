@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-use sotu_delta::output::write_file;
 use sotu_delta::dtype::Float;
+use sotu_delta::output::write_file;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
 
@@ -165,7 +165,14 @@ fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
             "-o",
             "out.safetensors",
         ],
-        vec!["merge", "--base", "../base.safetensors", "../d.safetensors", "-o", "out.safetensors"],
+        vec![
+            "merge",
+            "--base",
+            "../base.safetensors",
+            "../d.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
     ] {
         if args[0] == "merge" {
             extract_delta(d);
@@ -188,7 +195,10 @@ fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
         );
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    assert_eq!(std::fs::read(d.join("base.safetensors")).unwrap(), base_before);
+    assert_eq!(
+        std::fs::read(d.join("base.safetensors")).unwrap(),
+        base_before
+    );
 }
 
 #[test]
@@ -205,7 +215,13 @@ fn read_only_output_folder_is_a_clear_error() {
     let o = run(
         d,
         &[
-            "extract", "--base", "base.safetensors", "--tuned", "tuned.safetensors", "-o", "ro/d.safetensors",
+            "extract",
+            "--base",
+            "base.safetensors",
+            "--tuned",
+            "tuned.safetensors",
+            "-o",
+            "ro/d.safetensors",
         ],
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -231,7 +247,17 @@ fn killed_merge_leaves_no_output_and_a_rerun_succeeds() {
         std::fs::remove_file(p).unwrap();
     }
     assert_eq!(std::fs::read(d.join("base.safetensors")).unwrap(), before);
-    let o = run(d, &["merge", "--base", "base.safetensors", "d.safetensors", "-o", "out.safetensors"]);
+    let o = run(
+        d,
+        &[
+            "merge",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -336,6 +362,16 @@ fn f16_overflow_warns_naming_the_tensor() {
         "{err}"
     );
     // Weight 1 stays finite: no warning.
-    let o = run(d, &["merge", "--base", "base.safetensors", "d.safetensors", "-o", "out2.safetensors"]);
+    let o = run(
+        d,
+        &[
+            "merge",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "out2.safetensors",
+        ],
+    );
     assert!(!stderr(&o).contains("overflow"), "{}", stderr(&o));
 }

@@ -9,12 +9,12 @@ use std::path::Path;
 use proptest::prelude::*;
 use safetensors::Dtype;
 use sotu_delta::checkpoint::Checkpoint;
-use sotu_delta::output::{Target, write_file};
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::{Delta, Kind};
 use sotu_delta::mask::{Interval, Mask, SPAN};
 use sotu_delta::merge::{MergeOptions, merge};
+use sotu_delta::output::{Target, write_file};
 
 /// A small deterministic generator (splitmix64), so that a proptest seed expands into as many
 /// values as a tensor needs without proptest generating each one.
@@ -127,7 +127,8 @@ fn do_merge(dir: &Path, deltas: &[&str], opts: &MergeOptions, threads: usize) ->
         .num_threads(threads)
         .build()
         .unwrap();
-    pool.install(|| merge(&base, &deltas, &Target::new(&out), opts)).unwrap();
+    pool.install(|| merge(&base, &deltas, &Target::new(&out), opts))
+        .unwrap();
     let ck = Checkpoint::open(&out).unwrap();
     let info = ck.info("w").unwrap();
     decode(Float::of(info.dtype).unwrap(), ck.data(info))
@@ -410,7 +411,12 @@ fn non_float_new_and_unchanged_tensors() {
         vec![2],
         encode(f, &[1.0, 2.0]),
     ));
-    write_file(&dir.path().join("base.safetensors"), &base, &BTreeMap::new()).unwrap();
+    write_file(
+        &dir.path().join("base.safetensors"),
+        &base,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     write_file(&dir.path().join("t.safetensors"), &tuned, &BTreeMap::new()).unwrap();
     let delta = do_extract(
         dir.path(),
