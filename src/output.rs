@@ -266,7 +266,7 @@ impl Output {
         let groups = if target.is_folder() {
             pack(tensors, target.shard_size)
         } else {
-            vec![0..tensors.len()]
+            std::iter::once(0..tensors.len()).collect()
         };
         let (staging, names): (Staging, Vec<PathBuf>) = if target.is_folder() {
             let tmp = tempfile::Builder::new()
