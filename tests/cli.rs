@@ -2334,6 +2334,16 @@ fn failed_write_leaves_no_partial_file() {
 /// (possibly many-gigabyte) `.sotu-delta-partial-*` file it was writing must not stay behind.
 #[test]
 fn interrupted_merge_leaves_no_partial_file() {
+    interrupt_merge("m.safetensors");
+}
+
+/// The same for a folder output: its temporary sibling folder and the shards in it go.
+#[test]
+fn interrupted_folder_merge_leaves_no_partial_folder() {
+    interrupt_merge("merged");
+}
+
+fn interrupt_merge(output: &str) {
     let dir = tmp();
     let d = dir.path();
     // 4M f32 elements merged 40 times over on one thread: long enough to be interrupted.
@@ -2367,8 +2377,10 @@ fn interrupted_merge_leaves_no_partial_file() {
         "merge",
         "--base",
         "base.safetensors",
+        "--shard-size",
+        "4MB",
         "-o",
-        "m.safetensors",
+        output,
     ];
     args.extend(std::iter::repeat_n("delta.safetensors", 40));
     let mut child = std::process::Command::new(BIN)
@@ -2400,7 +2412,7 @@ fn interrupted_merge_leaves_no_partial_file() {
         "the merge finished before the interrupt: make the input larger"
     );
     assert_ne!(status.code(), Some(101), "panicked on SIGINT");
-    assert_nothing_written(d, "m.safetensors");
+    assert_nothing_written(d, output);
 }
 
 // ==========================================================================================
