@@ -166,10 +166,21 @@ pub mod elem {
         const SIZE: usize;
         /// The run-time name of this type.
         const FLOAT: super::Float;
+        /// The raw bits of one element.
+        type Bits: Copy;
         /// Element `i` of little-endian `bytes`, exactly, as f64.
         fn load(bytes: &[u8], i: usize) -> f64;
         /// Rounds `x` once to this type and writes it as element `i` of `bytes`.
         fn store(bytes: &mut [u8], i: usize, x: f64);
+        /// The raw bits of one little-endian element.
+        fn bits(bytes: &[u8]) -> Self::Bits;
+        /// The value of raw bits, exactly, as f64.
+        fn value(bits: Self::Bits) -> f64;
+        /// `x` rounded once to this type (canonical NaN), without branches, so that loops
+        /// over it vectorize.
+        fn round(x: f64) -> Self::Bits;
+        /// Writes raw bits as one little-endian element.
+        fn put(bytes: &mut [u8], bits: Self::Bits);
     }
 
     macro_rules! elem {
@@ -179,15 +190,30 @@ pub mod elem {
             impl Elem for $name {
                 const SIZE: usize = $size;
                 const FLOAT: super::Float = super::Float::$name;
+                type Bits = $bits;
                 #[inline(always)]
                 fn load(bytes: &[u8], i: usize) -> f64 {
-                    let b: [u8; $size] = bytes[i * $size..i * $size + $size].try_into().unwrap();
-                    $to_f64(<$bits>::from_le_bytes(b))
+                    Self::value(Self::bits(&bytes[i * $size..i * $size + $size]))
                 }
                 #[inline(always)]
                 fn store(bytes: &mut [u8], i: usize, x: f64) {
-                    let r: $bits = $round(x);
-                    bytes[i * $size..i * $size + $size].copy_from_slice(&r.to_le_bytes());
+                    Self::put(&mut bytes[i * $size..i * $size + $size], Self::round(x));
+                }
+                #[inline(always)]
+                fn bits(bytes: &[u8]) -> $bits {
+                    <$bits>::from_le_bytes(bytes[..$size].try_into().unwrap())
+                }
+                #[inline(always)]
+                fn value(bits: $bits) -> f64 {
+                    $to_f64(bits)
+                }
+                #[inline(always)]
+                fn round(x: f64) -> $bits {
+                    $round(x)
+                }
+                #[inline(always)]
+                fn put(bytes: &mut [u8], bits: $bits) {
+                    bytes[..$size].copy_from_slice(&bits.to_le_bytes());
                 }
             }
         };
@@ -246,6 +272,9 @@ fn bf16_bits_to_f64(b: u16) -> f64 {
     f32::from_bits((b as u32) << 16) as f64
 }
 
+// The conversions below are written as selects, not branches, so that loops over them
+// vectorize; a NaN input goes through the arithmetic harmlessly and is replaced at the end.
+
 #[inline(always)]
 fn f64_bits(x: f64) -> u64 {
     if x.is_nan() {
@@ -257,12 +286,9 @@ fn f64_bits(x: f64) -> u64 {
 
 #[inline(always)]
 fn f64_to_f32_bits(x: f64) -> u32 {
-    if x.is_nan() {
-        0x7fc0_0000
-    } else {
-        // `as` rounds f64 to f32 to nearest even, once.
-        (x as f32).to_bits()
-    }
+    // `as` rounds f64 to f32 to nearest even, once.
+    let r = (x as f32).to_bits();
+    if x.is_nan() { 0x7fc0_0000 } else { r }
 }
 
 /// Rounds to f32 "to odd": truncate toward zero, and set the last bit when anything was lost.
@@ -271,25 +297,20 @@ fn f64_to_f32_bits(x: f64) -> u32 {
 #[inline(always)]
 fn f64_to_f32_round_odd(x: f64) -> f32 {
     let r = x as f32;
-    if r as f64 == x {
-        return r;
-    }
-    let mut bits = r.to_bits();
-    if (r as f64).abs() > x.abs() {
-        bits -= 1; // one step toward zero in magnitude (sign-magnitude encoding)
-    }
-    f32::from_bits(bits | 1)
+    let back = r as f64;
+    // One step toward zero in magnitude (sign-magnitude encoding) where rounding went away
+    // from zero (an overflow to infinity included), then the sticky bit where anything was lost.
+    let bits = r.to_bits() - (back.abs() > x.abs()) as u32;
+    f32::from_bits(bits | (back != x) as u32)
 }
 
 #[inline(always)]
 fn f64_to_bf16_bits(x: f64) -> u16 {
-    if x.is_nan() {
-        return 0x7fc0;
-    }
     let b = f64_to_f32_round_odd(x).to_bits();
     // Round to nearest even on the low 16 bits; a carry into the exponent is the right answer,
     // including the overflow to infinity.
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let r = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { 0x7fc0 } else { r }
 }
 
 #[inline(always)]

@@ -208,6 +208,19 @@ impl Mask {
         });
     }
 
+    /// Calls `f(start, word)` for consecutive 64-index words of `range`: bit `k` of `word` is
+    /// whether index `start + k` is kept (bits past the end of `range` are clear).
+    #[inline]
+    pub fn for_each_word(&self, range: std::ops::Range<u64>, mut f: impl FnMut(u64, u64)) {
+        let mut words = Vec::new();
+        self.for_each_block(range, |start, len, c| {
+            self.keep_words(start, len, c, &mut words);
+            for (w, &word) in words.iter().enumerate() {
+                f(start + (w as u64) * 64, word);
+            }
+        });
+    }
+
     /// The number of kept indices in `range`.
     pub fn count_kept(&self, range: std::ops::Range<u64>) -> u64 {
         let mut n = 0u64;
