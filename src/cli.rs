@@ -13,6 +13,7 @@ use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{MergeOptions, merge};
+use crate::output::{Target, parse_size};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -82,15 +83,18 @@ enum Command {
 
 #[derive(Args)]
 struct ExtractArgs {
-    /// The pretrained base checkpoint (.safetensors).
+    /// The pretrained base checkpoint (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// The fine-tuned checkpoint (.safetensors).
+    /// The fine-tuned checkpoint (a .safetensors file or a model folder).
     #[arg(long)]
     tuned: PathBuf,
-    /// The delta file to write.
+    /// The delta to write: a .safetensors file, or else a folder (sharded by --shard-size).
     #[arg(short, long)]
     output: PathBuf,
+    /// Largest shard of a folder output, e.g. 500MB or 2GiB.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    shard_size: String,
     /// Fraction of elements kept (default 0.1, or the whole slot with --slot).
     #[arg(long)]
     density: Option<f64>,
@@ -116,13 +120,13 @@ struct ExtractArgs {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// The base checkpoint the deltas were taken against.
+    /// The base checkpoint the deltas were taken against (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// Delta files, applied in this order.
+    /// Deltas (files or folders), applied in this order.
     #[arg(required = true, num_args = 1..)]
     deltas: Vec<PathBuf>,
-    /// The checkpoint to write.
+    /// The checkpoint to write: a .safetensors file, or else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     /// One weight per delta, comma-separated (default all 1).
@@ -137,12 +141,12 @@ struct MergeArgs {
 
 #[derive(Args)]
 struct ApplyArgs {
-    /// The base checkpoint the delta was taken against.
+    /// The base checkpoint the delta was taken against (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// The delta file.
+    /// The delta (a file or a folder).
     delta: PathBuf,
-    /// The checkpoint to write.
+    /// The checkpoint to write: a .safetensors file, or else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     #[command(flatten)]
@@ -157,6 +161,9 @@ struct OutputArgs {
     /// Merge even if a delta was taken against another base (says so, and records it).
     #[arg(long)]
     force: bool,
+    /// Largest shard of a folder output, e.g. 500MB or 2GiB.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    shard_size: String,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -217,10 +224,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     // it leaves a `.sotu-delta-partial-*` file, never a file at the output path).
     crate::checkpoint::install_fault_handler();
     let _ = ctrlc::set_handler(|| {
-        crate::checkpoint::remove_partial_outputs();
+        crate::output::remove_partial_outputs();
         std::process::exit(130);
     });
-    crate::checkpoint::set_durable(!cli.no_sync);
+    crate::output::set_durable(!cli.no_sync);
+    crate::output::set_progress(!cli.quiet);
     let quiet = cli.quiet;
     match cli.command {
         Command::Extract(a) => run_extract(a, quiet),
@@ -241,6 +249,20 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     }
 }
 
+/// The output target of `-o path` with `--shard-size size`.
+fn target(path: &Path, shard_size: &str) -> Result<Target> {
+    let mut t = Target::new(path);
+    t.shard_size = parse_size(shard_size).map_err(|e| usage(format!("--shard-size: {e:#}")))?;
+    Ok(t)
+}
+
+/// The paths an output must not overwrite: the arguments, and the files of the checkpoints.
+fn inputs<'a>(args: &[&'a Path], ckpts: &[&'a Checkpoint]) -> Vec<&'a Path> {
+    let mut v = args.to_vec();
+    v.extend(ckpts.iter().flat_map(|c| c.files()));
+    v
+}
+
 fn parse_slot(s: &str) -> Result<(u64, u64)> {
     let parsed = s
         .split_once('/')
@@ -258,9 +280,10 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
             .map_err(|e| usage(format!("--density: {e}")))?,
     };
     let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
-    refuse_output_over_input(&a.output, &[&a.base, &a.tuned])?;
+    let target = target(&a.output, &a.shard_size)?;
     let base = Checkpoint::open(&a.base)?;
     let tuned = Checkpoint::open(&a.tuned)?;
+    refuse_output_over_input(&a.output, &inputs(&[&a.base, &a.tuned], &[&base, &tuned]))?;
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
@@ -268,7 +291,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
         selector,
         allow_nonfinite: a.allow_nonfinite,
     };
-    let r = extract(&base, &tuned, &a.output, &opts)?;
+    let r = extract(&base, &tuned, &target, &opts)?;
     for (name, n) in &r.inexact {
         eprintln!(
             "sotu-delta: warning: {}: tensor {name}: {n} kept element(s) cannot be reproduced exactly by the merge arithmetic (base far larger than the fine-tuned value, or -0.0); see docs/FORMAT.md section 8",
@@ -294,9 +317,9 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
             r.kept,
             r.masked_elems,
             r.kept as f64 / r.masked_elems.max(1) as f64,
-            human_bytes(r.file_bytes),
+            human_bytes(r.output_bytes),
             human_bytes(r.dense_bytes),
-            100.0 * r.file_bytes as f64 / r.dense_bytes.max(1) as f64,
+            100.0 * r.output_bytes as f64 / r.dense_bytes.max(1) as f64,
             r.seconds,
             r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
         );
@@ -329,21 +352,28 @@ fn run_merge(
         .map(Float::parse)
         .transpose()
         .map_err(|e| usage(format!("--dtype: {e}")))?;
-    let mut inputs: Vec<&Path> = vec![base_path];
-    inputs.extend(delta_paths.iter().map(PathBuf::as_path));
-    refuse_output_over_input(output, &inputs)?;
+    let mut target = target(output, &common.shard_size)?;
     let base = Checkpoint::open(base_path)?;
     let deltas = delta_paths
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
+    let mut args: Vec<&Path> = vec![base_path];
+    args.extend(delta_paths.iter().map(PathBuf::as_path));
+    let mut files: Vec<&Path> = base.files();
+    files.extend(deltas.iter().flat_map(Delta::files));
+    args.extend(files);
+    refuse_output_over_input(output, &args)?;
+    if base.is_folder() {
+        target.copy_from = Some(base_path.to_path_buf());
+    }
     let opts = MergeOptions {
         weights,
         rescale,
         dtype,
         force: common.force,
     };
-    let r = merge(&base, &deltas, output, &opts)?;
+    let r = merge(&base, &deltas, &target, &opts)?;
     if !r.mismatches.is_empty() {
         eprintln!(
             "sotu-delta: warning: --force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",

@@ -14,7 +14,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::checkpoint::{Checkpoint, OutTensor, Output, tensor_hash};
+use crate::checkpoint::{Checkpoint, tensor_hash};
+use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
@@ -85,8 +86,12 @@ pub struct ExtractReport {
     pub kept: u64,
     /// Elements of all masked tensors.
     pub masked_elems: u64,
-    /// Bytes of the delta file.
-    pub file_bytes: u64,
+    /// The safetensors files read: the base's, then the fine-tune's.
+    pub inputs: Vec<String>,
+    /// The files written.
+    pub outputs: Vec<String>,
+    /// Bytes of the delta's files.
+    pub output_bytes: u64,
     /// Bytes of the fine-tuned checkpoint's tensors.
     pub dense_bytes: u64,
     /// Bytes read from the two inputs.
@@ -110,7 +115,7 @@ struct Planned {
 pub fn extract(
     base: &Checkpoint,
     tuned: &Checkpoint,
-    out: &Path,
+    out: &Target,
     opts: &ExtractOptions,
 ) -> Result<ExtractReport> {
     let start = Instant::now();
@@ -229,8 +234,10 @@ pub fn extract(
         .flat_map(|x| x.to_le_bytes())
         .collect();
     output.write(STATS, 0, &stat_bytes)?;
-    let file_bytes = output.total_len();
+    let output_bytes = output.total_len();
+    let outputs = output.files();
     output.commit()?;
+    let display = |p: &Path| p.display().to_string();
 
     let inexact = plan
         .iter()
@@ -250,7 +257,14 @@ pub fn extract(
         same: count(Kind::Same),
         kept: masked.iter().map(|e| e.kept.unwrap()).sum(),
         masked_elems: masked.iter().map(|e| e.numel()).sum(),
-        file_bytes,
+        inputs: base
+            .files()
+            .into_iter()
+            .chain(tuned.files())
+            .map(display)
+            .collect(),
+        outputs: outputs.iter().map(|p| display(p)).collect(),
+        output_bytes,
         dense_bytes: tuned.tensors().values().map(|t| t.range.len() as u64).sum(),
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),

@@ -97,6 +97,13 @@ impl Delta {
     pub fn open(path: &Path) -> Result<Delta> {
         let ckpt = Checkpoint::open(path)?;
         let file = path.display().to_string();
+        if let Some(shard) = ckpt.metadata_mismatch() {
+            bail!(
+                "{}: __metadata__ differs from that of {}; the shards of a delta must carry the same metadata",
+                shard.display(),
+                ckpt.files()[0].display()
+            );
+        }
         let md = ckpt.metadata();
         let get = |k: &str| -> Result<&String> {
             md.get(k).with_context(|| {
@@ -339,7 +346,12 @@ impl Delta {
         h.finalize().to_hex().to_string()
     }
 
-    /// The file size in bytes.
+    /// The safetensors files of the delta (one, or its shards).
+    pub fn files(&self) -> Vec<&Path> {
+        self.ckpt.files()
+    }
+
+    /// The size of the delta's files in bytes.
     pub fn file_len(&self) -> u64 {
         self.ckpt.file_len()
     }

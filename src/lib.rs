@@ -2,7 +2,8 @@
 //!
 //! - [`mask`]: the seeded, counter-based mask function.
 //! - [`dtype`]: exact loads to f64 and the single rounding back to a checkpoint dtype.
-//! - [`checkpoint`]: memory-mapped safetensors input, atomic output.
+//! - [`checkpoint`]: memory-mapped safetensors input, single files and sharded model folders.
+//! - [`output`]: atomic output, as one file or a sharded model folder.
 //! - [`format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations.
 //! - [`cli`]: the command line.
@@ -15,6 +16,7 @@ pub mod format;
 pub mod inspect;
 pub mod mask;
 pub mod merge;
+pub mod output;
 
 /// The writer string recorded in every file this build writes.
 pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, OutTensor, Output, tensor_hash};
+use crate::checkpoint::{Checkpoint, tensor_hash};
+use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
@@ -43,6 +44,10 @@ pub struct MergeOptions {
 /// What `merge` did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MergeReport {
+    /// The safetensors files read: the base's, then each delta's.
+    pub inputs: Vec<String>,
+    /// The files written (weights, index, copied companion files).
+    pub outputs: Vec<String>,
     /// Tensors written.
     pub tensors: usize,
     /// Tensors that at least one delta changed.
@@ -111,7 +116,7 @@ impl TensorPlan {
 pub fn merge(
     base: &Checkpoint,
     deltas: &[Delta],
-    out: &Path,
+    out: &Target,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let start = Instant::now();
@@ -196,10 +201,19 @@ pub fn merge(
     base.check_unchanged()?;
     deltas.iter().try_for_each(Delta::check_unchanged)?;
     let output_bytes = output.total_len();
+    let outputs = output.files();
     output.commit()?;
+    let display = |p: &Path| p.display().to_string();
 
     let fingerprint = crate::checkpoint::fingerprint(&base_hashes);
     Ok(MergeReport {
+        inputs: base
+            .files()
+            .into_iter()
+            .chain(deltas.iter().flat_map(Delta::files))
+            .map(display)
+            .collect(),
+        outputs: outputs.iter().map(|p| display(p)).collect(),
         tensors: plans.len(),
         changed: plans
             .iter()

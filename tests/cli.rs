@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use assert_cmd::Command;
 use safetensors::Dtype;
 use serde_json::{Value, json};
-use sotu_delta::checkpoint::{Checkpoint, write_file};
+use sotu_delta::checkpoint::Checkpoint;
+use sotu_delta::output::write_file;
 use sotu_delta::mask::{DEFAULT_SEED, Interval, Mask};
 use tempfile::TempDir;
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-use sotu_delta::checkpoint::write_file;
+use sotu_delta::output::write_file;
 use sotu_delta::dtype::Float;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use safetensors::Dtype;
-use sotu_delta::checkpoint::{Checkpoint, write_file};
+use sotu_delta::checkpoint::Checkpoint;
+use sotu_delta::output::write_file;
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::{Delta, Kind};

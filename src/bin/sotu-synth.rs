@@ -9,14 +9,15 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use rayon::prelude::*;
-use sotu_delta::checkpoint::{OutTensor, Output};
+use sotu_delta::output::{OutTensor, Output, Target};
 use sotu_delta::dtype::Float;
 
 #[derive(Parser)]
 #[command(about = "Write a synthetic Llama-shaped base checkpoint and fine-tunes of it")]
 struct Args {
-    /// Layout: `tinyllama` (1.1B: hidden 2048, 22 layers, MLP 5632, vocab 32000, 4 KV heads) or
-    /// `small` (the same with 4 layers).
+    /// Layout: `tinyllama` (1.1B: hidden 2048, 22 layers, MLP 5632, vocab 32000, 4 KV heads),
+    /// `small` (the same with 4 layers), or `qwen14b` (14.8B, 29.5 GB in bf16: hidden 5120, 48
+    /// layers, MLP 13824, vocab 152064, 40 heads, 8 KV heads).
     #[arg(long, default_value = "small")]
     preset: String,
     /// Override the number of layers.
@@ -31,9 +32,17 @@ struct Args {
     /// Standard deviation of the fine-tuning change, relative to the weights' 0.02.
     #[arg(long, default_value_t = 0.05)]
     change: f64,
-    /// Output folder: base.safetensors, tune1.safetensors, …
+    /// Output folder: base.safetensors, tune1.safetensors, … (or, with --shard-size, model
+    /// folders base/, tune1/, …).
     #[arg(short, long)]
     output: PathBuf,
+    /// Write each checkpoint as a Hugging Face model folder of shards of this size (e.g. 5GB).
+    #[arg(long)]
+    shard_size: Option<String>,
+    /// Write only the base, or only fine-tune K (1-based): lets a large benchmark keep one
+    /// fine-tune on disk at a time.
+    #[arg(long)]
+    only: Option<usize>,
 }
 
 struct Layout {
@@ -99,7 +108,15 @@ fn main() -> Result<()> {
             heads: 32,
             kv_heads: 4,
         },
-        p => anyhow::bail!("unknown preset {p:?}: tinyllama or small"),
+        "qwen14b" => Layout {
+            hidden: 5120,
+            layers: 48,
+            mlp: 13824,
+            vocab: 152064,
+            heads: 40,
+            kv_heads: 8,
+        },
+        p => anyhow::bail!("unknown preset {p:?}: tinyllama, small or qwen14b"),
     };
     if let Some(n) = a.layers {
         layout.layers = n;
@@ -118,14 +135,27 @@ fn main() -> Result<()> {
         .collect();
     let mut md = BTreeMap::new();
     md.insert("format".to_string(), "pt".to_string());
-    for file in 0..=a.tunes {
-        let name = if file == 0 {
-            "base.safetensors".to_string()
+    let shard_size = a
+        .shard_size
+        .as_deref()
+        .map(sotu_delta::output::parse_size)
+        .transpose()?;
+    for file in (0..=a.tunes).filter(|f| a.only.is_none_or(|o| o == *f)) {
+        let stem = if file == 0 {
+            "base".to_string()
         } else {
-            format!("tune{file}.safetensors")
+            format!("tune{file}")
         };
-        let path = a.output.join(&name);
-        let out = Output::create(&path, &out_tensors, &md)?;
+        let target = match shard_size {
+            Some(s) => {
+                let mut t = Target::new(&a.output.join(&stem));
+                t.shard_size = s;
+                t
+            }
+            None => Target::new(&a.output.join(format!("{stem}.safetensors"))),
+        };
+        let path = target.path.clone();
+        let out = Output::create(&target, &out_tensors, &md)?;
         for (t, (tname, shape)) in specs.iter().enumerate() {
             let numel: u64 = shape.iter().product::<usize>() as u64;
             let norm = shape.len() == 1;

@@ -1,0 +1,613 @@
+//! Checkpoint output: one safetensors file, or a Hugging Face model folder of shards with an
+//! index. Either way the data goes in by positional writes from any thread, and nothing
+//! appears at the output path until everything is written: a file is written as a temporary
+//! sibling and renamed, a folder is built in a temporary sibling folder and renamed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use safetensors::Dtype;
+use serde_json::json;
+
+use crate::checkpoint::{INDEX_NAME, SINGLE_NAME};
+
+/// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// A tensor to be written: name, dtype, shape and byte length.
+#[derive(Clone, Debug)]
+pub struct OutTensor {
+    /// Tensor key.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Data length in bytes.
+    pub len: u64,
+}
+
+/// Where and how an output is written.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The output path: a file when it ends in `.safetensors`, else a folder.
+    pub path: PathBuf,
+    /// Largest tensor bytes per shard of a folder output.
+    pub shard_size: u64,
+    /// A model folder whose non-weight files (config, tokenizer, …) are copied into a folder
+    /// output.
+    pub copy_from: Option<PathBuf>,
+}
+
+impl Target {
+    /// A single-file or folder output at `path` with the default shard size, copying nothing.
+    pub fn new(path: &Path) -> Self {
+        Target {
+            path: path.to_path_buf(),
+            shard_size: DEFAULT_SHARD_SIZE,
+            copy_from: None,
+        }
+    }
+
+    /// Whether the output is a model folder rather than one `.safetensors` file.
+    pub fn is_folder(&self) -> bool {
+        is_folder_path(&self.path)
+    }
+}
+
+/// Whether an output path names a folder: everything but a name ending in `.safetensors`.
+pub fn is_folder_path(path: &Path) -> bool {
+    !path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors"))
+}
+
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000` (bytes): B, KB, MB, GB, TB are powers
+/// of 1000, KiB, MiB, GiB, TiB powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        u => bail!("{s:?}: unknown unit {u:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"),
+    };
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite())
+        .with_context(|| format!("{s:?} is not a size such as 500MB or 2GiB"))?;
+    let bytes = n * unit_bytes as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        bail!("{s:?}: a shard size must be at least 1 byte");
+    }
+    Ok(bytes as u64)
+}
+
+/// Whether outputs are flushed to disk before they are renamed into place (`--no-sync` clears
+/// it). A process-wide I/O policy, set once by the command line.
+static DURABLE: AtomicBool = AtomicBool::new(true);
+
+/// Whether outputs show a progress bar on a terminal's stderr (`--quiet` clears it).
+static PROGRESS: AtomicBool = AtomicBool::new(false);
+
+/// Sets whether outputs are flushed to disk (fsync) before the rename. Without it, a crash of
+/// the process still leaves no partial file at the output path, but a power loss may.
+pub fn set_durable(durable: bool) {
+    DURABLE.store(durable, Ordering::Relaxed);
+}
+
+/// Sets whether writing an output shows a progress bar (only ever drawn when stderr is a
+/// terminal).
+pub fn set_progress(enabled: bool) {
+    PROGRESS.store(enabled, Ordering::Relaxed);
+}
+
+/// Temporary files and folders being written, for the signal handlers to remove. C strings,
+/// so that a handler can remove them without allocating.
+static PARTIALS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+static PARTIAL_DIRS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// Removes every partial output of this process (called on SIGINT, SIGTERM and SIGBUS): the
+/// files first, then the folders they were in. Uses only `try_lock`, `unlink` and `rmdir`, so
+/// it is safe in a signal handler.
+pub fn remove_partial_outputs() {
+    if let Ok(list) = PARTIALS.try_lock() {
+        for p in list.iter() {
+            // SAFETY: a valid NUL-terminated path; unlink is async-signal-safe.
+            unsafe { libc::unlink(p.as_ptr()) };
+        }
+    }
+    if let Ok(list) = PARTIAL_DIRS.try_lock() {
+        for p in list.iter() {
+            // SAFETY: as above; rmdir is async-signal-safe.
+            unsafe { libc::rmdir(p.as_ptr()) };
+        }
+    }
+}
+
+fn track(list: &Mutex<Vec<CString>>, path: &Path) {
+    if let Ok(mut l) = list.lock() {
+        l.push(c_path(path));
+    }
+}
+
+fn untrack(list: &Mutex<Vec<CString>>, path: &Path) {
+    let c = c_path(path);
+    if let Ok(mut l) = list.lock() {
+        l.retain(|p| *p != c);
+    }
+}
+
+/// The temporary form of an output until it is committed.
+enum Staging {
+    File(tempfile::NamedTempFile),
+    Folder(tempfile::TempDir),
+}
+
+/// One file of the output.
+struct Shard {
+    file: File,
+    /// Path inside the staging folder (or of the temporary file).
+    staged: PathBuf,
+    /// Final path.
+    path: PathBuf,
+}
+
+/// An output checkpoint being written: headers are final from the start, data goes in by
+/// positional writes from any thread, and the output appears at its path only on
+/// [`Output::commit`]. Dropped uncommitted, it leaves nothing behind.
+pub struct Output {
+    /// `None` once committed.
+    staging: Option<Staging>,
+    target: Target,
+    shards: Vec<Shard>,
+    /// Tensor name → (shard, absolute offset of its data in the shard file).
+    place: HashMap<String, (usize, u64)>,
+    /// The index JSON of a sharded folder.
+    index: Option<Vec<u8>>,
+    total: u64,
+    progress: ProgressBar,
+}
+
+/// Splits `tensors` (in order) into shards of at most `limit` data bytes; a tensor larger than
+/// the limit gets a shard of its own.
+fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
+    let mut shards = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        if i > start && bytes + t.len > limit {
+            shards.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += t.len;
+    }
+    shards.push(start..tensors.len());
+    shards
+}
+
+/// The safetensors header of `tensors` laid out without gaps, padded with spaces so the data
+/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset.
+fn header(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<(Vec<u8>, Vec<u64>)> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!(metadata));
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut pos = 0u64;
+    for t in tensors {
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
+        );
+        offsets.push(pos);
+        pos += t.len;
+    }
+    let mut bytes = serde_json::to_vec(&header)?;
+    while (bytes.len() + 8) % 8 != 0 {
+        bytes.push(b' ');
+    }
+    let start = 8 + bytes.len() as u64;
+    let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&bytes);
+    Ok((out, offsets.into_iter().map(|o| o + start).collect()))
+}
+
+impl Output {
+    /// Creates the temporary output beside `target.path` and writes the headers of `tensors`
+    /// (in the given order, which is the order of the data in the files). Every file gets
+    /// `metadata` as its `__metadata__`.
+    pub fn create(
+        target: &Target,
+        tensors: &[OutTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let dest = &target.path;
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let cannot_create = || {
+            format!(
+                "{}: cannot create a temporary {} in {}",
+                dest.display(),
+                if target.is_folder() { "folder" } else { "file" },
+                dir.display()
+            )
+        };
+        let mut builder = tempfile::Builder::new();
+        builder
+            .prefix(".sotu-delta-partial-")
+            // The usual mode of a new file (0666 less the umask), not tempfile's private 0600.
+            .permissions(std::fs::Permissions::from_mode(0o666));
+        let groups = if target.is_folder() {
+            pack(tensors, target.shard_size)
+        } else {
+            vec![0..tensors.len()]
+        };
+        let (staging, names): (Staging, Vec<PathBuf>) = if target.is_folder() {
+            let tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                .permissions(std::fs::Permissions::from_mode(0o777))
+                .tempdir_in(&dir)
+                .with_context(cannot_create)?;
+            track(&PARTIAL_DIRS, tmp.path());
+            let n = groups.len();
+            let names = (1..=n)
+                .map(|i| match n {
+                    1 => PathBuf::from(SINGLE_NAME),
+                    _ => PathBuf::from(format!("model-{i:05}-of-{n:05}.safetensors")),
+                })
+                .collect();
+            (Staging::Folder(tmp), names)
+        } else {
+            let tmp = builder.tempfile_in(&dir).with_context(cannot_create)?;
+            track(&PARTIALS, tmp.path());
+            (Staging::File(tmp), vec![])
+        };
+
+        let mut out = Output {
+            staging: Some(staging),
+            target: target.clone(),
+            shards: Vec::new(),
+            place: HashMap::new(),
+            index: None,
+            total: 0,
+            progress: ProgressBar::hidden(),
+        };
+        let mut weight_map = BTreeMap::new();
+        let mut data_bytes = 0u64;
+        for (k, group) in groups.into_iter().enumerate() {
+            let (file, staged, path) = match out.staging.as_ref().unwrap() {
+                Staging::File(tmp) => (
+                    tmp.as_file().try_clone().with_context(cannot_create)?,
+                    tmp.path().to_path_buf(),
+                    dest.clone(),
+                ),
+                Staging::Folder(tmp) => {
+                    let staged = tmp.path().join(&names[k]);
+                    let file = File::create_new(&staged).with_context(cannot_create)?;
+                    track(&PARTIALS, &staged);
+                    (file, staged, dest.join(&names[k]))
+                }
+            };
+            let io = |r: std::io::Result<()>| {
+                r.with_context(|| format!("{}: cannot write", path.display()))
+            };
+            let ts = &tensors[group];
+            let (head, offsets) = header(ts, metadata)?;
+            let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
+            io(file.set_len(len))?;
+            io(file.write_all_at(&head, 0))?;
+            for (t, off) in ts.iter().zip(offsets) {
+                out.place.insert(t.name.clone(), (k, off));
+                if target.is_folder() {
+                    weight_map.insert(t.name.clone(), names[k].to_string_lossy().into_owned());
+                }
+                data_bytes += t.len;
+            }
+            out.total += len;
+            out.shards.push(Shard { file, staged, path });
+        }
+        if out.shards.len() > 1 {
+            let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
+            out.index = Some(serde_json::to_vec_pretty(&index)?);
+        }
+        if PROGRESS.load(Ordering::Relaxed) {
+            // Drawn only when stderr is a terminal; a pipe or file sees nothing.
+            out.progress = ProgressBar::with_draw_target(
+                Some(data_bytes),
+                ProgressDrawTarget::stderr_with_hz(4),
+            );
+            out.progress.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {bytes}/{total_bytes} written [{wide_bar}] {binary_bytes_per_sec}, ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes `bytes` at byte `at` of tensor `name`'s data.
+    pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
+        let (k, base) = self.place[name];
+        let shard = &self.shards[k];
+        shard
+            .file
+            .write_all_at(bytes, base + at)
+            .with_context(|| format!("{}: cannot write tensor {name}", shard.path.display()))?;
+        self.progress.inc(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// The total size of the output's safetensors files.
+    pub fn total_len(&self) -> u64 {
+        self.total
+    }
+
+    /// The paths the output's files have once committed: the safetensors files, then the
+    /// index and the copied files of a folder.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
+        if self.index.is_some() {
+            files.push(self.target.path.join(INDEX_NAME));
+        }
+        if self.target.is_folder()
+            && let Some(src) = &self.target.copy_from
+        {
+            files.extend(
+                companion_files(src)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|f| self.target.path.join(f)),
+            );
+        }
+        files
+    }
+
+    /// Flushes everything to disk and renames the output into place.
+    pub fn commit(mut self) -> Result<()> {
+        self.progress.finish_and_clear();
+        let dest = self.target.path.clone();
+        let durable = DURABLE.load(Ordering::Relaxed);
+        if let Some(Staging::Folder(tmp)) = &self.staging {
+            let dir = tmp.path().to_path_buf();
+            if let Some(index) = &self.index {
+                let path = dir.join(INDEX_NAME);
+                track(&PARTIALS, &path);
+                std::fs::write(&path, index).with_context(|| {
+                    format!("{}: cannot write", dest.join(INDEX_NAME).display())
+                })?;
+            }
+            if let Some(src) = &self.target.copy_from {
+                for name in companion_files(src)? {
+                    let to = dir.join(&name);
+                    track(&PARTIALS, &to);
+                    std::fs::copy(src.join(&name), &to).with_context(|| {
+                        format!(
+                            "{}: cannot copy {} into the output",
+                            dest.display(),
+                            src.join(&name).display()
+                        )
+                    })?;
+                }
+            }
+        }
+        if durable {
+            for s in &self.shards {
+                s.file
+                    .sync_all()
+                    .with_context(|| format!("{}: cannot flush", s.path.display()))?;
+            }
+        }
+        match self.staging.take().expect("not yet committed") {
+            Staging::File(tmp) => {
+                let path = tmp.path().to_path_buf();
+                let persisted = tmp.persist(&dest);
+                untrack(&PARTIALS, &path);
+                persisted.map_err(|e| {
+                    anyhow::anyhow!("{}: cannot rename into place: {}", dest.display(), e.error)
+                })?;
+            }
+            Staging::Folder(tmp) => {
+                let staged = tmp.keep();
+                if durable {
+                    sync_folder(&staged)?;
+                }
+                let placed = place_folder(&staged, &dest);
+                // From here the files are either in place or removed below: forget them.
+                if let Ok(mut l) = PARTIALS.lock() {
+                    let prefix = c_path(&staged);
+                    l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
+                }
+                untrack(&PARTIAL_DIRS, &staged);
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_dir_all(&staged);
+                    return Err(e);
+                }
+            }
+        }
+        if durable && let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = sync_folder(parent);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        // Uncommitted: the staging file or folder deletes itself as it drops.
+        match &self.staging {
+            Some(Staging::File(tmp)) => untrack(&PARTIALS, tmp.path()),
+            Some(Staging::Folder(tmp)) => {
+                for s in &self.shards {
+                    untrack(&PARTIALS, &s.staged);
+                }
+                untrack(&PARTIAL_DIRS, tmp.path());
+            }
+            None => {}
+        }
+    }
+}
+
+fn sync_folder(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("{}: cannot flush the folder", dir.display()))
+}
+
+/// Moves the finished folder `staged` to `dest`. An existing folder at `dest` is swapped out
+/// atomically (Linux `renameat2(RENAME_EXCHANGE)`), then removed, so readers of `dest` see
+/// the old folder or the new one, never a mixture.
+fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
+    match std::fs::symlink_metadata(dest) {
+        Err(_) => std::fs::rename(staged, dest).map_err(fail),
+        Ok(m) if m.is_dir() => {
+            let (a, b) = (c_path(staged), c_path(dest));
+            // SAFETY: two valid NUL-terminated paths.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            if r != 0 {
+                return Err(fail(std::io::Error::last_os_error()));
+            }
+            // `staged` now holds the old folder.
+            std::fs::remove_dir_all(staged).with_context(|| {
+                format!(
+                    "{}: written, but the folder it replaced could not be removed from {}",
+                    dest.display(),
+                    staged.display()
+                )
+            })
+        }
+        Ok(_) => bail!(
+            "{}: exists and is not a folder; refusing to replace it with a model folder",
+            dest.display()
+        ),
+    }
+}
+
+/// Whether a file name is a checkpoint's weights (in any format) or a weight index: files a
+/// merged folder must not inherit from its base.
+fn is_weight_file(name: &str) -> bool {
+    const WEIGHTS: [&str; 9] = [
+        ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json",
+    ];
+    WEIGHTS.iter().any(|ext| name.ends_with(ext))
+}
+
+/// The names of the regular files at the top of model folder `dir` that are not weights
+/// (config.json, tokenizer files, README.md, …), sorted. Subfolders are not included.
+pub fn companion_files(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Follows links: a Hugging Face cache snapshot is a folder of links.
+        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_file())
+            && !is_weight_file(&name)
+            && !name.starts_with(".sotu-delta-partial-")
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Writes a whole safetensors file or folder from in-memory tensors (name, dtype, shape,
+/// data), through the same atomic [`Output`] path as every other output. For fixtures, tests
+/// and benchmarks.
+pub fn write_file(
+    path: &Path,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    write_tensors(&Target::new(path), tensors, metadata)
+}
+
+/// [`write_file`] to any [`Target`] (a folder with a chosen shard size, say).
+pub fn write_tensors(
+    target: &Target,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut sorted: Vec<&(String, Dtype, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let layout: Vec<OutTensor> = sorted
+        .iter()
+        .map(|(name, dtype, shape, data)| OutTensor {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            len: data.len() as u64,
+        })
+        .collect();
+    let out = Output::create(target, &layout, metadata)?;
+    for (name, _, _, data) in sorted {
+        out.write(name, 0, data)?;
+    }
+    out.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        for bad in ["", "GB", "0", "-1MB", "5 parsecs", "1e3"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn packing_is_greedy_and_gives_a_big_tensor_its_own_shard() {
+        let t = |len| OutTensor {
+            name: String::new(),
+            dtype: Dtype::U8,
+            shape: vec![len as usize],
+            len,
+        };
+        let ts = [t(4), t(4), t(3), t(20), t(1), t(10)];
+        assert_eq!(pack(&ts, 10), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(pack(&ts, 100), vec![0..6]);
+        assert_eq!(pack(&[], 10), vec![0..0]);
+    }
+}
