@@ -1016,6 +1016,25 @@ fn merge_folder_forms_equal_the_single_file_merge() {
         "merge -o m4 from a file base",
     );
 
+    // With --dtype f32 the shards are packed by the output's (widened) tensor sizes.
+    ok(
+        d,
+        "merge --base base.safetensors d1.safetensors d2.safetensors d3.safetensors -o ref32.safetensors --dtype f32",
+    );
+    let want32 = tensors_of(&d.join("ref32.safetensors"));
+    ok_creating(
+        d,
+        "merge --base base d1.safetensors d2dir d3dir -o m32 --dtype f32 --shard-size 60000",
+        "m32",
+    );
+    assert_folder_output(
+        &d.join("m32"),
+        60_000,
+        &want32,
+        &extras,
+        "merge --dtype f32 -o m32",
+    );
+
     // A merged folder is a checkpoint like any other: a base for the next merge.
     ok_creating(
         d,
