@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small fixtures clean fuzz
+.PHONY: all build venv test lint demo bench bench-small bench-scale fixtures clean fuzz
 
 all: build
 
@@ -49,6 +49,11 @@ bench: build
 
 bench-small: build
 	$(PYTHON) tests/bench/bench.py --size small
+
+# A merge of a ~30 GB model (larger than RAM) in bounded memory, against cp -r of the base folder.
+# Needs about 65 GB of free disk and 10-20 minutes; not part of `make test`.
+bench-scale: build
+	$(PYTHON) tests/bench/bench_scale.py
 
 # Regenerates the committed fixtures (byte-identical output).
 fixtures: venv

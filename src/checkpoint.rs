@@ -518,9 +518,9 @@ pub fn refuse_output_over_input(output: &Path, inputs: &[&Path]) -> Result<()> {
         let same = std::fs::metadata(input)
             .is_ok_and(|m| m.dev() == out_meta.dev() && m.ino() == out_meta.ino());
         let inside = out_meta.is_dir()
-            && out_real.as_ref().is_some_and(|o| {
-                std::fs::canonicalize(input).is_ok_and(|i| i.starts_with(o))
-            });
+            && out_real
+                .as_ref()
+                .is_some_and(|o| std::fs::canonicalize(input).is_ok_and(|i| i.starts_with(o)));
         if same || inside {
             bail!(
                 "{}: the output path {} the input {}; refusing to overwrite an input",

@@ -15,7 +15,6 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::checkpoint::{Checkpoint, tensor_hash};
-use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
@@ -23,6 +22,7 @@ use crate::format::{
     offsets_key,
 };
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
+use crate::output::{OutTensor, Output, Target};
 
 /// Which tensors are masked: those matching an include pattern (all, when none is given) and
 /// no exclude pattern. The others are stored whole when they differ from the base.
@@ -193,22 +193,22 @@ pub fn extract(
         let bytes: Vec<u8> = p.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         output.write(&offsets_key(&p.name), 0, &bytes)?;
     }
-    let (hashes, stats) = rayon::join(
-        || -> Vec<[u8; 32]> {
-            plan.par_iter()
-                .map(|p| match base.info(&p.name) {
-                    Some(info) => tensor_hash(base.data(info)),
-                    None => [0u8; 32],
-                })
-                .collect()
-        },
-        || -> Result<Vec<([f64; STATS_COLS], u64)>> {
-            plan.iter()
-                .map(|p| write_tensor(base, tuned, &output, p, opts.seed, opts.interval))
-                .collect()
-        },
-    );
-    let (stats, nonfinite): (Vec<[f64; STATS_COLS]>, Vec<u64>) = stats?.into_iter().unzip();
+    // Tensor by tensor, in file order, the base hashed while the tensor is diffed: the two
+    // passes share its pages, so inputs larger than the page cache are still read once.
+    let mut hashes = Vec::with_capacity(plan.len());
+    let mut stats = Vec::with_capacity(plan.len());
+    for p in &plan {
+        let (hash, row) = rayon::join(
+            || {
+                base.info(&p.name)
+                    .map_or([0u8; 32], |i| tensor_hash(base.data(i)))
+            },
+            || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
+        );
+        hashes.push(hash);
+        stats.push(row?);
+    }
+    let (stats, nonfinite): (Vec<[f64; STATS_COLS]>, Vec<u64>) = stats.into_iter().unzip();
     if !opts.allow_nonfinite
         && let Some((p, n)) = plan.iter().zip(&nonfinite).find(|(_, n)| **n > 0)
     {

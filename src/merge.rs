@@ -15,11 +15,11 @@ use safetensors::Dtype;
 use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, tensor_hash};
-use crate::output::{OutTensor, Output, Target};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
 use crate::mask::SPAN;
+use crate::output::{OutTensor, Output, Target};
 
 /// Elements per unit of parallel work: 16 chunks, so each output write is 2–8 MiB.
 const TASK: u64 = 16 * 65536;
@@ -171,21 +171,18 @@ pub fn merge(
     let output = Output::create(out, &layout, &md)?;
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
-    let (base_hashes, written) = rayon::join(
-        || -> Vec<[u8; 32]> {
-            base_names
-                .par_iter()
-                .map(|n| tensor_hash(base.data(base.info(n).unwrap())))
-                .collect()
-        },
-        || -> Result<Vec<u64>> {
-            plans
-                .iter()
-                .map(|p| execute(base, deltas, &output, p))
-                .collect()
-        },
-    );
-    let overflows = written?;
+    // Tensor by tensor, in file order, each one hashed while it is computed: the two passes
+    // share its pages, so a model larger than the page cache is still read from disk once.
+    let mut base_hashes = Vec::with_capacity(base_names.len());
+    let mut overflows = Vec::with_capacity(plans.len());
+    for p in &plans {
+        let (hash, written) = rayon::join(
+            || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+            || execute(base, deltas, &output, p),
+        );
+        base_hashes.extend(hash);
+        overflows.push(written?);
+    }
 
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
     if !mismatches.is_empty() && !opts.force {

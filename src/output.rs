@@ -210,7 +210,10 @@ fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
 
 /// The safetensors header of `tensors` laid out without gaps, padded with spaces so the data
 /// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset.
-fn header(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<(Vec<u8>, Vec<u64>)> {
+fn header(
+    tensors: &[OutTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<u8>, Vec<u64>)> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(metadata));
     let mut offsets = Vec::with_capacity(tensors.len());
@@ -263,7 +266,7 @@ impl Output {
         let groups = if target.is_folder() {
             pack(tensors, target.shard_size)
         } else {
-            vec![0..tensors.len()]
+            std::iter::once(0..tensors.len()).collect()
         };
         let (staging, names): (Staging, Vec<PathBuf>) = if target.is_folder() {
             let tmp = tempfile::Builder::new()
@@ -482,7 +485,8 @@ fn sync_folder(dir: &Path) -> Result<()> {
 /// atomically (Linux `renameat2(RENAME_EXCHANGE)`), then removed, so readers of `dest` see
 /// the old folder or the new one, never a mixture.
 fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
-    let fail = |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
+    let fail =
+        |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
     match std::fs::symlink_metadata(dest) {
         Err(_) => std::fs::rename(staged, dest).map_err(fail),
         Ok(m) if m.is_dir() => {
@@ -520,7 +524,15 @@ fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
 /// merged folder must not inherit from its base.
 fn is_weight_file(name: &str) -> bool {
     const WEIGHTS: [&str; 9] = [
-        ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json",
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".index.json",
     ];
     WEIGHTS.iter().any(|ext| name.ends_with(ext))
 }

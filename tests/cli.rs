@@ -24,8 +24,8 @@ use assert_cmd::Command;
 use safetensors::Dtype;
 use serde_json::{Value, json};
 use sotu_delta::checkpoint::Checkpoint;
-use sotu_delta::output::write_file;
 use sotu_delta::mask::{DEFAULT_SEED, Interval, Mask};
+use sotu_delta::output::write_file;
 use tempfile::TempDir;
 
 // ==========================================================================================
@@ -202,7 +202,7 @@ fn assert_nothing_written(dir: &Path, output: &str) {
 }
 
 /// Copies base-`dtype` and extracts task1..3 of `dtype` at slots 0/3, 1/3, 2/3 (default
-/// seed) into d1.st, d2.st, d3.st. Returns the base's file name.
+/// seed) into d1.safetensors, d2.safetensors, d3.safetensors. Returns the base's file name.
 fn three_slot_deltas(dir: &Path, dtype: &str) -> String {
     let base = fx(dir, "base", dtype);
     for k in 1..=3 {
@@ -210,24 +210,24 @@ fn three_slot_deltas(dir: &Path, dtype: &str) -> String {
         let slot = k - 1;
         ok(
             dir,
-            &format!("extract --base {base} --tuned {tuned} -o d{k}.st --slot {slot}/3"),
+            &format!("extract --base {base} --tuned {tuned} -o d{k}.safetensors --slot {slot}/3"),
         );
     }
     base
 }
 
 /// Two f32 deltas at density 0.5 with seeds 1 and 2 (masks overlapping on about a quarter),
-/// a.st from task1 and b.st from task2. Returns the base's file name.
+/// a.safetensors from task1 and b.safetensors from task2. Returns the base's file name.
 fn independent_deltas(dir: &Path) -> String {
     let base = fx(dir, "base", "f32");
     let (t1, t2) = (fx(dir, "task1", "f32"), fx(dir, "task2", "f32"));
     ok(
         dir,
-        &format!("extract --base {base} --tuned {t1} -o a.st --density 0.5 --seed 1"),
+        &format!("extract --base {base} --tuned {t1} -o a.safetensors --density 0.5 --seed 1"),
     );
     ok(
         dir,
-        &format!("extract --base {base} --tuned {t2} -o b.st --density 0.5 --seed 2"),
+        &format!("extract --base {base} --tuned {t2} -o b.safetensors --density 0.5 --seed 2"),
     );
     base
 }
@@ -409,7 +409,7 @@ fn extract_with_slots_records_the_slot_interval_in_every_dtype() {
         three_slot_deltas(dir.path(), dtype);
         let mut kept_embed = 0;
         for k in 0..3u64 {
-            let delta = dir.path().join(format!("d{}.st", k + 1));
+            let delta = dir.path().join(format!("d{}.safetensors", k + 1));
             let (tensors, md) = load(&delta);
             let iv = Interval::from_slot(k, 3, None).unwrap();
             assert_eq!(md["format"], "sotu-delta");
@@ -447,9 +447,9 @@ fn extract_text_summary_names_seed_density_and_slot() {
     let (base, tuned) = (fx(d, "base", "f16"), fx(d, "task1", "f16"));
     let out = ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o d.st --slot 1/4 --seed 77"),
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors --slot 1/4 --seed 77"),
     );
-    for w in ["seed 77", "density 0.250000", "slot 1/4", "d.st"] {
+    for w in ["seed 77", "density 0.250000", "slot 1/4", "d.safetensors"] {
         assert!(out.stdout.contains(w), "stdout lacks {w:?}\n{out}");
     }
 }
@@ -461,12 +461,15 @@ fn quiet_extract_and_apply_print_nothing() {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     let out = ok(
         d,
-        &format!("--quiet extract --base {base} --tuned {tuned} -o d.st"),
+        &format!("--quiet extract --base {base} --tuned {tuned} -o d.safetensors"),
     );
     assert_eq!(out.stdout, "", "{out}");
-    let out = ok(d, &format!("apply -q --base {base} d.st -o m.st"));
+    let out = ok(
+        d,
+        &format!("apply -q --base {base} d.safetensors -o m.safetensors"),
+    );
     assert_eq!(out.stdout, "", "{out}");
-    assert!(d.join("m.st").exists());
+    assert!(d.join("m.safetensors").exists());
 }
 
 #[test]
@@ -476,7 +479,7 @@ fn extract_json_summary_parses() {
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task1", "bf16"));
     let j = ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o d.st --slot 0/3 --json"),
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors --slot 0/3 --json"),
     )
     .json();
     let n = |k: &str| {
@@ -487,8 +490,11 @@ fn extract_json_summary_parses() {
     assert_eq!(n("masked") + n("whole") + n("same"), 22, "{j}");
     assert_eq!(n("whole"), 1, "{j}");
     assert!(n("kept") > 0 && n("kept") < n("masked_elems"), "{j}");
-    assert_eq!(n("file_bytes"), fs::metadata(d.join("d.st")).unwrap().len());
-    assert!(n("dense_bytes") > n("file_bytes"), "{j}");
+    assert_eq!(
+        n("output_bytes"),
+        fs::metadata(d.join("d.safetensors")).unwrap().len()
+    );
+    assert!(n("dense_bytes") > n("output_bytes"), "{j}");
     let fp = j["base_fingerprint"].as_str().unwrap();
     assert!(
         fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -502,7 +508,7 @@ fn inspect_text_shows_seed_density_and_zero_collisions_for_disjoint_slots() {
     let dir = tmp();
     let d = dir.path();
     three_slot_deltas(d, "bf16");
-    let out = ok(d, "inspect d1.st d2.st d3.st");
+    let out = ok(d, "inspect d1.safetensors d2.safetensors d3.safetensors");
     for w in [
         "seed 2411",
         "density 0.333333",
@@ -531,7 +537,10 @@ fn inspect_text_shows_seed_density_and_zero_collisions_for_disjoint_slots() {
         assert!(l.contains("cosine 0.000000"), "{l}");
     }
     // --summary leaves the per-tensor table out.
-    let summary = ok(d, "inspect --summary d1.st d2.st d3.st");
+    let summary = ok(
+        d,
+        "inspect --summary d1.safetensors d2.safetensors d3.safetensors",
+    );
     assert!(!summary.stdout.contains(Q_PROJ0), "{summary}");
     assert!(summary.stdout.contains("seed 2411"), "{summary}");
 }
@@ -541,7 +550,11 @@ fn inspect_json_reports_deltas_and_disjoint_pairs() {
     let dir = tmp();
     let d = dir.path();
     three_slot_deltas(d, "bf16");
-    let j = ok(d, "inspect --json d1.st d2.st d3.st").json();
+    let j = ok(
+        d,
+        "inspect --json d1.safetensors d2.safetensors d3.safetensors",
+    )
+    .json();
     let deltas = j["deltas"].as_array().expect("a deltas array");
     assert_eq!(deltas.len(), 3);
     for (k, delta) in deltas.iter().enumerate() {
@@ -552,7 +565,7 @@ fn inspect_json_reports_deltas_and_disjoint_pairs() {
         let stored = delta["stored_bytes"].as_u64().unwrap();
         assert_eq!(
             stored,
-            fs::metadata(d.join(format!("d{}.st", k + 1)))
+            fs::metadata(d.join(format!("d{}.safetensors", k + 1)))
                 .unwrap()
                 .len()
         );
@@ -573,8 +586,13 @@ fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "bf16");
-    ok(d, &format!("merge --base {base} d1.st d2.st d3.st -o m.st"));
-    let merged = tensor_map(&d.join("m.st"));
+    ok(
+        d,
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    );
+    let merged = tensor_map(&d.join("m.safetensors"));
     let base_t = tensor_map(&d.join(&base));
     let tasks: Vec<TensorMap> = (1..=3)
         .map(|k| tensor_map(&fixture_path(&format!("task{k}"), "bf16")))
@@ -609,13 +627,13 @@ fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot() {
             );
         }
     }
-    let (_, md) = load(&d.join("m.st"));
+    let (_, md) = load(&d.join("m.safetensors"));
     assert_eq!(
         md.get("format").map(String::as_str),
         Some("pt"),
         "the base's metadata is kept"
     );
-    let record = merge_record(&d.join("m.st"));
+    let record = merge_record(&d.join("m.safetensors"));
     assert_eq!(record["deltas"].as_array().unwrap().len(), 3, "{record}");
     assert_eq!(record["forced"], false, "{record}");
 }
@@ -631,27 +649,27 @@ fn merge_json_summary_parses_and_fingerprints_agree() {
     );
     let ex = ok(
         d,
-        &format!("extract --base {base} --tuned {t1} -o d1.st --slot 0/2 --json"),
+        &format!("extract --base {base} --tuned {t1} -o d1.safetensors --slot 0/2 --json"),
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned {t3} -o d2.st --slot 1/2"),
+        &format!("extract --base {base} --tuned {t3} -o d2.safetensors --slot 1/2"),
     );
     let j = ok(
         d,
-        &format!("merge --json --base {base} d1.st d2.st -o m.st"),
+        &format!("merge --json --base {base} d1.safetensors d2.safetensors -o m.safetensors"),
     )
     .json();
     assert_eq!(j["tensors"], 23, "{j}");
     assert!(j["changed"].as_u64().unwrap() > 0, "{j}");
     assert_eq!(
         j["output_bytes"].as_u64().unwrap(),
-        fs::metadata(d.join("m.st")).unwrap().len()
+        fs::metadata(d.join("m.safetensors")).unwrap().len()
     );
     assert_eq!(j["mismatches"], json!([]), "{j}");
     let fp = ex.json()["base_fingerprint"].clone();
     assert_eq!(j["base_fingerprint"], fp);
-    for delta in ok(d, "inspect --json d1.st d2.st").json()["deltas"]
+    for delta in ok(d, "inspect --json d1.safetensors d2.safetensors").json()["deltas"]
         .as_array()
         .unwrap()
     {
@@ -664,12 +682,22 @@ fn apply_then_verify_succeeds() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "f32");
-    let out = ok(d, &format!("apply --base {base} d2.st -o a.st"));
+    let out = ok(
+        d,
+        &format!("apply --base {base} d2.safetensors -o a.safetensors"),
+    );
     assert!(out.stdout.contains("apply"), "{out}");
-    assert!(d.join("a.st").exists());
-    let v = ok(d, &format!("verify --base {base} d1.st d2.st d3.st"));
+    assert!(d.join("a.safetensors").exists());
+    let v = ok(
+        d,
+        &format!("verify --base {base} d1.safetensors d2.safetensors d3.safetensors"),
+    );
     assert_eq!(v.stdout.matches(": OK against").count(), 3, "{v}");
-    let j = ok(d, &format!("verify --json --base {base} d1.st d2.st d3.st")).json();
+    let j = ok(
+        d,
+        &format!("verify --json --base {base} d1.safetensors d2.safetensors d3.safetensors"),
+    )
+    .json();
     for verdict in j.as_array().unwrap() {
         assert_eq!(verdict["ok"], true, "{verdict}");
         assert_eq!(verdict["mismatched"], json!([]), "{verdict}");
@@ -686,11 +714,14 @@ fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly() {
             let tuned = fx(d, task, dtype);
             ok(
                 d,
-                &format!("extract --base {base} --tuned {tuned} -o d.st --density 1"),
+                &format!("extract --base {base} --tuned {tuned} -o d.safetensors --density 1"),
             );
-            ok(d, &format!("apply --base {base} d.st -o out.st"));
+            ok(
+                d,
+                &format!("apply --base {base} d.safetensors -o out.safetensors"),
+            );
             let want = tensor_map(&d.join(&tuned));
-            let got = tensor_map(&d.join("out.st"));
+            let got = tensor_map(&d.join("out.safetensors"));
             assert_eq!(
                 got.keys().collect::<Vec<_>>(),
                 want.keys().collect::<Vec<_>>(),
@@ -715,13 +746,13 @@ fn apply_with_dtype_f32_widens_bf16_exactly() {
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task3", "bf16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o d.st --density 1"),
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors --density 1"),
     );
     ok(
         d,
-        &format!("apply --base {base} d.st -o out.st --dtype f32"),
+        &format!("apply --base {base} d.safetensors -o out.safetensors --dtype f32"),
     );
-    let got = tensor_map(&d.join("out.st"));
+    let got = tensor_map(&d.join("out.safetensors"));
     for (name, (dtype, shape, data)) in tensor_map(&d.join(&tuned)) {
         let g = &got[&name];
         assert_eq!(g.1, shape, "{name}");
@@ -753,9 +784,11 @@ fn merge_with_zero_weights_leaves_float_tensors_at_the_base() {
     let base = three_slot_deltas(d, "f16");
     ok(
         d,
-        &format!("merge --base {base} d1.st d2.st d3.st -o m.st --weights 0,0,0"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --weights 0,0,0"
+        ),
     );
-    let got = tensor_map(&d.join("m.st"));
+    let got = tensor_map(&d.join("m.safetensors"));
     for (name, want) in tensor_map(&d.join(&base)) {
         if name != POSITION_IDS {
             // (position_ids is replaced whole by task1: weights do not apply to it)
@@ -775,10 +808,10 @@ fn include_pattern_stores_unselected_tensors_whole() {
     ok(
         d,
         &format!(
-            "extract --base {base} --tuned {tuned} -o d.st --include model.layers.* --density 0.25"
+            "extract --base {base} --tuned {tuned} -o d.safetensors --include model.layers.* --density 0.25"
         ),
     );
-    let tensors = inspect_tensors(&ok(d, "inspect --json d.st").json(), 0);
+    let tensors = inspect_tensors(&ok(d, "inspect --json d.safetensors").json(), 0);
     assert_eq!(tensors[EMBED]["kind"], "whole");
     assert_eq!(tensors["model.norm.weight"]["kind"], "whole");
     assert_eq!(tensors[Q_PROJ0]["kind"], "masked");
@@ -793,8 +826,11 @@ fn include_pattern_stores_unselected_tensors_whole() {
     );
     assert!(all > Some(0.0) && all == kept, "{}", tensors[EMBED]);
     // ... and is applied in full.
-    ok(d, &format!("apply --base {base} d.st -o out.st"));
-    assert!(tensor_map(&d.join("out.st"))[EMBED] == tensor_map(&d.join(&tuned))[EMBED]);
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o out.safetensors"),
+    );
+    assert!(tensor_map(&d.join("out.safetensors"))[EMBED] == tensor_map(&d.join(&tuned))[EMBED]);
 }
 
 #[test]
@@ -804,9 +840,9 @@ fn exclude_pattern_stores_norms_whole() {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o d.st --exclude *norm*"),
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors --exclude *norm*"),
     );
-    let tensors = inspect_tensors(&ok(d, "inspect --json d.st").json(), 0);
+    let tensors = inspect_tensors(&ok(d, "inspect --json d.safetensors").json(), 0);
     let mut norms = 0;
     for (name, t) in &tensors {
         if name.contains("norm") {
@@ -831,16 +867,24 @@ fn thread_count_does_not_change_output_bytes() {
         let base = fx(&sub, "base", "f32");
         for k in 1..=3 {
             let tuned = fx(&sub, &format!("task{k}"), "f32");
-            let args = format!("--base {base} --tuned {tuned} -o d{k}.st --density 0.5 --seed {k}");
+            let args = format!(
+                "--base {base} --tuned {tuned} -o d{k}.safetensors --density 0.5 --seed {k}"
+            );
             ok(&sub, &format!("extract --threads {threads} {args}"));
         }
-        let deltas = "d1.st d2.st d3.st --weights 0.5,1.5,-0.25 --rescale";
+        let deltas =
+            "d1.safetensors d2.safetensors d3.safetensors --weights 0.5,1.5,-0.25 --rescale";
         ok(
             &sub,
-            &format!("--threads {threads} merge --base {base} {deltas} -o m.st"),
+            &format!("--threads {threads} merge --base {base} {deltas} -o m.safetensors"),
         );
     }
-    for f in ["d1.st", "d2.st", "d3.st", "m.st"] {
+    for f in [
+        "d1.safetensors",
+        "d2.safetensors",
+        "d3.safetensors",
+        "m.safetensors",
+    ] {
         let first = bytes_of(&dir.path().join("t1").join(f));
         for threads in &counts[1..] {
             let other = bytes_of(&dir.path().join(format!("t{threads}")).join(f));
@@ -858,9 +902,15 @@ fn outputs_are_not_private_files() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task2", "bf16"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.st"));
-    ok(d, &format!("apply --base {base} d.st -o m.st"));
-    for f in ["d.st", "m.st"] {
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o m.safetensors"),
+    );
+    for f in ["d.safetensors", "m.safetensors"] {
         let mode = fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
         assert_ne!(mode, 0o600, "{f} has mode {mode:o}");
         assert!(
@@ -875,8 +925,18 @@ fn delta_and_merge_files_follow_the_container_layout() {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "f16");
-    ok(d, &format!("merge --base {base} d1.st d2.st d3.st -o m.st"));
-    for f in ["d1.st", "d2.st", "d3.st", "m.st"] {
+    ok(
+        d,
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    );
+    for f in [
+        "d1.safetensors",
+        "d2.safetensors",
+        "d3.safetensors",
+        "m.safetensors",
+    ] {
         assert_container_layout(&d.join(f));
     }
 }
@@ -889,14 +949,17 @@ fn merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it() {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task3", "f32"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o a.st --slot 0/2"),
+        &format!("extract --base {base} --tuned {tuned} -o a.safetensors --slot 0/2"),
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o b.st --slot 1/2"),
+        &format!("extract --base {base} --tuned {tuned} -o b.safetensors --slot 1/2"),
     );
-    ok(d, &format!("merge --base {base} a.st b.st -o m.st"));
-    assert!(tensor_map(&d.join("m.st")) == tensor_map(&d.join(&tuned)));
+    ok(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    );
+    assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join(&tuned)));
 }
 
 /// Negative weights (task-vector subtraction) are meant to be accepted: the option is declared
@@ -908,17 +971,23 @@ fn negative_weights_are_accepted_without_an_equals_sign() {
     let base = three_slot_deltas(d, "bf16");
     ok(
         d,
-        &format!("merge --base {base} d1.st d2.st -o eq.st --weights=-1,1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o eq.safetensors --weights=-1,1"
+        ),
     );
     ok(
         d,
-        &format!("merge --base {base} d1.st d2.st -o sp.st --weights -1,1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o sp.safetensors --weights -1,1"
+        ),
     );
     ok(
         d,
-        &format!("merge --base {base} d1.st d2.st -o sp2.st --weights -0.5,-1"),
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors -o sp2.safetensors --weights -0.5,-1"
+        ),
     );
-    assert!(tensor_map(&d.join("eq.st")) == tensor_map(&d.join("sp.st")));
+    assert!(tensor_map(&d.join("eq.safetensors")) == tensor_map(&d.join("sp.safetensors")));
 }
 
 #[test]
@@ -967,14 +1036,14 @@ fn non_float_and_unusual_tensors_round_trip_through_extract_and_apply() {
     tensor(&mut tuned, "f.c64").3 = (0..16).collect();
     tensor(&mut tuned, "g.scalar").3 = 1.75f32.to_le_bytes().to_vec();
     tuned.push(("i.new".into(), Dtype::U8, vec![3], vec![7, 8, 9]));
-    write_file(&d.join("base.st"), &base, &BTreeMap::new()).unwrap();
-    write_file(&d.join("tuned.st"), &tuned, &BTreeMap::new()).unwrap();
+    write_file(&d.join("base.safetensors"), &base, &BTreeMap::new()).unwrap();
+    write_file(&d.join("tuned.safetensors"), &tuned, &BTreeMap::new()).unwrap();
 
     ok(
         d,
-        "extract --base base.st --tuned tuned.st -o delta.st --density 1",
+        "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 1",
     );
-    let tensors = inspect_tensors(&ok(d, "inspect --json delta.st").json(), 0);
+    let tensors = inspect_tensors(&ok(d, "inspect --json delta.safetensors").json(), 0);
     for (name, kind) in [
         ("a.f64", "masked"),
         ("b.f8", "whole"),
@@ -988,9 +1057,12 @@ fn non_float_and_unusual_tensors_round_trip_through_extract_and_apply() {
     ] {
         assert_eq!(tensors[name]["kind"], kind, "{name}: {}", tensors[name]);
     }
-    ok(d, "apply --base base.st delta.st -o out.st");
-    assert!(tensor_map(&d.join("out.st")) == tensor_map(&d.join("tuned.st")));
-    ok(d, "verify --base base.st delta.st");
+    ok(
+        d,
+        "apply --base base.safetensors delta.safetensors -o out.safetensors",
+    );
+    assert!(tensor_map(&d.join("out.safetensors")) == tensor_map(&d.join("tuned.safetensors")));
+    ok(d, "verify --base base.safetensors delta.safetensors");
 }
 
 // ==========================================================================================
@@ -1001,7 +1073,7 @@ fn non_float_and_unusual_tensors_round_trip_through_extract_and_apply() {
 fn inspect_independent_seeds_collide_at_the_product_of_densities() {
     let dir = tmp();
     independent_deltas(dir.path());
-    let j = ok(dir.path(), "inspect --json a.st b.st").json();
+    let j = ok(dir.path(), "inspect --json a.safetensors b.safetensors").json();
     let p = &j["pairs"][0];
     assert_eq!(p["expected_collision"].as_f64(), Some(0.25), "{p}");
     let measured = p["measured_collision"].as_f64().unwrap();
@@ -1016,14 +1088,14 @@ fn inspect_independent_seeds_collide_at_the_product_of_densities() {
 fn inspect_overlapping_masks_without_base_reports_no_cosine() {
     let dir = tmp();
     independent_deltas(dir.path());
-    let text = ok(dir.path(), "inspect --summary a.st b.st");
+    let text = ok(dir.path(), "inspect --summary a.safetensors b.safetensors");
     let line = text
         .stdout
         .lines()
         .find(|l| l.contains("collision"))
         .expect("a pair line");
     assert!(line.contains("cosine n/a"), "{line}");
-    let j = ok(dir.path(), "inspect --json a.st b.st").json();
+    let j = ok(dir.path(), "inspect --json a.safetensors b.safetensors").json();
     assert!(j["pairs"][0]["cosine"].is_null(), "{}", j["pairs"][0]);
 }
 
@@ -1033,14 +1105,14 @@ fn inspect_overlapping_masks_with_base_reports_a_cosine() {
     let base = independent_deltas(dir.path());
     let j = ok(
         dir.path(),
-        &format!("inspect --json --base {base} a.st b.st"),
+        &format!("inspect --json --base {base} a.safetensors b.safetensors"),
     )
     .json();
     let c = j["pairs"][0]["cosine"].as_f64().expect("a numeric cosine");
     assert!((-1.0..=1.0).contains(&c), "cosine {c}");
     let text = ok(
         dir.path(),
-        &format!("inspect --summary --base {base} a.st b.st"),
+        &format!("inspect --summary --base {base} a.safetensors b.safetensors"),
     );
     let line = text
         .stdout
@@ -1058,7 +1130,7 @@ fn inspect_overlapping_masks_with_base_reports_a_cosine() {
     // A delta with itself: cosine 1.
     let j = ok(
         dir.path(),
-        &format!("inspect --json --base {base} a.st a.st"),
+        &format!("inspect --json --base {base} a.safetensors a.safetensors"),
     )
     .json();
     let c = j["pairs"][0]["cosine"].as_f64().expect("a numeric cosine");
@@ -1069,7 +1141,7 @@ fn inspect_overlapping_masks_with_base_reports_a_cosine() {
 // 3. Usage errors (exit 2)
 // ==========================================================================================
 
-/// `extract` of task1-f32 into out.st with `extra` arguments is a usage error naming `words`.
+/// `extract` of task1-f32 into out.safetensors with `extra` arguments is a usage error naming `words`.
 #[track_caller]
 fn assert_extract_usage_error(extra: &str, words: &[&str]) {
     let dir = tmp();
@@ -1077,13 +1149,13 @@ fn assert_extract_usage_error(extra: &str, words: &[&str]) {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     run(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o out.st {extra}"),
+        &format!("extract --base {base} --tuned {tuned} -o out.safetensors {extra}"),
     )
     .usage_error(words);
-    assert_nothing_written(d, "out.st");
+    assert_nothing_written(d, "out.safetensors");
 }
 
-/// `merge` of two f32 slot deltas into m.st with `extra` arguments is a usage error.
+/// `merge` of two f32 slot deltas into m.safetensors with `extra` arguments is a usage error.
 #[track_caller]
 fn assert_merge_usage_error(extra: &str, words: &[&str]) {
     let dir = tmp();
@@ -1095,18 +1167,18 @@ fn assert_merge_usage_error(extra: &str, words: &[&str]) {
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned {t1} -o d1.st --slot 0/2"),
+        &format!("extract --base {base} --tuned {t1} -o d1.safetensors --slot 0/2"),
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned {t2} -o d2.st --slot 1/2"),
+        &format!("extract --base {base} --tuned {t2} -o d2.safetensors --slot 1/2"),
     );
     run(
         d,
-        &format!("merge --base {base} d1.st d2.st -o m.st {extra}"),
+        &format!("merge --base {base} d1.safetensors d2.safetensors -o m.safetensors {extra}"),
     )
     .usage_error(words);
-    assert_nothing_written(d, "m.st");
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1192,8 +1264,8 @@ fn merge_without_deltas_is_a_usage_error() {
     let dir = tmp();
     let d = dir.path();
     let base = fx(d, "base", "f32");
-    run(d, &format!("merge --base {base} -o m.st")).usage_error(&[]);
-    assert_nothing_written(d, "m.st");
+    run(d, &format!("merge --base {base} -o m.safetensors")).usage_error(&[]);
+    assert_nothing_written(d, "m.safetensors");
 }
 
 // ==========================================================================================
@@ -1207,16 +1279,24 @@ fn missing_input_file_fails_naming_it() {
     let base = fx(d, "base", "f32");
     run(
         d,
-        &format!("extract --base {base} --tuned nope.safetensors -o d.st"),
+        &format!("extract --base {base} --tuned nope.safetensors -o d.safetensors"),
     )
     .error(&["nope.safetensors"]);
-    assert_nothing_written(d, "d.st");
-    run(d, &format!("apply --base {base} gone.st -o m.st")).error(&["gone.st"]);
-    assert_nothing_written(d, "m.st");
-    run(d, "apply --base nobase.safetensors gone.st -o m.st").error(&["nobase.safetensors"]);
-    assert_nothing_written(d, "m.st");
-    run(d, "inspect gone.st").error(&["gone.st"]);
-    run(d, "verify --base nobase.safetensors gone.st").error(&["nobase.safetensors"]);
+    assert_nothing_written(d, "d.safetensors");
+    run(
+        d,
+        &format!("apply --base {base} gone.safetensors -o m.safetensors"),
+    )
+    .error(&["gone.safetensors"]);
+    assert_nothing_written(d, "m.safetensors");
+    run(
+        d,
+        "apply --base nobase.safetensors gone.safetensors -o m.safetensors",
+    )
+    .error(&["nobase.safetensors"]);
+    assert_nothing_written(d, "m.safetensors");
+    run(d, "inspect gone.safetensors").error(&["gone.safetensors"]);
+    run(d, "verify --base nobase.safetensors gone.safetensors").error(&["nobase.safetensors"]);
 }
 
 /// Writes `file` with `bytes`, and checks that every subcommand refuses it by name, in each
@@ -1227,18 +1307,34 @@ fn assert_unreadable_refused(file: &str, bytes: &[u8]) {
     let d = dir.path();
     fs::write(d.join(file), bytes).unwrap();
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task1", "bf16"));
-    run(d, &format!("extract --base {base} --tuned {file} -o d.st")).error(&[file]);
-    assert_nothing_written(d, "d.st");
-    run(d, &format!("extract --base {file} --tuned {tuned} -o d.st")).error(&[file]);
-    assert_nothing_written(d, "d.st");
+    run(
+        d,
+        &format!("extract --base {base} --tuned {file} -o d.safetensors"),
+    )
+    .error(&[file]);
+    assert_nothing_written(d, "d.safetensors");
+    run(
+        d,
+        &format!("extract --base {file} --tuned {tuned} -o d.safetensors"),
+    )
+    .error(&[file]);
+    assert_nothing_written(d, "d.safetensors");
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o good.st"),
+        &format!("extract --base {base} --tuned {tuned} -o good.safetensors"),
     );
-    run(d, &format!("apply --base {file} good.st -o m.st")).error(&[file]);
-    assert_nothing_written(d, "m.st");
-    run(d, &format!("merge --base {base} good.st {file} -o m.st")).error(&[file]);
-    assert_nothing_written(d, "m.st");
+    run(
+        d,
+        &format!("apply --base {file} good.safetensors -o m.safetensors"),
+    )
+    .error(&[file]);
+    assert_nothing_written(d, "m.safetensors");
+    run(
+        d,
+        &format!("merge --base {base} good.safetensors {file} -o m.safetensors"),
+    )
+    .error(&[file]);
+    assert_nothing_written(d, "m.safetensors");
     run(d, &format!("inspect {file}")).error(&[file]);
     run(d, &format!("verify --base {base} {file}")).error(&[file]);
 }
@@ -1273,8 +1369,12 @@ fn folder_given_as_checkpoint_is_refused() {
     let d = dir.path();
     fs::create_dir(d.join("ckpt")).unwrap();
     let tuned = fx(d, "task1", "f32");
-    run(d, &format!("extract --base ckpt --tuned {tuned} -o d.st")).error(&["ckpt"]);
-    assert_nothing_written(d, "d.st");
+    run(
+        d,
+        &format!("extract --base ckpt --tuned {tuned} -o d.safetensors"),
+    )
+    .error(&["ckpt"]);
+    assert_nothing_written(d, "d.safetensors");
 }
 
 #[test]
@@ -1282,8 +1382,9 @@ fn plain_checkpoint_given_as_delta_is_refused() {
     let dir = tmp();
     let d = dir.path();
     let (base, task) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    run(d, &format!("apply --base {base} {task} -o m.st")).error(&[&task, "not a sotu-delta file"]);
-    assert_nothing_written(d, "m.st");
+    run(d, &format!("apply --base {base} {task} -o m.safetensors"))
+        .error(&[&task, "not a sotu-delta file"]);
+    assert_nothing_written(d, "m.safetensors");
     run(d, &format!("inspect {task}")).error(&[&task]);
 }
 
@@ -1307,10 +1408,10 @@ fn assert_bad_tuned_refused(edit: impl FnOnce(&mut Vec<Tensor>, &mut Metadata), 
     all.extend_from_slice(words);
     run(
         d,
-        &format!("extract --base {base} --tuned tuned-bad.safetensors -o d.st"),
+        &format!("extract --base {base} --tuned tuned-bad.safetensors -o d.safetensors"),
     )
     .error(&all);
-    assert_nothing_written(d, "d.st");
+    assert_nothing_written(d, "d.safetensors");
 }
 
 #[test]
@@ -1358,10 +1459,10 @@ fn reserved_prefix_in_base_names_the_tensor() {
     );
     run(
         d,
-        &format!("extract --base base-bad.safetensors --tuned {tuned} -o d.st"),
+        &format!("extract --base base-bad.safetensors --tuned {tuned} -o d.safetensors"),
     )
     .error(&["base-bad.safetensors", "sotu/offsets/x"]);
-    assert_nothing_written(d, "d.st");
+    assert_nothing_written(d, "d.safetensors");
 }
 
 // ==========================================================================================
@@ -1374,8 +1475,12 @@ fn apply_onto_a_perturbed_base_names_the_tensor_and_writes_nothing() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    run(d, &format!("apply --base {bad} d1.st -o m.st")).error(&[&bad, UP_PROJ1, "--force"]);
-    assert_nothing_written(d, "m.st");
+    run(
+        d,
+        &format!("apply --base {bad} d1.safetensors -o m.safetensors"),
+    )
+    .error(&[&bad, UP_PROJ1, "--force"]);
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1384,8 +1489,14 @@ fn merge_onto_a_perturbed_base_names_the_tensor_and_writes_nothing() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", EMBED);
-    run(d, &format!("merge --base {bad} d1.st d2.st d3.st -o m.st")).error(&[&bad, EMBED]);
-    assert_nothing_written(d, "m.st");
+    run(
+        d,
+        &format!(
+            "merge --base {bad} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+        ),
+    )
+    .error(&[&bad, EMBED]);
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1394,11 +1505,14 @@ fn apply_onto_a_perturbed_base_with_force_warns_and_succeeds() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    let out = ok(d, &format!("apply --force --base {bad} d1.st -o m.st"));
+    let out = ok(
+        d,
+        &format!("apply --force --base {bad} d1.safetensors -o m.safetensors"),
+    );
     assert!(out.message("warning").contains(UP_PROJ1), "{out}");
-    assert!(d.join("m.st").exists());
+    assert!(d.join("m.safetensors").exists());
     assert!(partial_files(d).is_empty());
-    assert_eq!(merge_record(&d.join("m.st"))["forced"], true);
+    assert_eq!(merge_record(&d.join("m.safetensors"))["forced"], true);
 }
 
 /// Under --force the merged file's record must not pass the deltas' base off as the base used:
@@ -1412,16 +1526,19 @@ fn forced_merge_records_the_deltas_fingerprints_and_the_flag() {
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
     let used = ok(
         d,
-        &format!("merge --force --json --base {bad} d1.st d2.st -o m.st"),
+        &format!(
+            "merge --force --json --base {bad} d1.safetensors d2.safetensors -o m.safetensors"
+        ),
     )
     .json()["base_fingerprint"]
         .clone();
-    let deltas_base = ok(d, "inspect --json d1.st").json()["deltas"][0]["base_fingerprint"].clone();
+    let deltas_base =
+        ok(d, "inspect --json d1.safetensors").json()["deltas"][0]["base_fingerprint"].clone();
     assert_ne!(
         used, deltas_base,
         "the perturbed base must have a fingerprint of its own"
     );
-    let record = merge_record(&d.join("m.st"));
+    let record = merge_record(&d.join("m.safetensors"));
     assert_eq!(record["forced"], true);
     assert_eq!(
         record["deltas"][0]["base_fingerprint"], deltas_base,
@@ -1440,10 +1557,10 @@ fn merge_onto_a_base_of_another_dtype_names_the_tensor() {
     let other = fx(d, "base", "f32");
     run(
         d,
-        &format!("merge --force --base {other} d1.st d2.st -o m.st"),
+        &format!("merge --force --base {other} d1.safetensors d2.safetensors -o m.safetensors"),
     )
     .error(&[&other, EMBED]);
-    assert_nothing_written(d, "m.st");
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1459,10 +1576,10 @@ fn apply_onto_a_base_lacking_a_tensor_names_it() {
     );
     run(
         d,
-        "apply --force --base base-short.safetensors d2.st -o m.st",
+        "apply --force --base base-short.safetensors d2.safetensors -o m.safetensors",
     )
     .error(&["base-short.safetensors", name]);
-    assert_nothing_written(d, "m.st");
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1470,25 +1587,31 @@ fn apply_onto_a_base_with_an_extra_tensor_is_refused_unless_forced() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task2", "f32"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.st"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
     let extra: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
     rewrite(
         &d.join(&base),
         &d.join("base-bigger.safetensors"),
         |ts, _| ts.push(("extra.bias".into(), Dtype::F32, vec![2], extra.clone())),
     );
-    run(d, "apply --base base-bigger.safetensors d.st -o m.st")
-        .error(&["base-bigger.safetensors", "extra.bias"]);
-    assert_nothing_written(d, "m.st");
-    let v = run(d, "verify --base base-bigger.safetensors d.st");
-    v.error(&["d.st"]);
+    run(
+        d,
+        "apply --base base-bigger.safetensors d.safetensors -o m.safetensors",
+    )
+    .error(&["base-bigger.safetensors", "extra.bias"]);
+    assert_nothing_written(d, "m.safetensors");
+    let v = run(d, "verify --base base-bigger.safetensors d.safetensors");
+    v.error(&["d.safetensors"]);
     assert!(v.stdout.contains("extra.bias"), "{v}");
     let out = ok(
         d,
-        "apply --force --base base-bigger.safetensors d.st -o m.st",
+        "apply --force --base base-bigger.safetensors d.safetensors -o m.safetensors",
     );
     assert!(out.message("warning").contains("extra.bias"), "{out}");
-    assert_eq!(tensor_map(&d.join("m.st"))["extra.bias"].2, extra);
+    assert_eq!(tensor_map(&d.join("m.safetensors"))["extra.bias"].2, extra);
 }
 
 #[test]
@@ -1497,8 +1620,11 @@ fn verify_against_a_perturbed_base_fails_and_lists_the_tensor() {
     let d = dir.path();
     three_slot_deltas(d, "bf16");
     let bad = perturbed_base(d, "bf16", UP_PROJ1);
-    let out = run(d, &format!("verify --base {bad} d1.st d2.st"));
-    out.error(&["d1.st", "d2.st", &bad]);
+    let out = run(
+        d,
+        &format!("verify --base {bad} d1.safetensors d2.safetensors"),
+    );
+    out.error(&["d1.safetensors", "d2.safetensors", &bad]);
     assert_eq!(out.stdout.matches("MISMATCH").count(), 2, "{out}");
     let differs: Vec<&str> = out
         .stdout
@@ -1508,8 +1634,8 @@ fn verify_against_a_perturbed_base_fails_and_lists_the_tensor() {
     assert_eq!(differs.len(), 2, "{out}");
     assert!(differs.iter().all(|l| l.contains(UP_PROJ1)), "{out}");
 
-    let j = run(d, &format!("verify --json --base {bad} d1.st"));
-    j.error(&["d1.st"]);
+    let j = run(d, &format!("verify --json --base {bad} d1.safetensors"));
+    j.error(&["d1.safetensors"]);
     let verdict = &j.json()[0];
     assert_eq!(verdict["ok"], false, "{verdict}");
     assert_eq!(verdict["mismatched"], json!([UP_PROJ1]), "{verdict}");
@@ -1524,23 +1650,29 @@ fn verify_fails_naming_only_the_foreign_delta() {
         fx(d, "task1", "f16"),
         fx(d, "task2", "f16"),
     );
-    ok(d, &format!("extract --base {base} --tuned {t1} -o good.st"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {t1} -o good.safetensors"),
+    );
     // Taken against task2 as if it were the base.
     ok(
         d,
-        &format!("extract --base {t2} --tuned {t1} -o foreign.st"),
+        &format!("extract --base {t2} --tuned {t1} -o foreign.safetensors"),
     );
-    let out = run(d, &format!("verify --base {base} good.st foreign.st"));
-    out.error(&["foreign.st"]);
-    assert!(!out.message("error").contains("good.st"), "{out}");
-    assert!(out.stdout.contains("good.st: OK"), "{out}");
+    let out = run(
+        d,
+        &format!("verify --base {base} good.safetensors foreign.safetensors"),
+    );
+    out.error(&["foreign.safetensors"]);
+    assert!(!out.message("error").contains("good.safetensors"), "{out}");
+    assert!(out.stdout.contains("good.safetensors: OK"), "{out}");
 }
 
 // ==========================================================================================
 // 4. Failed operations: damaged or foreign delta files
 // ==========================================================================================
 
-/// Copies base-bf16, extracts task1-bf16 at density 0.5 as good.st, and writes bad.st from it
+/// Copies base-bf16, extracts task1-bf16 at density 0.5 as good.safetensors, and writes bad.safetensors from it
 /// through `edit`.
 fn damaged_delta(edit: impl FnOnce(&mut Vec<Tensor>, &mut Metadata)) -> TempDir {
     let dir = tmp();
@@ -1548,25 +1680,29 @@ fn damaged_delta(edit: impl FnOnce(&mut Vec<Tensor>, &mut Metadata)) -> TempDir 
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task1", "bf16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o good.st --density 0.5"),
+        &format!("extract --base {base} --tuned {tuned} -o good.safetensors --density 0.5"),
     );
-    rewrite(&d.join("good.st"), &d.join("bad.st"), edit);
+    rewrite(
+        &d.join("good.safetensors"),
+        &d.join("bad.safetensors"),
+        edit,
+    );
     dir
 }
 
-/// apply, merge and forced merge of bad.st (from `damaged_delta`) all fail naming it and
+/// apply, merge and forced merge of bad.safetensors (from `damaged_delta`) all fail naming it and
 /// `words`, and write nothing.
 #[track_caller]
 fn assert_damaged_delta_refused(dir: &Path, words: &[&str]) {
-    let mut all = vec!["bad.st"];
+    let mut all = vec!["bad.safetensors"];
     all.extend_from_slice(words);
     for line in [
-        "apply --base base-bf16.safetensors bad.st -o m.st",
-        "merge --base base-bf16.safetensors good.st bad.st -o m.st",
-        "merge --force --base base-bf16.safetensors bad.st good.st -o m.st",
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
+        "merge --base base-bf16.safetensors good.safetensors bad.safetensors -o m.safetensors",
+        "merge --force --base base-bf16.safetensors bad.safetensors good.safetensors -o m.safetensors",
     ] {
         run(dir, line).error(&all);
-        assert_nothing_written(dir, "m.st");
+        assert_nothing_written(dir, "m.safetensors");
     }
 }
 
@@ -1576,8 +1712,12 @@ fn unknown_major_format_version_is_refused_naming_the_version() {
         md.insert("format_version".into(), "2.0".into());
     });
     assert_damaged_delta_refused(dir.path(), &["2.0"]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st", "2.0"]);
-    run(dir.path(), "verify --base base-bf16.safetensors bad.st").error(&["bad.st", "2.0"]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", "2.0"]);
+    run(
+        dir.path(),
+        "verify --base base-bf16.safetensors bad.safetensors",
+    )
+    .error(&["bad.safetensors", "2.0"]);
 }
 
 #[test]
@@ -1595,10 +1735,16 @@ fn newer_minor_format_version_with_an_added_key_is_readable() {
         md.insert("added_in_1_7".into(), "anything".into());
     });
     let d = dir.path();
-    ok(d, "inspect bad.st");
-    ok(d, "apply --base base-bf16.safetensors bad.st -o m.st");
-    ok(d, "apply --base base-bf16.safetensors good.st -o m2.st");
-    assert!(tensor_map(&d.join("m.st")) == tensor_map(&d.join("m2.st")));
+    ok(d, "inspect bad.safetensors");
+    ok(
+        d,
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
+    );
+    ok(
+        d,
+        "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors",
+    );
+    assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join("m2.safetensors")));
 }
 
 /// docs/FORMAT.md sections 2 and 10: "a larger minor only adds keys and stays readable", and
@@ -1615,10 +1761,10 @@ fn newer_minor_format_version_with_an_added_tensor_is_readable() {
             vec![1, 2, 3, 4],
         ));
     });
-    ok(dir.path(), "inspect bad.st");
+    ok(dir.path(), "inspect bad.safetensors");
     ok(
         dir.path(),
-        "apply --base base-bf16.safetensors bad.st -o m.st",
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
     );
 }
 
@@ -1636,7 +1782,7 @@ fn unknown_mask_function_is_refused() {
         md.insert("mask".into(), "sotu-mix32-v9".into());
     });
     assert_damaged_delta_refused(dir.path(), &["sotu-mix32-v9"]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st", "sotu-mix32-v9"]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", "sotu-mix32-v9"]);
 }
 
 #[test]
@@ -1654,7 +1800,7 @@ fn interval_with_lo_above_hi_is_refused() {
         md.insert("hi".into(), "1000".into());
     });
     assert_damaged_delta_refused(dir.path(), &["lo"]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st"]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors"]);
 }
 
 #[test]
@@ -1682,16 +1828,22 @@ fn informational_metadata_is_not_relied_on() {
         md.remove("tool");
     });
     let d = dir.path();
-    let j = ok(d, "inspect --json bad.st").json();
+    let j = ok(d, "inspect --json bad.safetensors").json();
     assert_eq!(
         j["deltas"][0]["density"].as_f64(),
         Some(0.5),
         "{}",
         j["deltas"][0]
     );
-    ok(d, "apply --base base-bf16.safetensors bad.st -o m.st");
-    ok(d, "apply --base base-bf16.safetensors good.st -o m2.st");
-    assert!(tensor_map(&d.join("m.st")) == tensor_map(&d.join("m2.st")));
+    ok(
+        d,
+        "apply --base base-bf16.safetensors bad.safetensors -o m.safetensors",
+    );
+    ok(
+        d,
+        "apply --base base-bf16.safetensors good.safetensors -o m2.safetensors",
+    );
+    assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join("m2.safetensors")));
 }
 
 #[test]
@@ -1703,7 +1855,7 @@ fn swapped_chunk_offsets_are_refused_naming_the_tensor() {
         })
     });
     assert_damaged_delta_refused(dir.path(), &[EMBED]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st", EMBED]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", EMBED]);
 }
 
 #[test]
@@ -1737,9 +1889,15 @@ fn corrupt_offsets_are_refused_by_inspect_when_it_decodes() {
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task2", "bf16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o other.st --density 0.5 --seed 5"),
+        &format!(
+            "extract --base {base} --tuned {tuned} -o other.safetensors --density 0.5 --seed 5"
+        ),
     );
-    run(d, &format!("inspect --base {base} bad.st other.st")).error(&["bad.st", EMBED]);
+    run(
+        d,
+        &format!("inspect --base {base} bad.safetensors other.safetensors"),
+    )
+    .error(&["bad.safetensors", EMBED]);
 }
 
 #[test]
@@ -1751,7 +1909,7 @@ fn kept_count_disagreeing_with_the_stored_values_is_refused() {
         })
     });
     assert_damaged_delta_refused(dir.path(), &[Q_PROJ0]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st", Q_PROJ0]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", Q_PROJ0]);
 }
 
 #[test]
@@ -1786,7 +1944,7 @@ fn undeclared_tensor_in_a_delta_is_refused() {
         ));
     });
     assert_damaged_delta_refused(dir.path(), &["extra.weight"]);
-    run(dir.path(), "inspect bad.st").error(&["bad.st", "extra.weight"]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", "extra.weight"]);
 }
 
 #[test]
@@ -1812,7 +1970,7 @@ fn entry_using_the_reserved_prefix_is_refused() {
             e.insert("sotu/sneaky".into(), entry);
         })
     });
-    run(dir.path(), "inspect bad.st").error(&["bad.st", "sotu/sneaky"]);
+    run(dir.path(), "inspect bad.safetensors").error(&["bad.safetensors", "sotu/sneaky"]);
 }
 
 #[test]
@@ -1886,28 +2044,36 @@ fn rechunk(src: &Path, dst: &Path, chunk: u64) {
 fn delta_with_another_chunk_size_is_decoded_the_same() {
     let dir = tmp();
     let d = dir.path();
-    big_checkpoint(&d.join("base.st"), 11);
-    big_checkpoint(&d.join("tuned.st"), 12);
+    big_checkpoint(&d.join("base.safetensors"), 11);
+    big_checkpoint(&d.join("tuned.safetensors"), 12);
     ok(
         d,
-        "extract --base base.st --tuned tuned.st -o delta.st --density 0.3",
+        "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 0.3",
     );
-    ok(d, "apply --base base.st delta.st -o want.st");
-    let want = tensor_map(&d.join("want.st"));
+    ok(
+        d,
+        "apply --base base.safetensors delta.safetensors -o want.safetensors",
+    );
+    let want = tensor_map(&d.join("want.safetensors"));
     for chunk in [1000u64, 7, 1 << 40] {
         rechunk(
-            &d.join("delta.st"),
-            &d.join(format!("delta-{chunk}.st")),
+            &d.join("delta.safetensors"),
+            &d.join(format!("delta-{chunk}.safetensors")),
             chunk,
         );
-        ok(d, &format!("inspect delta-{chunk}.st"));
-        ok(d, &format!("verify --base base.st delta-{chunk}.st"));
+        ok(d, &format!("inspect delta-{chunk}.safetensors"));
         ok(
             d,
-            &format!("apply --base base.st delta-{chunk}.st -o got-{chunk}.st"),
+            &format!("verify --base base.safetensors delta-{chunk}.safetensors"),
+        );
+        ok(
+            d,
+            &format!(
+                "apply --base base.safetensors delta-{chunk}.safetensors -o got-{chunk}.safetensors"
+            ),
         );
         assert!(
-            tensor_map(&d.join(format!("got-{chunk}.st"))) == want,
+            tensor_map(&d.join(format!("got-{chunk}.safetensors"))) == want,
             "chunk {chunk}"
         );
     }
@@ -1918,23 +2084,23 @@ fn merge_of_conflicting_new_tensors_names_the_tensor() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task3", "f32"));
-    rewrite(&d.join(&tuned), &d.join("variant.st"), |ts, _| {
+    rewrite(&d.join(&tuned), &d.join("variant.safetensors"), |ts, _| {
         tensor(ts, "score.weight").3[0] ^= 1
     });
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o a.st --slot 0/2"),
+        &format!("extract --base {base} --tuned {tuned} -o a.safetensors --slot 0/2"),
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned variant.st -o b.st --slot 1/2"),
+        &format!("extract --base {base} --tuned variant.safetensors -o b.safetensors --slot 1/2"),
     );
-    run(d, &format!("merge --base {base} a.st b.st -o m.st")).error(&[
-        "score.weight",
-        "a.st",
-        "b.st",
-    ]);
-    assert_nothing_written(d, "m.st");
+    run(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    )
+    .error(&["score.weight", "a.safetensors", "b.safetensors"]);
+    assert_nothing_written(d, "m.safetensors");
 }
 
 #[test]
@@ -1942,23 +2108,23 @@ fn merge_of_conflicting_whole_integer_tensors_names_the_tensor() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    rewrite(&d.join(&tuned), &d.join("variant.st"), |ts, _| {
+    rewrite(&d.join(&tuned), &d.join("variant.safetensors"), |ts, _| {
         tensor(ts, POSITION_IDS).3[0] ^= 4
     });
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o a.st --slot 0/2"),
+        &format!("extract --base {base} --tuned {tuned} -o a.safetensors --slot 0/2"),
     );
     ok(
         d,
-        &format!("extract --base {base} --tuned variant.st -o b.st --slot 1/2"),
+        &format!("extract --base {base} --tuned variant.safetensors -o b.safetensors --slot 1/2"),
     );
-    run(d, &format!("merge --base {base} a.st b.st -o m.st")).error(&[
-        POSITION_IDS,
-        "a.st",
-        "b.st",
-    ]);
-    assert_nothing_written(d, "m.st");
+    run(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+    )
+    .error(&[POSITION_IDS, "a.safetensors", "b.safetensors"]);
+    assert_nothing_written(d, "m.safetensors");
 }
 
 // ==========================================================================================
@@ -1977,9 +2143,9 @@ fn output_equal_to_an_input_is_refused_and_the_input_is_unchanged() {
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task1", "bf16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o delta.st"),
+        &format!("extract --base {base} --tuned {tuned} -o delta.safetensors"),
     );
-    let files = [base.as_str(), tuned.as_str(), "delta.st"];
+    let files = [base.as_str(), tuned.as_str(), "delta.safetensors"];
     let before = snapshot(d, &files);
     run(
         d,
@@ -1991,13 +2157,21 @@ fn output_equal_to_an_input_is_refused_and_the_input_is_unchanged() {
         &format!("extract --base {base} --tuned {tuned} -o {base}"),
     )
     .error(&[&base]);
-    run(d, &format!("apply --base {base} delta.st -o delta.st")).error(&["delta.st"]);
-    run(d, &format!("apply --base {base} delta.st -o ./{base}")).error(&[&base]);
     run(
         d,
-        &format!("merge --force --base {base} delta.st -o delta.st"),
+        &format!("apply --base {base} delta.safetensors -o delta.safetensors"),
     )
-    .error(&["delta.st"]);
+    .error(&["delta.safetensors"]);
+    run(
+        d,
+        &format!("apply --base {base} delta.safetensors -o ./{base}"),
+    )
+    .error(&[&base]);
+    run(
+        d,
+        &format!("merge --force --base {base} delta.safetensors -o delta.safetensors"),
+    )
+    .error(&["delta.safetensors"]);
     assert!(before == snapshot(d, &files), "an input was modified");
     assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
 }
@@ -2009,31 +2183,35 @@ fn output_that_is_a_link_to_an_input_is_refused_and_the_input_is_unchanged() {
     let (base, tuned) = (fx(d, "base", "f16"), fx(d, "task2", "f16"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o delta.st"),
+        &format!("extract --base {base} --tuned {tuned} -o delta.safetensors"),
     );
-    fs::hard_link(d.join(&tuned), d.join("tuned-hardlink.st")).unwrap();
-    fs::hard_link(d.join(&base), d.join("base-hardlink.st")).unwrap();
-    std::os::unix::fs::symlink(d.join("delta.st"), d.join("delta-symlink.st")).unwrap();
-    let files = [base.as_str(), tuned.as_str(), "delta.st"];
+    fs::hard_link(d.join(&tuned), d.join("tuned-hardlink.safetensors")).unwrap();
+    fs::hard_link(d.join(&base), d.join("base-hardlink.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        d.join("delta.safetensors"),
+        d.join("delta-symlink.safetensors"),
+    )
+    .unwrap();
+    let files = [base.as_str(), tuned.as_str(), "delta.safetensors"];
     let before = snapshot(d, &files);
     run(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o tuned-hardlink.st"),
+        &format!("extract --base {base} --tuned {tuned} -o tuned-hardlink.safetensors"),
     )
-    .error(&["tuned-hardlink.st"]);
+    .error(&["tuned-hardlink.safetensors"]);
     run(
         d,
-        &format!("apply --base {base} delta.st -o base-hardlink.st"),
+        &format!("apply --base {base} delta.safetensors -o base-hardlink.safetensors"),
     )
-    .error(&["base-hardlink.st"]);
+    .error(&["base-hardlink.safetensors"]);
     run(
         d,
-        &format!("apply --base {base} delta.st -o delta-symlink.st"),
+        &format!("apply --base {base} delta.safetensors -o delta-symlink.safetensors"),
     )
-    .error(&["delta-symlink.st"]);
+    .error(&["delta-symlink.safetensors"]);
     assert!(before == snapshot(d, &files), "an input was modified");
     assert!(
-        fs::symlink_metadata(d.join("delta-symlink.st"))
+        fs::symlink_metadata(d.join("delta-symlink.safetensors"))
             .unwrap()
             .file_type()
             .is_symlink()
@@ -2048,27 +2226,76 @@ fn output_in_a_missing_folder_fails() {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     run(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o no/such/dir/d.st"),
+        &format!("extract --base {base} --tuned {tuned} -o no/such/dir/d.safetensors"),
     )
-    .error(&["d.st"]);
+    .error(&["d.safetensors"]);
     assert!(!d.join("no").exists());
     assert!(partial_files(d).is_empty());
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.st"));
-    run(d, &format!("apply --base {base} d.st -o missing/m.st")).error(&["m.st"]);
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
+    run(
+        d,
+        &format!("apply --base {base} d.safetensors -o missing/m.safetensors"),
+    )
+    .error(&["m.safetensors"]);
     assert!(!d.join("missing").exists());
     assert!(partial_files(d).is_empty());
 }
 
 #[test]
-fn output_that_is_an_existing_folder_fails_and_leaves_no_partial_file() {
+fn file_output_that_is_an_existing_folder_fails_and_leaves_no_partial_file() {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
-    ok(d, &format!("extract --base {base} --tuned {tuned} -o d.st"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
+    fs::create_dir(d.join("outdir.safetensors")).unwrap();
+    run(
+        d,
+        &format!("apply --base {base} d.safetensors -o outdir.safetensors"),
+    )
+    .error(&["outdir.safetensors"]);
+    assert!(d.join("outdir.safetensors").is_dir());
+    assert!(
+        fs::read_dir(d.join("outdir.safetensors"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
+}
+
+/// An output path without the `.safetensors` suffix is a model folder; one that exists already
+/// is replaced whole (its old files do not survive), and nothing is left beside it.
+#[test]
+fn folder_output_replaces_an_existing_folder_whole() {
+    let dir = tmp();
+    let d = dir.path();
+    let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
+    ok(
+        d,
+        &format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+    );
     fs::create_dir(d.join("outdir")).unwrap();
-    run(d, &format!("apply --base {base} d.st -o outdir")).error(&["outdir"]);
-    assert!(d.join("outdir").is_dir());
-    assert!(fs::read_dir(d.join("outdir")).unwrap().next().is_none());
+    fs::write(d.join("outdir/stale.txt"), "old").unwrap();
+    ok(d, &format!("apply --base {base} d.safetensors -o outdir"));
+    let names: Vec<String> = fs::read_dir(d.join("outdir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["model.safetensors"]);
+    ok(
+        d,
+        &format!("apply --base {base} d.safetensors -o m.safetensors"),
+    );
+    assert_eq!(
+        bytes_of(&d.join("outdir/model.safetensors")),
+        bytes_of(&d.join("m.safetensors"))
+    );
     assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
 }
 
@@ -2081,14 +2308,17 @@ fn failed_write_leaves_no_partial_file() {
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o delta.st"),
+        &format!("extract --base {base} --tuned {tuned} -o delta.safetensors"),
     );
     for (args, out) in [
         (
-            format!("extract --base {base} --tuned {tuned} -o d.st"),
-            "d.st",
+            format!("extract --base {base} --tuned {tuned} -o d.safetensors"),
+            "d.safetensors",
         ),
-        (format!("apply --base {base} delta.st -o m.st"), "m.st"),
+        (
+            format!("apply --base {base} delta.safetensors -o m.safetensors"),
+            "m.safetensors",
+        ),
     ] {
         let script = format!("trap '' XFSZ; ulimit -f 8; exec '{BIN}' {args}");
         let o = std::process::Command::new("sh")
@@ -2115,24 +2345,32 @@ fn interrupted_merge_leaves_no_partial_file() {
         .collect();
     let md = BTreeMap::new();
     write_file(
-        &d.join("base.st"),
+        &d.join("base.safetensors"),
         &[("w".into(), Dtype::F32, vec![n], base)],
         &md,
     )
     .unwrap();
     write_file(
-        &d.join("tuned.st"),
+        &d.join("tuned.safetensors"),
         &[("w".into(), Dtype::F32, vec![n], tuned)],
         &md,
     )
     .unwrap();
     ok(
         d,
-        "extract --base base.st --tuned tuned.st -o delta.st --density 0.5",
+        "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 0.5",
     );
 
-    let mut args = vec!["--threads", "1", "merge", "--base", "base.st", "-o", "m.st"];
-    args.extend(std::iter::repeat_n("delta.st", 40));
+    let mut args = vec![
+        "--threads",
+        "1",
+        "merge",
+        "--base",
+        "base.safetensors",
+        "-o",
+        "m.safetensors",
+    ];
+    args.extend(std::iter::repeat_n("delta.safetensors", 40));
     let mut child = std::process::Command::new(BIN)
         .current_dir(d)
         .args(&args)
@@ -2162,7 +2400,7 @@ fn interrupted_merge_leaves_no_partial_file() {
         "the merge finished before the interrupt: make the input larger"
     );
     assert_ne!(status.code(), Some(101), "panicked on SIGINT");
-    assert_nothing_written(d, "m.st");
+    assert_nothing_written(d, "m.safetensors");
 }
 
 // ==========================================================================================
@@ -2177,7 +2415,11 @@ fn inspect_with_a_base_of_another_dtype_fails_cleanly() {
     let d = dir.path();
     independent_deltas(d); // f32 deltas with overlapping masks: the cosine needs the base
     let other = fx(d, "base", "bf16");
-    run(d, &format!("inspect --base {other} a.st b.st")).error(&[&other]);
+    run(
+        d,
+        &format!("inspect --base {other} a.safetensors b.safetensors"),
+    )
+    .error(&[&other]);
 }
 
 /// Two deltas of models that disagree on a tensor's shape (the embedding: masked in one,
@@ -2194,27 +2436,37 @@ fn inspect_of_deltas_with_different_shapes_fails_cleanly() {
     };
     rewrite(
         &fixture_path("base", "f32"),
-        &d.join("small-base.st"),
+        &d.join("small-base.safetensors"),
         shrink,
     );
     rewrite(
         &fixture_path("task2", "f32"),
-        &d.join("small-tuned.st"),
+        &d.join("small-tuned.safetensors"),
         shrink,
     );
     let exclude = format!("--exclude {EMBED}");
     ok(
         d,
-        &format!("extract --base small-base.st --tuned small-tuned.st -o small.st {exclude}"),
+        &format!(
+            "extract --base small-base.safetensors --tuned small-tuned.safetensors -o small.safetensors {exclude}"
+        ),
     );
     let (base, tuned) = (fx(d, "base", "f32"), fx(d, "task1", "f32"));
     ok(
         d,
-        &format!("extract --base {base} --tuned {tuned} -o full.st --slot 0/2"),
+        &format!("extract --base {base} --tuned {tuned} -o full.safetensors --slot 0/2"),
     );
     // Deltas of two different models: refused whether or not a base is given.
-    run(d, "inspect full.st small.st").error(&[EMBED, "full.st", "small.st"]);
-    run(d, &format!("inspect --base {base} full.st small.st")).error(&[EMBED]);
+    run(d, "inspect full.safetensors small.safetensors").error(&[
+        EMBED,
+        "full.safetensors",
+        "small.safetensors",
+    ]);
+    run(
+        d,
+        &format!("inspect --base {base} full.safetensors small.safetensors"),
+    )
+    .error(&[EMBED]);
 }
 
 /// `sotu-delta inspect ... | head` closes the pipe early; the tool must not panic over it.
@@ -2227,7 +2479,12 @@ fn output_into_a_closed_pipe_does_not_panic() {
     drop(reader); // every write to stdout now fails with EPIPE
     let out = std::process::Command::new(BIN)
         .current_dir(d)
-        .args(["inspect", "d1.st", "d2.st", "d3.st"])
+        .args([
+            "inspect",
+            "d1.safetensors",
+            "d2.safetensors",
+            "d3.safetensors",
+        ])
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(Stdio::piped())

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-use sotu_delta::output::write_file;
 use sotu_delta::dtype::Float;
+use sotu_delta::output::write_file;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
 
@@ -56,24 +56,24 @@ fn checkpoint(path: &Path, n: usize, tuned: bool) {
 
 /// A base and a delta big enough that a one-thread merge takes a good fraction of a second.
 fn big_pair(dir: &Path) {
-    checkpoint(&dir.join("base.st"), 24 << 20, false);
-    checkpoint(&dir.join("tuned.st"), 24 << 20, true);
+    checkpoint(&dir.join("base.safetensors"), 24 << 20, false);
+    checkpoint(&dir.join("tuned.safetensors"), 24 << 20, true);
     extract_delta(dir);
 }
 
-/// Extracts `d.st` (density 0.5) from `base.st` and `tuned.st` in `dir`.
+/// Extracts `d.safetensors` (density 0.5) from `base.safetensors` and `tuned.safetensors` in `dir`.
 fn extract_delta(dir: &Path) {
     let args = [
         "extract",
         "-q",
         "--base",
-        "base.st",
+        "base.safetensors",
         "--tuned",
-        "tuned.st",
+        "tuned.safetensors",
         "--density",
         "0.5",
         "-o",
-        "d.st",
+        "d.safetensors",
     ];
     let o = run(dir, &args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -110,7 +110,7 @@ impl Drop for Mount {
     }
 }
 
-/// Starts a one-thread merge of `d.st` onto `base.st`, waits until its partial output exists
+/// Starts a one-thread merge of `d.safetensors` onto `base.safetensors`, waits until its partial output exists
 /// (the data pass has begun), runs `during` with the merge's pid, and returns its output.
 fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
     let child = Command::new(BIN)
@@ -121,10 +121,10 @@ fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
             "1",
             "--no-sync",
             "--base",
-            "base.st",
-            "d.st",
+            "base.safetensors",
+            "d.safetensors",
             "-o",
-            "out.st",
+            "out.safetensors",
         ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -146,34 +146,41 @@ fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
 fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    checkpoint(&d.join("base.st"), 1 << 18, false);
-    checkpoint(&d.join("tuned.st"), 1 << 18, true);
+    checkpoint(&d.join("base.safetensors"), 1 << 18, false);
+    checkpoint(&d.join("tuned.safetensors"), 1 << 18, true);
     let small = d.join("small");
     let Some(_mount) = tmpfs(&small, "size=256k") else {
         return;
     };
-    let base_before = std::fs::read(d.join("base.st")).unwrap();
+    let base_before = std::fs::read(d.join("base.safetensors")).unwrap();
     for args in [
         vec![
             "extract",
             "--base",
-            "../base.st",
+            "../base.safetensors",
             "--tuned",
-            "../tuned.st",
+            "../tuned.safetensors",
             "--density",
             "1",
             "-o",
-            "out.st",
+            "out.safetensors",
         ],
-        vec!["merge", "--base", "../base.st", "../d.st", "-o", "out.st"],
+        vec![
+            "merge",
+            "--base",
+            "../base.safetensors",
+            "../d.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
     ] {
         if args[0] == "merge" {
             extract_delta(d);
         }
         let o = run(&small, &args);
         assert_eq!(o.status.code(), Some(1), "{:?}: {}", args, stderr(&o));
-        assert!(stderr(&o).contains("out.st"), "{}", stderr(&o));
-        assert!(!small.join("out.st").exists());
+        assert!(stderr(&o).contains("out.safetensors"), "{}", stderr(&o));
+        assert!(!small.join("out.safetensors").exists());
         assert!(partials(&small).is_empty(), "{:?}", partials(&small));
         // The same command with room to write succeeds.
         let o = run(
@@ -188,15 +195,18 @@ fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
         );
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    assert_eq!(std::fs::read(d.join("base.st")).unwrap(), base_before);
+    assert_eq!(
+        std::fs::read(d.join("base.safetensors")).unwrap(),
+        base_before
+    );
 }
 
 #[test]
 fn read_only_output_folder_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    checkpoint(&d.join("base.st"), 1024, false);
-    checkpoint(&d.join("tuned.st"), 1024, true);
+    checkpoint(&d.join("base.safetensors"), 1024, false);
+    checkpoint(&d.join("tuned.safetensors"), 1024, true);
     let ro = d.join("ro");
     // As root, file modes do not stop a write; a read-only mount does.
     let Some(_mount) = tmpfs(&ro, "ro,size=1m") else {
@@ -205,12 +215,18 @@ fn read_only_output_folder_is_a_clear_error() {
     let o = run(
         d,
         &[
-            "extract", "--base", "base.st", "--tuned", "tuned.st", "-o", "ro/d.st",
+            "extract",
+            "--base",
+            "base.safetensors",
+            "--tuned",
+            "tuned.safetensors",
+            "-o",
+            "ro/d.safetensors",
         ],
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("ro/d.st"), "{}", stderr(&o));
-    assert!(!ro.join("d.st").exists());
+    assert!(stderr(&o).contains("ro/d.safetensors"), "{}", stderr(&o));
+    assert!(!ro.join("d.safetensors").exists());
 }
 
 #[test]
@@ -218,20 +234,30 @@ fn killed_merge_leaves_no_output_and_a_rerun_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     big_pair(d);
-    let before = std::fs::read(d.join("base.st")).unwrap();
-    let o = merge_with(d, |_| {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-f", "out.st"])
-            .status();
+    let before = std::fs::read(d.join("base.safetensors")).unwrap();
+    // By pid, at once: a pkill that scans /proc can come too late on a busy machine.
+    let o = merge_with(d, |pid| {
+        // SAFETY: signals the child this test spawned and has not yet reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     });
     assert_eq!(o.status.code(), None, "killed by a signal");
     // SIGKILL cannot be caught: the partial file may stay, but nothing is at the output path.
-    assert!(!d.join("out.st").exists());
+    assert!(!d.join("out.safetensors").exists());
     for p in partials(d) {
         std::fs::remove_file(p).unwrap();
     }
-    assert_eq!(std::fs::read(d.join("base.st")).unwrap(), before);
-    let o = run(d, &["merge", "--base", "base.st", "d.st", "-o", "out.st"]);
+    assert_eq!(std::fs::read(d.join("base.safetensors")).unwrap(), before);
+    let o = run(
+        d,
+        &[
+            "merge",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -243,14 +269,14 @@ fn input_truncated_while_read_is_an_error_naming_it() {
     let o = merge_with(d, |_| {
         std::fs::OpenOptions::new()
             .write(true)
-            .open(d.join("base.st"))
+            .open(d.join("base.safetensors"))
             .unwrap()
             .set_len(4096)
             .unwrap();
     });
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("base.st"), "{}", stderr(&o));
-    assert!(!d.join("out.st").exists());
+    assert!(stderr(&o).contains("base.safetensors"), "{}", stderr(&o));
+    assert!(!d.join("out.safetensors").exists());
     assert!(partials(d).is_empty(), "{:?}", partials(d));
 }
 
@@ -263,18 +289,18 @@ fn input_rewritten_while_read_is_an_error_naming_it() {
         // Same size, new contents and modification time: an in-place rewrite.
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(d.join("d.st"))
+            .open(d.join("d.safetensors"))
             .unwrap();
         f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
             .unwrap();
     });
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("d.st") && stderr(&o).contains("changed"),
+        stderr(&o).contains("d.safetensors") && stderr(&o).contains("changed"),
         "{}",
         stderr(&o)
     );
-    assert!(!d.join("out.st").exists());
+    assert!(!d.join("out.safetensors").exists());
     assert!(partials(d).is_empty());
 }
 
@@ -289,13 +315,13 @@ fn f16_overflow_warns_naming_the_tensor() {
     };
     let tensors = |v: &[f64]| vec![("hot".to_string(), Dtype::F16, vec![2], f16(v))];
     write_file(
-        &d.join("base.st"),
+        &d.join("base.safetensors"),
         &tensors(&[60000.0, 1.0]),
         &BTreeMap::new(),
     )
     .unwrap();
     write_file(
-        &d.join("tuned.st"),
+        &d.join("tuned.safetensors"),
         &tensors(&[65504.0, 2.0]),
         &BTreeMap::new(),
     )
@@ -305,13 +331,13 @@ fn f16_overflow_warns_naming_the_tensor() {
         &[
             "extract",
             "--base",
-            "base.st",
+            "base.safetensors",
             "--tuned",
-            "tuned.st",
+            "tuned.safetensors",
             "--density",
             "1",
             "-o",
-            "d.st",
+            "d.safetensors",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -321,12 +347,12 @@ fn f16_overflow_warns_naming_the_tensor() {
         &[
             "merge",
             "--base",
-            "base.st",
-            "d.st",
+            "base.safetensors",
+            "d.safetensors",
             "--weights",
             "2",
             "-o",
-            "out.st",
+            "out.safetensors",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -336,6 +362,16 @@ fn f16_overflow_warns_naming_the_tensor() {
         "{err}"
     );
     // Weight 1 stays finite: no warning.
-    let o = run(d, &["merge", "--base", "base.st", "d.st", "-o", "out2.st"]);
+    let o = run(
+        d,
+        &[
+            "merge",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "out2.safetensors",
+        ],
+    );
     assert!(!stderr(&o).contains("overflow"), "{}", stderr(&o));
 }

@@ -9,12 +9,12 @@ use std::path::Path;
 use proptest::prelude::*;
 use safetensors::Dtype;
 use sotu_delta::checkpoint::Checkpoint;
-use sotu_delta::output::write_file;
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::{Delta, Kind};
 use sotu_delta::mask::{Interval, Mask, SPAN};
 use sotu_delta::merge::{MergeOptions, merge};
+use sotu_delta::output::{Target, write_file};
 
 /// A small deterministic generator (splitmix64), so that a proptest seed expands into as many
 /// values as a tensor needs without proptest generating each one.
@@ -103,7 +103,7 @@ fn extract_with(
     interval: Interval,
     selector: Selector,
 ) -> Delta {
-    let base = Checkpoint::open(&dir.join("base.st")).unwrap();
+    let base = Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let tuned = Checkpoint::open(&dir.join(tuned)).unwrap();
     let opts = ExtractOptions {
         seed,
@@ -112,22 +112,23 @@ fn extract_with(
         selector,
         allow_nonfinite: false,
     };
-    extract(&base, &tuned, &dir.join(out), &opts).unwrap();
+    extract(&base, &tuned, &Target::new(&dir.join(out)), &opts).unwrap();
     Delta::open(&dir.join(out)).unwrap()
 }
 
 fn do_merge(dir: &Path, deltas: &[&str], opts: &MergeOptions, threads: usize) -> Vec<u64> {
-    let base = Checkpoint::open(&dir.join("base.st")).unwrap();
+    let base = Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let deltas: Vec<Delta> = deltas
         .iter()
         .map(|d| Delta::open(&dir.join(d)).unwrap())
         .collect();
-    let out = dir.join(format!("merged-{threads}.st"));
+    let out = dir.join(format!("merged-{threads}.safetensors"));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    pool.install(|| merge(&base, &deltas, &out, opts)).unwrap();
+    pool.install(|| merge(&base, &deltas, &Target::new(&out), opts))
+        .unwrap();
     let ck = Checkpoint::open(&out).unwrap();
     let info = ck.info("w").unwrap();
     decode(Float::of(info.dtype).unwrap(), ck.data(info))
@@ -179,15 +180,15 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let numel: usize = shape.iter().product();
         let (base, tuned) = make_tensors(f, numel, 1, data_seed);
-        write(&dir.path().join("base.st"), "w", f, &shape, base.clone());
-        write(&dir.path().join("t.st"), "w", f, &shape, tuned[0].clone());
+        write(&dir.path().join("base.safetensors"), "w", f, &shape, base.clone());
+        write(&dir.path().join("t.safetensors"), "w", f, &shape, tuned[0].clone());
         let interval = Interval::from_density(density).unwrap();
         let selector = if exclude {
             Selector::new(&[], &["w".to_string()]).unwrap()
         } else {
             Selector::default()
         };
-        let delta = extract_with(dir.path(), "t.st", "d.st", seed, interval, selector);
+        let delta = extract_with(dir.path(), "t.safetensors", "d.safetensors", seed, interval, selector);
         let e = &delta.entries()["w"];
         if base == tuned[0] {
             prop_assert_eq!(e.kind, Kind::Same);
@@ -209,7 +210,7 @@ proptest! {
             prop_assert!((kept.len() as f64 - n * d).abs() <= 6.0 * sd + 1.0,
                 "kept {} of {} at density {}", kept.len(), numel, d);
         }
-        let out = do_merge(dir.path(), &["d.st"], &MergeOptions::default(), 2);
+        let out = do_merge(dir.path(), &["d.safetensors"], &MergeOptions::default(), 2);
         let mask = Mask::new(seed, "w", interval);
         let (b_bits, t_bits) = (decode(f, &base), decode(f, &tuned[0]));
         for i in 0..numel {
@@ -228,13 +229,13 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let numel: usize = shape.iter().product();
         let (base, tuned) = make_tensors(f, numel, 3, data_seed);
-        write(&dir.path().join("base.st"), "w", f, &shape, base.clone());
+        write(&dir.path().join("base.safetensors"), "w", f, &shape, base.clone());
         let mut names = Vec::new();
         for (k, t) in tuned.iter().enumerate() {
-            write(&dir.path().join(format!("t{k}.st")), "w", f, &shape, t.clone());
+            write(&dir.path().join(format!("t{k}.safetensors")), "w", f, &shape, t.clone());
             let iv = Interval::from_slot(k as u64, 3, None).unwrap();
-            do_extract(dir.path(), &format!("t{k}.st"), &format!("d{k}.st"), seed, iv);
-            names.push(format!("d{k}.st"));
+            do_extract(dir.path(), &format!("t{k}.safetensors"), &format!("d{k}.safetensors"), seed, iv);
+            names.push(format!("d{k}.safetensors"));
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let one = do_merge(dir.path(), &names, &MergeOptions::default(), 1);
@@ -264,15 +265,15 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let numel: usize = shape.iter().product();
         let (base, tuned) = make_tensors(f, numel, 2, data_seed);
-        write(&dir.path().join("base.st"), "w", f, &shape, base.clone());
+        write(&dir.path().join("base.safetensors"), "w", f, &shape, base.clone());
         let ivs = [Interval::from_density(d0).unwrap(), Interval::from_density(d1).unwrap()];
         let seeds = [s0, s1];
         for k in 0..2 {
-            write(&dir.path().join(format!("t{k}.st")), "w", f, &shape, tuned[k].clone());
-            do_extract(dir.path(), &format!("t{k}.st"), &format!("d{k}.st"), seeds[k], ivs[k]);
+            write(&dir.path().join(format!("t{k}.safetensors")), "w", f, &shape, tuned[k].clone());
+            do_extract(dir.path(), &format!("t{k}.safetensors"), &format!("d{k}.safetensors"), seeds[k], ivs[k]);
         }
         let opts = MergeOptions { weights: vec![w0, w1], rescale, dtype: out_f, force: false };
-        let out = do_merge(dir.path(), &["d0.st", "d1.st"], &opts, 2);
+        let out = do_merge(dir.path(), &["d0.safetensors", "d1.safetensors"], &opts, 2);
         let (mut b, mut t0, mut t1) = (Vec::new(), Vec::new(), Vec::new());
         f.load_all(&base, &mut b);
         f.load_all(&tuned[0], &mut t0);
@@ -357,14 +358,14 @@ fn inexact_elements_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     let f = Float::F32;
     write(
-        &dir.path().join("base.st"),
+        &dir.path().join("base.safetensors"),
         "w",
         f,
         &[3],
         encode(f, &[1.0, 0.5, 0.5]),
     );
     write(
-        &dir.path().join("t.st"),
+        &dir.path().join("t.safetensors"),
         "w",
         f,
         &[3],
@@ -372,13 +373,13 @@ fn inexact_elements_are_counted() {
     );
     let delta = do_extract(
         dir.path(),
-        "t.st",
-        "d.st",
+        "t.safetensors",
+        "d.safetensors",
         1,
         Interval::from_density(1.0).unwrap(),
     );
     assert_eq!(delta.stats(delta.entries()["w"].row)[2], 2.0);
-    let out = do_merge(dir.path(), &["d.st"], &MergeOptions::default(), 1);
+    let out = do_merge(dir.path(), &["d.safetensors"], &MergeOptions::default(), 1);
     assert_ne!(out[0], (1e-15f32).to_bits() as u64);
     assert_eq!(out[1], (0.25f32).to_bits() as u64);
     assert_eq!(out[2], (0.0f32).to_bits() as u64);
@@ -410,12 +411,17 @@ fn non_float_new_and_unchanged_tensors() {
         vec![2],
         encode(f, &[1.0, 2.0]),
     ));
-    write_file(&dir.path().join("base.st"), &base, &BTreeMap::new()).unwrap();
-    write_file(&dir.path().join("t.st"), &tuned, &BTreeMap::new()).unwrap();
+    write_file(
+        &dir.path().join("base.safetensors"),
+        &base,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    write_file(&dir.path().join("t.safetensors"), &tuned, &BTreeMap::new()).unwrap();
     let delta = do_extract(
         dir.path(),
-        "t.st",
-        "d.st",
+        "t.safetensors",
+        "d.safetensors",
         3,
         Interval::from_density(1.0).unwrap(),
     );
@@ -433,15 +439,15 @@ fn non_float_new_and_unchanged_tensors() {
             ("w", Kind::Masked, true),
         ]
     );
-    let base_ck = Checkpoint::open(&dir.path().join("base.st")).unwrap();
+    let base_ck = Checkpoint::open(&dir.path().join("base.safetensors")).unwrap();
     merge(
         &base_ck,
         &[delta],
-        &dir.path().join("out.st"),
+        &Target::new(&dir.path().join("out.safetensors")),
         &MergeOptions::default(),
     )
     .unwrap();
-    let out = Checkpoint::open(&dir.path().join("out.st")).unwrap();
+    let out = Checkpoint::open(&dir.path().join("out.safetensors")).unwrap();
     for (name, _, _, data) in &tuned {
         assert_eq!(
             out.data(out.info(name).unwrap()),

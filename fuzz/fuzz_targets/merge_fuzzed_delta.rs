@@ -13,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use sotu_delta::checkpoint::Checkpoint;
 use sotu_delta::format::Delta;
 use sotu_delta::merge::{MergeOptions, merge};
+use sotu_delta::output::Target;
 
 /// The committed fixture, opened in place: merge checks before it commits an output that its
 /// inputs did not change while it read them, so the base must stay at its path for the whole run
@@ -38,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let deltas = [delta];
     let out_dir = common::out_dir();
-    let out = out_dir.path().join("merged.safetensors");
+    let out = Target::new(&out_dir.path().join("merged.safetensors"));
     let _ = merge(base, &deltas, &out, &MergeOptions::default());
     let forced = MergeOptions {
         force: true,

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use rayon::prelude::*;
-use sotu_delta::output::{OutTensor, Output, Target};
 use sotu_delta::dtype::Float;
+use sotu_delta::output::{OutTensor, Output, Target};
 
 #[derive(Parser)]
 #[command(about = "Write a synthetic Llama-shaped base checkpoint and fine-tunes of it")]

@@ -112,14 +112,14 @@ def main():
     # Like for like: cp leaves its output in the page cache, so the rows against cp use
     # --no-sync; the default (fsync before rename) is measured against cp + sync.
     sd = durable + ["--no-sync"]
-    deltas = [work / f"d{k}.st" for k in range(3)]
+    deltas = [work / f"d{k}.safetensors" for k in range(3)]
     for k in range(3):
         subprocess.run(sd + ["extract", "--base", base, "--tuned", tunes[k], "--slot", f"{k}/3",
                              "-o", deltas[k]], check=True)
     warm(base, *tunes, *deltas)
     base_bytes = base.stat().st_size
     both = base_bytes + tunes[0].stat().st_size
-    out = work / "out.st"
+    out = work / "out.safetensors"
     rm_out = lambda: out.unlink(missing_ok=True)
 
     rows = []
