@@ -34,8 +34,15 @@
 //!   about files and may differ between a folder and a file; everything else must be equal.
 //! - `--json` `outputs`: every listed path exists after the run, lies in the output, and the list
 //!   covers every shard and the index; `output_bytes` is the sum of the listed files' sizes.
-//!   Whether copied config files are listed is left open. `input_bytes` lies between the inputs'
-//!   tensor bytes and the total size of everything under the input paths.
+//!   Whether copied config files are listed is left open, and `output_bytes` may be the size of
+//!   all listed files or of the listed `.safetensors` files only. `input_bytes` lies between the
+//!   inputs' tensor bytes and the total size of everything under the input paths.
+//! - Any `..` component in a shard name is refused, even `sub/../shard` (which stays inside).
+//! - `weight_map` not being an object is an error whose "offending entry" is `weight_map`, so
+//!   the message must say `weight_map`.
+//! - A `--shard-size` beyond 64 bits (2^64 and up) is a bad value (exit 2), not a saturated one.
+//! - Not tested, because the contract is silent: what happens to an existing output folder that
+//!   holds no input (replaced, merged into, or refused); symbolic links among shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -1524,6 +1531,25 @@ fn damage_dotdot(dir: &Path) -> Vec<String> {
     any
 }
 
+/// Reading of the contract: any `..` component is refused ("escapes the folder (absolute path,
+/// or a `..` component)"), even one that comes back inside, like `sub/../shard`.
+fn damage_inner_dotdot(dir: &Path) -> Vec<String> {
+    let mut index = read_index(dir);
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let shard = map.values().next().unwrap().as_str().unwrap().to_string();
+    fs::create_dir(dir.join("sub")).unwrap();
+    let name = format!("sub/../{shard}");
+    let mut any = vec![name.clone()];
+    for (t, s) in map.iter_mut() {
+        if s.as_str() == Some(&shard) {
+            *s = json!(name);
+            any.push(t.clone());
+        }
+    }
+    write_index(dir, &index);
+    any
+}
+
 fn damage_missing_shard(dir: &Path) -> Vec<String> {
     let (_, a, _) = two_shards(dir);
     fs::remove_file(dir.join(&a)).unwrap();
@@ -1701,6 +1727,11 @@ fn index_with_an_absolute_shard_path_is_refused() {
 #[test]
 fn index_with_a_dotdot_shard_path_is_refused() {
     assert_bad_index_refused(damage_dotdot);
+}
+
+#[test]
+fn index_with_a_dotdot_component_inside_the_folder_is_refused() {
+    assert_bad_index_refused(damage_inner_dotdot);
 }
 
 #[test]
