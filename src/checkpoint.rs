@@ -103,6 +103,22 @@ impl Checkpoint {
             bail!("{at}: {len} bytes is too large for an index");
         }
         let text = std::fs::read(index).with_context(|| format!("{at}: cannot read"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("{at}: not valid JSON"))?;
+        match value.get("weight_map") {
+            None => bail!("{at}: not a valid index: no weight_map"),
+            Some(serde_json::Value::Object(_)) => {}
+            Some(v) => {
+                let kind = match v {
+                    serde_json::Value::Array(_) => "an array",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    _ => "null",
+                };
+                bail!("{at}: not a valid index: weight_map is {kind}, not an object")
+            }
+        }
         let parsed: IndexFile =
             serde_json::from_slice(&text).with_context(|| format!("{at}: not a valid index"))?;
         let entries = parsed

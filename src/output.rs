@@ -96,8 +96,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .filter(|n: &f64| n.is_finite())
         .with_context(|| format!("{s:?} is not a size such as 500MB or 2GiB"))?;
     let bytes = n * unit_bytes as f64;
-    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+    if bytes < 1.0 {
         bail!("{s:?}: a shard size must be at least 1 byte");
+    }
+    // `u64::MAX as f64` is 2^64 itself, one past the largest u64.
+    if bytes >= u64::MAX as f64 {
+        bail!("{s:?}: too large for a shard size");
     }
     Ok(bytes as u64)
 }
@@ -263,6 +267,9 @@ impl Output {
             .prefix(".sotu-delta-partial-")
             // The usual mode of a new file (0666 less the umask), not tempfile's private 0600.
             .permissions(std::fs::Permissions::from_mode(0o666));
+        if target.is_folder() {
+            refuse_to_replace(dest)?;
+        }
         let groups = if target.is_folder() {
             pack(tensors, target.shard_size)
         } else {
@@ -475,6 +482,25 @@ impl Drop for Output {
     }
 }
 
+/// Refuses to replace an existing folder at `dest` unless it is empty or a model folder (it
+/// holds `model.safetensors` or an index): `-o ~/models` by mistake must not delete a folder of
+/// other things.
+fn refuse_to_replace(dest: &Path) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(dest) else {
+        return Ok(()); // nothing there, or not a folder (found out when placing it)
+    };
+    if entries.next().is_none()
+        || dest.join(SINGLE_NAME).is_file()
+        || dest.join(INDEX_NAME).is_file()
+    {
+        return Ok(());
+    }
+    bail!(
+        "{}: exists and is not a model folder (no {SINGLE_NAME} or {INDEX_NAME}); refusing to replace it. Remove it or choose another output path",
+        dest.display()
+    )
+}
+
 fn sync_folder(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
@@ -604,7 +630,15 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
-        for bad in ["", "GB", "0", "-1MB", "5 parsecs", "1e3"] {
+        for bad in [
+            "",
+            "GB",
+            "0",
+            "-1MB",
+            "5 parsecs",
+            "1e3",
+            "18446744073709551616",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} parsed");
         }
     }

@@ -2282,6 +2282,12 @@ fn folder_output_replaces_an_existing_folder_whole() {
     );
     fs::create_dir(d.join("outdir")).unwrap();
     fs::write(d.join("outdir/stale.txt"), "old").unwrap();
+    // Not a model folder: refused, left as it was.
+    run(d, &format!("apply --base {base} d.safetensors -o outdir"))
+        .error(&["outdir", "not a model folder"]);
+    assert_eq!(fs::read(d.join("outdir/stale.txt")).unwrap(), b"old");
+    // A model folder (an earlier output, say) is replaced whole.
+    fs::write(d.join("outdir/model.safetensors"), "old weights").unwrap();
     ok(d, &format!("apply --base {base} d.safetensors -o outdir"));
     let names: Vec<String> = fs::read_dir(d.join("outdir"))
         .unwrap()
