@@ -36,6 +36,19 @@ pub struct MaskKey {
 }
 
 impl MaskKey {
+    /// `u(i)` for each `i` of `range` (which must not cross a multiple of 2^32) into `out`:
+    /// the values that masks of this key share, whatever their intervals.
+    pub fn fill_u(&self, range: std::ops::Range<u64>, out: &mut Vec<u32>) {
+        debug_assert_eq!(range.start >> 32, (range.end.max(1) - 1) >> 32);
+        out.clear();
+        out.resize((range.end - range.start) as usize, 0);
+        fill_u(
+            range.start as u32,
+            self.block_const((range.start >> 32) as u32),
+            out,
+        );
+    }
+
     /// Derives the key of tensor `name` under `seed`.
     pub fn new(seed: u64, name: &str) -> Self {
         let mut h = blake3::Hasher::new();
@@ -76,6 +89,14 @@ pub struct Interval {
 }
 
 impl Interval {
+    /// Keep words from the mask values `us` (see [`MaskKey::fill_u`]): bit `k` of word `w` is
+    /// whether `us[64·w + k]` lies in the interval.
+    pub fn keep_words_of(&self, us: &[u32], words: &mut Vec<u64>) {
+        words.clear();
+        words.resize(us.len().div_ceil(64), 0);
+        pack_keep_words(us, self.lo as u32, self.hi - self.lo, words);
+    }
+
     /// An interval from its bounds; refuses `lo > hi` or `hi > 2^32`.
     pub fn new(lo: u64, hi: u64) -> Result<Self> {
         if lo > hi || hi > SPAN {
@@ -221,6 +242,14 @@ impl Mask {
         });
     }
 
+    /// The keep words of `range` (which must not cross a multiple of 2^32) into `words`: bit `k`
+    /// of word `w` is index `range.start + 64·w + k`; bits past the end are clear.
+    pub fn words(&self, range: std::ops::Range<u64>, words: &mut Vec<u64>) {
+        debug_assert_eq!(range.start >> 32, (range.end.max(1) - 1) >> 32);
+        let c = self.key.block_const((range.start >> 32) as u32);
+        self.keep_words(range.start, (range.end - range.start) as usize, c, words);
+    }
+
     /// The number of kept indices in `range`.
     pub fn count_kept(&self, range: std::ops::Range<u64>) -> u64 {
         let mut n = 0u64;
@@ -280,6 +309,46 @@ fn fill_keep_words(first: u32, c: u32, lo: u32, width: u64, words: &mut [u64]) {
         let mut flags = [0u8; 64];
         for (k, flag) in flags.iter_mut().enumerate() {
             let u = mix32(base.wrapping_add(k as u32) ^ c);
+            *flag = (u.wrapping_sub(lo) < width) as u8;
+        }
+        *word = flags
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (k, &f)| acc | (f as u64) << k);
+    }
+}
+
+/// `u` of consecutive 32-bit counters from `first` under block constant `c`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn fill_u(first: u32, c: u32, out: &mut [u32]) {
+    for (k, u) in out.iter_mut().enumerate() {
+        *u = mix32(first.wrapping_add(k as u32) ^ c);
+    }
+}
+
+/// Keep bits of `us` against `[lo, lo + width)`, 64 per word.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn pack_keep_words(us: &[u32], lo: u32, width: u64, words: &mut [u64]) {
+    if width >= SPAN {
+        words.fill(!0);
+        let tail = us.len() % 64;
+        if tail != 0 {
+            *words.last_mut().unwrap() = (1u64 << tail) - 1;
+        }
+        return;
+    }
+    let width = width as u32;
+    for (word, us) in words.iter_mut().zip(us.chunks(64)) {
+        let mut flags = [0u8; 64];
+        for (flag, &u) in flags.iter_mut().zip(us) {
             *flag = (u.wrapping_sub(lo) < width) as u8;
         }
         *word = flags
@@ -409,6 +478,28 @@ mod tests {
             n += 1
         });
         assert_eq!(n, m.count_kept(r));
+    }
+
+    #[test]
+    fn shared_u_gives_the_same_words_as_each_mask() {
+        let key = MaskKey::new(5, "w");
+        for range in [0..1000u64, (SPAN - 100)..SPAN, SPAN..(SPAN + 65536), 7..8] {
+            let mut us = Vec::new();
+            key.fill_u(range.clone(), &mut us);
+            for iv in [
+                Interval::from_slot(0, 3, None).unwrap(),
+                Interval::from_slot(2, 3, None).unwrap(),
+                Interval::from_density(1.0).unwrap(),
+                Interval::from_density(0.0).unwrap(),
+                Interval::new(17, 123_456_789).unwrap(),
+            ] {
+                let m = Mask { key, interval: iv };
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                m.words(range.clone(), &mut a);
+                iv.keep_words_of(&us, &mut b);
+                assert_eq!(a, b, "{range:?} {iv:?}");
+            }
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::checkpoint::{Checkpoint, tensor_hash};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
-use crate::mask::SPAN;
+use crate::mask::{Mask, SPAN};
 use crate::output::{OutTensor, Output, Target};
 
 /// Elements per unit of parallel work: 16 chunks, so each output write is 2–8 MiB.
@@ -449,6 +449,48 @@ struct Scratch {
     base: Vec<f64>,
     sub: Vec<u8>,
     bytes: Vec<u8>,
+    /// Keep words of each term over the tile.
+    words: Vec<Vec<u64>>,
+    /// Mask values shared by terms of one seed.
+    us: Vec<u32>,
+}
+
+/// The keep words of every masked term over the tile `range` (which lies within one block of
+/// 2^32 elements). Terms whose deltas share a seed share `u(i)`: it is hashed once and only
+/// compared with each interval, the usual case of deltas extracted in disjoint slots.
+fn tile_keep_words(
+    deltas: &[Delta],
+    name: &str,
+    terms: &[Term],
+    range: std::ops::Range<u64>,
+    us: &mut Vec<u32>,
+    words: &mut [Vec<u64>],
+) {
+    let masks: Vec<Option<Mask>> = terms
+        .iter()
+        .map(|t| t.masked.then(|| deltas[t.delta].mask(name)))
+        .collect();
+    let mut done = vec![false; terms.len()];
+    for (i, m) in masks.iter().enumerate() {
+        let Some(m) = m else { continue };
+        if done[i] {
+            continue;
+        }
+        let sharing: Vec<usize> = (i..terms.len())
+            .filter(|&j| masks[j].is_some_and(|n| n.key == m.key))
+            .collect();
+        if sharing.len() == 1 {
+            m.words(range.clone(), &mut words[i]);
+        } else {
+            m.key.fill_u(range.clone(), us);
+            for &j in &sharing {
+                masks[j].unwrap().interval.keep_words_of(us, &mut words[j]);
+            }
+        }
+        for j in sharing {
+            done[j] = true;
+        }
+    }
 }
 
 /// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
@@ -477,12 +519,15 @@ fn compute<E: Elem>(
         s.base.clear();
         s.base
             .extend(tile.chunks_exact(E::SIZE).map(|b| E::value(E::bits(b))));
-        for term in terms {
+        s.words.resize_with(terms.len(), Vec::new);
+        tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
+        for (term, words) in terms.iter().zip(&s.words) {
             add_term::<E>(
                 &deltas[term.delta],
                 name,
                 term,
                 lo..hi,
+                words,
                 &s.base,
                 &mut s.acc,
                 &mut s.touched,
@@ -545,6 +590,7 @@ fn add_term<E: Elem>(
     name: &str,
     term: &Term,
     range: std::ops::Range<u64>,
+    tile_words: &[u64],
     b: &[f64],
     acc: &mut [f64],
     touched: &mut [u64],
@@ -577,7 +623,7 @@ fn add_term<E: Elem>(
         let end = chunk_end.min(range.end);
         let limit = offsets[ci as usize + 1];
         let mut overrun = false;
-        mask.for_each_word(pos..end, |start, word| {
+        let mut visit = |start: u64, word: u64| {
             let kept = word.count_ones() as u64;
             if j + kept > limit {
                 overrun = true;
@@ -615,7 +661,23 @@ fn add_term<E: Elem>(
                 j += 1;
                 bits &= bits - 1;
             }
-        });
+        };
+        let (from, to) = (pos - lo, end - lo);
+        if from.is_multiple_of(64) {
+            // The tile's words, the last one cut at the chunk's end.
+            let (w0, w1) = ((from / 64) as usize, to.div_ceil(64) as usize);
+            for (w, &word) in tile_words.iter().enumerate().take(w1).skip(w0) {
+                let cut = if w + 1 == w1 && !to.is_multiple_of(64) {
+                    word & ((1u64 << (to % 64)) - 1)
+                } else {
+                    word
+                };
+                visit(lo + 64 * w as u64, cut);
+            }
+        } else {
+            // A chunk size that is not a multiple of 64 (never written by this tool).
+            mask.for_each_word(pos..end, visit);
+        }
         if overrun || (end == chunk_end && j != limit) {
             bail!(
                 "{}: tensor {name}: chunk {ci} keeps {} elements but its offsets say {}; the file is corrupt",
