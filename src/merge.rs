@@ -522,16 +522,13 @@ fn compute<E: Elem>(
         s.words.resize_with(terms.len(), Vec::new);
         tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         for (term, words) in terms.iter().zip(&s.words) {
-            add_term::<E>(
-                &deltas[term.delta],
-                name,
-                term,
-                lo..hi,
-                words,
-                &s.base,
-                &mut s.acc,
-                &mut s.touched,
-            )?;
+            let mut tile = Tile {
+                range: lo..hi,
+                base: &s.base,
+                acc: &mut s.acc,
+                touched: &mut s.touched,
+            };
+            add_term::<E>(&deltas[term.delta], name, term, words, &mut tile)?;
         }
         if to == E::FLOAT {
             let at = s.bytes.len();
@@ -583,18 +580,34 @@ fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8
     overflows
 }
 
-/// `acc[k] += coeff · (v − b[k])` at each element of `range` that the term keeps (`b` holds the
-/// base elements of `range` as f64), marking it in `touched`.
+/// One tile of a tensor being computed.
+struct Tile<'a> {
+    /// The tile's elements.
+    range: std::ops::Range<u64>,
+    /// The base elements, as f64.
+    base: &'a [f64],
+    /// `Σ c·(v − b)` so far.
+    acc: &'a mut [f64],
+    /// Which elements a term has touched, one bit each.
+    touched: &'a mut [u64],
+}
+
+/// `acc[k] += coeff · (v − b[k])` at each element of the tile that the term keeps (its keep
+/// words over the tile are `tile_words`), marking it in `touched`.
 fn add_term<E: Elem>(
     delta: &Delta,
     name: &str,
     term: &Term,
-    range: std::ops::Range<u64>,
     tile_words: &[u64],
-    b: &[f64],
-    acc: &mut [f64],
-    touched: &mut [u64],
+    tile: &mut Tile,
 ) -> Result<()> {
+    let Tile {
+        range,
+        base: b,
+        acc,
+        touched,
+    } = tile;
+    let range = range.clone();
     let values = delta.data(name);
     let lo = range.start;
     let c = term.coeff;
