@@ -167,7 +167,7 @@ pub mod elem {
         /// The run-time name of this type.
         const FLOAT: super::Float;
         /// The raw bits of one element.
-        type Bits: Copy;
+        type Bits: Copy + PartialEq;
         /// Element `i` of little-endian `bytes`, exactly, as f64.
         fn load(bytes: &[u8], i: usize) -> f64;
         /// Rounds `x` once to this type and writes it as element `i` of `bytes`.

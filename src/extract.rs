@@ -393,13 +393,15 @@ fn write_tensor(
     let chunks = numel.div_ceil(CHUNK_ELEMS);
     let partials: Vec<([f64; STATS_COLS], u64)> = (0..chunks)
         .into_par_iter()
-        .map_init(Vec::new, |kept_bytes, c| -> Result<([f64; STATS_COLS], u64)> {
-            let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
-            let s = crate::with_elem!(float, E => chunk_stats::<E>(b_data, t_data, range.clone(), mask.as_ref(), kept_bytes));
-            if mask.is_some() {
-                out.write(&p.name, p.offsets[c as usize] * float.size() as u64, kept_bytes)?;
-            }
-            Ok(s)
+        .map(|c| -> Result<([f64; STATS_COLS], u64)> {
+            CHUNK.with_borrow_mut(|buf| {
+                let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
+                let s = crate::with_elem!(float, E => chunk_stats::<E>(b_data, t_data, range.clone(), mask.as_ref(), buf));
+                if mask.is_some() {
+                    out.write(&p.name, p.offsets[c as usize] * float.size() as u64, &buf.kept)?;
+                }
+                Ok(s)
+            })
         })
         .collect::<Result<_>>()?;
     // Chunk partials are summed in chunk order, so the file does not depend on the thread count.
@@ -414,54 +416,102 @@ fn write_tensor(
     Ok((total, nonfinite))
 }
 
+thread_local! {
+    /// Each worker's buffers, kept for the whole run (allocating them per chunk cost page faults).
+    static CHUNK: std::cell::RefCell<ChunkBuffers> = std::cell::RefCell::default();
+}
+
+/// A worker's buffers for one chunk.
+#[derive(Default)]
+struct ChunkBuffers {
+    /// Keep bits of the chunk's elements.
+    words: Vec<u64>,
+    /// The kept fine-tuned values, as raw bytes.
+    kept: Vec<u8>,
+}
+
 /// One chunk's statistics row (docs/FORMAT.md section 7) and its number of non-finite
-/// differences, and its kept values' raw bytes in `kept_bytes` when there is a mask (without
-/// one, every element counts as kept).
+/// differences, with its kept values' raw bytes in `buf.kept` when there is a mask (without
+/// one, every element counts as kept and nothing is gathered).
 fn chunk_stats<E: Elem>(
     base: &[u8],
     tuned: &[u8],
     range: std::ops::Range<u64>,
     mask: Option<&Mask>,
-    kept_bytes: &mut Vec<u8>,
+    buf: &mut ChunkBuffers,
 ) -> ([f64; STATS_COLS], u64) {
     let bytes = range.start as usize * E::SIZE..range.end as usize * E::SIZE;
     let (b, t) = (&base[bytes.clone()], &tuned[bytes]);
     let n = (range.end - range.start) as usize;
-    // Eight lanes by index mod 8: independent sums, so the loop vectorizes without reordering.
-    let mut all = [0.0f64; 8];
-    let mut nonfinite = [0u64; 8];
-    let whole = n / 8 * 8;
-    for k in (0..whole).step_by(8) {
-        for p in 0..8 {
-            let d = E::load(t, k + p) - E::load(b, k + p);
-            all[p] += d * d;
-            nonfinite[p] += !d.is_finite() as u64;
-        }
-    }
-    for k in whole..n {
-        let d = E::load(t, k) - E::load(b, k);
-        all[k % 8] += d * d;
-        nonfinite[0] += !d.is_finite() as u64;
-    }
-    let mut kept = [0.0f64; 8];
-    let mut inexact = 0.0;
-    let mut visit = |k: usize| {
-        let (bv, tv) = (E::load(b, k), E::load(t, k));
-        let d = tv - bv;
-        kept[k % 8] += d * d;
-        if !E::FLOAT.reproduces(bv, tv, E::FLOAT.bits(t, k)) {
-            inexact += 1.0;
-        }
-    };
-    kept_bytes.clear();
     match mask {
-        Some(m) => m.for_each_kept(range.clone(), |i| {
-            let k = (i - range.start) as usize;
-            kept_bytes.extend_from_slice(&t[k * E::SIZE..(k + 1) * E::SIZE]);
-            visit(k);
-        }),
-        None => (0..n).for_each(visit),
+        Some(m) => m.words(range, &mut buf.words),
+        None => {
+            buf.words.clear();
+            buf.words.resize(n.div_ceil(64), !0);
+            if !n.is_multiple_of(64) {
+                *buf.words.last_mut().unwrap() = (1u64 << (n % 64)) - 1;
+            }
+        }
+    }
+    let stats = chunk_sums::<E>(b, t, &buf.words);
+    buf.kept.clear();
+    if mask.is_some() {
+        let count: u32 = buf.words.iter().map(|w| w.count_ones()).sum();
+        buf.kept.resize(count as usize * E::SIZE, 0);
+        let mut j = 0;
+        for (w, &word) in buf.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let k = w * 64 + bits.trailing_zeros() as usize;
+                buf.kept[j..j + E::SIZE].copy_from_slice(&t[k * E::SIZE..(k + 1) * E::SIZE]);
+                j += E::SIZE;
+                bits &= bits - 1;
+            }
+        }
+    }
+    stats
+}
+
+/// The sums of docs/FORMAT.md section 7 over one chunk, with `words` its keep bits: each sum in
+/// 8 lanes by index mod 8, in index order from +0.0. A kept element adds `δ²` to the kept lane
+/// and an element not kept adds +0.0, which leaves a lane that started at +0.0 unchanged, NaN
+/// and infinity included; so the loop has no branches and vectorizes (AVX-512, AVX2, baseline,
+/// chosen at run time). Also counts non-finite differences.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn chunk_sums<E: Elem>(b: &[u8], t: &[u8], words: &[u64]) -> ([f64; STATS_COLS], u64) {
+    let mut all = [0.0f64; 8];
+    let mut kept = [0.0f64; 8];
+    let mut inexact = [0u64; 8];
+    let mut nonfinite = [0u64; 8];
+    let groups = b.chunks(8 * E::SIZE).zip(t.chunks(8 * E::SIZE));
+    for (g, (bg, tg)) in groups.enumerate() {
+        let word = words[g / 8] >> (8 * (g % 8));
+        let pairs = bg.chunks_exact(E::SIZE).zip(tg.chunks_exact(E::SIZE));
+        for (p, (be, te)) in pairs.enumerate() {
+            let (bv, t_bits) = (E::value(E::bits(be)), E::bits(te));
+            let tv = E::value(t_bits);
+            let d = tv - bv;
+            let hit = (word >> p) & 1 != 0;
+            all[p] += d * d;
+            kept[p] += if hit { d * d } else { 0.0 };
+            nonfinite[p] += !d.is_finite() as u64;
+            // docs/FORMAT.md section 8: round(b + (v − b)) must give v back (a NaN, some NaN).
+            let r = bv + d;
+            let back = if tv.is_nan() {
+                r.is_nan()
+            } else {
+                E::round(r) == t_bits
+            };
+            inexact[p] += (hit & !back) as u64;
+        }
     }
     let total = |lanes: [f64; 8]| lanes.iter().fold(0.0, |a, &x| a + x);
-    ([total(all), total(kept), inexact], nonfinite.iter().sum())
+    (
+        [total(all), total(kept), inexact.iter().sum::<u64>() as f64],
+        nonfinite.iter().sum(),
+    )
 }

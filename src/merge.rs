@@ -430,15 +430,23 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
             let tasks = p.numel.div_ceil(TASK);
             (0..tasks)
                 .into_par_iter()
-                .map_init(Scratch::default, |scratch, t| -> Result<u64> {
-                    let range = t * TASK..p.numel.min((t + 1) * TASK);
-                    let overflows = crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
-                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
-                    Ok(overflows)
+                .map(|t| -> Result<u64> {
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let range = t * TASK..p.numel.min((t + 1) * TASK);
+                        let overflows = crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
+                        out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
+                        Ok(overflows)
+                    })
                 })
                 .sum()
         }
     }
+}
+
+thread_local! {
+    /// Each worker's buffers, kept for the whole run: buffers this large come from mmap, and
+    /// allocating them per task cost more in page faults than the arithmetic.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Per-thread buffers, reused from task to task.
