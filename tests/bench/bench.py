@@ -11,6 +11,9 @@ warm, times the floors and the operations, each run several times:
   cat of base + fine-tune    the floor of extract (read both once)
   extract at density 1/3, merge of the three slot deltas, apply of one
 
+Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergekit-yaml), it
+also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
+
 For each it prints the median, min and max seconds, GB/s and the ratio to its floor, plus the
 peak RssAnon (anonymous memory, not the page cache) sampled from /proc every 2 ms. The same data
 goes to target/bench/<size>.json. Uses only the standard library.
@@ -92,6 +95,36 @@ def measure(name, cmd, runs, nbytes, floor=None, after=None):
     }
 
 
+LAYERS = {"small": 4, "tinyllama": 22}
+
+
+def mergekit_folders(work, size, base, tunes):
+    """Model folders for mergekit, which needs a config.json: links to the bench's files."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+              "intermediate_size": 5632, "num_hidden_layers": LAYERS[size],
+              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "torch_dtype": "bfloat16",
+              "tie_word_embeddings": False}
+    folders = []
+    for src in [base, *tunes]:
+        d = work / "mergekit" / src.stem
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.safetensors").symlink_to(src)
+        (d / "config.json").write_text(json.dumps(config))
+        folders.append(d)
+    return folders[0], folders[1:]
+
+
+def mergekit_config(path, method, base, tunes, density):
+    """A mergekit-yaml config (JSON is YAML) for the same merge as sotu-delta's."""
+    models = [{"model": str(t), "parameters": {"weight": 1.0}
+               | ({"density": density} if density else {})} for t in tunes]
+    params = {"normalize": False} | ({"rescale": False} if density else {})
+    path.write_text(json.dumps({"merge_method": method, "base_model": str(base), "models": models,
+                                "parameters": params, "dtype": "bfloat16"}))
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=["small", "tinyllama"], default="tinyllama")
@@ -144,22 +177,41 @@ def main():
     mask = subprocess.run([BIN / "sotu-maskbench"], check=True, capture_output=True, text=True)
     mask = json.loads(mask.stdout)
     sizes = {"dense_bytes": base_bytes, "delta_bytes": [d.stat().st_size for d in deltas]}
-    mergekit = shutil.which("mergekit-yaml")
+    mergekit = os.environ.get("MERGEKIT") or shutil.which("mergekit-yaml")
+    mk_rows = []
+    if mergekit:
+        # The same merge in mergekit (torch, CPU): plain task arithmetic of the three dense
+        # fine-tunes, and DARE at density 1/3 without rescaling (its own random masks).
+        mk_base, mk_tunes = mergekit_folders(work, args.size, base, tunes)
+        mk_out = work / "mergekit-out"
+        rm_mk = lambda: shutil.rmtree(mk_out, ignore_errors=True)
+        for method, density in [("task_arithmetic", None), ("dare_linear", 1 / 3)]:
+            cfg = mergekit_config(work / f"{method}.yml", method, mk_base, mk_tunes, density)
+            cmd = [mergekit, cfg, mk_out, "--lazy-unpickle", "--no-cuda", "-j",
+                   str(args.threads or os.cpu_count())]
+            mk_rows.append(measure(f"mergekit {method}", cmd, args.runs, base_bytes,
+                                   cp["median_s"], rm_mk))
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
           f"{os.cpu_count()} cores, median of {args.runs} (page cache warm)")
     print(f"{'operation':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>6} "
           f"{'x floor':>8} {'peak RssAnon':>13}")
-    for r in rows:
+    for r in rows + mk_rows:
         print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
               f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {r['peak_rss_anon_bytes'] / 2**20:>10.1f} MiB")
     print(f"mask function: {mask['elements_per_second_per_core'] / 1e9:.2f} G elements/s/core "
           f"({mask['isa']})")
     for k, b in enumerate(sizes["delta_bytes"]):
         print(f"delta {k}/3: {b / 1e6:.1f} MB = {100 * b / base_bytes:.2f}% of dense")
-    print("mergekit: " + ("found, but its comparison is not wired in yet" if mergekit else
-                          "not installed (pip install mergekit) - comparison skipped"))
-    result = {"size": args.size, "runs": args.runs, "rows": rows, "mask": mask, "sizes": sizes}
+    merge_s = next(r["median_s"] for r in rows if r["name"] == "merge 3 x 1/3")
+    for r in mk_rows:
+        print(f"{r['name']}: {r['median_s'] / merge_s:.1f}x the time of sotu-delta's merge "
+              f"(both without fsync)")
+    if not mergekit:
+        print("mergekit: not installed (pip install mergekit; or MERGEKIT=/path/to/mergekit-yaml)"
+              " - comparison skipped")
+    result = {"size": args.size, "runs": args.runs, "rows": rows + mk_rows, "mask": mask,
+              "sizes": sizes}
     dest = ROOT / "target" / "bench" / f"{args.size}.json"
     dest.write_text(json.dumps(result, indent=2))
     print(f"wrote {dest}")
