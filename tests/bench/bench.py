@@ -130,6 +130,8 @@ def main():
     ap.add_argument("--size", choices=["small", "tinyllama"], default="tinyllama")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0: one per core")
+    ap.add_argument("--mergekit-runs", type=int, default=1,
+                    help="runs of each mergekit merge (they take tens of seconds each)")
     args = ap.parse_args()
 
     data = ROOT / "target" / "bench" / "data" / f"{args.size}-bf16"
@@ -189,7 +191,7 @@ def main():
             cfg = mergekit_config(work / f"{method}.yml", method, mk_base, mk_tunes, density)
             cmd = [mergekit, cfg, mk_out, "--lazy-unpickle", "--no-cuda", "-j",
                    str(args.threads or os.cpu_count())]
-            mk_rows.append(measure(f"mergekit {method}", cmd, args.runs, base_bytes,
+            mk_rows.append(measure(f"mergekit {method}", cmd, args.mergekit_runs, base_bytes,
                                    cp["median_s"], rm_mk))
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
