@@ -5,10 +5,12 @@
 //! - [`checkpoint`]: memory-mapped safetensors input, atomic output.
 //! - [`format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations.
+//! - [`cuda`]: the CUDA backend of `merge` (kernels in `kernels/`, loaded at run time).
 //! - [`cli`]: the command line.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod cuda;
 pub mod dtype;
 pub mod extract;
 pub mod format;

@@ -38,7 +38,11 @@ pub struct MergeOptions {
     pub dtype: Option<Float>,
     /// Merge even when a delta was not taken against this base.
     pub force: bool,
+    /// Which backend computes the changed tensors (docs/CUDA.md).
+    pub device: Device,
 }
+
+pub use crate::cuda::Device;
 
 /// What `merge` did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -59,43 +63,61 @@ pub struct MergeReport {
     pub base_fingerprint: String,
     /// Tensors where finite results became ±infinity in the output dtype, with counts.
     pub overflowed: Vec<(String, u64)>,
+    /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
+    pub device: String,
 }
 
 /// Where an output tensor's starting values come from.
 #[derive(Clone, Copy, Debug)]
-enum Origin {
+pub enum Origin {
+    /// The base tensor.
     Base,
+    /// The whole tensor stored in delta `.0`.
     Delta(usize),
 }
 
 /// One delta's contribution to a tensor.
 #[derive(Clone, Copy, Debug)]
-struct Term {
-    delta: usize,
-    coeff: f64,
-    masked: bool,
+pub struct Term {
+    /// Index of the delta.
+    pub delta: usize,
+    /// `w_t · s_t`.
+    pub coeff: f64,
+    /// A masked term (kept values and offsets), or a whole float tensor (every element kept).
+    pub masked: bool,
 }
 
+/// How an output tensor is made.
 #[derive(Clone, Debug)]
-enum Source {
+pub enum Source {
     /// Raw bytes, unchanged.
     Copy(Origin),
     /// `round_to(origin + Σ terms)`, with `from` the stored dtype and `to` the output dtype.
     Compute {
+        /// The starting values.
         origin: Origin,
+        /// The stored dtype.
         from: Float,
+        /// The output dtype.
         to: Float,
+        /// The deltas' contributions, in command-line order.
         terms: Vec<Term>,
     },
 }
 
+/// One output tensor and how it is made.
 #[derive(Clone, Debug)]
-struct TensorPlan {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    numel: u64,
-    source: Source,
+pub struct TensorPlan {
+    /// Tensor name.
+    pub name: String,
+    /// Output dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub numel: u64,
+    /// Where the bytes come from.
+    pub source: Source,
 }
 
 impl TensorPlan {
@@ -124,6 +146,14 @@ pub fn merge(
     }
     let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
     let plans = plan(base, deltas, opts, &weight)?;
+    // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
+    let gpu = match opts.device {
+        Device::Cpu => None,
+        Device::Auto => crate::cuda::backend().ok(),
+        Device::Cuda => Some(crate::cuda::backend().map_err(|why| {
+            anyhow::anyhow!("--device cuda: no usable CUDA device: {why}. Use --device cpu (or auto) to merge on the CPU")
+        })?),
+    };
 
     let layout: Vec<OutTensor> = plans
         .iter()
@@ -176,7 +206,7 @@ pub fn merge(
         || -> Result<Vec<u64>> {
             plans
                 .iter()
-                .map(|p| execute(base, deltas, &output, p))
+                .map(|p| execute(base, deltas, &output, p, gpu))
                 .collect()
         },
     );
@@ -216,6 +246,7 @@ pub fn merge(
             .filter(|(_, n)| *n > 0)
             .map(|(p, n)| (p.name.clone(), n))
             .collect(),
+        device: gpu.map_or("cpu".into(), |g| format!("cuda: {}", g.name())),
     })
 }
 
@@ -247,7 +278,7 @@ fn check_provenance(
 }
 
 /// Decides, for every output tensor, where it comes from and what each delta contributes.
-fn plan(
+pub fn plan(
     base: &Checkpoint,
     deltas: &[Delta],
     opts: &MergeOptions,
@@ -394,7 +425,13 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
 }
 
 /// Writes one output tensor; returns how many finite results overflowed its dtype.
-fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+fn execute(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &Output,
+    p: &TensorPlan,
+    gpu: Option<&crate::cuda::Backend>,
+) -> Result<u64> {
     let origin_data = |o: Origin| -> &[u8] {
         match o {
             Origin::Base => base.data(base.info(&p.name).unwrap()),
@@ -416,6 +453,18 @@ fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) ->
             terms,
         } => {
             let data = origin_data(*origin);
+            if let Some(gpu) = gpu.filter(|_| terms.len() <= crate::cuda::MAX_TERMS) {
+                return gpu.merge_tensor(
+                    deltas,
+                    &p.name,
+                    p.numel,
+                    data,
+                    *from,
+                    *to,
+                    terms,
+                    &|at, bytes| out.write(&p.name, at, bytes),
+                );
+            }
             let tasks = p.numel.div_ceil(TASK);
             (0..tasks)
                 .into_par_iter()

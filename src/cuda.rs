@@ -1,0 +1,701 @@
+//! The CUDA backend of `merge` (docs/CUDA.md): custom kernels in `kernels/`, compiled at run time
+//! with NVRTC and launched through cudarc, which loads libcuda and libnvrtc at run time, so this
+//! module builds and runs everywhere: without a GPU, a driver or NVRTC, [`backend`] says why,
+//! and `--device auto` merges on the CPU.
+//!
+//! The work is split in two so that most of it can be tested without a GPU:
+//! - [`launches`] (pure host code) cuts a tensor into slices and, for each, the kernel's inputs:
+//!   term descriptors, the chunk offsets and start ranks it needs, which bytes of the base and of
+//!   each delta to upload. tests/cuda_host.rs runs kernels/merge.cu on these inputs on the CPU
+//!   (through a small emulation header) and compares with the CPU merge, byte for byte.
+//! - [`Backend::merge_tensor`] moves them through pinned staging buffers on two streams, so that
+//!   reading the next slice from the memory-mapped inputs overlaps the previous slice's
+//!   transfers and kernel.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::dtype::Float;
+use crate::format::Delta;
+use crate::merge::Term;
+
+/// Which backend computes a merge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA when a GPU, its driver and NVRTC are usable, the CPU otherwise.
+    #[default]
+    Auto,
+    /// The CPU (rayon).
+    Cpu,
+    /// A CUDA GPU; fails when none is usable.
+    Cuda,
+}
+
+/// The kernel sources, embedded in the binary: `(file name, CUDA C source)`.
+pub const SOURCES: &[(&str, &str)] = &[("merge.cu", include_str!("../kernels/merge.cu"))];
+
+/// u64 words per term descriptor (`SOTU_TERM_WORDS` in kernels/merge.cu).
+pub const TERM_WORDS: usize = 12;
+/// Most terms (deltas contributing to one tensor) one launch takes (`SOTU_MAX_TERMS`); a tensor
+/// with more is merged on the CPU.
+pub const MAX_TERMS: usize = 64;
+/// Elements per thread block. Equal to the chunk size this tool writes, so that every block
+/// starts on a chunk boundary and its start ranks are read from the offsets, not counted.
+pub const TILE: u64 = 65536;
+/// Threads per block on the GPU (a multiple of 32, at most 1024).
+pub const BLOCK: u32 = 512;
+/// Most elements per slice, whatever the free device memory: bounds the pinned staging buffers.
+const MAX_SLICE: u64 = 1 << 25;
+
+/// NVRTC options: IEEE f64 throughout, no contraction into FMA, subnormals kept.
+pub const NVRTC_OPTIONS: &[&str] = &[
+    "--fmad=false",
+    "--ftz=false",
+    "--prec-div=true",
+    "--std=c++17",
+];
+
+/// The kernel dtype code of `f` (`SOTU_F16`… in kernels/merge.cu).
+pub fn dtype_code(f: Float) -> u64 {
+    match f {
+        Float::F16 => 0,
+        Float::BF16 => 1,
+        Float::F32 => 2,
+        Float::F64 => 3,
+    }
+}
+
+fn dtype_name(f: Float) -> &'static str {
+    match f {
+        Float::F16 => "f16",
+        Float::BF16 => "bf16",
+        Float::F32 => "f32",
+        Float::F64 => "f64",
+    }
+}
+
+/// The entry point of the merge kernel from stored dtype `from` to output dtype `to`.
+pub fn merge_entry(from: Float, to: Float) -> String {
+    format!("sotu_merge_{}_{}", dtype_name(from), dtype_name(to))
+}
+
+/// Every kernel entry point of [`SOURCES`].
+pub fn kernel_entries() -> Vec<String> {
+    let all = [Float::F16, Float::BF16, Float::F32, Float::F64];
+    let mut v: Vec<String> = all
+        .iter()
+        .flat_map(|&f| all.iter().map(move |&t| merge_entry(f, t)))
+        .collect();
+    v.extend(["sotu_mix32_kernel", "sotu_u_kernel", "sotu_round_kernel"].map(String::from));
+    v
+}
+
+/// Runs `f`, turning a panic (cudarc panics when a library it loads lacks a symbol) into an
+/// error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    match r {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("{what} failed: {msg}"))
+        }
+    }
+}
+
+/// Whether the NVRTC library (`libnvrtc.so.13`, found through `LD_LIBRARY_PATH` and the
+/// loader's usual paths) can be loaded.
+pub fn nvrtc_available() -> Result<(), String> {
+    guarded("loading NVRTC", || {
+        // SAFETY: only dlopens the library.
+        if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            Ok(())
+        } else {
+            Err(
+                "the NVRTC library (libnvrtc.so.13) was not found; install the CUDA 13 toolkit or \
+                 the nvidia-cuda-nvrtc wheel and add its lib folder to LD_LIBRARY_PATH"
+                    .into(),
+            )
+        }
+    })
+}
+
+/// Compiles all of [`SOURCES`] with NVRTC to PTX for `arch` (e.g. `compute_90`).
+pub fn compile_ptx(arch: &'static str) -> Result<String, String> {
+    nvrtc_available()?;
+    let src: String = SOURCES
+        .iter()
+        .map(|(_, s)| *s)
+        .collect::<Vec<_>>()
+        .join("\n");
+    guarded("NVRTC", move || {
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+            name: Some("merge.cu".into()),
+            ..Default::default()
+        };
+        match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
+            Ok(ptx) => Ok(ptx.to_src()),
+            Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(format!(
+                "the kernels do not compile for {arch}:\n{}",
+                log.to_string_lossy()
+            )),
+            Err(e) => Err(format!("NVRTC failed for {arch}: {e}")),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch planning (host only).
+
+/// The inputs of one kernel launch: elements `[first, first + n)` of one tensor.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// First element (a multiple of [`TILE`]).
+    pub first: u64,
+    /// Elements.
+    pub n: u64,
+    /// Term descriptors, [`TERM_WORDS`] words each, in term order.
+    pub terms: Vec<u64>,
+    /// Per term: the byte range of the delta's stored data to upload, and where it goes in the
+    /// values buffer (bytes, 8-aligned).
+    pub values: Vec<(Range<usize>, usize)>,
+    /// Bytes of the values buffer.
+    pub values_len: usize,
+    /// Chunk offsets the launch reads (per masked term, `opos` indexes them).
+    pub offsets: Vec<u64>,
+    /// Start ranks of each block, per term (`rpos` indexes them).
+    pub ranks: Vec<u64>,
+}
+
+impl Launch {
+    /// Blocks in the grid.
+    pub fn blocks(&self) -> u64 {
+        self.n.div_ceil(TILE)
+    }
+}
+
+/// The value index at element `s` of a masked tensor: `offsets[s / C]` on a chunk boundary,
+/// else counted from the chunk start or from the previous rank asked for in the same chunk.
+/// Counting only happens for chunk sizes that are not divisors of [`TILE`] (this tool always
+/// writes 65536), and then covers each element at most once.
+struct Ranker<'a> {
+    mask: crate::mask::Mask,
+    offsets: &'a [u64],
+    chunk: u64,
+    numel: u64,
+    prev: Option<(u64, u64)>,
+}
+
+impl Ranker<'_> {
+    fn at(&mut self, s: u64) -> u64 {
+        let kept = *self.offsets.last().unwrap();
+        if s >= self.numel {
+            return kept;
+        }
+        let j = s / self.chunk;
+        let start = j * self.chunk;
+        let r = if s == start {
+            self.offsets[j as usize]
+        } else {
+            match self.prev {
+                Some((ps, pr)) if ps >= start && ps <= s => pr + self.mask.count_kept(ps..s),
+                _ => self.offsets[j as usize] + self.mask.count_kept(start..s),
+            }
+        };
+        self.prev = Some((s, r));
+        r
+    }
+}
+
+/// Cuts tensor `name` (`numel` elements, stored dtype `from`) into slices of at most `slice`
+/// elements (a multiple of [`TILE`]) and prepares each slice's kernel inputs.
+pub fn launches(
+    deltas: &[Delta],
+    name: &str,
+    numel: u64,
+    from: Float,
+    terms: &[Term],
+    slice: u64,
+) -> Result<Vec<Launch>> {
+    if slice == 0 || !slice.is_multiple_of(TILE) {
+        bail!("slice of {slice} elements: must be a positive multiple of {TILE}");
+    }
+    if terms.len() > MAX_TERMS {
+        bail!(
+            "{} deltas change tensor {name}; the GPU takes at most {MAX_TERMS}",
+            terms.len()
+        );
+    }
+    let size = from.size();
+    let mut rankers: Vec<Option<Ranker>> = terms
+        .iter()
+        .map(|t| {
+            let d = &deltas[t.delta];
+            t.masked.then(|| Ranker {
+                mask: d.mask(name),
+                offsets: d.offsets(name),
+                chunk: d.params().chunk,
+                numel,
+                prev: None,
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < numel {
+        let end = numel.min(first + slice);
+        let n = end - first;
+        let blocks = n.div_ceil(TILE);
+        let mut l = Launch {
+            first,
+            n,
+            terms: Vec::with_capacity(terms.len() * TERM_WORDS),
+            values: Vec::new(),
+            values_len: 0,
+            offsets: Vec::new(),
+            ranks: Vec::new(),
+        };
+        for (term, ranker) in terms.iter().zip(rankers.iter_mut()) {
+            let d = &deltas[term.delta];
+            let rpos = l.ranks.len() as u64;
+            let vpos = l.values_len / size;
+            let mut w = [0u64; TERM_WORDS];
+            w[0] = term.coeff.to_bits();
+            w[7] = vpos as u64;
+            w[11] = rpos;
+            let bytes;
+            match ranker {
+                None => {
+                    // A whole float term: the stored tensor is the value list in index order.
+                    w[6] = first;
+                    w[8] = n;
+                    l.ranks.extend(std::iter::repeat_n(0, blocks as usize));
+                    bytes = first as usize * size..end as usize * size;
+                }
+                Some(rk) => {
+                    let (k0, k1) = rk.mask.key.words();
+                    let iv = rk.mask.interval;
+                    let c = rk.chunk;
+                    w[1] = 1;
+                    w[2] = k0 as u64 | (k1 as u64) << 32;
+                    w[3] = iv.lo();
+                    w[4] = iv.hi() - iv.lo();
+                    w[5] = c;
+                    for b in 0..blocks {
+                        let r = rk.at(first + b * TILE);
+                        l.ranks.push(r);
+                    }
+                    let kept = *rk.offsets.last().unwrap();
+                    // The values this slice reads. Clamped, so that a corrupt file cannot send
+                    // the upload out of the stored tensor; the kernel then reports the chunk.
+                    let vlo = l.ranks[rpos as usize].min(kept);
+                    let vhi = rk.at(end).clamp(vlo, kept);
+                    w[6] = vlo;
+                    w[8] = vhi - vlo;
+                    let j0 = first / c;
+                    let jl = (end - 1) / c;
+                    w[9] = l.offsets.len() as u64;
+                    w[10] = j0;
+                    l.offsets
+                        .extend_from_slice(&rk.offsets[j0 as usize..=jl as usize + 1]);
+                    bytes = vlo as usize * size..vhi as usize * size;
+                }
+            }
+            debug_assert!(bytes.end <= d.data(name).len());
+            l.values.push((bytes.clone(), l.values_len));
+            l.values_len = (l.values_len + bytes.len()).next_multiple_of(8);
+            l.terms.extend_from_slice(&w);
+        }
+        out.push(l);
+        first = end;
+    }
+    Ok(out)
+}
+
+/// The error the CPU path gives for chunk `j` of tensor `name` of `delta`, whose walk does not
+/// end at its offsets (the kernel reports the chunk; the message is made here, the same way).
+pub fn chunk_error(delta: &Delta, name: &str, j: u64) -> anyhow::Error {
+    let offsets = delta.offsets(name);
+    let c = delta.params().chunk;
+    let numel = delta.entries()[name].numel();
+    let kept = delta.mask(name).count_kept(j * c..numel.min((j + 1) * c));
+    anyhow!(
+        "{}: tensor {name}: chunk {j} keeps {kept} elements but its offsets say {}; the file is corrupt",
+        delta.path().display(),
+        offsets[j as usize + 1] - offsets[j as usize]
+    )
+}
+
+/// Turns a kernel's status words into the merge's result: the error of the reported chunk, or
+/// the overflow count.
+pub fn check_status(deltas: &[Delta], name: &str, terms: &[Term], status: [u64; 2]) -> Result<u64> {
+    if status[0] != u64::MAX {
+        let t = (status[0] & 0xffff) as usize;
+        let j = status[0] >> 16;
+        let term = terms
+            .get(t)
+            .ok_or_else(|| anyhow!("tensor {name}: the GPU reported an unknown term {t}"))?;
+        return Err(chunk_error(&deltas[term.delta], name, j));
+    }
+    Ok(status[1])
+}
+
+/// Byte layout of one slot's staging: status, terms, offsets, ranks, values, base (uploaded in
+/// one copy), then the output.
+#[derive(Clone, Copy, Debug, Default)]
+struct Layout {
+    terms: usize,
+    offsets: usize,
+    ranks: usize,
+    values: usize,
+    base: usize,
+    input_end: usize,
+    out: usize,
+    end: usize,
+}
+
+impl Layout {
+    fn of(l: &Launch, from: Float, to: Float) -> Layout {
+        let a = |x: usize| x.next_multiple_of(256);
+        let terms = 256;
+        let offsets = a(terms + l.terms.len() * 8);
+        let ranks = a(offsets + l.offsets.len() * 8);
+        let values = a(ranks + l.ranks.len() * 8);
+        let base = a(values + l.values_len);
+        let input_end = base + l.n as usize * from.size();
+        let out = a(input_end);
+        let end = a(out + l.n as usize * to.size());
+        Layout {
+            terms,
+            offsets,
+            ranks,
+            values,
+            base,
+            input_end,
+            out,
+            end,
+        }
+    }
+}
+
+/// Writes a launch's inputs into `buf` (laid out by `lay`): the host half of a slice, shared by
+/// the GPU path and the emulation test.
+pub fn stage(
+    l: &Launch,
+    deltas: &[Delta],
+    terms: &[Term],
+    name: &str,
+    base: &[u8],
+    from: Float,
+    buf: &mut [u8],
+) {
+    let lay = Layout::of(l, from, from);
+    let put64 = |buf: &mut [u8], at: usize, words: &[u64]| {
+        for (k, w) in words.iter().enumerate() {
+            buf[at + 8 * k..at + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
+        }
+    };
+    put64(buf, 0, &[u64::MAX, 0]);
+    put64(buf, lay.terms, &l.terms);
+    put64(buf, lay.offsets, &l.offsets);
+    put64(buf, lay.ranks, &l.ranks);
+    for ((bytes, at), t) in l.values.iter().zip(terms) {
+        let src = &deltas[t.delta].data(name)[bytes.clone()];
+        buf[lay.values + at..lay.values + at + src.len()].copy_from_slice(src);
+    }
+    let size = from.size();
+    let src = &base[l.first as usize * size..(l.first + l.n) as usize * size];
+    let dst = &mut buf[lay.base..lay.base + src.len()];
+    // The base slice is the bulk of the bytes; reading it from the mapping is what overlaps
+    // the other slot's kernel, so spread it over the cores.
+    use rayon::prelude::*;
+    dst.par_chunks_mut(8 << 20)
+        .zip(src.par_chunks(8 << 20))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+/// The byte offsets of a launch's staged inputs, for [`stage`]'s buffer: `(terms, values,
+/// offsets, ranks, base, input end)`.
+pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
+    let lay = Layout::of(l, from, from);
+    [
+        lay.terms,
+        lay.values,
+        lay.offsets,
+        lay.ranks,
+        lay.base,
+        lay.input_end,
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPU.
+
+/// A usable CUDA device with the kernels loaded.
+pub struct Backend {
+    name: String,
+    ctx: Arc<cudarc::driver::CudaContext>,
+    module: Arc<cudarc::driver::CudaModule>,
+    streams: [Arc<cudarc::driver::CudaStream>; 2],
+    slots: Mutex<Vec<Slot>>,
+}
+
+/// One stream's staging: pinned host buffers and one device buffer, grown on demand.
+struct Slot {
+    pin_in: cudarc::driver::PinnedHostSlice<u8>,
+    pin_out: cudarc::driver::PinnedHostSlice<u8>,
+    dev: cudarc::driver::CudaSlice<u8>,
+}
+
+static BACKEND: OnceLock<Result<Backend, String>> = OnceLock::new();
+
+/// The CUDA backend of this process, set up once: driver, device 0, kernels compiled with the
+/// NVRTC found at run time for the device's architecture, and loaded. An error says what is
+/// missing.
+pub fn backend() -> Result<&'static Backend, String> {
+    BACKEND
+        .get_or_init(|| guarded("CUDA setup", Backend::new))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl Backend {
+    fn new() -> Result<Backend, String> {
+        // SAFETY: only dlopens the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err("no CUDA driver (libcuda.so) was found".into());
+        }
+        nvrtc_available()?;
+        let n = cudarc::driver::CudaContext::device_count()
+            .map_err(driver_err("the CUDA driver cannot count devices"))?;
+        if n < 1 {
+            return Err("the CUDA driver reports no device".into());
+        }
+        let ctx =
+            cudarc::driver::CudaContext::new(0).map_err(driver_err("cannot open CUDA device 0"))?;
+        // The slots are synchronized explicitly (one stream each); cudarc's per-buffer events
+        // would only add work.
+        // SAFETY: every buffer below is used by one stream, which is synchronized before the
+        // host touches the buffer again.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().map_err(driver_err("device name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver_err("compute capability"))?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let ptx = compile_ptx(arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(driver_err(
+                "cannot load the kernels (is the driver older than NVRTC?)",
+            ))?;
+        let streams = [
+            ctx.new_stream().map_err(driver_err("stream"))?,
+            ctx.new_stream().map_err(driver_err("stream"))?,
+        ];
+        Ok(Backend {
+            name,
+            ctx,
+            module,
+            streams,
+            slots: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Elements per slice for a tensor read as `from`, written as `to`, with `nterms` terms: as
+    /// many as fit, for two slots and at worst every value kept, in a quarter of the free
+    /// device memory.
+    fn slice_elems(&self, from: Float, to: Float, nterms: usize) -> Result<u64> {
+        let (free, _) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| anyhow!("CUDA: free memory: {e}"))?;
+        let per = (from.size() * (1 + nterms) + to.size() + 8) as u64;
+        let fit = (free as u64 / 4 / 2 / per) / TILE * TILE;
+        if fit == 0 {
+            bail!(
+                "CUDA: not enough free device memory ({free} bytes) for one block of {TILE} elements"
+            );
+        }
+        Ok(fit.min(MAX_SLICE))
+    }
+
+    /// Computes one tensor (the CPU path's `compute` over all of it) and hands each slice's
+    /// output bytes to `write(byte offset, bytes)`. Returns the overflow count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_tensor(
+        &self,
+        deltas: &[Delta],
+        name: &str,
+        numel: u64,
+        base: &[u8],
+        from: Float,
+        to: Float,
+        terms: &[Term],
+        write: &dyn Fn(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        let cuda =
+            |what: &'static str| move |e: cudarc::driver::DriverError| anyhow!("CUDA: {what}: {e}");
+        self.ctx.bind_to_thread().map_err(cuda("bind"))?;
+        let slice = self.slice_elems(from, to, terms.len())?;
+        let plan = launches(deltas, name, numel, from, terms, slice)?;
+        let func = self
+            .module
+            .load_function(&merge_entry(from, to))
+            .map_err(cuda("kernel"))?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Grow the staging to the largest slice of this tensor.
+        let need = plan
+            .iter()
+            .map(|l| Layout::of(l, from, to))
+            .fold(0, |m, y| m.max(y.end));
+        if slots.len() < 2 || slots[0].dev.len() < need {
+            slots.clear();
+            for s in &self.streams {
+                // SAFETY: fully written by `stage` (inputs) or by the kernel (outputs) before
+                // anything reads them.
+                unsafe {
+                    slots.push(Slot {
+                        pin_in: self
+                            .ctx
+                            .alloc_pinned_with_flags::<u8>(
+                                need,
+                                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+                            )
+                            .map_err(cuda("pinned memory"))?,
+                        pin_out: self
+                            .ctx
+                            .alloc_pinned_with_flags::<u8>(need, 0)
+                            .map_err(cuda("pinned memory"))?,
+                        dev: s.alloc::<u8>(need).map_err(cuda("device memory"))?,
+                    });
+                }
+            }
+        }
+        let mut pending: [Option<(usize, Layout)>; 2] = [None, None];
+        let mut overflows = 0u64;
+        let finish = |slot: &mut Slot,
+                      stream: &Arc<cudarc::driver::CudaStream>,
+                      (k, lay): (usize, Layout)|
+         -> Result<u64> {
+            stream.synchronize().map_err(cuda("kernel or copy"))?;
+            let out = slot.pin_out.as_slice().map_err(cuda("pinned memory"))?;
+            let status = [
+                u64::from_le_bytes(out[0..8].try_into().unwrap()),
+                u64::from_le_bytes(out[8..16].try_into().unwrap()),
+            ];
+            let n = check_status(deltas, name, terms, status)?;
+            let l = &plan[k];
+            write(
+                l.first * to.size() as u64,
+                &out[lay.out..lay.out + l.n as usize * to.size()],
+            )?;
+            Ok(n)
+        };
+        for (k, l) in plan.iter().enumerate() {
+            let s = k % 2;
+            let stream = &self.streams[s];
+            if let Some(p) = pending[s].take() {
+                overflows += finish(&mut slots[s], stream, p)?;
+            }
+            let lay = Layout::of(l, from, to);
+            let slot = &mut slots[s];
+            {
+                let buf = slot.pin_in.as_mut_slice().map_err(cuda("pinned memory"))?;
+                stage(
+                    l,
+                    deltas,
+                    terms,
+                    name,
+                    base,
+                    from,
+                    &mut buf[..lay.input_end],
+                );
+            }
+            let (dev, _sync) = slot.dev.device_ptr(stream);
+            let input = slot.pin_in.as_slice().map_err(cuda("pinned memory"))?;
+            // SAFETY: `dev` holds `need >= lay.end` bytes; the pinned buffers stay alive and
+            // untouched until the stream is synchronized in `finish`.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    dev,
+                    &input[..lay.input_end],
+                    stream.cu_stream(),
+                )
+                .map_err(cuda("copy to the device"))?;
+            }
+            let p = |off: usize| dev + off as u64;
+            let (first, n, tile, nterms) = (l.first, l.n, TILE, terms.len() as i32);
+            let (a_base, a_out, a_terms, a_values, a_offsets, a_ranks, a_status) = (
+                p(lay.base),
+                p(lay.out),
+                p(lay.terms),
+                p(lay.values),
+                p(lay.offsets),
+                p(lay.ranks),
+                p(0),
+            );
+            let mut b = stream.launch_builder(&func);
+            b.arg(&a_base)
+                .arg(&a_out)
+                .arg(&first)
+                .arg(&n)
+                .arg(&numel)
+                .arg(&tile)
+                .arg(&a_terms)
+                .arg(&nterms)
+                .arg(&a_values)
+                .arg(&a_offsets)
+                .arg(&a_ranks)
+                .arg(&a_status);
+            let cfg = LaunchConfig {
+                grid_dim: (l.blocks() as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match the kernel's signature in kernels/merge.cu, and the
+            // buffers they point into are laid out by `Layout` within `dev`.
+            unsafe { b.launch(cfg) }.map_err(cuda("launch"))?;
+            let out = slot.pin_out.as_mut_slice().map_err(cuda("pinned memory"))?;
+            // SAFETY: as for the upload.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut out[..16], dev, stream.cu_stream())
+                    .map_err(cuda("copy from the device"))?;
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut out[lay.out..lay.end],
+                    dev + lay.out as u64,
+                    stream.cu_stream(),
+                )
+                .map_err(cuda("copy from the device"))?;
+            }
+            pending[s] = Some((k, lay));
+        }
+        for s in 0..2 {
+            if let Some(p) = pending[s].take() {
+                overflows += finish(&mut slots[s], &self.streams[s], p)?;
+            }
+        }
+        Ok(overflows)
+    }
+}
