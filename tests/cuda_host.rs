@@ -1,0 +1,762 @@
+//! The CUDA kernels, run on the CPU: kernels/merge.cu is compiled with the host C++ compiler
+//! through tests/cuda_host/shim.h (threads as fibers, barriers, warp shuffles), fed the launch
+//! inputs that the GPU path prepares (`sotu_delta::cuda::launches` and `stage`), and compared
+//! byte for byte with the CPU merge. This is the evidence that the kernel matches the CPU path
+//! on a machine without a GPU; tests/cuda.rs runs the same comparisons on a GPU when there is
+//! one.
+//!
+//! Needs `c++` or `g++` (set `CXX` to choose); without one, each test says it was skipped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use safetensors::Dtype;
+use sotu_delta::checkpoint::{Checkpoint, write_file};
+use sotu_delta::cuda::{self, Launch, TILE};
+use sotu_delta::dtype::Float;
+use sotu_delta::extract::{ExtractOptions, Selector, extract};
+use sotu_delta::format::Delta;
+use sotu_delta::mask::{Interval, MaskKey, mix32};
+use sotu_delta::merge::{Device, MergeOptions, Origin, Source, merge, plan};
+
+/// Threads per emulated block: two warps, so that the cross-warp half of the block scan runs.
+const EMU_BLOCK: u64 = 64;
+
+/// Builds the harness once; `Err` says why it cannot be (no compiler).
+fn harness() -> Result<&'static Path, String> {
+    static H: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    H.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sotu-cuda-harness");
+        let candidates: Vec<String> = match std::env::var("CXX") {
+            Ok(c) => vec![c],
+            Err(_) => vec!["c++".into(), "g++".into(), "clang++".into()],
+        };
+        let mut last = String::from("no C++ compiler");
+        for cxx in candidates {
+            let r = Command::new(&cxx)
+                .args([
+                    "-std=c++17",
+                    "-O2",
+                    "-ffp-contract=off",
+                    "-fno-fast-math",
+                    "-Wall",
+                ])
+                .arg("-I")
+                .arg(root.join("tests/cuda_host"))
+                .arg(root.join("tests/cuda_host/harness.cpp"))
+                .arg("-o")
+                .arg(&out)
+                .output();
+            match r {
+                Ok(o) if o.status.success() => return Ok(out),
+                Ok(o) => {
+                    // A compiler that rejects the kernel is a failure, not a skip.
+                    panic!(
+                        "{cxx} cannot compile kernels/merge.cu with the host shim:\n{}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                Err(e) => last = format!("{cxx}: {e}"),
+            }
+        }
+        Err(last)
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(Clone::clone)
+}
+
+macro_rules! harness_or_skip {
+    () => {
+        match harness() {
+            Ok(h) => h,
+            Err(why) => {
+                println!("skipped: no host C++ compiler to emulate the CUDA kernels ({why})");
+                return;
+            }
+        }
+    };
+}
+
+fn run(h: &Path, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (i, o) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::write(&i, input).unwrap();
+    let mut cmd = Command::new(h);
+    cmd.args(args).arg(&i).arg(&o);
+    let r = cmd.output().unwrap();
+    assert!(
+        r.status.success(),
+        "harness {args:?} failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::read(&o).unwrap()
+}
+
+fn words(bytes: &[u8], size: usize) -> Vec<u64> {
+    bytes
+        .chunks_exact(size)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..size].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Known answers (docs/FORMAT.md section 4).
+
+#[test]
+fn kernel_mix32_matches_the_known_answers() {
+    let h = harness_or_skip!();
+    let cases: [(u32, u32); 5] = [
+        (0x0000_0000, 0x0000_0000),
+        (0x0000_0001, 0x86d2_fa73),
+        (0x0000_0002, 0x0da7_f4e7),
+        (0xffff_ffff, 0x99b5_e683),
+        (0x1234_5678, 0x16e7_76bd),
+    ];
+    let mut input: Vec<u32> = cases.iter().map(|c| c.0).collect();
+    // And a stretch of other inputs against the Rust function.
+    input.extend((0..5000u32).map(|i| i.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995));
+    let bytes: Vec<u8> = input.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let out = words(&run(h, &["mix32"], &bytes), 4);
+    for (k, &x) in input.iter().enumerate() {
+        assert_eq!(out[k] as u32, mix32(x), "mix32({x:#010x})");
+    }
+    for (k, &(_, want)) in cases.iter().enumerate() {
+        assert_eq!(out[k] as u32, want);
+    }
+}
+
+/// (seed, name, k0, k1, [(i, u)]) from docs/FORMAT.md section 4.
+type Kat = (u64, &'static str, u32, u32, [(u64, u32); 9]);
+
+/// The known-answer vectors of docs/FORMAT.md section 4, shared with tests/cuda.rs.
+pub const KATS: [Kat; 4] = [
+    (
+        2411,
+        "model.embed_tokens.weight",
+        0xff9c2fdf,
+        0x3b51a234,
+        [
+            (0, 0xfb1d4194),
+            (1, 0xce12928d),
+            (2, 0x9d4eceb5),
+            (65535, 0x9bb5e267),
+            (65536, 0x0b71b362),
+            (4294967295, 0x0727aed0),
+            (4294967296, 0x0415d2e1),
+            (4294967297, 0x4c8a6fa3),
+            (21474836487, 0xc099e717),
+        ],
+    ),
+    (
+        0,
+        "",
+        0x45615e48,
+        0x61f7b866,
+        [
+            (0, 0x5f264c52),
+            (1, 0xc9bfe882),
+            (2, 0x69d536ac),
+            (65535, 0x5ae8965b),
+            (65536, 0x2f8d3232),
+            (4294967295, 0x50733c42),
+            (4294967296, 0x4cc22425),
+            (4294967297, 0x46840b45),
+            (21474836487, 0x89116e5b),
+        ],
+    ),
+    (
+        2411,
+        "model.layers.0.self_attn.q_proj.weight",
+        0x6a38959a,
+        0xca8d426c,
+        [
+            (0, 0x45a05254),
+            (1, 0x89ea3579),
+            (2, 0x095c9c05),
+            (65535, 0x0c635b86),
+            (65536, 0x28e0b218),
+            (4294967295, 0x11ebd86c),
+            (4294967296, 0xc1d16d33),
+            (4294967297, 0x0c827de3),
+            (21474836487, 0x1ceaf012),
+        ],
+    ),
+    (
+        18446744073709551615,
+        "lm_head.weight",
+        0x09d384d7,
+        0x84531f2d,
+        [
+            (0, 0x73519ee9),
+            (1, 0x3a4d08ef),
+            (2, 0x866cba3d),
+            (65535, 0x11dbdbf5),
+            (65536, 0xe886780c),
+            (4294967295, 0xc4358b45),
+            (4294967296, 0xe22cf654),
+            (4294967297, 0xdd8857ac),
+            (21474836487, 0xc934649d),
+        ],
+    ),
+];
+
+#[test]
+fn kernel_mask_matches_the_known_answers() {
+    let h = harness_or_skip!();
+    for (seed, name, k0, k1, vectors) in KATS {
+        assert_eq!(
+            MaskKey::new(seed, name).words(),
+            (k0, k1),
+            "key of {name:?}"
+        );
+        let mut idx: Vec<u64> = vectors.iter().map(|v| v.0).collect();
+        // Around the 2^32 block boundary, against the Rust function.
+        idx.extend((0..300u64).map(|i| (1u64 << 32) - 150 + i));
+        let bytes: Vec<u8> = idx.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let out = words(
+            &run(h, &["u", &format!("{k0:#x}"), &format!("{k1:#x}")], &bytes),
+            4,
+        );
+        let key = MaskKey::new(seed, name);
+        for (k, &i) in idx.iter().enumerate() {
+            assert_eq!(out[k] as u32, key.u(i), "u({i}) of {name:?}");
+        }
+        for (k, &(i, u)) in vectors.iter().enumerate() {
+            assert_eq!(out[k] as u32, u, "known answer u({i}) of {name:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounding (docs/FORMAT.md section 8) against src/dtype.rs.
+
+#[test]
+fn kernel_rounding_matches_the_cpu() {
+    let h = harness_or_skip!();
+    let mut xs: Vec<f64> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        -f64::NAN,
+        f64::MIN_POSITIVE,
+        5e-324,
+        1e-300,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1.0 + 2f64.powi(-8),
+        1.0 + 2f64.powi(-8) + 2f64.powi(-40),
+        -(1.0 + 2f64.powi(-8) + 2f64.powi(-40)),
+        1.0 + 2f64.powi(-11),
+        1.0 + 2f64.powi(-11) + 2f64.powi(-40),
+        1.0 + 2f64.powi(-24),
+        1.0 + 2f64.powi(-24) + 2f64.powi(-60),
+        f32::MAX as f64,
+        3.4028235677973366e38,
+        3.5e38,
+        1e300,
+        2f64.powi(-25),
+        2f64.powi(-25) * 1.0001,
+        2f64.powi(-24),
+        2f64.powi(-134),
+        2f64.powi(-134) * 1.0001,
+        2f64.powi(-133),
+        2f64.powi(-149),
+        2f64.powi(-150),
+        2f64.powi(-150) * 1.0000001,
+        2f64.powi(-126) * (1.0 - 2f64.powi(-30)),
+        2f64.powi(-14) * (1.0 - 2f64.powi(-13)),
+        (2.0 - 2f64.powi(-8)) * 2f64.powi(127),
+        (2.0 - 2f64.powi(-8)) * 2f64.powi(127) * (1.0 - 2f64.powi(-50)),
+    ];
+    // Every bf16/f16 value and the midpoints between neighbours, nudged both ways.
+    for bits in 0..=u16::MAX {
+        for f in [Float::F16, Float::BF16] {
+            let b = bits.to_le_bytes();
+            let x = f.load(&b, 0);
+            let y = f.load(&bits.wrapping_add(1).to_le_bytes(), 0);
+            if x.is_finite() && y.is_finite() {
+                let m = (x + y) / 2.0;
+                xs.extend([x, m, m.next_up(), m.next_down()]);
+            }
+        }
+    }
+    // Random bit patterns over the whole f64 range, and near 1.
+    let mut s = 0x1234_5678_9abc_def0u64;
+    for _ in 0..100_000 {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        xs.push(f64::from_bits(s));
+        xs.push(1.0 + (s >> 12) as f64 / 2f64.powi(52) * 1e-3);
+        xs.push(
+            f64::from_bits((s >> 2) | 0x3000_0000_0000_0000) * if s & 1 == 1 { -1.0 } else { 1.0 },
+        );
+    }
+    let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+    let out = words(&run(h, &["round"], &bytes), 8);
+    let n = xs.len();
+    let dts = [Float::F16, Float::BF16, Float::F32, Float::F64];
+    for (i, &x) in xs.iter().enumerate() {
+        for (d, f) in dts.iter().enumerate() {
+            assert_eq!(
+                out[4 * i + d],
+                f.round_bits(x),
+                "{f:?} rounding of {x:e} ({:#018x})",
+                x.to_bits()
+            );
+        }
+        for (d, f) in dts[..3].iter().enumerate() {
+            assert_eq!(
+                (out[4 * n + i] >> d) & 1 == 1,
+                f.overflows(x),
+                "{f:?} overflow of {x:e}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole merges.
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+}
+
+fn encode(f: Float, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    f.store_all(values, &mut out);
+    out
+}
+
+/// A base with the awkward values up front (NaN, ±inf, ±0, subnormals, near the dtype's
+/// largest value), weight-like values after, and `tunes` fine-tunes of it, some of which flip
+/// the large values' sign so that weighted sums overflow.
+fn make(f: Float, numel: usize, tunes: usize, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut rng = Rng(seed);
+    let big = match f {
+        Float::F16 => 60000.0,
+        Float::BF16 | Float::F32 => 3.0e38,
+        Float::F64 => 1e308,
+    };
+    let specials = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        -0.0,
+        0.0,
+        big,
+        -big,
+        1e-40,
+        6e-8,
+        1.0,
+    ];
+    let base: Vec<f64> = (0..numel)
+        .map(|i| {
+            if i < specials.len() {
+                specials[i]
+            } else {
+                rng.unit() * 0.1
+            }
+        })
+        .collect();
+    let base_bytes = encode(f, &base);
+    let mut b = Vec::new();
+    f.load_all(&base_bytes, &mut b);
+    let tuned = (0..tunes)
+        .map(|k| {
+            let t: Vec<f64> = b
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| match i {
+                    0 => 0.5,                      // NaN base, finite tune
+                    1 if k == 0 => 1.0,            // inf base
+                    5 | 6 => -x,                   // overflows once weighted
+                    3 => -0.0,                     // -0 over -0: same
+                    4 if k == 1 => -0.0,           // -0 over +0
+                    _ if rng.next() % 7 == 0 => x, // unchanged
+                    _ => x + rng.unit() * 0.01 * (k + 1) as f64,
+                })
+                .collect();
+            encode(f, &t)
+        })
+        .collect();
+    (base_bytes, tuned)
+}
+
+struct Case {
+    f: Float,
+    numel: usize,
+    /// (interval, seed, stored whole) per delta.
+    deltas: Vec<(Interval, u64, bool)>,
+    weights: Vec<f64>,
+    rescale: bool,
+    dtype: Option<Float>,
+    /// Elements per slice (a multiple of TILE).
+    slice: u64,
+}
+
+/// Runs one case: CPU merge, then the kernel on every computed tensor, and compares.
+fn check(h: &Path, c: &Case, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, tuned) = make(c.f, c.numel, c.deltas.len(), seed);
+    let shape = vec![c.numel];
+    let put = |p: &Path, data: Vec<u8>| {
+        write_file(
+            p,
+            &[("w".to_string(), c.f.dtype(), shape.clone(), data)],
+            &BTreeMap::new(),
+        )
+        .unwrap()
+    };
+    put(&d.join("base.st"), base);
+    let base_ck = Checkpoint::open(&d.join("base.st")).unwrap();
+    let mut deltas = Vec::new();
+    for (k, (interval, dseed, whole)) in c.deltas.iter().enumerate() {
+        let t = d.join(format!("t{k}.st"));
+        put(&t, tuned[k].clone());
+        let tuned_ck = Checkpoint::open(&t).unwrap();
+        let selector = if *whole {
+            Selector::new(&[], &["w".to_string()]).unwrap()
+        } else {
+            Selector::default()
+        };
+        let opts = ExtractOptions {
+            seed: *dseed,
+            interval: *interval,
+            slot: None,
+            selector,
+            allow_nonfinite: true,
+        };
+        let out = d.join(format!("d{k}.st"));
+        extract(&base_ck, &tuned_ck, &out, &opts).unwrap();
+        deltas.push(Delta::open(&out).unwrap());
+    }
+    let opts = MergeOptions {
+        weights: c.weights.clone(),
+        rescale: c.rescale,
+        dtype: c.dtype,
+        force: false,
+        device: Device::Cpu,
+    };
+    let report = merge(&base_ck, &deltas, &d.join("cpu.st"), &opts).unwrap();
+    assert_eq!(report.device, "cpu");
+    let cpu = Checkpoint::open(&d.join("cpu.st")).unwrap();
+    let weight = |k: usize| c.weights.get(k).copied().unwrap_or(1.0);
+    for p in plan(&base_ck, &deltas, &opts, &weight).unwrap() {
+        let Source::Compute {
+            origin,
+            from,
+            to,
+            terms,
+        } = &p.source
+        else {
+            continue;
+        };
+        let data = match origin {
+            Origin::Base => base_ck.data(base_ck.info(&p.name).unwrap()),
+            Origin::Delta(k) => deltas[*k].data(&p.name),
+        };
+        let want = cpu.data(cpu.info(&p.name).unwrap());
+        let mut got = vec![0u8; p.numel as usize * to.size()];
+        let mut overflows = 0;
+        for l in cuda::launches(&deltas, &p.name, p.numel, *from, terms, c.slice).unwrap() {
+            let (status, bytes) =
+                emulate(h, &l, &deltas, terms, &p.name, data, *from, *to, p.numel);
+            overflows += cuda::check_status(&deltas, &p.name, terms, status).unwrap();
+            let at = l.first as usize * to.size();
+            got[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        if got != want {
+            let k = (0..p.numel as usize)
+                .find(|&k| {
+                    got[k * to.size()..(k + 1) * to.size()]
+                        != want[k * to.size()..(k + 1) * to.size()]
+                })
+                .unwrap();
+            panic!(
+                "{:?}->{:?} numel {} case {:?}: element {k} differs: kernel {:02x?}, cpu {:02x?}",
+                from,
+                to,
+                p.numel,
+                c.deltas,
+                &got[k * to.size()..(k + 1) * to.size()],
+                &want[k * to.size()..(k + 1) * to.size()]
+            );
+        }
+        let cpu_overflows = report
+            .overflowed
+            .iter()
+            .find(|(n, _)| *n == p.name)
+            .map_or(0, |x| x.1);
+        assert_eq!(overflows, cpu_overflows, "overflow count of {}", p.name);
+    }
+}
+
+/// Runs one launch through the emulated kernel: (status words, output bytes).
+#[allow(clippy::too_many_arguments)]
+fn emulate(
+    h: &Path,
+    l: &Launch,
+    deltas: &[Delta],
+    terms: &[sotu_delta::merge::Term],
+    name: &str,
+    base: &[u8],
+    from: Float,
+    to: Float,
+    numel: u64,
+) -> ([u64; 2], Vec<u8>) {
+    // Stage exactly as the GPU path does, then cut the staged buffer into the harness's blocks.
+    let [o_terms, o_values, o_offsets, o_ranks, o_base, end] = cuda::stage_offsets(l, from);
+    let mut buf = vec![0u8; end];
+    cuda::stage(l, deltas, terms, name, base, from, &mut buf);
+    let mut input = Vec::new();
+    for w in [
+        cuda::dtype_code(from),
+        cuda::dtype_code(to),
+        l.first,
+        l.n,
+        numel,
+        TILE,
+        EMU_BLOCK,
+        terms.len() as u64,
+    ] {
+        input.extend_from_slice(&w.to_le_bytes());
+    }
+    for r in [
+        o_terms..o_terms + l.terms.len() * 8,
+        o_values..o_values + l.values_len,
+        o_offsets..o_offsets + l.offsets.len() * 8,
+        o_ranks..o_ranks + l.ranks.len() * 8,
+        o_base..end,
+    ] {
+        input.extend_from_slice(&(r.len() as u64).to_le_bytes());
+        input.extend_from_slice(&buf[r.clone()]);
+        input.resize(input.len().next_multiple_of(8), 0);
+    }
+    let out = run(h, &["merge"], &input);
+    let status = [
+        u64::from_le_bytes(out[0..8].try_into().unwrap()),
+        u64::from_le_bytes(out[8..16].try_into().unwrap()),
+    ];
+    (status, out[16..].to_vec())
+}
+
+fn iv(d: f64) -> Interval {
+    Interval::from_density(d).unwrap()
+}
+
+fn slot(k: u64, n: u64) -> Interval {
+    Interval::from_slot(k, n, None).unwrap()
+}
+
+fn cases(f: Float, numel: usize) -> Vec<Case> {
+    let other = match f {
+        Float::F32 => Float::BF16,
+        Float::BF16 => Float::F16,
+        Float::F16 => Float::F32,
+        Float::F64 => Float::F32,
+    };
+    let c = |deltas: Vec<(Interval, u64, bool)>, weights: Vec<f64>, rescale, dtype| Case {
+        f,
+        numel,
+        deltas,
+        weights,
+        rescale,
+        dtype,
+        slice: 2 * TILE,
+    };
+    vec![
+        // One delta at 1/3.
+        c(vec![(iv(1.0 / 3.0), 7, false)], vec![], false, None),
+        // Three disjoint slots, weighted.
+        c(
+            vec![
+                (slot(0, 3), 2411, false),
+                (slot(1, 3), 2411, false),
+                (slot(2, 3), 2411, false),
+            ],
+            vec![0.5, -1.25, 3.0],
+            false,
+            None,
+        ),
+        // Densities 0, 1e-4 and 1 under different seeds, rescaled.
+        c(
+            vec![
+                (iv(0.0), 1, false),
+                (iv(1e-4), 2, false),
+                (iv(1.0), 3, false),
+            ],
+            vec![1.0, 3.0, -0.75],
+            true,
+            None,
+        ),
+        // A whole float term after a masked one, and a dtype conversion.
+        c(
+            vec![(iv(0.5), 11, false), (iv(0.25), 12, true)],
+            vec![2.0, 0.5],
+            true,
+            Some(other),
+        ),
+    ]
+}
+
+fn run_sizes(f: Float) {
+    let h = harness_or_skip!();
+    let start = std::time::Instant::now();
+    for (k, numel) in [1usize, 63, 65535, 65536, 65537, 3 * 65536 + 5]
+        .into_iter()
+        .enumerate()
+    {
+        for (j, case) in cases(f, numel).iter().enumerate() {
+            check(h, case, (k * 10 + j) as u64 + 1000 * f.size() as u64);
+        }
+    }
+    println!(
+        "{f:?}: emulated kernel == CPU in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn kernel_merges_bf16_like_the_cpu() {
+    run_sizes(Float::BF16);
+}
+
+#[test]
+fn kernel_merges_f16_like_the_cpu() {
+    run_sizes(Float::F16);
+}
+
+#[test]
+fn kernel_merges_f32_like_the_cpu() {
+    run_sizes(Float::F32);
+}
+
+/// An f64 base, a dtype-only conversion (no delta changes the tensor), and one slice per tile.
+#[test]
+fn kernel_handles_f64_conversions_and_small_slices() {
+    let h = harness_or_skip!();
+    for (f, to) in [
+        (Float::F64, Some(Float::BF16)),
+        (Float::BF16, Some(Float::F32)),
+    ] {
+        let case = Case {
+            f,
+            numel: 2 * 65536 + 3,
+            deltas: vec![(iv(0.1), 5, false)],
+            weights: vec![],
+            rescale: false,
+            dtype: to,
+            slice: TILE,
+        };
+        check(h, &case, 99);
+    }
+}
+
+/// A delta whose offsets lie about a chunk: the kernel reports that chunk, and the host turns
+/// it into the CPU path's message.
+#[test]
+fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
+    let h = harness_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f = Float::BF16;
+    let numel = 3 * 65536 + 7;
+    let (base, tuned) = make(f, numel, 1, 5);
+    let put = |p: &Path, name: &str, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>| {
+        write_file(
+            p,
+            &[(name.to_string(), dtype, shape, data)],
+            &BTreeMap::new(),
+        )
+        .unwrap()
+    };
+    put(&d.join("base.st"), "w", f.dtype(), vec![numel], base);
+    put(
+        &d.join("t.st"),
+        "w",
+        f.dtype(),
+        vec![numel],
+        tuned[0].clone(),
+    );
+    let base_ck = Checkpoint::open(&d.join("base.st")).unwrap();
+    let opts = ExtractOptions {
+        seed: 3,
+        interval: iv(0.3),
+        slot: None,
+        selector: Selector::default(),
+        allow_nonfinite: true,
+    };
+    extract(
+        &base_ck,
+        &Checkpoint::open(&d.join("t.st")).unwrap(),
+        &d.join("good.st"),
+        &opts,
+    )
+    .unwrap();
+    // Move one value from chunk 1 to chunk 2 in the offsets (still increasing, same total).
+    let bytes = std::fs::read(d.join("good.st")).unwrap();
+    let good = Delta::open(&d.join("good.st")).unwrap();
+    let offs = good.offsets("w").to_vec();
+    let mut bad_offs = offs.clone();
+    bad_offs[2] -= 1;
+    let key: Vec<u8> = offs[..].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let new: Vec<u8> = bad_offs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("offsets in the file");
+    let mut bad = bytes.clone();
+    bad[at..at + new.len()].copy_from_slice(&new);
+    std::fs::write(d.join("bad.st"), bad).unwrap();
+    let deltas = vec![Delta::open(&d.join("bad.st")).unwrap()];
+    let mopts = MergeOptions {
+        device: Device::Cpu,
+        ..MergeOptions::default()
+    };
+    let cpu_err = merge(&base_ck, &deltas, &d.join("cpu.st"), &mopts)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    let terms = [sotu_delta::merge::Term {
+        delta: 0,
+        coeff: 1.0,
+        masked: true,
+    }];
+    let data = base_ck.data(base_ck.info("w").unwrap());
+    let mut gpu_err = None;
+    for l in cuda::launches(&deltas, "w", numel as u64, f, &terms, TILE).unwrap() {
+        let (status, _) = emulate(h, &l, &deltas, &terms, "w", data, f, f, numel as u64);
+        if let Err(e) = cuda::check_status(&deltas, "w", &terms, status) {
+            gpu_err = Some(e.to_string());
+            break;
+        }
+    }
+    assert_eq!(gpu_err.as_deref(), Some(cpu_err.as_str()));
+}
