@@ -22,6 +22,9 @@ typedef unsigned short u16;
 #define SOTU_POPC(x) __popc(x)
 #define SOTU_ATOMIC_MIN_U64(p, v) atomicMin((p), (v))
 #define SOTU_ATOMIC_ADD_U64(p, v) atomicAdd((p), (v))
+// Loops over a thread's items and a group's terms are unrolled so that the per-item arrays are
+// indexed by constants and stay in registers instead of local memory.
+#define SOTU_UNROLL _Pragma("unroll")
 #endif
 
 // One rounding per operation, round to nearest even, never fused (FORMAT.md section 8). NVRTC
@@ -224,6 +227,7 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
         const int cnt = i0 >= t1 ? 0 : (t1 - i0 < SOTU_ITEMS ? (int)(t1 - i0) : SOTU_ITEMS);
         const u64 g0 = first + i0;  // global index of my first element
         double b[SOTU_ITEMS], acc[SOTU_ITEMS];
+        SOTU_UNROLL
         for (int k = 0; k < SOTU_ITEMS; k++) {
             b[k] = k < cnt ? sotu_load<F>(base, i0 + k) : 0.0;
             acc[k] = -0.0;  // the additive identity (FORMAT.md section 8)
@@ -233,15 +237,19 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
             const int ng = nterms - g < SOTU_GROUP ? nterms - g : SOTU_GROUP;
             u32 bits[SOTU_GROUP];
             u64 packed = 0;
-            for (int q = 0; q < ng; q++) {
-                const u64* d = terms + (g + q) * SOTU_TERM_WORDS;
+            SOTU_UNROLL
+            for (int q = 0; q < SOTU_GROUP; q++) {
                 bits[q] = 0;
+                if (q >= ng) continue;
+                const u64* d = terms + (g + q) * SOTU_TERM_WORDS;
                 if (d[1]) {
                     const u32 k0 = (u32)d[2], k1 = (u32)(d[2] >> 32), lo = (u32)d[3];
                     const u64 width = d[4];
                     // The block constant changes only at multiples of 2^32.
                     const u32 c = sotu_block_const(k0, k1, (u32)(g0 >> 32));
-                    for (int k = 0; k < cnt; k++) {
+                    SOTU_UNROLL
+                    for (int k = 0; k < SOTU_ITEMS; k++) {
+                        if (k >= cnt) continue;
                         const u64 i = g0 + k;
                         const u32 ck = (u32)(i >> 32) == (u32)(g0 >> 32)
                                            ? c
@@ -253,13 +261,17 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
             }
             u64 total;
             const u64 before = sotu_block_scan(packed, &total, scan_sh);
-            for (int q = 0; q < ng; q++) {
+            SOTU_UNROLL
+            for (int q = 0; q < SOTU_GROUP; q++) {
+                if (q >= ng) continue;
                 const int t = g + q;
                 const u64* d = terms + t * SOTU_TERM_WORDS;
                 const double coeff = SOTU_F64_FROM_BITS(d[0]);
                 const u64 vbase = d[6], vpos = d[7], vcount = d[8];
                 if (!d[1]) {
-                    for (int k = 0; k < cnt; k++) {
+                    SOTU_UNROLL
+                    for (int k = 0; k < SOTU_ITEMS; k++) {
+                        if (k >= cnt) continue;
                         const u64 r = g0 + k;
                         if (r >= vbase && r - vbase < vcount) {
                             const double v = sotu_load<F>(values, vpos + (r - vbase));
@@ -276,7 +288,9 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
                     u64 end = (j + 1) * C;
                     if (end > numel) end = numel;
                     u64 limit = offsets[opos + (j - j0) + 1];
-                    for (int k = 0; k < cnt; k++) {
+                    SOTU_UNROLL
+                    for (int k = 0; k < SOTU_ITEMS; k++) {
+                        if (k >= cnt) continue;
                         const u64 i = g0 + k;
                         if (i >= end) {  // next chunk
                             j++;
@@ -305,7 +319,9 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
                 for (int q = 0; q < ng; q++) run[g + q] += (total >> (16 * q)) & 0xffffull;
             // The next write to run[] is after the next scan's barriers: no second barrier.
         }
-        for (int k = 0; k < cnt; k++) {
+        SOTU_UNROLL
+        for (int k = 0; k < SOTU_ITEMS; k++) {
+            if (k >= cnt) continue;
             if (F == T) {
                 // Untouched elements keep the base's bits, NaN payloads included.
                 if ((touched >> k) & 1u) {

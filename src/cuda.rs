@@ -699,3 +699,45 @@ impl Backend {
         Ok(overflows)
     }
 }
+
+impl Backend {
+    /// `u(k0, k1, i)` of the mask function for each index, computed by the kernel (for the
+    /// known-answer tests).
+    pub fn mask_u(&self, k0: u32, k1: u32, idx: &[u64]) -> Result<Vec<u32>> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e}");
+        let s = &self.streams[0];
+        let f = self.module.load_function("sotu_u_kernel").map_err(cuda)?;
+        let d_idx = s.clone_htod(idx).map_err(cuda)?;
+        let mut d_out = s.alloc_zeros::<u32>(idx.len().max(1)).map_err(cuda)?;
+        let n = idx.len() as u64;
+        let mut b = s.launch_builder(&f);
+        b.arg(&k0).arg(&k1).arg(&d_idx).arg(&mut d_out).arg(&n);
+        // SAFETY: matches sotu_u_kernel's signature; both buffers hold n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(idx.len().max(1) as u32)) }.map_err(cuda)?;
+        let mut out = s.clone_dtoh(&d_out).map_err(cuda)?;
+        out.truncate(idx.len());
+        Ok(out)
+    }
+
+    /// `mix32` of each input, computed by the kernel.
+    pub fn mix32(&self, xs: &[u32]) -> Result<Vec<u32>> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e}");
+        let s = &self.streams[0];
+        let f = self
+            .module
+            .load_function("sotu_mix32_kernel")
+            .map_err(cuda)?;
+        let d_in = s.clone_htod(xs).map_err(cuda)?;
+        let mut d_out = s.alloc_zeros::<u32>(xs.len().max(1)).map_err(cuda)?;
+        let n = xs.len() as u64;
+        let mut b = s.launch_builder(&f);
+        b.arg(&d_in).arg(&mut d_out).arg(&n);
+        // SAFETY: matches sotu_mix32_kernel's signature; both buffers hold n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(xs.len().max(1) as u32)) }.map_err(cuda)?;
+        let mut out = s.clone_dtoh(&d_out).map_err(cuda)?;
+        out.truncate(xs.len());
+        Ok(out)
+    }
+}

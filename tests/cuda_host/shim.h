@@ -24,6 +24,7 @@ typedef unsigned short u16;
 #define __forceinline__ inline
 #define __shared__ static
 #define SOTU_DEV static inline
+#define SOTU_UNROLL
 
 struct SotuDim3 {
     unsigned x, y, z;
