@@ -313,6 +313,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_merge(
     base_path: &Path,
     delta_paths: &[PathBuf],

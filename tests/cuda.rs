@@ -252,6 +252,9 @@ fn gpu_merges_the_fixtures_like_the_cpu() {
     }
 }
 
+/// Per delta (interval, seed, stored whole); weights; rescale.
+type DeltaLayout = (Vec<(Interval, u64, bool)>, Vec<f64>, bool);
+
 fn iv(d: f64) -> Interval {
     Interval::from_density(d).unwrap()
 }
@@ -260,7 +263,7 @@ fn iv(d: f64) -> Interval {
 fn gpu_merges_generated_tensors_like_the_cpu() {
     let _gpu = gpu_or_skip!();
     let sizes = [1usize, 63, 65535, 65536, 65537, 3 * 65536 + 5, 5_000_011];
-    let layouts: Vec<(Vec<(Interval, u64, bool)>, Vec<f64>, bool)> = vec![
+    let layouts: Vec<DeltaLayout> = vec![
         (vec![(iv(1.0 / 3.0), 7, false)], vec![], false),
         (
             (0..3)

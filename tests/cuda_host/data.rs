@@ -140,12 +140,12 @@ pub fn make(f: Float, numel: usize, tunes: usize, seed: u64) -> (Vec<u8>, Vec<Ve
                 .iter()
                 .enumerate()
                 .map(|(i, &x)| match i {
-                    0 => 0.5,                      // NaN base, finite tune
-                    1 if k == 0 => 1.0,            // inf base
-                    5 | 6 => -x,                   // overflows once weighted
-                    3 => -0.0,                     // -0 over -0: same
-                    4 if k == 1 => -0.0,           // -0 over +0
-                    _ if rng.next() % 7 == 0 => x, // unchanged
+                    0 => 0.5,                               // NaN base, finite tune
+                    1 if k == 0 => 1.0,                     // inf base
+                    5 | 6 => -x,                            // overflows once weighted
+                    3 => -0.0,                              // -0 over -0: same
+                    4 if k == 1 => -0.0,                    // -0 over +0
+                    _ if rng.next().is_multiple_of(7) => x, // unchanged
                     _ => x + rng.unit() * 0.01 * (k + 1) as f64,
                 })
                 .collect();
