@@ -25,6 +25,9 @@ typedef unsigned short u16;
 // Loops over a thread's items and a group's terms are unrolled so that the per-item arrays are
 // indexed by constants and stay in registers instead of local memory.
 #define SOTU_UNROLL _Pragma("unroll")
+// The merge kernels are launched with at most this many threads per block (src/cuda.rs BLOCK):
+// the compiler keeps their registers within what such a block may use.
+#define SOTU_BOUNDS __launch_bounds__(512)
 #endif
 
 // One rounding per operation, round to nearest even, never fused (FORMAT.md section 8). NVRTC
@@ -342,7 +345,7 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
 }
 
 #define SOTU_MERGE_ENTRY(FN, TN, F, T)                                                             \
-    extern "C" __global__ void sotu_merge_##FN##_##TN(                                             \
+    extern "C" __global__ void SOTU_BOUNDS sotu_merge_##FN##_##TN(                                             \
         const unsigned char* base, unsigned char* out, u64 first, u64 n, u64 numel, u64 tile,     \
         const u64* terms, int nterms, const unsigned char* values, const u64* offsets,            \
         const u64* ranks, u64* status) {                                                           \
@@ -356,13 +359,21 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
     SOTU_MERGE_ENTRY(FN, f32, F, SOTU_F32)       \
     SOTU_MERGE_ENTRY(FN, f64, F, SOTU_F64)
 
+// Every entry point, unless the compiling program selects its own: src/cuda.rs compiles one
+// (from, to) pair at a time when it needs it (-DSOTU_SELECTED_ENTRIES plus a SOTU_MERGE_ENTRY
+// line), which takes a fraction of the time of all sixteen, and the helpers below alone
+// (-DSOTU_SELECTED_ENTRIES -DSOTU_HELPERS) to check that NVRTC and the driver work together.
+#ifndef SOTU_SELECTED_ENTRIES
 SOTU_MERGE_FROM(f16, SOTU_F16)
 SOTU_MERGE_FROM(bf16, SOTU_BF16)
 SOTU_MERGE_FROM(f32, SOTU_F32)
 SOTU_MERGE_FROM(f64, SOTU_F64)
+#define SOTU_HELPERS 1
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Small kernels for the known-answer tests (FORMAT.md section 4) and the rounding checks.
+#ifdef SOTU_HELPERS
 
 // out[i] = mix32(in[i])
 extern "C" __global__ void sotu_mix32_kernel(const u32* in, u32* out, u64 n) {
@@ -389,3 +400,4 @@ extern "C" __global__ void sotu_round_kernel(const u64* in, u64* out, u64 n) {
                          ((u64)sotu_overflows<SOTU_F32>(x) << 2);
     }
 }
+#endif  // SOTU_HELPERS

@@ -129,18 +129,46 @@ pub fn nvrtc_available() -> Result<(), String> {
     })
 }
 
-/// Compiles all of [`SOURCES`] with NVRTC to PTX for `arch` (e.g. `compute_90`).
+/// Compiles all of [`SOURCES`], every entry point, with NVRTC to PTX for `arch` (e.g.
+/// `compute_90`).
 pub fn compile_ptx(arch: &'static str) -> Result<String, String> {
+    compile_selected(arch, &[], "")
+}
+
+/// Compiles only the merge kernel from `from` to `to`, as the GPU path does on first use.
+pub fn compile_merge_ptx(arch: &'static str, from: Float, to: Float) -> Result<String, String> {
+    let tail = format!(
+        "SOTU_MERGE_ENTRY({}, {}, {}, {})",
+        dtype_name(from),
+        dtype_name(to),
+        dtype_code(from),
+        dtype_code(to)
+    );
+    compile_selected(arch, &["SOTU_SELECTED_ENTRIES"], &tail)
+}
+
+/// Compiles only the helper kernels (known answers, rounding), as the GPU path does at setup.
+pub fn compile_helpers_ptx(arch: &'static str) -> Result<String, String> {
+    compile_selected(arch, &["SOTU_SELECTED_ENTRIES", "SOTU_HELPERS"], "")
+}
+
+/// Compiles [`SOURCES`] with extra `defines` (`-D…`) and `tail` appended to the source.
+fn compile_selected(arch: &'static str, defines: &[&str], tail: &str) -> Result<String, String> {
     nvrtc_available()?;
-    let src: String = SOURCES
+    let mut src: String = SOURCES
         .iter()
         .map(|(_, s)| *s)
         .collect::<Vec<_>>()
         .join("\n");
+    src.push('\n');
+    src.push_str(tail);
+    src.push('\n');
+    let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
     guarded("NVRTC", move || {
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some(arch),
-            options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+            options,
             name: Some("merge.cu".into()),
             ..Default::default()
         };
@@ -445,8 +473,12 @@ pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
 /// A usable CUDA device with the kernels loaded.
 pub struct Backend {
     name: String,
+    arch: &'static str,
     ctx: Arc<cudarc::driver::CudaContext>,
-    module: Arc<cudarc::driver::CudaModule>,
+    /// The small helper kernels, compiled and loaded at setup: proof that NVRTC's PTX loads.
+    helpers: Arc<cudarc::driver::CudaModule>,
+    /// Merge kernels by `(from, to)`, each compiled the first time a tensor needs it.
+    merges: Mutex<std::collections::HashMap<(u64, u64), cudarc::driver::CudaFunction>>,
     streams: [Arc<cudarc::driver::CudaStream>; 2],
     slots: Mutex<Vec<Slot>>,
 }
@@ -498,8 +530,8 @@ impl Backend {
             .compute_capability()
             .map_err(driver_err("compute capability"))?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let ptx = compile_ptx(arch)?;
-        let module = ctx
+        let ptx = compile_helpers_ptx(arch)?;
+        let helpers = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(driver_err(
                 "cannot load the kernels (is the driver older than NVRTC?)",
@@ -510,8 +542,10 @@ impl Backend {
         ];
         Ok(Backend {
             name,
+            arch,
             ctx,
-            module,
+            helpers,
+            merges: Mutex::new(Default::default()),
             streams,
             slots: Mutex::new(Vec::new()),
         })
@@ -520,6 +554,33 @@ impl Backend {
     /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The merge kernel from `from` to `to`, compiled and loaded on first use (one pair compiles
+    /// in a fraction of the time of all sixteen).
+    fn merge_function(&self, from: Float, to: Float) -> Result<cudarc::driver::CudaFunction> {
+        let key = (dtype_code(from), dtype_code(to));
+        let mut m = self.merges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = m.get(&key) {
+            return Ok(f.clone());
+        }
+        let ptx = compile_merge_ptx(self.arch, from, to).map_err(|e| anyhow!("CUDA: {e}"))?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| anyhow!("CUDA: cannot load the merge kernel: {e}"))?;
+        let f = module
+            .load_function(&merge_entry(from, to))
+            .map_err(|e| anyhow!("CUDA: {e}"))?;
+        m.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Threads per block for `f`: [`BLOCK`], or fewer (a multiple of 32) if the compiled kernel
+    /// cannot run that many.
+    fn block_for(&self, f: &cudarc::driver::CudaFunction) -> u32 {
+        let max = f.max_threads_per_block().unwrap_or(BLOCK as i32).max(32) as u32;
+        BLOCK.min(max / 32 * 32)
     }
 
     /// Elements per slice for a tensor read as `from`, written as `to`, with `nterms` terms: as
@@ -554,16 +615,37 @@ impl Backend {
         terms: &[Term],
         write: &dyn Fn(u64, &[u8]) -> Result<()>,
     ) -> Result<u64> {
+        let r = self.merge_tensor_inner(deltas, name, numel, base, from, to, terms, write);
+        if r.is_err() {
+            // Leave no copy or kernel running into the staging buffers that the next call
+            // would reuse.
+            for s in &self.streams {
+                let _ = s.synchronize();
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge_tensor_inner(
+        &self,
+        deltas: &[Delta],
+        name: &str,
+        numel: u64,
+        base: &[u8],
+        from: Float,
+        to: Float,
+        terms: &[Term],
+        write: &dyn Fn(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
         use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
         let cuda =
             |what: &'static str| move |e: cudarc::driver::DriverError| anyhow!("CUDA: {what}: {e}");
         self.ctx.bind_to_thread().map_err(cuda("bind"))?;
         let slice = self.slice_elems(from, to, terms.len())?;
         let plan = launches(deltas, name, numel, from, terms, slice)?;
-        let func = self
-            .module
-            .load_function(&merge_entry(from, to))
-            .map_err(cuda("kernel"))?;
+        let func = self.merge_function(from, to)?;
+        let block = self.block_for(&func);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         // Grow the staging to the largest slice of this tensor.
         let need = plan
@@ -671,7 +753,7 @@ impl Backend {
                 .arg(&a_status);
             let cfg = LaunchConfig {
                 grid_dim: (l.blocks() as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
+                block_dim: (block, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match the kernel's signature in kernels/merge.cu, and the
@@ -707,7 +789,7 @@ impl Backend {
         use cudarc::driver::{LaunchConfig, PushKernelArg};
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e}");
         let s = &self.streams[0];
-        let f = self.module.load_function("sotu_u_kernel").map_err(cuda)?;
+        let f = self.helpers.load_function("sotu_u_kernel").map_err(cuda)?;
         let d_idx = s.clone_htod(idx).map_err(cuda)?;
         let mut d_out = s.alloc_zeros::<u32>(idx.len().max(1)).map_err(cuda)?;
         let n = idx.len() as u64;
@@ -726,7 +808,7 @@ impl Backend {
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e}");
         let s = &self.streams[0];
         let f = self
-            .module
+            .helpers
             .load_function("sotu_mix32_kernel")
             .map_err(cuda)?;
         let d_in = s.clone_htod(xs).map_err(cuda)?;
@@ -849,10 +931,8 @@ impl Backend {
             .map_err(cuda)?;
         s.synchronize().map_err(cuda)?;
         let (q, _h) = copy_dst.device_ptr(s);
-        let func = self
-            .module
-            .load_function(&merge_entry(dtype, dtype))
-            .map_err(cuda)?;
+        let func = self.merge_function(dtype, dtype)?;
+        let block = self.block_for(&func);
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -899,7 +979,7 @@ impl Backend {
                 .arg(&args[6]);
             let cfg = LaunchConfig {
                 grid_dim: (l.blocks() as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
+                block_dim: (block, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: as in merge_tensor.

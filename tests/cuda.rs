@@ -55,6 +55,24 @@ fn kernels_compile_with_nvrtc_for_sm90_and_sm80() {
             assert!(!ptx.contains(fused), "{arch}: PTX contains {fused}");
         }
         println!("{arch}: {} bytes of PTX", ptx.len());
+        // What the GPU path compiles at run time: the helpers at setup, one pair at a time.
+        let helpers = cuda::compile_helpers_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+        assert!(helpers.contains(".entry sotu_u_kernel("));
+        assert!(!helpers.contains(".entry sotu_merge_"));
+        let all = [Float::F16, Float::BF16, Float::F32, Float::F64];
+        for (from, to) in [(Float::BF16, Float::BF16), (Float::F32, Float::F16)] {
+            let one = cuda::compile_merge_ptx(arch, from, to).unwrap_or_else(|e| panic!("{e}"));
+            for f in all {
+                for t in all {
+                    let entry = format!(".entry {}(", cuda::merge_entry(f, t));
+                    assert_eq!(
+                        one.contains(&entry),
+                        (f, t) == (from, to),
+                        "{arch}: {entry}"
+                    );
+                }
+            }
+        }
     }
 }
 

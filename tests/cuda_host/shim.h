@@ -25,6 +25,7 @@ typedef unsigned short u16;
 #define __shared__ static
 #define SOTU_DEV static inline
 #define SOTU_UNROLL
+#define SOTU_BOUNDS
 
 struct SotuDim3 {
     unsigned x, y, z;
