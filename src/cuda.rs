@@ -8,7 +8,7 @@
 //!   term descriptors, the chunk offsets and start ranks it needs, which bytes of the base and of
 //!   each delta to upload. tests/cuda_host.rs runs kernels/merge.cu on these inputs on the CPU
 //!   (through a small emulation header) and compares with the CPU merge, byte for byte.
-//! - [`Backend::merge_tensor`] moves them through pinned staging buffers on two streams, so that
+//! - [`Backend::merge_tensors`] moves them through pinned staging buffers on two streams, so that
 //!   reading the next slice from the memory-mapped inputs overlaps the previous slice's
 //!   transfers and kernel.
 
@@ -470,6 +470,26 @@ pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
 // ---------------------------------------------------------------------------------------------
 // The GPU.
 
+/// Where [`Backend::merge_tensors`] puts output bytes: `(tensor, byte offset, bytes)`.
+pub type WriteFn = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync;
+
+/// One tensor for [`Backend::merge_tensors`]: what `merge`'s plan says to compute.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Elements.
+    pub numel: u64,
+    /// The starting values (the base tensor, or a new tensor's stored bytes).
+    pub base: &'a [u8],
+    /// Their dtype.
+    pub from: Float,
+    /// The output dtype.
+    pub to: Float,
+    /// The deltas' contributions.
+    pub terms: &'a [Term],
+}
+
 /// A usable CUDA device with the kernels loaded.
 pub struct Backend {
     name: String,
@@ -601,21 +621,21 @@ impl Backend {
         Ok(fit.min(MAX_SLICE))
     }
 
-    /// Computes one tensor (the CPU path's `compute` over all of it) and hands each slice's
-    /// output bytes to `write(byte offset, bytes)`. Returns the overflow count.
-    #[allow(clippy::too_many_arguments)]
-    pub fn merge_tensor(
+    /// Computes the tensors of `jobs` (for each, what the CPU path's `compute` gives over all
+    /// of it) and hands each slice's output bytes to `write(tensor, byte offset, bytes)`.
+    /// Returns each job's overflow count.
+    ///
+    /// The slices of all the tensors go through one pipeline of two slots, one stream each:
+    /// while one slot's upload, kernel and download run, the host writes out the other slot's
+    /// previous result and stages its next slice from the memory-mapped inputs, so transfers
+    /// and kernels overlap across tensor boundaries too.
+    pub fn merge_tensors(
         &self,
         deltas: &[Delta],
-        name: &str,
-        numel: u64,
-        base: &[u8],
-        from: Float,
-        to: Float,
-        terms: &[Term],
-        write: &dyn Fn(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
-        let r = self.merge_tensor_inner(deltas, name, numel, base, from, to, terms, write);
+        jobs: &[Job],
+        write: &WriteFn,
+    ) -> Result<Vec<u64>> {
+        let r = self.merge_tensors_inner(deltas, jobs, write);
         if r.is_err() {
             // Leave no copy or kernel running into the staging buffers that the next call
             // would reuse.
@@ -626,39 +646,42 @@ impl Backend {
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn merge_tensor_inner(
+    fn merge_tensors_inner(
         &self,
         deltas: &[Delta],
-        name: &str,
-        numel: u64,
-        base: &[u8],
-        from: Float,
-        to: Float,
-        terms: &[Term],
-        write: &dyn Fn(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
+        jobs: &[Job],
+        write: &WriteFn,
+    ) -> Result<Vec<u64>> {
         use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
         let cuda =
             |what: &'static str| move |e: cudarc::driver::DriverError| anyhow!("CUDA: {what}: {e}");
         self.ctx.bind_to_thread().map_err(cuda("bind"))?;
-        let slice = self.slice_elems(from, to, terms.len())?;
-        let plan = launches(deltas, name, numel, from, terms, slice)?;
-        let func = self.merge_function(from, to)?;
-        let block = self.block_for(&func);
+        // Every slice of every tensor, planned up front (offsets and ranks only: small), so
+        // that the staging is sized once.
+        let mut all: Vec<(usize, Launch)> = Vec::new();
+        let mut funcs = Vec::with_capacity(jobs.len());
+        for (ji, j) in jobs.iter().enumerate() {
+            let slice = self.slice_elems(j.from, j.to, j.terms.len())?;
+            all.extend(
+                launches(deltas, j.name, j.numel, j.from, j.terms, slice)?
+                    .into_iter()
+                    .map(|l| (ji, l)),
+            );
+            let f = self.merge_function(j.from, j.to)?;
+            let block = self.block_for(&f);
+            funcs.push((f, block));
+        }
+        let lay_of = |(ji, l): &(usize, Launch)| Layout::of(l, jobs[*ji].from, jobs[*ji].to);
+        let need = all.iter().map(lay_of).fold(256, |m, y| m.max(y.end));
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        // Grow the staging to the largest slice of this tensor.
-        let need = plan
-            .iter()
-            .map(|l| Layout::of(l, from, to))
-            .fold(0, |m, y| m.max(y.end));
         if slots.len() < 2 || slots[0].dev.len() < need {
             slots.clear();
             for s in &self.streams {
-                // SAFETY: fully written by `stage` (inputs) or by the kernel (outputs) before
+                // SAFETY: written by `stage` (inputs) or by the kernel (outputs) before
                 // anything reads them.
                 unsafe {
                     slots.push(Slot {
+                        // Write-combined: the host only writes it, the device reads it.
                         pin_in: self
                             .ctx
                             .alloc_pinned_with_flags::<u8>(
@@ -666,6 +689,7 @@ impl Backend {
                                 cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
                             )
                             .map_err(cuda("pinned memory"))?,
+                        // Cached: the host reads it back.
                         pin_out: self
                             .ctx
                             .alloc_pinned_with_flags::<u8>(need, 0)
@@ -675,43 +699,49 @@ impl Backend {
                 }
             }
         }
-        let mut pending: [Option<(usize, Layout)>; 2] = [None, None];
-        let mut overflows = 0u64;
+        let mut overflows = vec![0u64; jobs.len()];
+        let mut pending: [Option<usize>; 2] = [None, None];
         let finish = |slot: &mut Slot,
                       stream: &Arc<cudarc::driver::CudaStream>,
-                      (k, lay): (usize, Layout)|
-         -> Result<u64> {
+                      k: usize,
+                      overflows: &mut [u64]|
+         -> Result<()> {
             stream.synchronize().map_err(cuda("kernel or copy"))?;
+            let (ji, l) = &all[k];
+            let j = &jobs[*ji];
+            let lay = lay_of(&all[k]);
             let out = slot.pin_out.as_slice().map_err(cuda("pinned memory"))?;
             let status = [
                 u64::from_le_bytes(out[0..8].try_into().unwrap()),
                 u64::from_le_bytes(out[8..16].try_into().unwrap()),
             ];
-            let n = check_status(deltas, name, terms, status)?;
-            let l = &plan[k];
+            overflows[*ji] += check_status(deltas, j.name, j.terms, status)?;
+            let size = j.to.size();
             write(
-                l.first * to.size() as u64,
-                &out[lay.out..lay.out + l.n as usize * to.size()],
-            )?;
-            Ok(n)
+                j.name,
+                l.first * size as u64,
+                &out[lay.out..lay.out + l.n as usize * size],
+            )
         };
-        for (k, l) in plan.iter().enumerate() {
+        for (k, (ji, l)) in all.iter().enumerate() {
             let s = k % 2;
             let stream = &self.streams[s];
             if let Some(p) = pending[s].take() {
-                overflows += finish(&mut slots[s], stream, p)?;
+                finish(&mut slots[s], stream, p, &mut overflows)?;
             }
-            let lay = Layout::of(l, from, to);
+            let j = &jobs[*ji];
+            let (func, block) = &funcs[*ji];
+            let lay = lay_of(&all[k]);
             let slot = &mut slots[s];
             {
                 let buf = slot.pin_in.as_mut_slice().map_err(cuda("pinned memory"))?;
                 stage(
                     l,
                     deltas,
-                    terms,
-                    name,
-                    base,
-                    from,
+                    j.terms,
+                    j.name,
+                    j.base,
+                    j.from,
                     &mut buf[..lay.input_end],
                 );
             }
@@ -728,7 +758,8 @@ impl Backend {
                 .map_err(cuda("copy to the device"))?;
             }
             let p = |off: usize| dev + off as u64;
-            let (first, n, tile, nterms) = (l.first, l.n, TILE, terms.len() as i32);
+            let (first, n, numel, tile, nterms) =
+                (l.first, l.n, j.numel, TILE, j.terms.len() as i32);
             let (a_base, a_out, a_terms, a_values, a_offsets, a_ranks, a_status) = (
                 p(lay.base),
                 p(lay.out),
@@ -738,7 +769,7 @@ impl Backend {
                 p(lay.ranks),
                 p(0),
             );
-            let mut b = stream.launch_builder(&func);
+            let mut b = stream.launch_builder(func);
             b.arg(&a_base)
                 .arg(&a_out)
                 .arg(&first)
@@ -753,7 +784,7 @@ impl Backend {
                 .arg(&a_status);
             let cfg = LaunchConfig {
                 grid_dim: (l.blocks() as u32, 1, 1),
-                block_dim: (block, 1, 1),
+                block_dim: (*block, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match the kernel's signature in kernels/merge.cu, and the
@@ -771,11 +802,11 @@ impl Backend {
                 )
                 .map_err(cuda("copy from the device"))?;
             }
-            pending[s] = Some((k, lay));
+            pending[s] = Some(k);
         }
         for s in 0..2 {
             if let Some(p) = pending[s].take() {
-                overflows += finish(&mut slots[s], &self.streams[s], p)?;
+                finish(&mut slots[s], &self.streams[s], p, &mut overflows)?;
             }
         }
         Ok(overflows)
@@ -982,7 +1013,7 @@ impl Backend {
                 block_dim: (block, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: as in merge_tensor.
+            // SAFETY: as in merge_tensors.
             unsafe { lb.launch(cfg) }.map_err(cuda)?;
             let c = s.record_event(timing).map_err(cuda)?;
             c.synchronize().map_err(cuda)?;

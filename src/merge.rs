@@ -204,10 +204,66 @@ pub fn merge(
                 .collect()
         },
         || -> Result<Vec<u64>> {
-            plans
-                .iter()
-                .map(|p| execute(base, deltas, &output, p, gpu))
-                .collect()
+            // The GPU computes the changed float tensors (one pipeline through all of them)
+            // while the CPU copies the rest.
+            let on_gpu = |p: &TensorPlan| {
+                gpu.is_some()
+                    && matches!(&p.source, Source::Compute { terms, .. } if terms.len() <= crate::cuda::MAX_TERMS)
+            };
+            let (by_gpu, by_cpu) = rayon::join(
+                || -> Result<Vec<u64>> {
+                    let Some(g) = gpu else { return Ok(Vec::new()) };
+                    let jobs: Vec<crate::cuda::Job> = plans
+                        .iter()
+                        .filter(|p| on_gpu(p))
+                        .map(|p| {
+                            let Source::Compute {
+                                origin,
+                                from,
+                                to,
+                                terms,
+                            } = &p.source
+                            else {
+                                unreachable!("filtered")
+                            };
+                            crate::cuda::Job {
+                                name: &p.name,
+                                numel: p.numel,
+                                base: match origin {
+                                    Origin::Base => base.data(base.info(&p.name).unwrap()),
+                                    Origin::Delta(d) => deltas[*d].data(&p.name),
+                                },
+                                from: *from,
+                                to: *to,
+                                terms,
+                            }
+                        })
+                        .collect();
+                    g.merge_tensors(deltas, &jobs, &|name, at, bytes| {
+                        output.write(name, at, bytes)
+                    })
+                },
+                || -> Result<Vec<u64>> {
+                    plans
+                        .iter()
+                        .map(|p| {
+                            if on_gpu(p) {
+                                Ok(0)
+                            } else {
+                                execute(base, deltas, &output, p)
+                            }
+                        })
+                        .collect()
+                },
+            );
+            let mut counts = by_cpu?;
+            let mut from_gpu = by_gpu?.into_iter();
+            for (c, p) in counts.iter_mut().zip(&plans) {
+                if on_gpu(p) {
+                    *c = from_gpu.next().unwrap_or(0);
+                }
+            }
+            Ok(counts)
         },
     );
     let overflows = written?;
@@ -425,13 +481,7 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
 }
 
 /// Writes one output tensor; returns how many finite results overflowed its dtype.
-fn execute(
-    base: &Checkpoint,
-    deltas: &[Delta],
-    out: &Output,
-    p: &TensorPlan,
-    gpu: Option<&crate::cuda::Backend>,
-) -> Result<u64> {
+fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
     let origin_data = |o: Origin| -> &[u8] {
         match o {
             Origin::Base => base.data(base.info(&p.name).unwrap()),
@@ -453,18 +503,6 @@ fn execute(
             terms,
         } => {
             let data = origin_data(*origin);
-            if let Some(gpu) = gpu.filter(|_| terms.len() <= crate::cuda::MAX_TERMS) {
-                return gpu.merge_tensor(
-                    deltas,
-                    &p.name,
-                    p.numel,
-                    data,
-                    *from,
-                    *to,
-                    terms,
-                    &|at, bytes| out.write(&p.name, at, bytes),
-                );
-            }
             let tasks = p.numel.div_ceil(TASK);
             (0..tasks)
                 .into_par_iter()
