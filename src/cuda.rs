@@ -471,7 +471,7 @@ pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
 // The GPU.
 
 /// Where [`Backend::merge_tensors`] puts output bytes: `(tensor, byte offset, bytes)`.
-pub type WriteFn = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync;
+pub type WriteFn<'a> = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync + 'a;
 
 /// One tensor for [`Backend::merge_tensors`]: what `merge`'s plan says to compute.
 #[derive(Clone, Copy, Debug)]
@@ -633,7 +633,7 @@ impl Backend {
         &self,
         deltas: &[Delta],
         jobs: &[Job],
-        write: &WriteFn,
+        write: &WriteFn<'_>,
     ) -> Result<Vec<u64>> {
         let r = self.merge_tensors_inner(deltas, jobs, write);
         if r.is_err() {
@@ -650,7 +650,7 @@ impl Backend {
         &self,
         deltas: &[Delta],
         jobs: &[Job],
-        write: &WriteFn,
+        write: &WriteFn<'_>,
     ) -> Result<Vec<u64>> {
         use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
         let cuda =
