@@ -317,11 +317,24 @@ fn check(h: &Path, c: &Case, seed: u64) {
         force: false,
         device: Device::Cpu,
     };
-    let report = merge(&base_ck, &deltas, &d.join("cpu.st"), &opts).unwrap();
+    compare(h, d, &base_ck, &deltas, &opts, c.slice);
+}
+
+/// Merges on the CPU, then runs the kernel on every computed tensor (slices of `slice`
+/// elements), and compares bytes and overflow counts.
+fn compare(
+    h: &Path,
+    d: &Path,
+    base_ck: &Checkpoint,
+    deltas: &[Delta],
+    opts: &MergeOptions,
+    slice: u64,
+) {
+    let report = merge(base_ck, deltas, &d.join("cpu.st"), opts).unwrap();
     assert_eq!(report.device, "cpu");
     let cpu = Checkpoint::open(&d.join("cpu.st")).unwrap();
-    let weight = |k: usize| c.weights.get(k).copied().unwrap_or(1.0);
-    for p in plan(&base_ck, &deltas, &opts, &weight).unwrap() {
+    let weight = |k: usize| opts.weights.get(k).copied().unwrap_or(1.0);
+    for p in plan(base_ck, deltas, opts, &weight).unwrap() {
         let Source::Compute {
             origin,
             from,
@@ -338,10 +351,9 @@ fn check(h: &Path, c: &Case, seed: u64) {
         let want = cpu.data(cpu.info(&p.name).unwrap());
         let mut got = vec![0u8; p.numel as usize * to.size()];
         let mut overflows = 0;
-        for l in cuda::launches(&deltas, &p.name, p.numel, *from, terms, c.slice).unwrap() {
-            let (status, bytes) =
-                emulate(h, &l, &deltas, terms, &p.name, data, *from, *to, p.numel);
-            overflows += cuda::check_status(&deltas, &p.name, terms, status).unwrap();
+        for l in cuda::launches(deltas, &p.name, p.numel, *from, terms, slice).unwrap() {
+            let (status, bytes) = emulate(h, &l, deltas, terms, &p.name, data, *from, *to, p.numel);
+            overflows += cuda::check_status(deltas, &p.name, terms, status).unwrap();
             let at = l.first as usize * to.size();
             got[at..at + bytes.len()].copy_from_slice(&bytes);
         }
@@ -353,11 +365,14 @@ fn check(h: &Path, c: &Case, seed: u64) {
                 })
                 .unwrap();
             panic!(
-                "{:?}->{:?} numel {} case {:?}: element {k} differs: kernel {:02x?}, cpu {:02x?}",
+                "{:?}->{:?} numel {} deltas {:?}: element {k} differs: kernel {:02x?}, cpu {:02x?}",
                 from,
                 to,
                 p.numel,
-                c.deltas,
+                deltas
+                    .iter()
+                    .map(|x| x.path().display().to_string())
+                    .collect::<Vec<_>>(),
                 &got[k * to.size()..(k + 1) * to.size()],
                 &want[k * to.size()..(k + 1) * to.size()]
             );
@@ -612,4 +627,82 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
         }
     }
     assert_eq!(gpu_err.as_deref(), Some(cpu_err.as_str()));
+}
+
+/// Deltas with other chunk sizes than the 65536 this tool writes (a reader must take any): chunks
+/// that divide a block, that straddle blocks, and that span several blocks, so block start ranks
+/// come from the offsets, from counting within a chunk, and from counting on from the previous
+/// block.
+#[test]
+fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
+    let h = harness_or_skip!();
+    let f = Float::BF16;
+    let numel = 3 * 65536 + 5;
+    for (k, chunk) in [1000u64, 4096, 65537, 200_000].into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (base, tuned) = make(f, numel, 2, 40 + k as u64);
+        let put = |p: &Path, data: Vec<u8>| {
+            write_file(
+                p,
+                &[("w".to_string(), f.dtype(), vec![numel], data)],
+                &BTreeMap::new(),
+            )
+            .unwrap()
+        };
+        put(&d.join("base.st"), base);
+        let base_ck = Checkpoint::open(&d.join("base.st")).unwrap();
+        let mut deltas = Vec::new();
+        for (t, density) in [(0usize, 0.3), (1, 0.05)] {
+            let tp = d.join(format!("t{t}.st"));
+            put(&tp, tuned[t].clone());
+            let seed = 9 + t as u64;
+            let opts = ExtractOptions {
+                seed,
+                interval: iv(density),
+                slot: None,
+                selector: Selector::default(),
+                allow_nonfinite: true,
+            };
+            let good = d.join(format!("good{t}.st"));
+            extract(&base_ck, &Checkpoint::open(&tp).unwrap(), &good, &opts).unwrap();
+            // Re-chunk: the same kept values, offsets recomputed for `chunk`.
+            let ck = Checkpoint::open(&good).unwrap();
+            let mask = sotu_delta::mask::Mask::new(seed, "w", iv(density));
+            let mut offs = vec![0u64];
+            let mut j = 0;
+            while j * chunk < numel as u64 {
+                let n = mask.count_kept(j * chunk..(numel as u64).min((j + 1) * chunk));
+                offs.push(offs.last().unwrap() + n);
+                j += 1;
+            }
+            let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = ck
+                .tensors()
+                .iter()
+                .map(|(n, i)| (n.clone(), i.dtype, i.shape.clone(), ck.data(i).to_vec()))
+                .collect();
+            for tn in tensors.iter_mut().filter(|tn| tn.0 == "sotu/offsets/w") {
+                tn.2 = vec![offs.len()];
+                tn.3 = offs.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+            let mut md: BTreeMap<String, String> = ck
+                .metadata()
+                .iter()
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect();
+            md.insert("chunk".into(), chunk.to_string());
+            let out = d.join(format!("d{t}.st"));
+            write_file(&out, &tensors, &md).unwrap();
+            let delta = Delta::open(&out).unwrap();
+            assert_eq!(delta.params().chunk, chunk);
+            deltas.push(delta);
+        }
+        let opts = MergeOptions {
+            weights: vec![1.5, -0.5],
+            rescale: true,
+            device: Device::Cpu,
+            ..MergeOptions::default()
+        };
+        compare(h, d, &base_ck, &deltas, &opts, 2 * TILE);
+    }
 }
