@@ -20,12 +20,21 @@ use sotu_delta::merge::{Device, MergeOptions, merge};
 mod data;
 use data::{KATS, make};
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The repository root: `SOTU_ROOT`, else where this test was built (a GPU machine runs the
+/// test binary built elsewhere, docs/CUDA.md).
+fn root() -> PathBuf {
+    std::env::var_os("SOTU_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// The binary under test: `SOTU_BIN`, else the one cargo built with this test.
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sotu-delta"))
+    let p = std::env::var_os("SOTU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sotu-delta")));
+    // Absolute: the commands run in temporary folders.
+    std::fs::canonicalize(&p).unwrap_or(p)
 }
 
 // ---------------------------------------------------------------------------------------------
