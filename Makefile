@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small bench-gpu fixtures clean fuzz
+.PHONY: all build venv test lint demo bench bench-small bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
@@ -61,6 +61,16 @@ bench-small: build
 # end to end on CUDA against the CPU (docs/CUDA.md). Without a GPU it says why and succeeds.
 bench-gpu: build
 	$(PYTHON) tests/bench/bench_gpu.py
+
+# For a GPU machine without a Rust toolchain: the CUDA test binary and the tools, in .device/
+# (ignored by git); there, `bash tests/gpu/run.sh` (docs/CUDA.md).
+device-pack: build
+	@mkdir -p .device
+	@exe=$$($(CARGO) test --release --locked --no-run --test cuda --message-format=json 2>/dev/null \
+	  | $(PYTHON) -c 'import json, sys; print(*[m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda"])'); \
+	  test -n "$$exe" && cp "$$exe" .device/cuda-tests
+	cp $(BIN) target/release/sotu-gpubench target/release/sotu-synth .device/
+	@echo "device-pack: .device/ ready; on the GPU machine run: bash tests/gpu/run.sh"
 
 # Regenerates the committed fixtures (byte-identical output).
 fixtures: venv
