@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SOTU_ROOT=$PWD SOTU_BIN=$PWD/.device/sotu-delta
+# The toolkit's libraries (libnvrtc.so.13) are often not on the loader's default path.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  if [ -d "$d" ]; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+done
 echo "== GPU tests (GPU vs CPU byte for byte, known answers)"
 .device/cuda-tests --nocapture --test-threads=1
 echo "== merge kernel vs device-to-device copy"
