@@ -671,6 +671,9 @@ impl Backend {
             let block = self.block_for(&f);
             funcs.push((f, block));
         }
+        if all.is_empty() {
+            return Ok(vec![0; jobs.len()]);
+        }
         let lay_of = |(ji, l): &(usize, Launch)| Layout::of(l, jobs[*ji].from, jobs[*ji].to);
         let need = all.iter().map(lay_of).fold(256, |m, y| m.max(y.end));
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
