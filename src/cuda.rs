@@ -379,22 +379,32 @@ pub fn check_status(deltas: &[Delta], name: &str, terms: &[Term], status: [u64; 
     Ok(status[1])
 }
 
-/// Byte layout of one slot's staging: status, terms, offsets, ranks, values, base (uploaded in
-/// one copy), then the output.
+/// Byte layout of one slot's staging, the same on the host and the device: the two status words
+/// at 0, term descriptors, offsets, ranks, values, base (all uploaded in one copy), then the
+/// output. Each part starts on a 256-byte boundary.
 #[derive(Clone, Copy, Debug, Default)]
-struct Layout {
-    terms: usize,
-    offsets: usize,
-    ranks: usize,
-    values: usize,
-    base: usize,
-    input_end: usize,
-    out: usize,
-    end: usize,
+pub struct Layout {
+    /// Term descriptors.
+    pub terms: usize,
+    /// Chunk offsets.
+    pub offsets: usize,
+    /// Block start ranks.
+    pub ranks: usize,
+    /// Kept values.
+    pub values: usize,
+    /// The base slice.
+    pub base: usize,
+    /// End of the inputs.
+    pub input_end: usize,
+    /// The output slice.
+    pub out: usize,
+    /// End of the staging.
+    pub end: usize,
 }
 
 impl Layout {
-    fn of(l: &Launch, from: Float, to: Float) -> Layout {
+    /// The layout of launch `l`, read as `from`, written as `to`.
+    pub fn of(l: &Launch, from: Float, to: Float) -> Layout {
         let a = |x: usize| x.next_multiple_of(256);
         let terms = 256;
         let offsets = a(terms + l.terms.len() * 8);
@@ -467,13 +477,10 @@ pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
     ]
 }
 
-// ---------------------------------------------------------------------------------------------
-// The GPU.
-
-/// Where [`Backend::merge_tensors`] puts output bytes: `(tensor, byte offset, bytes)`.
+/// Where [`run_pipeline`] puts output bytes: `(tensor, byte offset, bytes)`.
 pub type WriteFn<'a> = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync + 'a;
 
-/// One tensor for [`Backend::merge_tensors`]: what `merge`'s plan says to compute.
+/// One tensor to compute: what `merge`'s plan says.
 #[derive(Clone, Copy, Debug)]
 pub struct Job<'a> {
     /// Tensor name.
@@ -489,6 +496,99 @@ pub struct Job<'a> {
     /// The deltas' contributions.
     pub terms: &'a [Term],
 }
+
+/// Every slice of every job, in order, `(job index, launch)`; `slice(job)` gives the job's
+/// slice size. Only offsets and ranks are held: small.
+pub fn plan_slices(
+    deltas: &[Delta],
+    jobs: &[Job],
+    slice: impl Fn(&Job) -> Result<u64>,
+) -> Result<Vec<(usize, Launch)>> {
+    let mut all = Vec::new();
+    for (ji, j) in jobs.iter().enumerate() {
+        let l = launches(deltas, j.name, j.numel, j.from, j.terms, slice(j)?)?;
+        all.extend(l.into_iter().map(|l| (ji, l)));
+    }
+    Ok(all)
+}
+
+/// What runs a staged slice: the GPU ([`Backend`]), or the host emulation in the tests. Two
+/// slots, 0 and 1; a slot holds one slice at a time.
+pub trait SlotDevice {
+    /// Makes both slots hold at least `need` bytes of staging. Called with nothing in flight.
+    fn reserve(&mut self, need: usize) -> Result<()>;
+    /// The input staging of `slot` (nothing in flight there), for [`stage`].
+    fn input(&mut self, slot: usize) -> Result<&mut [u8]>;
+    /// Starts the staged slice `l` of job `job` in `slot`: upload, kernel, download.
+    fn start(&mut self, slot: usize, job: usize, l: &Launch, lay: &Layout) -> Result<()>;
+    /// Waits for `slot`'s slice and returns its output staging: status words at 0, the
+    /// output at `lay.out`.
+    fn finish(&mut self, slot: usize) -> Result<&[u8]>;
+}
+
+/// Runs the slices `all` of `jobs` through `dev`'s two slots: before a slot takes slice k, its
+/// previous slice is finished (status checked, output written); then slice k is staged from the
+/// mapped inputs and started. So the host's reading and writing for one slot overlaps the
+/// device's work in the other, across tensor boundaries too. Returns each job's overflow count.
+pub fn run_pipeline(
+    dev: &mut dyn SlotDevice,
+    deltas: &[Delta],
+    jobs: &[Job],
+    all: &[(usize, Launch)],
+    write: &WriteFn<'_>,
+) -> Result<Vec<u64>> {
+    let lay_of = |(ji, l): &(usize, Launch)| Layout::of(l, jobs[*ji].from, jobs[*ji].to);
+    let need = all.iter().map(lay_of).fold(256, |m, y| m.max(y.end));
+    dev.reserve(need)?;
+    let mut overflows = vec![0u64; jobs.len()];
+    let finish = |dev: &mut dyn SlotDevice, slot: usize, k: usize, overflows: &mut [u64]| {
+        let (ji, l) = &all[k];
+        let j = &jobs[*ji];
+        let lay = lay_of(&all[k]);
+        let out = dev.finish(slot)?;
+        let status = [
+            u64::from_le_bytes(out[0..8].try_into().unwrap()),
+            u64::from_le_bytes(out[8..16].try_into().unwrap()),
+        ];
+        overflows[*ji] += check_status(deltas, j.name, j.terms, status)?;
+        let size = j.to.size();
+        write(
+            j.name,
+            l.first * size as u64,
+            &out[lay.out..lay.out + l.n as usize * size],
+        )
+    };
+    let mut pending: [Option<usize>; 2] = [None, None];
+    for (k, (ji, l)) in all.iter().enumerate() {
+        let slot = k % 2;
+        if let Some(p) = pending[slot].take() {
+            finish(dev, slot, p, &mut overflows)?;
+        }
+        let j = &jobs[*ji];
+        let lay = lay_of(&all[k]);
+        let buf = dev.input(slot)?;
+        stage(
+            l,
+            deltas,
+            j.terms,
+            j.name,
+            j.base,
+            j.from,
+            &mut buf[..lay.input_end],
+        );
+        dev.start(slot, *ji, l, &lay)?;
+        pending[slot] = Some(k);
+    }
+    for (slot, p) in pending.iter().enumerate() {
+        if let Some(p) = p {
+            finish(dev, slot, *p, &mut overflows)?;
+        }
+    }
+    Ok(overflows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPU.
 
 /// A usable CUDA device with the kernels loaded.
 pub struct Backend {
@@ -652,167 +752,158 @@ impl Backend {
         jobs: &[Job],
         write: &WriteFn<'_>,
     ) -> Result<Vec<u64>> {
-        use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-        let cuda =
-            |what: &'static str| move |e: cudarc::driver::DriverError| anyhow!("CUDA: {what}: {e}");
-        self.ctx.bind_to_thread().map_err(cuda("bind"))?;
-        // Every slice of every tensor, planned up front (offsets and ranks only: small), so
-        // that the staging is sized once.
-        let mut all: Vec<(usize, Launch)> = Vec::new();
-        let mut funcs = Vec::with_capacity(jobs.len());
-        for (ji, j) in jobs.iter().enumerate() {
-            let slice = self.slice_elems(j.from, j.to, j.terms.len())?;
-            all.extend(
-                launches(deltas, j.name, j.numel, j.from, j.terms, slice)?
-                    .into_iter()
-                    .map(|l| (ji, l)),
-            );
-            let f = self.merge_function(j.from, j.to)?;
-            let block = self.block_for(&f);
-            funcs.push((f, block));
-        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("CUDA: bind: {e}"))?;
+        let all = plan_slices(deltas, jobs, |j| {
+            self.slice_elems(j.from, j.to, j.terms.len())
+        })?;
         if all.is_empty() {
             return Ok(vec![0; jobs.len()]);
         }
-        let lay_of = |(ji, l): &(usize, Launch)| Layout::of(l, jobs[*ji].from, jobs[*ji].to);
-        let need = all.iter().map(lay_of).fold(256, |m, y| m.max(y.end));
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if slots.len() < 2 || slots[0].dev.len() < need {
-            slots.clear();
-            for s in &self.streams {
-                // SAFETY: written by `stage` (inputs) or by the kernel (outputs) before
-                // anything reads them.
-                unsafe {
-                    slots.push(Slot {
-                        // Write-combined: the host only writes it, the device reads it.
-                        pin_in: self
-                            .ctx
-                            .alloc_pinned_with_flags::<u8>(
-                                need,
-                                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
-                            )
-                            .map_err(cuda("pinned memory"))?,
-                        // Cached: the host reads it back.
-                        pin_out: self
-                            .ctx
-                            .alloc_pinned_with_flags::<u8>(need, 0)
-                            .map_err(cuda("pinned memory"))?,
-                        dev: s.alloc::<u8>(need).map_err(cuda("device memory"))?,
-                    });
-                }
-            }
-        }
-        let mut overflows = vec![0u64; jobs.len()];
-        let mut pending: [Option<usize>; 2] = [None, None];
-        let finish = |slot: &mut Slot,
-                      stream: &Arc<cudarc::driver::CudaStream>,
-                      k: usize,
-                      overflows: &mut [u64]|
-         -> Result<()> {
-            stream.synchronize().map_err(cuda("kernel or copy"))?;
-            let (ji, l) = &all[k];
-            let j = &jobs[*ji];
-            let lay = lay_of(&all[k]);
-            let out = slot.pin_out.as_slice().map_err(cuda("pinned memory"))?;
-            let status = [
-                u64::from_le_bytes(out[0..8].try_into().unwrap()),
-                u64::from_le_bytes(out[8..16].try_into().unwrap()),
-            ];
-            overflows[*ji] += check_status(deltas, j.name, j.terms, status)?;
-            let size = j.to.size();
-            write(
-                j.name,
-                l.first * size as u64,
-                &out[lay.out..lay.out + l.n as usize * size],
-            )
+        let funcs = jobs
+            .iter()
+            .map(|j| {
+                let f = self.merge_function(j.from, j.to)?;
+                let block = self.block_for(&f);
+                Ok((f, block))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut dev = GpuSlots {
+            backend: self,
+            slots: self.slots.lock().unwrap_or_else(|e| e.into_inner()),
+            funcs,
+            jobs,
         };
-        for (k, (ji, l)) in all.iter().enumerate() {
-            let s = k % 2;
-            let stream = &self.streams[s];
-            if let Some(p) = pending[s].take() {
-                finish(&mut slots[s], stream, p, &mut overflows)?;
-            }
-            let j = &jobs[*ji];
-            let (func, block) = &funcs[*ji];
-            let lay = lay_of(&all[k]);
-            let slot = &mut slots[s];
-            {
-                let buf = slot.pin_in.as_mut_slice().map_err(cuda("pinned memory"))?;
-                stage(
-                    l,
-                    deltas,
-                    j.terms,
-                    j.name,
-                    j.base,
-                    j.from,
-                    &mut buf[..lay.input_end],
-                );
-            }
-            let (dev, _sync) = slot.dev.device_ptr(stream);
-            let input = slot.pin_in.as_slice().map_err(cuda("pinned memory"))?;
-            // SAFETY: `dev` holds `need >= lay.end` bytes; the pinned buffers stay alive and
-            // untouched until the stream is synchronized in `finish`.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    dev,
-                    &input[..lay.input_end],
-                    stream.cu_stream(),
-                )
-                .map_err(cuda("copy to the device"))?;
-            }
-            let p = |off: usize| dev + off as u64;
-            let (first, n, numel, tile, nterms) =
-                (l.first, l.n, j.numel, TILE, j.terms.len() as i32);
-            let (a_base, a_out, a_terms, a_values, a_offsets, a_ranks, a_status) = (
-                p(lay.base),
-                p(lay.out),
-                p(lay.terms),
-                p(lay.values),
-                p(lay.offsets),
-                p(lay.ranks),
-                p(0),
-            );
-            let mut b = stream.launch_builder(func);
-            b.arg(&a_base)
-                .arg(&a_out)
-                .arg(&first)
-                .arg(&n)
-                .arg(&numel)
-                .arg(&tile)
-                .arg(&a_terms)
-                .arg(&nterms)
-                .arg(&a_values)
-                .arg(&a_offsets)
-                .arg(&a_ranks)
-                .arg(&a_status);
-            let cfg = LaunchConfig {
-                grid_dim: (l.blocks() as u32, 1, 1),
-                block_dim: (*block, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match the kernel's signature in kernels/merge.cu, and the
-            // buffers they point into are laid out by `Layout` within `dev`.
-            unsafe { b.launch(cfg) }.map_err(cuda("launch"))?;
-            let out = slot.pin_out.as_mut_slice().map_err(cuda("pinned memory"))?;
-            // SAFETY: as for the upload.
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(&mut out[..16], dev, stream.cu_stream())
-                    .map_err(cuda("copy from the device"))?;
-                cudarc::driver::result::memcpy_dtoh_async(
-                    &mut out[lay.out..lay.end],
-                    dev + lay.out as u64,
-                    stream.cu_stream(),
-                )
-                .map_err(cuda("copy from the device"))?;
-            }
-            pending[s] = Some(k);
+        run_pipeline(&mut dev, deltas, jobs, &all, write)
+    }
+}
+
+/// The GPU as a [`SlotDevice`]: slot `s` is stream `s` with its pinned and device buffers.
+struct GpuSlots<'a> {
+    backend: &'a Backend,
+    slots: std::sync::MutexGuard<'a, Vec<Slot>>,
+    funcs: Vec<(cudarc::driver::CudaFunction, u32)>,
+    jobs: &'a [Job<'a>],
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> anyhow::Error {
+    move |e| anyhow!("CUDA: {what}: {e}")
+}
+
+impl SlotDevice for GpuSlots<'_> {
+    fn reserve(&mut self, need: usize) -> Result<()> {
+        if self.slots.len() == 2 && self.slots[0].dev.len() >= need {
+            return Ok(());
         }
-        for s in 0..2 {
-            if let Some(p) = pending[s].take() {
-                finish(&mut slots[s], &self.streams[s], p, &mut overflows)?;
+        self.slots.clear();
+        let ctx = &self.backend.ctx;
+        for s in &self.backend.streams {
+            // SAFETY: written by `stage` (inputs) or by the kernel (outputs) before anything
+            // reads them.
+            unsafe {
+                self.slots.push(Slot {
+                    // Write-combined: the host only writes it, the device reads it.
+                    pin_in: ctx
+                        .alloc_pinned_with_flags::<u8>(
+                            need,
+                            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+                        )
+                        .map_err(cuda_err("pinned memory"))?,
+                    // Cached: the host reads it back.
+                    pin_out: ctx
+                        .alloc_pinned_with_flags::<u8>(need, 0)
+                        .map_err(cuda_err("pinned memory"))?,
+                    dev: s.alloc::<u8>(need).map_err(cuda_err("device memory"))?,
+                });
             }
         }
-        Ok(overflows)
+        Ok(())
+    }
+
+    fn input(&mut self, slot: usize) -> Result<&mut [u8]> {
+        self.slots[slot]
+            .pin_in
+            .as_mut_slice()
+            .map_err(cuda_err("pinned memory"))
+    }
+
+    fn start(&mut self, slot: usize, job: usize, l: &Launch, lay: &Layout) -> Result<()> {
+        use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        let stream = &self.backend.streams[slot];
+        let j = &self.jobs[job];
+        let (func, block) = &self.funcs[job];
+        let sl = &mut self.slots[slot];
+        let (dev, _sync) = sl.dev.device_ptr(stream);
+        let input = sl.pin_in.as_slice().map_err(cuda_err("pinned memory"))?;
+        // SAFETY: `dev` holds at least `lay.end` bytes (`reserve`); the pinned buffers stay
+        // alive and untouched until the stream is synchronized in `finish`.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dev,
+                &input[..lay.input_end],
+                stream.cu_stream(),
+            )
+        }
+        .map_err(cuda_err("copy to the device"))?;
+        let p = |off: usize| dev + off as u64;
+        let (first, n, numel, tile, nterms) = (l.first, l.n, j.numel, TILE, j.terms.len() as i32);
+        let (a_base, a_out, a_terms, a_values, a_offsets, a_ranks, a_status) = (
+            p(lay.base),
+            p(lay.out),
+            p(lay.terms),
+            p(lay.values),
+            p(lay.offsets),
+            p(lay.ranks),
+            p(0),
+        );
+        let mut b = stream.launch_builder(func);
+        b.arg(&a_base)
+            .arg(&a_out)
+            .arg(&first)
+            .arg(&n)
+            .arg(&numel)
+            .arg(&tile)
+            .arg(&a_terms)
+            .arg(&nterms)
+            .arg(&a_values)
+            .arg(&a_offsets)
+            .arg(&a_ranks)
+            .arg(&a_status);
+        let cfg = LaunchConfig {
+            grid_dim: (l.blocks() as u32, 1, 1),
+            block_dim: (*block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature in kernels/merge.cu, and the
+        // buffers they point into are laid out by `Layout` within `dev`.
+        unsafe { b.launch(cfg) }.map_err(cuda_err("launch"))?;
+        let out = sl
+            .pin_out
+            .as_mut_slice()
+            .map_err(cuda_err("pinned memory"))?;
+        // SAFETY: as for the upload.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut out[..16], dev, stream.cu_stream())
+                .map_err(cuda_err("copy from the device"))?;
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut out[lay.out..lay.end],
+                dev + lay.out as u64,
+                stream.cu_stream(),
+            )
+            .map_err(cuda_err("copy from the device"))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, slot: usize) -> Result<&[u8]> {
+        self.backend.streams[slot]
+            .synchronize()
+            .map_err(cuda_err("kernel or copy"))?;
+        self.slots[slot]
+            .pin_out
+            .as_slice()
+            .map_err(cuda_err("pinned memory"))
     }
 }
 

@@ -706,3 +706,222 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
         compare(h, d, &base_ck, &deltas, &opts, 2 * TILE);
     }
 }
+
+/// The host emulation as the pipeline's device: each slot's staged slice is run through the
+/// harness when started, its result kept in the slot's output staging until finished.
+struct Emu<'a> {
+    h: &'a Path,
+    jobs: &'a [cuda::Job<'a>],
+    input: [Vec<u8>; 2],
+    output: [Vec<u8>; 2],
+    busy: [bool; 2],
+}
+
+impl cuda::SlotDevice for Emu<'_> {
+    fn reserve(&mut self, need: usize) -> anyhow::Result<()> {
+        for b in self.input.iter_mut().chain(self.output.iter_mut()) {
+            b.resize(need, 0xEE);
+        }
+        Ok(())
+    }
+
+    fn input(&mut self, slot: usize) -> anyhow::Result<&mut [u8]> {
+        assert!(!self.busy[slot], "slot {slot} restaged while in flight");
+        Ok(&mut self.input[slot])
+    }
+
+    fn start(
+        &mut self,
+        slot: usize,
+        job: usize,
+        l: &Launch,
+        lay: &cuda::Layout,
+    ) -> anyhow::Result<()> {
+        assert!(!self.busy[slot], "slot {slot} started while in flight");
+        let j = &self.jobs[job];
+        let res = run_staged(
+            self.h,
+            &self.input[slot],
+            lay,
+            l,
+            j.from,
+            j.to,
+            j.numel,
+            j.terms.len(),
+        );
+        let out = &mut self.output[slot];
+        out[..16].copy_from_slice(&res[..16]);
+        out[lay.out..lay.out + res.len() - 16].copy_from_slice(&res[16..]);
+        // Poison the input: the pipeline must stage again before the next start.
+        self.input[slot].fill(0xEE);
+        self.busy[slot] = true;
+        Ok(())
+    }
+
+    fn finish(&mut self, slot: usize) -> anyhow::Result<&[u8]> {
+        assert!(self.busy[slot], "slot {slot} finished twice");
+        self.busy[slot] = false;
+        Ok(&self.output[slot])
+    }
+}
+
+/// Runs a staged buffer (laid out by `lay`) through the harness: status words, then output.
+#[allow(clippy::too_many_arguments)]
+fn run_staged(
+    h: &Path,
+    buf: &[u8],
+    lay: &cuda::Layout,
+    l: &Launch,
+    from: Float,
+    to: Float,
+    numel: u64,
+    nterms: usize,
+) -> Vec<u8> {
+    let mut input = Vec::new();
+    for w in [
+        cuda::dtype_code(from),
+        cuda::dtype_code(to),
+        l.first,
+        l.n,
+        numel,
+        TILE,
+        EMU_BLOCK,
+        nterms as u64,
+    ] {
+        input.extend_from_slice(&w.to_le_bytes());
+    }
+    for r in [
+        lay.terms..lay.terms + l.terms.len() * 8,
+        lay.values..lay.values + l.values_len,
+        lay.offsets..lay.offsets + l.offsets.len() * 8,
+        lay.ranks..lay.ranks + l.ranks.len() * 8,
+        lay.base..lay.input_end,
+    ] {
+        input.extend_from_slice(&(r.len() as u64).to_le_bytes());
+        input.extend_from_slice(&buf[r.clone()]);
+        input.resize(input.len().next_multiple_of(8), 0);
+    }
+    run(h, &["merge"], &input)
+}
+
+/// The GPU path's pipeline (`cuda::run_pipeline`: two slots, staging, status, writes at the
+/// right offsets, across tensors) with the emulated kernel as its device, on a checkpoint of
+/// several tensors and dtypes, against the CPU merge.
+#[test]
+fn pipeline_over_several_tensors_matches_the_cpu() {
+    let h = harness_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let specs: [(&str, Float, usize); 5] = [
+        ("a.bf16", Float::BF16, 3 * 65536 + 5),
+        ("b.bf16", Float::BF16, 63),
+        ("c.f32", Float::F32, 65537),
+        ("d.f16", Float::F16, 2 * 65536),
+        ("e.empty", Float::BF16, 0),
+    ];
+    let mut base_t = Vec::new();
+    let mut tuned_t = vec![Vec::new(), Vec::new()];
+    for (k, (name, f, numel)) in specs.iter().enumerate() {
+        let (b, t) = make(*f, *numel, 2, 70 + k as u64);
+        base_t.push((name.to_string(), f.dtype(), vec![*numel], b));
+        for (i, t) in t.into_iter().enumerate() {
+            tuned_t[i].push((name.to_string(), f.dtype(), vec![*numel], t));
+        }
+    }
+    write_file(&d.join("base.st"), &base_t, &BTreeMap::new()).unwrap();
+    let base_ck = Checkpoint::open(&d.join("base.st")).unwrap();
+    let mut deltas = Vec::new();
+    for (i, t) in tuned_t.iter().enumerate() {
+        let tp = d.join(format!("t{i}.st"));
+        write_file(&tp, t, &BTreeMap::new()).unwrap();
+        let opts = ExtractOptions {
+            seed: 2411,
+            interval: slot(i as u64, 2),
+            slot: None,
+            // The second delta stores c.f32 whole: a dense float term.
+            selector: if i == 1 {
+                Selector::new(&[], &["c.f32".to_string()]).unwrap()
+            } else {
+                Selector::default()
+            },
+            allow_nonfinite: true,
+        };
+        let out = d.join(format!("d{i}.st"));
+        extract(&base_ck, &Checkpoint::open(&tp).unwrap(), &out, &opts).unwrap();
+        deltas.push(Delta::open(&out).unwrap());
+    }
+    for dtype in [None, Some(Float::F16)] {
+        let opts = MergeOptions {
+            weights: vec![2.0, -0.5],
+            rescale: true,
+            dtype,
+            device: Device::Cpu,
+            ..MergeOptions::default()
+        };
+        let report = merge(&base_ck, &deltas, &d.join("cpu.st"), &opts).unwrap();
+        let cpu = Checkpoint::open(&d.join("cpu.st")).unwrap();
+        let weight = |k: usize| opts.weights.get(k).copied().unwrap_or(1.0);
+        let plans = plan(&base_ck, &deltas, &opts, &weight).unwrap();
+        let jobs: Vec<cuda::Job> = plans
+            .iter()
+            .filter_map(|p| match &p.source {
+                Source::Compute {
+                    origin,
+                    from,
+                    to,
+                    terms,
+                } => Some(cuda::Job {
+                    name: &p.name,
+                    numel: p.numel,
+                    base: match origin {
+                        Origin::Base => base_ck.data(base_ck.info(&p.name).unwrap()),
+                        Origin::Delta(k) => deltas[*k].data(&p.name),
+                    },
+                    from: *from,
+                    to: *to,
+                    terms,
+                }),
+                Source::Copy(_) => None,
+            })
+            .collect();
+        assert!(jobs.len() >= 4);
+        // One block per slice: many slices, so both slots are reused within and across tensors.
+        let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(TILE)).unwrap();
+        let got = std::sync::Mutex::new(BTreeMap::<String, Vec<u8>>::new());
+        let mut emu = Emu {
+            h,
+            jobs: &jobs,
+            input: [Vec::new(), Vec::new()],
+            output: [Vec::new(), Vec::new()],
+            busy: [false; 2],
+        };
+        let overflows = cuda::run_pipeline(&mut emu, &deltas, &jobs, &all, &|name, at, bytes| {
+            let mut g = got.lock().unwrap();
+            let v = g.entry(name.to_string()).or_default();
+            let end = at as usize + bytes.len();
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[at as usize..end].copy_from_slice(bytes);
+            Ok(())
+        })
+        .unwrap();
+        let got = got.into_inner().unwrap();
+        for (k, j) in jobs.iter().enumerate() {
+            let want = cpu.data(cpu.info(j.name).unwrap());
+            let empty = Vec::new();
+            let have = got.get(j.name).unwrap_or(&empty);
+            assert!(
+                have == want,
+                "{} ({dtype:?}): pipeline output differs",
+                j.name
+            );
+            let cpu_overflows = report
+                .overflowed
+                .iter()
+                .find(|(n, _)| n == j.name)
+                .map_or(0, |x| x.1);
+            assert_eq!(overflows[k], cpu_overflows, "{}", j.name);
+        }
+    }
+}
