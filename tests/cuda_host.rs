@@ -820,7 +820,7 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         ("e.empty", Float::BF16, 0),
     ];
     let mut base_t = Vec::new();
-    let mut tuned_t = vec![Vec::new(), Vec::new()];
+    let mut tuned_t = [Vec::new(), Vec::new()];
     for (k, (name, f, numel)) in specs.iter().enumerate() {
         let (b, t) = make(*f, *numel, 2, 70 + k as u64);
         base_t.push((name.to_string(), f.dtype(), vec![*numel], b));
