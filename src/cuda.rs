@@ -8,9 +8,10 @@
 //!   term descriptors, the chunk offsets and start ranks it needs, which bytes of the base and of
 //!   each delta to upload. tests/cuda_host.rs runs kernels/merge.cu on these inputs on the CPU
 //!   (through a small emulation header) and compares with the CPU merge, byte for byte.
-//! - [`Backend::merge_tensors`] moves them through pinned staging buffers on two streams, so that
-//!   reading the next slice from the memory-mapped inputs overlaps the previous slice's
-//!   transfers and kernel.
+//! - [`run_pipeline`] moves them through two slots of a [`SlotDevice`]: on the GPU
+//!   ([`Backend::merge_tensors`]) pinned staging buffers and a stream per slot, so that reading
+//!   the next slice from the memory-mapped inputs overlaps the previous slice's transfers and
+//!   kernel; in the tests, the host emulation.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
