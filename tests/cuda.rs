@@ -373,21 +373,19 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
     }
 }
 
-/// Under --verbose, the GPU path is named; a corrupt chunk gives the CPU's message.
+/// A delta whose chunk offsets lie fails the merge on the GPU with the CPU's message.
 #[test]
 fn gpu_reports_corrupt_fixture_chunks_like_the_cpu() {
     let _gpu = gpu_or_skip!();
     let bad = root().join("fixtures/bad");
-    let base = bad.join("pair-base.safetensors");
+    let base = root().join("fixtures/tiny/base-bf16.safetensors");
     for name in [
         "d-offsets-shifted-down",
         "d-offsets-shifted-up",
         "d-kept-count-more",
+        "d-kept-count-fewer",
     ] {
         let delta = bad.join(format!("{name}.delta.safetensors"));
-        if !delta.exists() {
-            continue;
-        }
         let dir = tempfile::tempdir().unwrap();
         let run = |device: &str| {
             sotu(
@@ -406,6 +404,11 @@ fn gpu_reports_corrupt_fixture_chunks_like_the_cpu() {
             )
         };
         let (c, g) = (run("cpu"), run("cuda"));
+        assert_eq!(c.status.code(), Some(1), "{name}");
+        assert!(
+            String::from_utf8_lossy(&c.stderr).contains("the file is corrupt"),
+            "{name}"
+        );
         assert_eq!(c.status.code(), g.status.code(), "{name}");
         assert_eq!(
             String::from_utf8_lossy(&c.stderr),
