@@ -925,3 +925,65 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         }
     }
 }
+
+/// The corrupt deltas of fixtures/bad whose chunk offsets lie: the pipeline with the emulated
+/// kernel fails with the CPU merge's message.
+#[test]
+fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
+    let h = harness_or_skip!();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base_ck = Checkpoint::open(&root.join("fixtures/tiny/base-bf16.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "d-offsets-shifted-down",
+        "d-offsets-shifted-up",
+        "d-kept-count-more",
+        "d-kept-count-fewer",
+    ] {
+        let path = root.join(format!("fixtures/bad/{name}.delta.safetensors"));
+        let deltas = vec![Delta::open(&path).unwrap()];
+        let opts = MergeOptions {
+            device: Device::Cpu,
+            force: true,
+            ..MergeOptions::default()
+        };
+        let cpu_err = merge(&base_ck, &deltas, &dir.path().join("out.st"), &opts)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(cpu_err.contains("the file is corrupt"), "{cpu_err}");
+        let plans = plan(&base_ck, &deltas, &opts, &|_| 1.0).unwrap();
+        let jobs: Vec<cuda::Job> = plans
+            .iter()
+            .filter_map(|p| match &p.source {
+                Source::Compute {
+                    origin: Origin::Base,
+                    from,
+                    to,
+                    terms,
+                } => Some(cuda::Job {
+                    name: &p.name,
+                    numel: p.numel,
+                    base: base_ck.data(base_ck.info(&p.name).unwrap()),
+                    from: *from,
+                    to: *to,
+                    terms,
+                }),
+                _ => None,
+            })
+            .collect();
+        let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(2 * TILE)).unwrap();
+        let mut emu = Emu {
+            h,
+            jobs: &jobs,
+            input: [Vec::new(), Vec::new()],
+            output: [Vec::new(), Vec::new()],
+            busy: [false; 2],
+        };
+        let gpu_err = cuda::run_pipeline(&mut emu, &deltas, &jobs, &all, &|_, _, _| Ok(()))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(gpu_err, cpu_err, "{name}");
+    }
+}
