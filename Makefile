@@ -10,23 +10,30 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small bench-scale fixtures clean fuzz
+.PHONY: all build venv test lint demo bench bench-small bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
 build:
 	$(CARGO) build --release --locked
 
-$(VENV)/.installed: tests/reference/requirements.txt
+$(VENV)/.installed: tests/reference/requirements.txt tests/nvrtc-requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt \
+	  -r tests/nvrtc-requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
 
+# The lib folder of the nvidia-cuda-nvrtc wheel in .venv (libnvrtc.so.13), found after `venv`.
+NVRTC_LIB = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python*/site-packages/nvidia/cu13/lib))
+
 # Rust unit, property and CLI tests, then the independent numpy reference against the binary.
+# The CUDA kernels must compile with the wheel's NVRTC (SOTU_REQUIRE_NVRTC=1: a missing NVRTC
+# fails instead of skipping); the GPU tests run only where a CUDA device is present.
 test: build venv
-	$(CARGO) test --release --locked
+	LD_LIBRARY_PATH="$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" SOTU_REQUIRE_NVRTC=1 \
+	  $(CARGO) test --release --locked
 	SOTU_BIN=$(BIN) $(PY) -m pytest -q tests/reference
 
 lint:
@@ -54,6 +61,21 @@ bench-small: build
 # Needs about 65 GB of free disk and 10-20 minutes; not part of `make test`.
 bench-scale: build
 	$(PYTHON) tests/bench/bench_scale.py
+
+# On a CUDA machine: the merge kernel's bandwidth against a device-to-device copy, and merge
+# end to end on CUDA against the CPU (docs/CUDA.md). Without a GPU it says why and succeeds.
+bench-gpu: build
+	$(PYTHON) tests/bench/bench_gpu.py
+
+# For a GPU machine without a Rust toolchain: the CUDA test binary and the tools, in .device/
+# (ignored by git); there, `bash tests/gpu/run.sh` (docs/CUDA.md).
+device-pack: build
+	@mkdir -p .device
+	@exe=$$($(CARGO) test --release --locked --no-run --test cuda --message-format=json 2>/dev/null \
+	  | $(PYTHON) -c 'import json, sys; print(*[m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda"])'); \
+	  test -n "$$exe" && cp "$$exe" .device/cuda-tests
+	cp $(BIN) target/release/sotu-gpubench target/release/sotu-synth .device/
+	@echo "device-pack: .device/ ready; on the GPU machine run: bash tests/gpu/run.sh"
 
 # Regenerates the committed fixtures (byte-identical output).
 fixtures: venv

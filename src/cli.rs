@@ -12,7 +12,7 @@ use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
 use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{MergeOptions, merge};
+use crate::merge::{Device, MergeOptions, merge};
 use crate::output::{Target, parse_size};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
@@ -59,6 +59,9 @@ struct Cli {
     /// Print nothing but errors and warnings.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Say more on standard error (e.g. why `--device auto` merges on the CPU).
+    #[arg(long, short, global = true)]
+    verbose: bool,
     /// Do not fsync outputs before renaming them into place (faster; a power loss may then
     /// leave an incomplete file at the output path, a crash of the process still does not).
     #[arg(long, global = true)]
@@ -167,6 +170,10 @@ struct OutputArgs {
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
+    /// Which backend computes the merge: CUDA when usable (auto), the CPU, or CUDA (failing
+    /// without a usable GPU).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -230,10 +237,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     crate::output::set_durable(!cli.no_sync);
     crate::output::set_progress(!cli.quiet);
     let quiet = cli.quiet;
+    let verbose = cli.verbose;
     match cli.command {
         Command::Extract(a) => run_extract(a, quiet),
         Command::Merge(a) => run_merge(
-            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, quiet,
+            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, quiet, verbose,
         ),
         Command::Apply(a) => run_merge(
             &a.base,
@@ -243,6 +251,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             false,
             a.common,
             quiet,
+            verbose,
         ),
         Command::Inspect(a) => run_inspect(a),
         Command::Verify(a) => run_verify(a),
@@ -327,6 +336,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_merge(
     base_path: &Path,
     delta_paths: &[PathBuf],
@@ -335,6 +345,7 @@ fn run_merge(
     rescale: bool,
     common: OutputArgs,
     quiet: bool,
+    verbose: bool,
 ) -> Result<()> {
     if !weights.is_empty() && weights.len() != delta_paths.len() {
         return Err(usage(format!(
@@ -367,11 +378,21 @@ fn run_merge(
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }
+    if verbose && common.device == Device::Auto {
+        match crate::cuda::backend() {
+            Ok(gpu) => eprintln!(
+                "sotu-delta: --device auto: merging on CUDA ({})",
+                gpu.name()
+            ),
+            Err(why) => eprintln!("sotu-delta: --device auto: merging on the CPU: {why}"),
+        }
+    }
     let opts = MergeOptions {
         weights,
         rescale,
         dtype,
         force: common.force,
+        device: common.device,
     };
     let r = merge(&base, &deltas, &target, &opts)?;
     if !r.mismatches.is_empty() {
@@ -391,7 +412,7 @@ fn run_merge(
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else if !quiet {
         out!(
-            "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input",
+            "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
             if delta_paths.len() == 1 {
                 "apply"
             } else {
@@ -407,6 +428,7 @@ fn run_merge(
             r.seconds,
             r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9),
             r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
+            r.device,
         );
     }
     Ok(())

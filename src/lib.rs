@@ -6,10 +6,12 @@
 //! - [`output`]: atomic output, as one file or a sharded model folder.
 //! - [`format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations.
+//! - [`cuda`]: the CUDA backend of `merge` (kernels in `kernels/`, loaded at run time).
 //! - [`cli`]: the command line.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod cuda;
 pub mod dtype;
 pub mod extract;
 pub mod format;

@@ -39,7 +39,11 @@ pub struct MergeOptions {
     pub dtype: Option<Float>,
     /// Merge even when a delta was not taken against this base.
     pub force: bool,
+    /// Which backend computes the changed tensors (docs/CUDA.md).
+    pub device: Device,
 }
+
+pub use crate::cuda::Device;
 
 /// What `merge` did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -64,43 +68,61 @@ pub struct MergeReport {
     pub base_fingerprint: String,
     /// Tensors where finite results became ±infinity in the output dtype, with counts.
     pub overflowed: Vec<(String, u64)>,
+    /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
+    pub device: String,
 }
 
 /// Where an output tensor's starting values come from.
 #[derive(Clone, Copy, Debug)]
-enum Origin {
+pub enum Origin {
+    /// The base tensor.
     Base,
+    /// The whole tensor stored in delta `.0`.
     Delta(usize),
 }
 
 /// One delta's contribution to a tensor.
 #[derive(Clone, Copy, Debug)]
-struct Term {
-    delta: usize,
-    coeff: f64,
-    masked: bool,
+pub struct Term {
+    /// Index of the delta.
+    pub delta: usize,
+    /// `w_t · s_t`.
+    pub coeff: f64,
+    /// A masked term (kept values and offsets), or a whole float tensor (every element kept).
+    pub masked: bool,
 }
 
+/// How an output tensor is made.
 #[derive(Clone, Debug)]
-enum Source {
+pub enum Source {
     /// Raw bytes, unchanged.
     Copy(Origin),
     /// `round_to(origin + Σ terms)`, with `from` the stored dtype and `to` the output dtype.
     Compute {
+        /// The starting values.
         origin: Origin,
+        /// The stored dtype.
         from: Float,
+        /// The output dtype.
         to: Float,
+        /// The deltas' contributions, in command-line order.
         terms: Vec<Term>,
     },
 }
 
+/// One output tensor and how it is made.
 #[derive(Clone, Debug)]
-struct TensorPlan {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    numel: u64,
-    source: Source,
+pub struct TensorPlan {
+    /// Tensor name.
+    pub name: String,
+    /// Output dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub numel: u64,
+    /// Where the bytes come from.
+    pub source: Source,
 }
 
 impl TensorPlan {
@@ -129,6 +151,14 @@ pub fn merge(
     }
     let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
     let plans = plan(base, deltas, opts, &weight)?;
+    // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
+    let gpu = match opts.device {
+        Device::Cpu => None,
+        Device::Auto => crate::cuda::backend().ok(),
+        Device::Cuda => Some(crate::cuda::backend().map_err(|why| {
+            anyhow::anyhow!("--device cuda: no usable CUDA device: {why}. Use --device cpu (or auto) to merge on the CPU")
+        })?),
+    };
 
     let layout: Vec<OutTensor> = plans
         .iter()
@@ -171,17 +201,73 @@ pub fn merge(
     let output = Output::create(out, &layout, &md)?;
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
-    // Tensor by tensor, in file order, each one hashed while it is computed: the two passes
-    // share its pages, so a model larger than the page cache is still read from disk once.
-    let mut base_hashes = Vec::with_capacity(base_names.len());
-    let mut overflows = Vec::with_capacity(plans.len());
-    for p in &plans {
-        let (hash, written) = rayon::join(
-            || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
-            || execute(base, deltas, &output, p),
-        );
-        base_hashes.extend(hash);
-        overflows.push(written?);
+    // The GPU, when there is one, computes the changed float tensors in one pipeline through
+    // all of them. Beside it the CPU goes tensor by tensor in file order, hashing each base
+    // tensor while it computes (or copies) it: the two passes share the tensor's pages, so a
+    // model larger than the page cache is read from disk once on the CPU path.
+    let on_gpu = |p: &TensorPlan| {
+        gpu.is_some()
+            && matches!(&p.source, Source::Compute { terms, .. } if terms.len() <= crate::cuda::MAX_TERMS)
+    };
+    let (by_gpu, by_cpu) = rayon::join(
+        || -> Result<Vec<u64>> {
+            let Some(g) = gpu else { return Ok(Vec::new()) };
+            let jobs: Vec<crate::cuda::Job> = plans
+                .iter()
+                .filter(|p| on_gpu(p))
+                .map(|p| {
+                    let Source::Compute {
+                        origin,
+                        from,
+                        to,
+                        terms,
+                    } = &p.source
+                    else {
+                        unreachable!("filtered")
+                    };
+                    crate::cuda::Job {
+                        name: &p.name,
+                        numel: p.numel,
+                        base: match origin {
+                            Origin::Base => base.data(base.info(&p.name).unwrap()),
+                            Origin::Delta(d) => deltas[*d].data(&p.name),
+                        },
+                        from: *from,
+                        to: *to,
+                        terms,
+                    }
+                })
+                .collect();
+            g.merge_tensors(deltas, &jobs, &|name, at, bytes| {
+                output.write(name, at, bytes)
+            })
+        },
+        || -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+            let mut hashes = Vec::with_capacity(base_names.len());
+            let mut counts = Vec::with_capacity(plans.len());
+            for p in &plans {
+                let (hash, written) = rayon::join(
+                    || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+                    || {
+                        if on_gpu(p) {
+                            Ok(0)
+                        } else {
+                            execute(base, deltas, &output, p)
+                        }
+                    },
+                );
+                hashes.extend(hash);
+                counts.push(written?);
+            }
+            Ok((hashes, counts))
+        },
+    );
+    let (base_hashes, mut overflows) = by_cpu?;
+    let mut from_gpu = by_gpu?.into_iter();
+    for (c, p) in overflows.iter_mut().zip(&plans) {
+        if on_gpu(p) {
+            *c = from_gpu.next().unwrap_or(0);
+        }
     }
 
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
@@ -227,6 +313,7 @@ pub fn merge(
             .filter(|(_, n)| *n > 0)
             .map(|(p, n)| (p.name.clone(), n))
             .collect(),
+        device: gpu.map_or("cpu".into(), |g| format!("cuda: {}", g.name())),
     })
 }
 
@@ -258,7 +345,7 @@ fn check_provenance(
 }
 
 /// Decides, for every output tensor, where it comes from and what each delta contributes.
-fn plan(
+pub fn plan(
     base: &Checkpoint,
     deltas: &[Delta],
     opts: &MergeOptions,

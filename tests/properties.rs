@@ -272,7 +272,7 @@ proptest! {
             write(&dir.path().join(format!("t{k}.safetensors")), "w", f, &shape, tuned[k].clone());
             do_extract(dir.path(), &format!("t{k}.safetensors"), &format!("d{k}.safetensors"), seeds[k], ivs[k]);
         }
-        let opts = MergeOptions { weights: vec![w0, w1], rescale, dtype: out_f, force: false };
+        let opts = MergeOptions { weights: vec![w0, w1], rescale, dtype: out_f, force: false, ..MergeOptions::default() };
         let out = do_merge(dir.path(), &["d0.safetensors", "d1.safetensors"], &opts, 2);
         let (mut b, mut t0, mut t1) = (Vec::new(), Vec::new(), Vec::new());
         f.load_all(&base, &mut b);
