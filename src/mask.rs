@@ -311,11 +311,20 @@ fn fill_keep_words(first: u32, c: u32, lo: u32, width: u64, words: &mut [u64]) {
             let u = mix32(base.wrapping_add(k as u32) ^ c);
             *flag = (u.wrapping_sub(lo) < width) as u8;
         }
-        *word = flags
-            .iter()
-            .enumerate()
-            .fold(0u64, |acc, (k, &f)| acc | (f as u64) << k);
+        *word = pack_flags(&flags);
     }
+}
+
+/// 64 flags of 0 or 1 as the bits of a word (flag `k` is bit `k`): eight bytes at a time, the
+/// multiply gathers byte `i`'s low bit into bit `56 + i` without carries.
+#[inline(always)]
+fn pack_flags(flags: &[u8; 64]) -> u64 {
+    let mut word = 0u64;
+    for (g, bytes) in flags.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(bytes.try_into().unwrap());
+        word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * g);
+    }
+    word
 }
 
 /// `u` of consecutive 32-bit counters from `first` under block constant `c`.
@@ -346,15 +355,20 @@ fn pack_keep_words(us: &[u32], lo: u32, width: u64, words: &mut [u64]) {
         return;
     }
     let width = width as u32;
-    for (word, us) in words.iter_mut().zip(us.chunks(64)) {
+    let flag = |u: u32| (u.wrapping_sub(lo) < width) as u8;
+    // Whole words with a fixed trip count (which vectorizes), then the tail.
+    let full = us.chunks_exact(64);
+    let tail = full.remainder();
+    for (word, us) in words.iter_mut().zip(full) {
+        let us: &[u32; 64] = us.try_into().unwrap();
+        *word = pack_flags(&us.map(flag));
+    }
+    if !tail.is_empty() {
         let mut flags = [0u8; 64];
-        for (flag, &u) in flags.iter_mut().zip(us) {
-            *flag = (u.wrapping_sub(lo) < width) as u8;
+        for (f, &u) in flags.iter_mut().zip(tail) {
+            *f = flag(u);
         }
-        *word = flags
-            .iter()
-            .enumerate()
-            .fold(0u64, |acc, (k, &f)| acc | (f as u64) << k);
+        *words.last_mut().unwrap() = pack_flags(&flags);
     }
 }
 
