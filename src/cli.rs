@@ -299,6 +299,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
         slot: a.slot.clone(),
         selector,
         allow_nonfinite: a.allow_nonfinite,
+        fingerprint_output: a.json,
     };
     let r = extract(&base, &tuned, &target, &opts)?;
     for (name, n) in &r.inexact {
@@ -393,6 +394,7 @@ fn run_merge(
         dtype,
         force: common.force,
         device: common.device,
+        fingerprint_output: common.json,
     };
     let r = merge(&base, &deltas, &target, &opts)?;
     if !r.mismatches.is_empty() {

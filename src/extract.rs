@@ -71,6 +71,8 @@ pub struct ExtractOptions {
     pub selector: Selector,
     /// Store NaN and infinite differences instead of refusing them.
     pub allow_nonfinite: bool,
+    /// Read the delta back once to report its fingerprint (`--json`).
+    pub fingerprint_output: bool,
 }
 
 /// What `extract` did.
@@ -102,6 +104,9 @@ pub struct ExtractReport {
     pub inexact: Vec<(String, u64)>,
     /// The base fingerprint recorded.
     pub base_fingerprint: String,
+    /// The fingerprint of the delta's own tensors (docs/FORMAT.md section 7), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_fingerprint: Option<String>,
 }
 
 /// One tensor's plan: its entry plus where its data comes from.
@@ -235,6 +240,10 @@ pub fn extract(
         .collect();
     output.write(STATS, 0, &stat_bytes)?;
     let output_bytes = output.total_len();
+    let output_fingerprint = opts
+        .fingerprint_output
+        .then(|| output.fingerprint())
+        .transpose()?;
     let outputs = output.files();
     output.commit()?;
     let display = |p: &Path| p.display().to_string();
@@ -265,6 +274,7 @@ pub fn extract(
             .collect(),
         outputs: outputs.iter().map(|p| display(p)).collect(),
         output_bytes,
+        output_fingerprint,
         dense_bytes: tuned.tensors().values().map(|t| t.range.len() as u64).sum(),
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),

@@ -39,6 +39,8 @@ pub struct MergeOptions {
     pub dtype: Option<Float>,
     /// Merge even when a delta was not taken against this base.
     pub force: bool,
+    /// Read the output back once to report its fingerprint (`--json`).
+    pub fingerprint_output: bool,
     /// Which backend computes the changed tensors (docs/CUDA.md).
     pub device: Device,
 }
@@ -66,6 +68,9 @@ pub struct MergeReport {
     pub mismatches: Vec<String>,
     /// The base fingerprint computed from the base as read.
     pub base_fingerprint: String,
+    /// The fingerprint of the output (docs/FORMAT.md section 7), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_fingerprint: Option<String>,
     /// Tensors where finite results became ±infinity in the output dtype, with counts.
     pub overflowed: Vec<(String, u64)>,
     /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
@@ -284,6 +289,10 @@ pub fn merge(
     base.check_unchanged()?;
     deltas.iter().try_for_each(Delta::check_unchanged)?;
     let output_bytes = output.total_len();
+    let output_fingerprint = opts
+        .fingerprint_output
+        .then(|| output.fingerprint())
+        .transpose()?;
     let outputs = output.files();
     output.commit()?;
     let display = |p: &Path| p.display().to_string();
@@ -307,6 +316,7 @@ pub fn merge(
         seconds: start.elapsed().as_secs_f64(),
         mismatches,
         base_fingerprint: fingerprint,
+        output_fingerprint,
         overflowed: plans
             .iter()
             .zip(overflows)

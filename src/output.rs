@@ -188,8 +188,8 @@ pub struct Output {
     staging: Option<Staging>,
     target: Target,
     shards: Vec<Shard>,
-    /// Tensor name → (shard, absolute offset of its data in the shard file).
-    place: HashMap<String, (usize, u64)>,
+    /// Tensor name → (shard, absolute offset of its data in the shard file, length).
+    place: HashMap<String, (usize, u64, u64)>,
     /// The index JSON of a sharded folder.
     index: Option<Vec<u8>>,
     total: u64,
@@ -316,7 +316,13 @@ impl Output {
                 ),
                 Staging::Folder(tmp) => {
                     let staged = tmp.path().join(&names[k]);
-                    let file = File::create_new(&staged).with_context(cannot_create)?;
+                    // Readable too: `fingerprint` reads the data back.
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&staged)
+                        .with_context(cannot_create)?;
                     track(&PARTIALS, &staged);
                     (file, staged, dest.join(&names[k]))
                 }
@@ -330,7 +336,7 @@ impl Output {
             io(file.set_len(len))?;
             io(file.write_all_at(&head, 0))?;
             for (t, off) in ts.iter().zip(offsets) {
-                out.place.insert(t.name.clone(), (k, off));
+                out.place.insert(t.name.clone(), (k, off, t.len));
                 if target.is_folder() {
                     weight_map.insert(t.name.clone(), names[k].to_string_lossy().into_owned());
                 }
@@ -362,7 +368,7 @@ impl Output {
 
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
     pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
-        let (k, base) = self.place[name];
+        let (k, base, _) = self.place[name];
         let shard = &self.shards[k];
         shard
             .file
@@ -370,6 +376,35 @@ impl Output {
             .with_context(|| format!("{}: cannot write tensor {name}", shard.path.display()))?;
         self.progress.inc(bytes.len() as u64);
         Ok(())
+    }
+
+    /// The fingerprint of what was written (docs/FORMAT.md section 7: BLAKE3 over the BLAKE3
+    /// digests of every tensor's data, in name order), read back from the page cache: what a
+    /// later `verify` or `extract` against this output computes as its base fingerprint.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut names: Vec<&String> = self.place.keys().collect();
+        names.sort();
+        let hashes = names
+            .iter()
+            .map(|name| {
+                let (k, at, len) = self.place[*name];
+                let shard = &self.shards[k];
+                let mut h = blake3::Hasher::new();
+                let mut buf = vec![0u8; len.min(8 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    shard
+                        .file
+                        .read_exact_at(&mut buf[..n], at + done)
+                        .with_context(|| format!("{}: cannot read back", shard.path.display()))?;
+                    h.update_rayon(&buf[..n]);
+                    done += n as u64;
+                }
+                Ok(*h.finalize().as_bytes())
+            })
+            .collect::<Result<Vec<[u8; 32]>>>()?;
+        Ok(crate::checkpoint::fingerprint(&hashes))
     }
 
     /// The total size of the output's safetensors files.

@@ -2244,6 +2244,55 @@ fn output_in_a_missing_folder_fails() {
     assert!(partial_files(d).is_empty());
 }
 
+/// `--json` reports the output's fingerprint, read back before the rename: it must equal the
+/// base fingerprint that an extract against the committed output computes (a separate path:
+/// hashes of the mapped file), for a single file and a sharded folder alike. Without `--json`
+/// nothing is read back and no fingerprint is reported.
+#[test]
+fn json_output_fingerprint_is_what_a_later_extract_sees() {
+    let dir = tmp();
+    let d = dir.path();
+    let base = three_slot_deltas(d, "bf16");
+    for out in ["m.safetensors", "m-folder"] {
+        let j = ok(
+            d,
+            &format!("merge --json --shard-size 40KB --base {base} d1.safetensors d2.safetensors d3.safetensors -o {out}"),
+        )
+        .json();
+        let fp = j["output_fingerprint"]
+            .as_str()
+            .expect("output_fingerprint")
+            .to_string();
+        assert_eq!(fp.len(), 64);
+        assert_ne!(fp, j["base_fingerprint"].as_str().unwrap());
+        let e = ok(
+            d,
+            // The fine-tune: the merged model itself (it has the deltas' new tensors too).
+            &format!("extract --json --base {out} --tuned m.safetensors -o x-{out}.safetensors"),
+        )
+        .json();
+        assert_eq!(e["base_fingerprint"].as_str().unwrap(), fp, "{out}");
+        // The delta's own fingerprint: hashes of its tensors as a reader sees them.
+        let delta = Checkpoint::open(&d.join(format!("x-{out}.safetensors"))).unwrap();
+        let hashes: Vec<[u8; 32]> = delta
+            .tensors()
+            .values()
+            .map(|i| *blake3::hash(delta.data(i)).as_bytes())
+            .collect();
+        let flat: Vec<u8> = hashes.concat();
+        assert_eq!(
+            e["output_fingerprint"].as_str().unwrap(),
+            blake3::hash(&flat).to_hex().as_str()
+        );
+    }
+    assert!(d.join("m-folder/model.safetensors.index.json").exists());
+    let text = ok(
+        d,
+        &format!("apply --base {base} d1.safetensors -o a.safetensors"),
+    );
+    assert!(!text.stdout.contains("fingerprint"));
+}
+
 #[test]
 fn file_output_that_is_an_existing_folder_fails_and_leaves_no_partial_file() {
     let dir = tmp();

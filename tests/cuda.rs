@@ -346,6 +346,7 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
                                 Selector::default()
                             },
                             allow_nonfinite: true,
+                            fingerprint_output: false,
                         };
                         let out = d.join(format!("d{t}.safetensors"));
                         extract(
@@ -365,6 +366,7 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
                             dtype,
                             force: false,
                             device,
+                            fingerprint_output: false,
                         };
                         let out = d.join(format!("{device:?}.safetensors"));
                         let r = merge(&base_ck, &deltas, &Target::new(&out), &opts).unwrap();

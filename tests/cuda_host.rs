@@ -306,6 +306,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
             slot: None,
             selector,
             allow_nonfinite: true,
+            fingerprint_output: false,
         };
         let out = d.join(format!("d{k}.safetensors"));
         extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
@@ -317,6 +318,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
         dtype: c.dtype,
         force: false,
         device: Device::Cpu,
+        fingerprint_output: false,
     };
     compare(h, d, &base_ck, &deltas, &opts, c.slice);
 }
@@ -593,6 +595,7 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
         slot: None,
         selector: Selector::default(),
         allow_nonfinite: true,
+        fingerprint_output: false,
     };
     extract(
         &base_ck,
@@ -681,6 +684,7 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
                 slot: None,
                 selector: Selector::default(),
                 allow_nonfinite: true,
+                fingerprint_output: false,
             };
             let good = d.join(format!("good{t}.safetensors"));
             extract(
@@ -869,6 +873,7 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
                 Selector::default()
             },
             allow_nonfinite: true,
+            fingerprint_output: false,
         };
         let out = d.join(format!("d{i}.safetensors"));
         extract(

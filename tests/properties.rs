@@ -111,6 +111,7 @@ fn extract_with(
         slot: None,
         selector,
         allow_nonfinite: false,
+        fingerprint_output: false,
     };
     extract(&base, &tuned, &Target::new(&dir.join(out)), &opts).unwrap();
     Delta::open(&dir.join(out)).unwrap()
