@@ -239,13 +239,7 @@ pub fn extract(
         .flat_map(|x| x.to_le_bytes())
         .collect();
     output.write(STATS, 0, &stat_bytes)?;
-    let output_bytes = output.total_len();
-    let output_fingerprint = opts
-        .fingerprint_output
-        .then(|| output.fingerprint())
-        .transpose()?;
-    let outputs = output.files();
-    output.commit()?;
+    let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
     let inexact = plan
@@ -272,9 +266,9 @@ pub fn extract(
             .chain(tuned.files())
             .map(display)
             .collect(),
-        outputs: outputs.iter().map(|p| display(p)).collect(),
-        output_bytes,
-        output_fingerprint,
+        outputs: written.files.iter().map(|p| display(p)).collect(),
+        output_bytes: written.bytes,
+        output_fingerprint: written.fingerprint,
         dense_bytes: tuned.tensors().values().map(|t| t.range.len() as u64).sum(),
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),

@@ -288,13 +288,7 @@ pub fn merge(
     }
     base.check_unchanged()?;
     deltas.iter().try_for_each(Delta::check_unchanged)?;
-    let output_bytes = output.total_len();
-    let output_fingerprint = opts
-        .fingerprint_output
-        .then(|| output.fingerprint())
-        .transpose()?;
-    let outputs = output.files();
-    output.commit()?;
+    let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
     let fingerprint = crate::checkpoint::fingerprint(&base_hashes);
@@ -305,18 +299,18 @@ pub fn merge(
             .chain(deltas.iter().flat_map(Delta::files))
             .map(display)
             .collect(),
-        outputs: outputs.iter().map(|p| display(p)).collect(),
+        outputs: written.files.iter().map(|p| display(p)).collect(),
         tensors: plans.len(),
         changed: plans
             .iter()
             .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
             .count(),
-        output_bytes,
+        output_bytes: written.bytes,
         input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
         seconds: start.elapsed().as_secs_f64(),
         mismatches,
         base_fingerprint: fingerprint,
-        output_fingerprint,
+        output_fingerprint: written.fingerprint,
         overflowed: plans
             .iter()
             .zip(overflows)

@@ -196,6 +196,17 @@ pub struct Output {
     progress: ProgressBar,
 }
 
+/// What a committed output holds.
+#[derive(Clone, Debug)]
+pub struct Written {
+    /// The size of its safetensors files.
+    pub bytes: u64,
+    /// Its files, in place: the safetensors files, then the index and copied files of a folder.
+    pub files: Vec<PathBuf>,
+    /// Its fingerprint, when asked for.
+    pub fingerprint: Option<String>,
+}
+
 /// Splits `tensors` (in order) into shards of at most `limit` data bytes; a tensor larger than
 /// the limit gets a shard of its own.
 fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
@@ -432,8 +443,19 @@ impl Output {
         files
     }
 
-    /// Flushes everything to disk and renames the output into place.
-    pub fn commit(mut self) -> Result<()> {
+    /// Flushes everything to disk and renames the output into place; with `fingerprint`, first
+    /// reads the data back once to hash it (see [`Output::fingerprint`]).
+    pub fn commit(self, fingerprint: bool) -> Result<Written> {
+        let written = Written {
+            bytes: self.total_len(),
+            files: self.files(),
+            fingerprint: fingerprint.then(|| self.fingerprint()).transpose()?,
+        };
+        self.place_files()?;
+        Ok(written)
+    }
+
+    fn place_files(mut self) -> Result<()> {
         self.progress.finish_and_clear();
         let dest = self.target.path.clone();
         let durable = DURABLE.load(Ordering::Relaxed);
@@ -651,7 +673,7 @@ pub fn write_tensors(
     for (name, _, _, data) in sorted {
         out.write(name, 0, data)?;
     }
-    out.commit()
+    out.commit(false).map(|_| ())
 }
 
 #[cfg(test)]

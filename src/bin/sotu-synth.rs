@@ -187,8 +187,7 @@ fn main() -> Result<()> {
                     out.write(tname, lo * float.size() as u64, &bytes)
                 })?;
         }
-        let total = out.total_len();
-        out.commit()?;
+        let total = out.commit(false)?.bytes;
         println!("{}: {:.2} GB", path.display(), total as f64 / 1e9);
     }
     Ok(())
