@@ -174,8 +174,6 @@ enum Staging {
 /// One file of the output.
 struct Shard {
     file: File,
-    /// Path inside the staging folder (or of the temporary file).
-    staged: PathBuf,
     /// Final path.
     path: PathBuf,
 }
@@ -273,11 +271,6 @@ impl Output {
                 dir.display()
             )
         };
-        let mut builder = tempfile::Builder::new();
-        builder
-            .prefix(".sotu-delta-partial-")
-            // The usual mode of a new file (0666 less the umask), not tempfile's private 0600.
-            .permissions(std::fs::Permissions::from_mode(0o666));
         if target.is_folder() {
             refuse_to_replace(dest)?;
         }
@@ -302,7 +295,12 @@ impl Output {
                 .collect();
             (Staging::Folder(tmp), names)
         } else {
-            let tmp = builder.tempfile_in(&dir).with_context(cannot_create)?;
+            let tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                // The usual mode of a new file (0666 less the umask), not tempfile's 0600.
+                .permissions(std::fs::Permissions::from_mode(0o666))
+                .tempfile_in(&dir)
+                .with_context(cannot_create)?;
             track(&PARTIALS, tmp.path());
             (Staging::File(tmp), vec![])
         };
@@ -319,10 +317,9 @@ impl Output {
         let mut weight_map = BTreeMap::new();
         let mut data_bytes = 0u64;
         for (k, group) in groups.into_iter().enumerate() {
-            let (file, staged, path) = match out.staging.as_ref().unwrap() {
+            let (file, path) = match out.staging.as_ref().unwrap() {
                 Staging::File(tmp) => (
                     tmp.as_file().try_clone().with_context(cannot_create)?,
-                    tmp.path().to_path_buf(),
                     dest.clone(),
                 ),
                 Staging::Folder(tmp) => {
@@ -335,7 +332,7 @@ impl Output {
                         .open(&staged)
                         .with_context(cannot_create)?;
                     track(&PARTIALS, &staged);
-                    (file, staged, dest.join(&names[k]))
+                    (file, dest.join(&names[k]))
                 }
             };
             let io = |r: std::io::Result<()>| {
@@ -354,7 +351,7 @@ impl Output {
                 data_bytes += t.len;
             }
             out.total += len;
-            out.shards.push(Shard { file, staged, path });
+            out.shards.push(Shard { file, path });
         }
         if out.shards.len() > 1 {
             let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
@@ -505,11 +502,7 @@ impl Output {
                 }
                 let placed = place_folder(&staged, &dest);
                 // From here the files are either in place or removed below: forget them.
-                if let Ok(mut l) = PARTIALS.lock() {
-                    let prefix = c_path(&staged);
-                    l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
-                }
-                untrack(&PARTIAL_DIRS, &staged);
+                untrack_folder(&staged);
                 if let Err(e) = placed {
                     let _ = std::fs::remove_dir_all(&staged);
                     return Err(e);
@@ -528,12 +521,7 @@ impl Drop for Output {
         // Uncommitted: the staging file or folder deletes itself as it drops.
         match &self.staging {
             Some(Staging::File(tmp)) => untrack(&PARTIALS, tmp.path()),
-            Some(Staging::Folder(tmp)) => {
-                for s in &self.shards {
-                    untrack(&PARTIALS, &s.staged);
-                }
-                untrack(&PARTIAL_DIRS, tmp.path());
-            }
+            Some(Staging::Folder(tmp)) => untrack_folder(tmp.path()),
             None => {}
         }
     }
@@ -556,6 +544,15 @@ fn refuse_to_replace(dest: &Path) -> Result<()> {
         "{}: exists and is not a model folder (no {SINGLE_NAME} or {INDEX_NAME}); refusing to replace it. Remove it or choose another output path",
         dest.display()
     )
+}
+
+/// Forgets a staging folder and every partial file tracked inside it.
+fn untrack_folder(dir: &Path) {
+    let prefix = c_path(dir);
+    if let Ok(mut l) = PARTIALS.lock() {
+        l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
+    }
+    untrack(&PARTIAL_DIRS, dir);
 }
 
 fn sync_folder(dir: &Path) -> Result<()> {
