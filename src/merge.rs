@@ -1,9 +1,15 @@
 //! `merge` and `apply`: `out = base + Σ_t w_t·s_t·(mask_t ⊙ δ_t)` in the exact arithmetic of
-//! docs/FORMAT.md section 8, on the CPU with rayon.
+//! docs/FORMAT.md section 8, on the CPU with rayon, or with the changed tensors on a GPU
+//! ([`crate::cuda`]).
 //!
 //! Planning (which tensor comes from where, what the deltas contribute) is separate from
-//! execution, so that another backend can execute the same plan. Every output element depends
-//! only on its own inputs, so the output is the same for any thread count or tiling.
+//! execution, so that either backend executes the same plan. Every output element depends only
+//! on its own inputs, so the output is the same for any thread count, tiling or device.
+//!
+//! On the CPU a tensor is cut into work units of 2^20 elements spread over the threads, and each
+//! unit into tiles of 2^16 that stay in the L2 cache: per tile, the keep bits of every delta
+//! (hashed once per seed), the expansion of kept values into an f64 accumulator (AVX-512 where
+//! the CPU has it), then one vectorized pass that adds the base and rounds.
 
 use std::collections::BTreeMap;
 use std::path::Path;
