@@ -114,6 +114,9 @@ struct Planned {
     name: String,
     entry: Entry,
     offsets: Vec<u64>,
+    /// The base tensor's hash, when the plan already read it whole (a tensor equal to the
+    /// base): taken then, while its pages are in memory, not again in the write pass.
+    base_hash: Option<[u8; 32]>,
 }
 
 /// Diffs `tuned` against `base` and writes the delta to `out`.
@@ -204,9 +207,10 @@ pub fn extract(
     let mut stats = Vec::with_capacity(plan.len());
     for p in &plan {
         let (hash, row) = rayon::join(
-            || {
-                base.info(&p.name)
-                    .map_or([0u8; 32], |i| tensor_hash(base.data(i)))
+            || match (p.base_hash, base.info(&p.name)) {
+                (Some(h), _) => h,
+                (None, Some(i)) => tensor_hash(base.data(i)),
+                (None, None) => [0u8; 32],
             },
             || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
         );
@@ -328,6 +332,9 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
         } else {
             Vec::new()
         };
+        // The comparison above read an equal tensor whole (a changed one only to its first
+        // difference): hash it now, for a model larger than the page cache.
+        let base_hash = (kind == Kind::Same).then(|| tensor_hash(base.data(b.unwrap())));
         plan.push(Planned {
             name: name.clone(),
             entry: Entry {
@@ -339,6 +346,7 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
                 in_base: b.is_some(),
             },
             offsets,
+            base_hash,
         });
     }
     Ok(plan)
