@@ -64,13 +64,7 @@ impl Checkpoint {
         let meta =
             std::fs::metadata(path).with_context(|| format!("{}: cannot open", path.display()))?;
         if !meta.is_dir() {
-            let shard = Shard::open(path)?;
-            let tensors = shard_tensors(&shard, 0)?.into_iter().collect();
-            return Ok(Checkpoint {
-                path: path.to_path_buf(),
-                shards: vec![shard],
-                tensors,
-            });
+            return Self::open_single(path, path);
         }
         let index = path.join(INDEX_NAME);
         if index.exists() {
@@ -78,18 +72,23 @@ impl Checkpoint {
         }
         let single = path.join(SINGLE_NAME);
         if single.exists() {
-            let shard = Shard::open(&single)?;
-            let tensors = shard_tensors(&shard, 0)?.into_iter().collect();
-            return Ok(Checkpoint {
-                path: path.to_path_buf(),
-                shards: vec![shard],
-                tensors,
-            });
+            return Self::open_single(path, &single);
         }
         bail!(
             "{}: a folder with neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint",
             path.display()
         )
+    }
+
+    /// Opens the one safetensors `file` of the checkpoint given as `path`.
+    fn open_single(path: &Path, file: &Path) -> Result<Self> {
+        let shard = Shard::open(file)?;
+        let tensors = shard_tensors(&shard, 0)?.into_iter().collect();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            shards: vec![shard],
+            tensors,
+        })
     }
 
     /// Opens the shards that `index` lists, refusing an index that does not describe them
