@@ -521,6 +521,14 @@ pub fn fingerprint(hashes: &[[u8; 32]]) -> String {
     blake3::hash(hashes.as_flattened()).to_hex().to_string()
 }
 
+/// Refuses an output that would overwrite one of `inputs` (see [`refuse_output_over_input`]):
+/// each checkpoint's path as given and its files.
+pub fn refuse_output_over_checkpoints(output: &Path, inputs: &[&Checkpoint]) -> Result<()> {
+    let mut paths: Vec<&Path> = inputs.iter().map(|c| c.path()).collect();
+    paths.extend(inputs.iter().flat_map(|c| c.files()));
+    refuse_output_over_input(output, &paths)
+}
+
 /// Refuses an output path that names one of the inputs, directly, through a link, or as a hard
 /// link of the same file; and an existing output folder that is or holds an input (replacing
 /// it would delete the input).

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::{Checkpoint, refuse_output_over_input};
+use crate::checkpoint::Checkpoint;
 use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
@@ -265,13 +265,6 @@ fn target(path: &Path, shard_size: &str) -> Result<Target> {
     Ok(t)
 }
 
-/// The paths an output must not overwrite: the arguments, and the files of the checkpoints.
-fn inputs<'a>(args: &[&'a Path], ckpts: &[&'a Checkpoint]) -> Vec<&'a Path> {
-    let mut v = args.to_vec();
-    v.extend(ckpts.iter().flat_map(|c| c.files()));
-    v
-}
-
 fn parse_slot(s: &str) -> Result<(u64, u64)> {
     let parsed = s
         .split_once('/')
@@ -292,7 +285,6 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
     let target = target(&a.output, &a.shard_size)?;
     let base = Checkpoint::open(&a.base)?;
     let tuned = Checkpoint::open(&a.tuned)?;
-    refuse_output_over_input(&a.output, &inputs(&[&a.base, &a.tuned], &[&base, &tuned]))?;
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
@@ -370,12 +362,6 @@ fn run_merge(
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
-    let mut args: Vec<&Path> = vec![base_path];
-    args.extend(delta_paths.iter().map(PathBuf::as_path));
-    let mut files: Vec<&Path> = base.files();
-    files.extend(deltas.iter().flat_map(Delta::files));
-    args.extend(files);
-    refuse_output_over_input(output, &args)?;
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }

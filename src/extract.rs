@@ -127,6 +127,7 @@ pub fn extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractReport> {
     let start = Instant::now();
+    crate::checkpoint::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
     let plan = plan(base, tuned, opts)?;
 
     let mut layout = Vec::new();

@@ -346,6 +346,11 @@ impl Delta {
         h.finalize().to_hex().to_string()
     }
 
+    /// The checkpoint the delta is stored in.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
     /// The safetensors files of the delta (one, or its shards).
     pub fn files(&self) -> Vec<&Path> {
         self.ckpt.files()

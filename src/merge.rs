@@ -160,6 +160,9 @@ pub fn merge(
             deltas.len()
         );
     }
+    let mut inputs = vec![base];
+    inputs.extend(deltas.iter().map(Delta::checkpoint));
+    crate::checkpoint::refuse_output_over_checkpoints(&out.path, &inputs)?;
     let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
     let plans = plan(base, deltas, opts, &weight)?;
     // Chosen before the output is created: `--device cuda` without a GPU leaves no file.

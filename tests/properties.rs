@@ -457,3 +457,57 @@ fn non_float_new_and_unchanged_tensors() {
         );
     }
 }
+
+/// The library refuses, like the command line, an output that would replace an input: here a
+/// merge whose output folder is the base's own model folder (a model folder may otherwise be
+/// replaced whole). Nothing is written and the base is unchanged.
+#[test]
+fn merge_into_the_base_folder_is_refused_by_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, tunes) = make_tensors(Float::BF16, 4096, 1, 7);
+    let tensors = |data: &Vec<u8>| vec![("w".to_string(), Dtype::BF16, vec![4096], data.clone())];
+    let md = BTreeMap::new();
+    let base_dir = d.join("base");
+    sotu_delta::output::write_tensors(&Target::new(&base_dir), &tensors(&base), &md).unwrap();
+    write_file(&d.join("t.safetensors"), &tensors(&tunes[0]), &md).unwrap();
+    let base_ck = Checkpoint::open(&base_dir).unwrap();
+    let opts = ExtractOptions {
+        seed: 1,
+        interval: Interval::from_density(0.5).unwrap(),
+        slot: None,
+        selector: Selector::default(),
+        allow_nonfinite: false,
+        fingerprint_output: false,
+    };
+    let tuned = Checkpoint::open(&d.join("t.safetensors")).unwrap();
+    extract(
+        &base_ck,
+        &tuned,
+        &Target::new(&d.join("d.safetensors")),
+        &opts,
+    )
+    .unwrap();
+    let delta = Delta::open(&d.join("d.safetensors")).unwrap();
+    let before = std::fs::read(base_dir.join("model.safetensors")).unwrap();
+    let err = merge(
+        &base_ck,
+        &[delta],
+        &Target::new(&base_dir),
+        &MergeOptions::default(),
+    )
+    .expect_err("merging into the base folder must fail");
+    assert!(
+        err.to_string().contains("refusing to overwrite an input"),
+        "{err:#}"
+    );
+    assert_eq!(
+        std::fs::read(base_dir.join("model.safetensors")).unwrap(),
+        before
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 3, "{left:?}");
+}
