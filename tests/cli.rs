@@ -2244,6 +2244,47 @@ fn output_in_a_missing_folder_fails() {
     assert!(partial_files(d).is_empty());
 }
 
+/// On a terminal, a merge draws a progress bar on stderr (bytes written, throughput, ETA);
+/// `--quiet` draws none. The terminal is a pseudo-terminal from util-linux `script`; without it
+/// the test says so and checks only the pipe case (no bar), which every other test covers too.
+#[test]
+fn progress_bar_only_on_a_terminal_and_not_quiet() {
+    let dir = tmp();
+    let d = dir.path();
+    let base = three_slot_deltas(d, "f32");
+    let line = format!("{BIN} merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o");
+    let piped = ok(
+        d,
+        &format!(
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o p.safetensors"
+        ),
+    );
+    assert!(!piped.stderr.contains("written"), "{piped}");
+    let on_tty = |args: &str| -> Option<String> {
+        let o = std::process::Command::new("script")
+            .current_dir(d)
+            .args(["-qec", &format!("{line} {args}"), "/dev/null"])
+            .output()
+            .ok()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Some(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let Some(shown) = on_tty("t.safetensors") else {
+        eprintln!("skipped the terminal half: util-linux `script` is not installed");
+        return;
+    };
+    assert!(
+        shown.contains("written") && shown.contains("ETA"),
+        "{shown}"
+    );
+    let quiet = on_tty("q.safetensors --quiet").unwrap();
+    assert!(!quiet.contains("written"), "{quiet}");
+    assert_eq!(
+        bytes_of(&d.join("t.safetensors")),
+        bytes_of(&d.join("p.safetensors"))
+    );
+}
+
 /// `--json` reports the output's fingerprint, read back before the rename: it must equal the
 /// base fingerprint that an extract against the committed output computes (a separate path:
 /// hashes of the mapped file), for a single file and a sharded folder alike. Without `--json`
