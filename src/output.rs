@@ -571,18 +571,41 @@ fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
         Err(_) => std::fs::rename(staged, dest).map_err(fail),
         Ok(m) if m.is_dir() => {
             let (a, b) = (c_path(staged), c_path(dest));
-            // SAFETY: two valid NUL-terminated paths.
-            let r = unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    a.as_ptr(),
-                    libc::AT_FDCWD,
-                    b.as_ptr(),
-                    libc::RENAME_EXCHANGE,
-                )
+            // SOTU_DELTA_NO_RENAME_EXCHANGE=1 takes the fallback below, for its test.
+            let exchange = std::env::var_os("SOTU_DELTA_NO_RENAME_EXCHANGE").is_none();
+            let r = if !exchange {
+                -1
+            } else {
+                // SAFETY: two valid NUL-terminated paths.
+                unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                }
             };
             if r != 0 {
-                return Err(fail(std::io::Error::last_os_error()));
+                let e = if exchange {
+                    std::io::Error::last_os_error()
+                } else {
+                    std::io::Error::from_raw_os_error(libc::EINVAL)
+                };
+                if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                    return Err(fail(e));
+                }
+                // A filesystem without the exchange (NFS, some FUSE): move the old folder
+                // aside (into the staging name, which is then free), then the new one in. For
+                // a moment nothing is at `dest`; never a mixture.
+                let aside = staged.with_extension("old");
+                std::fs::rename(dest, &aside).map_err(fail)?;
+                if let Err(e) = std::fs::rename(staged, dest) {
+                    let _ = std::fs::rename(&aside, dest);
+                    return Err(fail(e));
+                }
+                std::fs::rename(&aside, staged).map_err(fail)?;
             }
             // `staged` now holds the old folder.
             std::fs::remove_dir_all(staged).with_context(|| {

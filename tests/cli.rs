@@ -2379,6 +2379,15 @@ fn folder_output_replaces_an_existing_folder_whole() {
     // A model folder (an earlier output, say) is replaced whole.
     fs::write(d.join("outdir/model.safetensors"), "old weights").unwrap();
     ok(d, &format!("apply --base {base} d.safetensors -o outdir"));
+    // Again where the filesystem cannot exchange two names (NFS): moved aside, then in.
+    fs::write(d.join("outdir/stale.txt"), "old").unwrap();
+    let o = Command::new(BIN)
+        .current_dir(d)
+        .env("SOTU_DELTA_NO_RENAME_EXCHANGE", "1")
+        .args(["apply", "--base", &base, "d.safetensors", "-o", "outdir"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let names: Vec<String> = fs::read_dir(d.join("outdir"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
