@@ -137,6 +137,44 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
+    /// The bytes the tensor starts from: the base's tensor, or a delta's stored whole tensor.
+    pub fn origin_data<'a>(
+        &self,
+        o: Origin,
+        base: &'a Checkpoint,
+        deltas: &'a [Delta],
+    ) -> &'a [u8] {
+        match o {
+            Origin::Base => base.data(base.info(&self.name).unwrap()),
+            Origin::Delta(d) => deltas[d].data(&self.name),
+        }
+    }
+
+    /// The tensor as a job for the CUDA backend, when it is computed rather than copied.
+    pub fn cuda_job<'a>(
+        &'a self,
+        base: &'a Checkpoint,
+        deltas: &'a [Delta],
+    ) -> Option<crate::cuda::Job<'a>> {
+        let Source::Compute {
+            origin,
+            from,
+            to,
+            terms,
+        } = &self.source
+        else {
+            return None;
+        };
+        Some(crate::cuda::Job {
+            name: &self.name,
+            numel: self.numel,
+            base: self.origin_data(*origin, base, deltas),
+            from: *from,
+            to: *to,
+            terms,
+        })
+    }
+
     fn out_len(&self) -> u64 {
         match &self.source {
             Source::Compute { to, .. } => self.numel * to.size() as u64,
@@ -229,28 +267,7 @@ pub fn merge(
             let jobs: Vec<crate::cuda::Job> = plans
                 .iter()
                 .filter(|p| on_gpu(p))
-                .map(|p| {
-                    let Source::Compute {
-                        origin,
-                        from,
-                        to,
-                        terms,
-                    } = &p.source
-                    else {
-                        unreachable!("filtered")
-                    };
-                    crate::cuda::Job {
-                        name: &p.name,
-                        numel: p.numel,
-                        base: match origin {
-                            Origin::Base => base.data(base.info(&p.name).unwrap()),
-                            Origin::Delta(d) => deltas[*d].data(&p.name),
-                        },
-                        from: *from,
-                        to: *to,
-                        terms,
-                    }
-                })
+                .filter_map(|p| p.cuda_job(base, deltas))
                 .collect();
             g.merge_tensors(deltas, &jobs, &|name, at, bytes| {
                 output.write(name, at, bytes)
@@ -506,12 +523,7 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
 
 /// Writes one output tensor; returns how many finite results overflowed its dtype.
 fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
-    let origin_data = |o: Origin| -> &[u8] {
-        match o {
-            Origin::Base => base.data(base.info(&p.name).unwrap()),
-            Origin::Delta(d) => deltas[d].data(&p.name),
-        }
-    };
+    let origin_data = |o: Origin| p.origin_data(o, base, deltas);
     match &p.source {
         Source::Copy(o) => {
             let data = origin_data(*o);

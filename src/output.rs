@@ -389,7 +389,7 @@ impl Output {
     /// The fingerprint of what was written (docs/FORMAT.md section 7: BLAKE3 over the BLAKE3
     /// digests of every tensor's data, in name order), read back from the page cache: what a
     /// later `verify` or `extract` against this output computes as its base fingerprint.
-    pub fn fingerprint(&self) -> Result<String> {
+    fn fingerprint(&self) -> Result<String> {
         let mut names: Vec<&String> = self.place.keys().collect();
         names.sort();
         let hashes = names
@@ -416,13 +416,13 @@ impl Output {
     }
 
     /// The total size of the output's safetensors files.
-    pub fn total_len(&self) -> u64 {
+    fn total_len(&self) -> u64 {
         self.total
     }
 
     /// The paths the output's files have once committed: the safetensors files, then the
     /// index and the copied files of a folder.
-    pub fn files(&self) -> Vec<PathBuf> {
+    fn files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
         if self.index.is_some() {
             files.push(self.target.path.join(INDEX_NAME));
@@ -441,7 +441,7 @@ impl Output {
     }
 
     /// Flushes everything to disk and renames the output into place; with `fingerprint`, first
-    /// reads the data back once to hash it (see [`Output::fingerprint`]).
+    /// reads the data back once to hash it (docs/FORMAT.md section 7: BLAKE3 over the BLAKE3 of every tensor).
     pub fn commit(self, fingerprint: bool) -> Result<Written> {
         let written = Written {
             bytes: self.total_len(),

@@ -905,25 +905,7 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         let plans = plan(&base_ck, &deltas, &opts, &weight).unwrap();
         let jobs: Vec<cuda::Job> = plans
             .iter()
-            .filter_map(|p| match &p.source {
-                Source::Compute {
-                    origin,
-                    from,
-                    to,
-                    terms,
-                } => Some(cuda::Job {
-                    name: &p.name,
-                    numel: p.numel,
-                    base: match origin {
-                        Origin::Base => base_ck.data(base_ck.info(&p.name).unwrap()),
-                        Origin::Delta(k) => deltas[*k].data(&p.name),
-                    },
-                    from: *from,
-                    to: *to,
-                    terms,
-                }),
-                Source::Copy(_) => None,
-            })
+            .filter_map(|p| p.cuda_job(&base_ck, &deltas))
             .collect();
         assert!(jobs.len() >= 4);
         // One block per slice: many slices, so both slots are reused within and across tensors.
@@ -1001,22 +983,16 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
         let plans = plan(&base_ck, &deltas, &opts, &|_| 1.0).unwrap();
         let jobs: Vec<cuda::Job> = plans
             .iter()
-            .filter_map(|p| match &p.source {
-                Source::Compute {
-                    origin: Origin::Base,
-                    from,
-                    to,
-                    terms,
-                } => Some(cuda::Job {
-                    name: &p.name,
-                    numel: p.numel,
-                    base: base_ck.data(base_ck.info(&p.name).unwrap()),
-                    from: *from,
-                    to: *to,
-                    terms,
-                }),
-                _ => None,
+            .filter(|p| {
+                matches!(
+                    p.source,
+                    Source::Compute {
+                        origin: Origin::Base,
+                        ..
+                    }
+                )
             })
+            .filter_map(|p| p.cuda_job(&base_ck, &deltas))
             .collect();
         let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(2 * TILE)).unwrap();
         let mut emu = Emu {
