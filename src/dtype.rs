@@ -181,10 +181,17 @@ pub mod elem {
         fn round(x: f64) -> Self::Bits;
         /// Writes raw bits as one little-endian element.
         fn put(bytes: &mut [u8], bits: Self::Bits);
+        /// The result of one term with coefficient 1 over base `b`, when it is simply the kept
+        /// value `v`: `round(b + (−0 + 1·(v − b)))` (docs/FORMAT.md section 8) equals `v` (`+0`
+        /// for a zero `v`) whenever both are finite and `v − b` is exact in f64, which holds
+        /// when their exponents are at most `51 − mantissa bits` apart or either is zero.
+        /// Returns the result's bits then, and `None` when the f64 arithmetic must decide.
+        /// Branch-free, so that loops over it vectorize.
+        fn replaces(b: Self::Bits, v: Self::Bits) -> Option<Self::Bits>;
     }
 
     macro_rules! elem {
-        ($name:ident, $size:expr, $bits:ty, $to_f64:expr, $round:expr) => {
+        ($name:ident, $size:expr, $bits:ty, $exp:expr, $man:expr, $to_f64:expr, $round:expr) => {
             #[doc = concat!("The ", stringify!($name), " element type.")]
             pub struct $name;
             impl Elem for $name {
@@ -215,6 +222,20 @@ pub mod elem {
                 fn put(bytes: &mut [u8], bits: $bits) {
                     bytes[..$size].copy_from_slice(&bits.to_le_bytes());
                 }
+                #[inline(always)]
+                fn replaces(b: $bits, v: $bits) -> Option<$bits> {
+                    // |v − b| < 2^(emax+2) in units of 2^(emin − mantissa): exact in 53 bits
+                    // when emax − emin ≤ 51 − mantissa. Subnormals share exponent 1's unit.
+                    const ALL: $bits = (1 << $exp) - 1;
+                    let eb = ((b >> $man) & ALL).max(1);
+                    let ev = ((v >> $man) & ALL).max(1);
+                    let finite = (eb != ALL) & (ev != ALL);
+                    let zero_b = (b << 1) == 0;
+                    let zero_v = (v << 1) == 0;
+                    let near = eb.abs_diff(ev) + $man <= 51;
+                    let ok = finite & (near | zero_b | zero_v);
+                    ok.then_some(if zero_v { 0 } else { v })
+                }
             }
         };
     }
@@ -222,6 +243,8 @@ pub mod elem {
         F16,
         2,
         u16,
+        5,
+        10,
         |b| half::f16::from_bits(b).to_f64(),
         super::f64_to_f16_bits
     );
@@ -229,6 +252,8 @@ pub mod elem {
         BF16,
         2,
         u16,
+        8,
+        7,
         super::bf16_bits_to_f64,
         super::f64_to_bf16_bits
     );
@@ -236,10 +261,12 @@ pub mod elem {
         F32,
         4,
         u32,
+        8,
+        23,
         |b| f32::from_bits(b) as f64,
         super::f64_to_f32_bits
     );
-    elem!(F64, 8, u64, f64::from_bits, super::f64_bits);
+    elem!(F64, 8, u64, 11, 52, f64::from_bits, super::f64_bits);
 }
 
 /// Runs `$body` with `$E` bound to the [`elem`] type of the [`Float`] `$f`.
@@ -326,6 +353,78 @@ fn f64_to_f16_bits(x: f64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Elem::replaces`, where it decides, gives the bits of the f64 arithmetic of
+    /// docs/FORMAT.md section 8 for one term of coefficient 1; and it decides every finite
+    /// pair within its exponent bound. 16-bit types: every base against 1024 values and every
+    /// value against 1024 bases (random, plus ±0, ±inf, NaN, subnormals); F32: pairs whose
+    /// exponents are 0 to 40 apart, around the bound of 28.
+    #[test]
+    fn replaces_agrees_with_the_arithmetic() {
+        use elem::Elem;
+        fn check<E: Elem>(b: E::Bits, v: E::Bits, near: bool) -> bool {
+            let (x, y) = (E::value(b), E::value(v));
+            let want = E::round(x + (-0.0 + 1.0 * (y - x)));
+            match E::replaces(b, v) {
+                Some(r) => {
+                    assert!(r == want, "{:?}: b {x:e} v {y:e}", E::FLOAT);
+                    true
+                }
+                None => {
+                    assert!(
+                        !(near && x.is_finite() && y.is_finite()),
+                        "{:?}: b {x:e} v {y:e} undecided",
+                        E::FLOAT
+                    );
+                    false
+                }
+            }
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials: [u16; 8] = [0, 0x8000, 1, 0x8001, 0x7f80, 0xff80, 0x7fc1, 0x0080];
+        let specials_f16: [u16; 8] = [0, 0x8000, 1, 0x8001, 0x7c00, 0xfc00, 0x7e01, 0x0400];
+        let exponent = |x: u16, man: u32, all: u16| ((x >> man) & all).max(1);
+        for a in 0..=u16::MAX {
+            for k in 0..1024 {
+                let (bf, f16) = if k < 8 {
+                    (specials[k], specials_f16[k])
+                } else {
+                    let r = next() as u16;
+                    (r, r)
+                };
+                for (b, v) in [(a, bf), (bf, a)] {
+                    let near = exponent(b, 7, 0xff).abs_diff(exponent(v, 7, 0xff)) <= 44;
+                    check::<elem::BF16>(b, v, near);
+                }
+                for (b, v) in [(a, f16), (f16, a)] {
+                    check::<elem::F16>(b, v, true);
+                }
+            }
+        }
+        let mut decided = 0;
+        for _ in 0..4_000_000 {
+            let r = next();
+            let eb = 1 + (r % 200) as u32;
+            let gap = ((r >> 8) % 41) as u32;
+            let ev = if r >> 20 & 1 == 0 {
+                eb + gap
+            } else {
+                eb.saturating_sub(gap).max(1)
+            };
+            let sign = |s: u64| ((s & 1) as u32) << 31;
+            let b = sign(r >> 21) | eb << 23 | (next() as u32 & 0x7f_ffff);
+            let v = sign(r >> 22) | ev.min(254) << 23 | (next() as u32 & 0x7f_ffff);
+            let near = ((b >> 23) & 0xff).abs_diff((v >> 23) & 0xff) <= 28;
+            decided += check::<elem::F32>(b, v, near) as u32;
+        }
+        assert!(decided > 2_000_000, "only {decided} decided");
+    }
 
     fn bf16(x: f64) -> u16 {
         f64_to_bf16_bits(x)

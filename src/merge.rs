@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, tensor_hash};
+use crate::checkpoint::{Checkpoint, Pieces, tensor_hash};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
@@ -31,8 +31,9 @@ use crate::output::{OutTensor, Output, Target};
 const TASK: u64 = 16 * 65536;
 /// Elements computed at a time within a task: the f64 accumulator (512 KiB) stays in L2.
 const TILE: u64 = 65536;
-/// Bytes per unit of parallel work when a tensor is copied unchanged.
-const COPY_PIECE: usize = 64 << 20;
+/// Bytes per unit of parallel work when a tensor is copied unchanged (a power of two: it is
+/// also a piece of the base tensor's hash, see [`Pieces`]).
+const COPY_PIECE: usize = 4 << 20;
 
 /// What `merge` is asked to do.
 #[derive(Clone, Debug, Default)]
@@ -277,16 +278,19 @@ pub fn merge(
             let mut hashes = Vec::with_capacity(base_names.len());
             let mut counts = Vec::with_capacity(plans.len());
             for p in &plans {
-                let (hash, written) = rayon::join(
-                    || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
-                    || {
-                        if on_gpu(p) {
-                            Ok(0)
-                        } else {
-                            execute(base, deltas, &output, p)
+                let (hash, written) = if on_gpu(p) {
+                    (base.info(&p.name).map(|i| tensor_hash(base.data(i))), Ok(0))
+                } else {
+                    match execute(base, deltas, &output, p) {
+                        Ok((n, Some(h))) => (Some(h), Ok(n)),
+                        // Not made from the base's bytes: its base tensor, if any, is hashed
+                        // on its own.
+                        Ok((n, None)) => {
+                            (base.info(&p.name).map(|i| tensor_hash(base.data(i))), Ok(n))
                         }
-                    },
-                );
+                        Err(e) => (None, Err(e)),
+                    }
+                };
                 hashes.extend(hash);
                 counts.push(written?);
             }
@@ -521,38 +525,73 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes one output tensor; returns how many finite results overflowed its dtype.
-fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
-    let origin_data = |o: Origin| p.origin_data(o, base, deltas);
-    match &p.source {
-        Source::Copy(o) => {
-            let data = origin_data(*o);
-            data.par_chunks(COPY_PIECE)
-                .enumerate()
-                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
-            Ok(0)
-        }
-        Source::Compute {
-            origin,
-            from,
-            to,
-            terms,
-        } => {
-            let data = origin_data(*origin);
-            let tasks = p.numel.div_ceil(TASK);
-            (0..tasks)
-                .into_par_iter()
-                .map(|t| -> Result<u64> {
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        let range = t * TASK..p.numel.min((t + 1) * TASK);
-                        let overflows = crate::with_elem!(*from, E => compute::<E>(deltas, &p.name, data, terms, *to, range.clone(), scratch))?;
-                        out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
-                        Ok(overflows)
-                    })
+/// Writes one output tensor. Returns how many finite results overflowed its dtype, and, when
+/// the tensor starts from the base's bytes, the base tensor's digest: each piece is hashed by
+/// the thread that reads it for the output, while it is in the cache.
+fn execute(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &Output,
+    p: &TensorPlan,
+) -> Result<(u64, Option<[u8; 32]>)> {
+    let (origin, piece) = match &p.source {
+        Source::Copy(o) => (*o, COPY_PIECE as u64),
+        Source::Compute { origin, from, .. } => (*origin, TASK * from.size() as u64),
+    };
+    let data = p.origin_data(origin, base, deltas);
+    let hashing = matches!(origin, Origin::Base);
+    let pieces = Pieces::new(data.len() as u64, piece);
+    let hasher = |k: usize| hashing.then(|| pieces.hasher(k as u64));
+    let done = |h: Option<blake3::Hasher>| h.map(|h| pieces.finish(&h));
+    let parts: Vec<(u64, Option<[u8; 32]>)> = match &p.source {
+        Source::Copy(_) => data
+            .par_chunks(COPY_PIECE)
+            .enumerate()
+            .map(|(k, bytes)| {
+                let mut h = hasher(k);
+                if let Some(h) = &mut h {
+                    h.update(bytes);
+                }
+                out.write(&p.name, (k * COPY_PIECE) as u64, bytes)?;
+                Ok((0, done(h)))
+            })
+            .collect::<Result<_>>()?,
+        Source::Compute { from, to, terms, .. } => (0..p.numel.div_ceil(TASK))
+            .into_par_iter()
+            .map(|t| {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let range = t * TASK..p.numel.min((t + 1) * TASK);
+                    let mut h = hasher(t as usize);
+                    let job = Job { deltas, name: &p.name, data, terms, to: *to };
+                    let overflows = crate::with_elem!(*from, E => compute::<E>(&job, range.clone(), h.as_mut(), scratch))?;
+                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
+                    Ok((overflows, done(h)))
                 })
-                .sum()
+            })
+            .collect::<Result<_>>()?,
+    };
+    let overflows = parts.iter().map(|(n, _)| n).sum();
+    let hashes: Vec<[u8; 32]> = parts.into_iter().filter_map(|(_, h)| h).collect();
+    let digest = hashing.then(|| {
+        // An empty tensor has no piece to hash.
+        if hashes.is_empty() {
+            tensor_hash(data)
+        } else {
+            pieces.digest(&hashes)
         }
-    }
+    });
+    Ok((overflows, digest))
+}
+
+/// What [`compute`] works on: one tensor's starting bytes and the deltas' terms.
+struct Job<'a> {
+    deltas: &'a [Delta],
+    name: &'a str,
+    /// The starting bytes (the base's tensor, or a delta's whole tensor).
+    data: &'a [u8],
+    terms: &'a [Term],
+    /// The output dtype.
+    to: Float,
 }
 
 thread_local! {
@@ -614,23 +653,55 @@ fn tile_keep_words(
 }
 
 /// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
-/// at a time so that the f64 accumulator stays in the L2 cache.
+/// at a time so that the tile and the f64 accumulator stay in the L2 cache; each tile of the
+/// starting bytes goes into `hasher` too, when there is one.
 fn compute<E: Elem>(
-    deltas: &[Delta],
-    name: &str,
-    data: &[u8],
-    terms: &[Term],
-    to: Float,
+    job: &Job,
     range: std::ops::Range<u64>,
+    mut hasher: Option<&mut blake3::Hasher>,
     s: &mut Scratch,
 ) -> Result<u64> {
+    let &Job {
+        deltas,
+        name,
+        data,
+        terms,
+        to,
+    } = job;
     let mut overflows = 0u64;
     s.bytes.clear();
+    // Where each element gets at most one term, of coefficient 1, in the base's own dtype (an
+    // apply; a merge of deltas in disjoint slots), an element's result is almost always its
+    // kept value itself (`Elem::replaces`): the values are placed over a copy of the base and
+    // only the exceptions go through the f64 arithmetic. Same bits, a fraction of the work.
+    let placing = to == E::FLOAT
+        && E::FLOAT != Float::F64
+        && terms.iter().all(|t| t.masked && t.coeff == 1.0);
+    let simd = simd::Expander::for_dtype(E::FLOAT);
     let mut lo = range.start;
     while lo < range.end {
         let hi = range.end.min(lo + TILE);
         let n = (hi - lo) as usize;
         let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
+        if let Some(h) = &mut hasher {
+            h.update(tile);
+        }
+        s.words.resize_with(terms.len(), Vec::new);
+        tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
+        if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
+            let at = s.bytes.len();
+            s.bytes.extend_from_slice(tile);
+            let out = &mut s.bytes[at..];
+            for (term, words) in terms.iter().zip(&s.words) {
+                let delta = &deltas[term.delta];
+                for_each_kept_word::<E>(delta, name, words, lo..hi, |k0, word, values| {
+                    place::<E>(simd.as_ref(), k0, word, values, out)
+                })?;
+            }
+            overflows += settle::<E>(tile, out, &s.touched);
+            lo = hi;
+            continue;
+        }
         s.acc.clear();
         // −0.0 is the additive identity (docs/FORMAT.md section 8).
         s.acc.resize(n, -0.0);
@@ -639,8 +710,6 @@ fn compute<E: Elem>(
         s.base.clear();
         s.base
             .extend(tile.chunks_exact(E::SIZE).map(|b| E::value(E::bits(b))));
-        s.words.resize_with(terms.len(), Vec::new);
-        tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         for (term, words) in terms.iter().zip(&s.words) {
             let mut tile = Tile {
                 range: lo..hi,
@@ -700,6 +769,96 @@ fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8
     overflows
 }
 
+/// Whether no element of the tile is kept by two of `words` (one keep-word list per term, over
+/// `n` elements); if so, `union` is set to the elements kept by any.
+fn union_if_disjoint(words: &[Vec<u64>], n: usize, union: &mut Vec<u64>) -> bool {
+    union.clear();
+    union.resize(n.div_ceil(64), 0);
+    let mut overlap = 0u64;
+    for w in words {
+        for (u, &x) in union.iter_mut().zip(w) {
+            overlap |= *u & x;
+            *u |= x;
+        }
+    }
+    overlap == 0
+}
+
+/// Writes a term's kept values over the tile's output bytes `out` at the set bits of `word`,
+/// whose bit `k` is element `k0 + k` (see [`for_each_kept_word`]).
+#[inline]
+fn place<E: Elem>(
+    simd: Option<&simd::Expander>,
+    k0: usize,
+    word: u64,
+    values: &[u8],
+    out: &mut [u8],
+) {
+    if let Some(x) = simd
+        && k0.is_multiple_of(64)
+        && (k0 + 64) * E::SIZE <= out.len()
+    {
+        x.place_word(word, values, &mut out[k0 * E::SIZE..(k0 + 64) * E::SIZE]);
+        return;
+    }
+    let mut bits = word;
+    for v in values.chunks_exact(E::SIZE) {
+        let k = k0 + bits.trailing_zeros() as usize;
+        out[k * E::SIZE..(k + 1) * E::SIZE].copy_from_slice(v);
+        bits &= bits - 1;
+    }
+}
+
+/// Finishes a tile whose kept values were [`place`]d over a copy of the base: each placed
+/// value becomes the result [`Elem::replaces`] gives, and the few elements it cannot decide
+/// (non-finite, or exponents too far apart) are computed by the arithmetic of docs/FORMAT.md
+/// section 8 with their one term. Returns how many finite results overflowed.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn settle<E: Elem>(tile: &[u8], out: &mut [u8], placed: &[u64]) -> u64 {
+    let mut overflows = 0u64;
+    let words = tile
+        .chunks(64 * E::SIZE)
+        .zip(out.chunks_mut(64 * E::SIZE))
+        .zip(placed);
+    for ((b, o), &word) in words {
+        let mut undecided = false;
+        for (k, (b, o)) in b
+            .chunks_exact(E::SIZE)
+            .zip(o.chunks_exact_mut(E::SIZE))
+            .enumerate()
+        {
+            let v = E::bits(o);
+            let r = E::replaces(E::bits(b), v);
+            let hit = (word >> k) & 1 != 0;
+            undecided |= hit & r.is_none();
+            E::put(o, if hit { r.unwrap_or(v) } else { v });
+        }
+        if !undecided {
+            continue;
+        }
+        // Rare: the elements left holding their kept value, which `replaces` still refuses.
+        let mut rest = word;
+        while rest != 0 {
+            let k = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            let at = k * E::SIZE..(k + 1) * E::SIZE;
+            let (bb, vb) = (E::bits(&b[at.clone()]), E::bits(&o[at.clone()]));
+            if E::replaces(bb, vb).is_some() {
+                continue;
+            }
+            let (b, v) = (E::value(bb), E::value(vb));
+            let x = b + (-0.0 + 1.0 * (v - b));
+            overflows += E::FLOAT.overflows(x) as u64;
+            E::put(&mut o[at], E::round(x));
+        }
+    }
+    overflows
+}
+
 /// One tile of a tensor being computed.
 struct Tile<'a> {
     /// The tile's elements.
@@ -727,12 +886,9 @@ fn add_term<E: Elem>(
         acc,
         touched,
     } = tile;
-    let range = range.clone();
-    let values = delta.data(name);
-    let lo = range.start;
     let c = term.coeff;
     if !term.masked {
-        let v = &values[lo as usize * E::SIZE..range.end as usize * E::SIZE];
+        let v = &delta.data(name)[range.start as usize * E::SIZE..range.end as usize * E::SIZE];
         for (k, a) in acc.iter_mut().enumerate() {
             *a += c * (E::load(v, k) - b[k]);
         }
@@ -743,11 +899,57 @@ fn add_term<E: Elem>(
         }
         return Ok(());
     }
+    let simd = simd::Expander::for_dtype(E::FLOAT);
+    for_each_kept_word::<E>(
+        delta,
+        name,
+        tile_words,
+        range.clone(),
+        |k0, word, values| {
+            // Words line up with the tile's unless a file's chunk size is not a multiple of 64.
+            let aligned = k0.is_multiple_of(64);
+            if aligned {
+                touched[k0 / 64] |= word;
+                if let Some(x) = &simd
+                    && k0 + 64 <= acc.len()
+                {
+                    x.add_word(word, values, &b[k0..k0 + 64], &mut acc[k0..k0 + 64], c);
+                    return;
+                }
+            }
+            let mut bits = word;
+            let mut j = 0;
+            while bits != 0 {
+                let k = k0 + bits.trailing_zeros() as usize;
+                acc[k] += c * (E::load(values, j) - b[k]);
+                if !aligned {
+                    touched[k / 64] |= 1 << (k % 64);
+                }
+                j += 1;
+                bits &= bits - 1;
+            }
+        },
+    )
+}
+
+/// Walks the kept elements of a masked term over the tile `range`, whose keep words are
+/// `tile_words`: calls `visit(k0, word, values)` for each non-empty word, where bit `k` of
+/// `word` is tile element `k0 + k` and `values` holds exactly the kept values of its set bits,
+/// in order. Every chunk's walk is checked against its offsets (docs/FORMAT.md section 6), and
+/// a file that disagrees is refused before any value past its limit is read.
+fn for_each_kept_word<E: Elem>(
+    delta: &Delta,
+    name: &str,
+    tile_words: &[u64],
+    range: std::ops::Range<u64>,
+    mut visit: impl FnMut(usize, u64, &[u8]),
+) -> Result<()> {
+    let values = delta.data(name);
+    let lo = range.start;
     let mask = delta.mask(name);
     let offsets = delta.offsets(name);
     let chunk = delta.params().chunk;
     let numel = delta.entries()[name].numel();
-    let simd = simd::Expander::for_dtype(E::FLOAT);
     let mut ci = lo / chunk;
     let mut j = offsets[ci as usize] + mask.count_kept(ci * chunk..lo);
     let mut pos = lo;
@@ -756,44 +958,22 @@ fn add_term<E: Elem>(
         let end = chunk_end.min(range.end);
         let limit = offsets[ci as usize + 1];
         let mut overrun = false;
-        let mut visit = |start: u64, word: u64| {
+        let mut step = |start: u64, word: u64| {
             let kept = word.count_ones() as u64;
-            if j + kept > limit {
+            if overrun || j + kept > limit {
                 overrun = true;
                 j += kept;
                 return;
             }
-            let k0 = (start - lo) as usize;
-            // Words line up with the tile's unless a file's chunk size is not a multiple of 64.
-            let aligned = k0.is_multiple_of(64);
-            if aligned {
-                touched[k0 / 64] |= word;
-                if let Some(x) = &simd
-                    && word != 0
-                    && k0 + 64 <= acc.len()
-                {
-                    let at = j as usize * E::SIZE;
-                    x.add_word(
-                        word,
-                        &values[at..at + kept as usize * E::SIZE],
-                        &b[k0..k0 + 64],
-                        &mut acc[k0..k0 + 64],
-                        c,
-                    );
-                    j += kept;
-                    return;
-                }
+            if word != 0 {
+                let at = j as usize * E::SIZE;
+                visit(
+                    (start - lo) as usize,
+                    word,
+                    &values[at..at + kept as usize * E::SIZE],
+                );
             }
-            let mut bits = word;
-            while bits != 0 {
-                let k = k0 + bits.trailing_zeros() as usize;
-                acc[k] += c * (E::load(values, j as usize) - b[k]);
-                if !aligned {
-                    touched[k / 64] |= 1 << (k % 64);
-                }
-                j += 1;
-                bits &= bits - 1;
-            }
+            j += kept;
         };
         let (from, to) = (pos - lo, end - lo);
         if from.is_multiple_of(64) {
@@ -805,11 +985,11 @@ fn add_term<E: Elem>(
                 } else {
                     word
                 };
-                visit(lo + 64 * w as u64, cut);
+                step(lo + 64 * w as u64, cut);
             }
         } else {
             // A chunk size that is not a multiple of 64 (never written by this tool).
-            mask.for_each_word(pos..end, visit);
+            mask.for_each_word(pos..end, step);
         }
         if overrun || (end == chunk_end && j != limit) {
             bail!(
@@ -881,6 +1061,20 @@ mod simd {
             }
         }
 
+        /// Writes the next kept value over element `k` of `out` (64 little-endian elements)
+        /// for each set bit `k` of `word`; `values` holds exactly `word.count_ones()` elements.
+        #[inline]
+        pub fn place_word(&self, word: u64, values: &[u8], out: &mut [u8]) {
+            assert_eq!(out.len(), 64 * self.size());
+            assert_eq!(values.len(), word.count_ones() as usize * self.size());
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU features were detected when `self` was made; the asserts above
+            // bound every access (the expanding loads read only as many elements as bits set).
+            unsafe {
+                avx512::place_word(self.float, word, values.as_ptr(), out.as_mut_ptr())
+            }
+        }
+
         fn size(&self) -> usize {
             self.float.size()
         }
@@ -892,6 +1086,28 @@ mod simd {
 
         use crate::dtype::Float;
 
+        /// The next `popcount(m)` 16-bit elements at `p`, in the low lanes. A masked load, then
+        /// the expansion in registers: the expanding load from memory is microcoded and several
+        /// times slower on AMD Zen 4; masked-off lanes are not read, so `p` may end the mapping.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn load16(p: *const i16, m: u32) -> __m512i {
+            let n = m.count_ones();
+            let low = if n == 32 { !0 } else { (1u32 << n) - 1 };
+            // SAFETY: the caller's `p` has `n` readable elements.
+            unsafe { _mm512_maskz_loadu_epi16(low, p) }
+        }
+
+        /// As [`load16`], for 32-bit elements.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load32(p: *const i32, m: u16) -> __m512i {
+            let n = m.count_ones();
+            let low = if n == 16 { !0 } else { (1u16 << n) - 1 };
+            // SAFETY: the caller's `p` has `n` readable elements.
+            unsafe { _mm512_maskz_loadu_epi32(low, p) }
+        }
+
         /// `acc[off..off+8] += c · (v − b)` on the lanes of `m8`.
         #[target_feature(enable = "avx512f")]
         unsafe fn lanes(v: __m512d, m8: u8, b: *const f64, acc: *mut f64, c: __m512d) {
@@ -900,6 +1116,52 @@ mod simd {
                 let a = _mm512_loadu_pd(acc);
                 let t = _mm512_mul_pd(c, _mm512_sub_pd(v, _mm512_loadu_pd(b)));
                 _mm512_storeu_pd(acc, _mm512_mask_add_pd(a, m8, a, t));
+            }
+        }
+
+        /// See [`super::Expander::place_word`]. 64 elements of `out`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+        pub unsafe fn place_word(float: Float, word: u64, values: *const u8, out: *mut u8) {
+            // SAFETY (whole body): `values` holds popcount(word) elements and the expanding
+            // loads read exactly as many as their mask has bits; `out` holds 64 elements.
+            unsafe {
+                match float {
+                    Float::BF16 | Float::F16 => {
+                        let mut p = values as *const i16;
+                        for half in 0..2 {
+                            let m32 = (word >> (32 * half)) as u32;
+                            if m32 == 0 {
+                                continue;
+                            }
+                            let o = out.add(64 * half) as *mut __m512i;
+                            let v = _mm512_mask_expand_epi16(
+                                _mm512_loadu_si512(o),
+                                m32,
+                                load16(p, m32),
+                            );
+                            _mm512_storeu_si512(o, v);
+                            p = p.add(m32.count_ones() as usize);
+                        }
+                    }
+                    Float::F32 => {
+                        let mut p = values as *const i32;
+                        for q in 0..4 {
+                            let m16 = (word >> (16 * q)) as u16;
+                            if m16 == 0 {
+                                continue;
+                            }
+                            let o = out.add(64 * q) as *mut __m512i;
+                            let v = _mm512_mask_expand_epi32(
+                                _mm512_loadu_si512(o),
+                                m16,
+                                load32(p, m16),
+                            );
+                            _mm512_storeu_si512(o, v);
+                            p = p.add(m16.count_ones() as usize);
+                        }
+                    }
+                    Float::F64 => unreachable!("no expander is made for F64"),
+                }
             }
         }
 
@@ -925,7 +1187,7 @@ mod simd {
                             if m32 == 0 {
                                 continue;
                             }
-                            let v = _mm512_maskz_expandloadu_epi16(m32, p);
+                            let v = _mm512_maskz_expand_epi16(m32, load16(p, m32));
                             p = p.add(m32.count_ones() as usize);
                             for q in 0..2 {
                                 let m16 = (m32 >> (16 * q)) as u16;
@@ -960,13 +1222,16 @@ mod simd {
                         }
                     }
                     Float::F32 => {
-                        let mut p = values as *const f32;
+                        let mut p = values as *const i32;
                         for q in 0..4 {
                             let m16 = (word >> (16 * q)) as u16;
                             if m16 == 0 {
                                 continue;
                             }
-                            let ps = _mm512_maskz_expandloadu_ps(m16, p);
+                            let ps = _mm512_castsi512_ps(_mm512_maskz_expand_epi32(
+                                m16,
+                                load32(p as *const i32, m16),
+                            ));
                             p = p.add(m16.count_ones() as usize);
                             let lo = _mm512_castps512_ps256(ps);
                             let hi =

@@ -176,6 +176,10 @@ struct Shard {
     file: File,
     /// Final path.
     path: PathBuf,
+    /// Held for each write. Concurrent writes to one file serialize on the kernel's inode lock
+    /// anyway, and a thread waiting there spins (measured: 7–13% of a merge's CPU time, and a
+    /// slower copy for the thread that holds it); waiting here sleeps.
+    writing: std::sync::Mutex<()>,
 }
 
 /// An output checkpoint being written: headers are final from the start, data goes in by
@@ -351,7 +355,11 @@ impl Output {
                 data_bytes += t.len;
             }
             out.total += len;
-            out.shards.push(Shard { file, path });
+            out.shards.push(Shard {
+                file,
+                path,
+                writing: Default::default(),
+            });
         }
         if out.shards.len() > 1 {
             let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
@@ -378,6 +386,7 @@ impl Output {
     pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
         let (k, base, _) = self.place[name];
         let shard = &self.shards[k];
+        let _turn = shard.writing.lock().unwrap_or_else(|e| e.into_inner());
         shard
             .file
             .write_all_at(bytes, base + at)
