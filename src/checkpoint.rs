@@ -516,73 +516,6 @@ pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// A tensor's digest ([`tensor_hash`]) assembled from pieces hashed apart: consecutive ranges
-/// of `piece` bytes (a power of two, at least one BLAKE3 chunk; the last may be shorter), each
-/// hashed by the thread that reads it for its own work, so that the bytes come from memory once
-/// and not once more for the hash. Each piece is a subtree of BLAKE3's tree (through `blake3`'s
-/// `hazmat` interface), so the digest is the one [`tensor_hash`] gives.
-#[derive(Clone, Copy, Debug)]
-pub struct Pieces {
-    len: u64,
-    piece: u64,
-}
-
-impl Pieces {
-    /// Pieces of `piece` bytes over `len` bytes.
-    pub fn new(len: u64, piece: u64) -> Self {
-        assert!(piece.is_power_of_two() && piece >= blake3::CHUNK_LEN as u64);
-        Pieces { len, piece }
-    }
-
-    /// How many pieces there are (one for an empty tensor).
-    pub fn count(&self) -> u64 {
-        self.len.div_ceil(self.piece).max(1)
-    }
-
-    /// A hasher for piece `k`: feed it exactly the piece's bytes, in order, then [`Self::finish`].
-    pub fn hasher(&self, k: u64) -> blake3::Hasher {
-        use blake3::hazmat::HasherExt;
-        let mut h = blake3::Hasher::new();
-        if self.count() > 1 {
-            h.set_input_offset(k * self.piece);
-        }
-        h
-    }
-
-    /// A piece's result: its chaining value, or the digest itself when it is the only piece.
-    pub fn finish(&self, h: &blake3::Hasher) -> [u8; 32] {
-        use blake3::hazmat::HasherExt;
-        if self.count() > 1 {
-            h.finalize_non_root()
-        } else {
-            *h.finalize().as_bytes()
-        }
-    }
-
-    /// The tensor's digest from every piece's result, in order.
-    pub fn digest(&self, parts: &[[u8; 32]]) -> [u8; 32] {
-        use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
-        assert_eq!(parts.len() as u64, self.count());
-        // BLAKE3's left subtree holds the largest power of two of chunks, and so of (equal,
-        // power-of-two) pieces, that leaves at least one byte to the right.
-        fn split(n: usize) -> usize {
-            1 << (usize::BITS - 1 - (n - 1).leading_zeros())
-        }
-        fn subtree(parts: &[[u8; 32]]) -> [u8; 32] {
-            if parts.len() == 1 {
-                return parts[0];
-            }
-            let (l, r) = parts.split_at(split(parts.len()));
-            merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
-        }
-        if parts.len() == 1 {
-            return parts[0];
-        }
-        let (l, r) = parts.split_at(split(parts.len()));
-        *merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash).as_bytes()
-    }
-}
-
 /// The base fingerprint (docs/FORMAT.md section 7) of per-tensor hashes given in name order.
 pub fn fingerprint(hashes: &[[u8; 32]]) -> String {
     blake3::hash(hashes.as_flattened()).to_hex().to_string()
@@ -621,45 +554,4 @@ pub fn refuse_output_over_input(output: &Path, inputs: &[&Path]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Pieces give `blake3::hash`'s digest for every tree shape: lengths on and around 0 to 9
-    /// pieces, for pieces of one and of four BLAKE3 chunks.
-    #[test]
-    fn pieces_give_the_plain_digest() {
-        let data: Vec<u8> = (0..50_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        for piece in [1024u64, 4096] {
-            for k in 0..=9 {
-                for len in [
-                    k * piece,
-                    k * piece + 1,
-                    (k * piece).saturating_sub(1),
-                    k * piece + 700,
-                ] {
-                    let p = Pieces::new(len, piece);
-                    let parts: Vec<[u8; 32]> = (0..p.count())
-                        .map(|j| {
-                            let mut h = p.hasher(j);
-                            h.update(
-                                &data[(j * piece).min(len) as usize
-                                    ..((j + 1) * piece).min(len) as usize],
-                            );
-                            p.finish(&h)
-                        })
-                        .collect();
-                    assert_eq!(
-                        p.digest(&parts),
-                        *blake3::hash(&data[..len as usize]).as_bytes(),
-                        "piece {piece}, length {len}"
-                    );
-                }
-            }
-        }
-    }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, Pieces, tensor_hash};
+use crate::checkpoint::{Checkpoint, tensor_hash};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{Delta, Kind};
@@ -31,9 +31,8 @@ use crate::output::{OutTensor, Output, Target};
 const TASK: u64 = 16 * 65536;
 /// Elements computed at a time within a task: the f64 accumulator (512 KiB) stays in L2.
 const TILE: u64 = 65536;
-/// Bytes per unit of parallel work when a tensor is copied unchanged (a power of two: it is
-/// also a piece of the base tensor's hash, see [`Pieces`]).
-const COPY_PIECE: usize = 4 << 20;
+/// Bytes per unit of parallel work when a tensor is copied unchanged.
+const COPY_PIECE: usize = 64 << 20;
 
 /// What `merge` is asked to do.
 #[derive(Clone, Debug, Default)]
@@ -278,19 +277,16 @@ pub fn merge(
             let mut hashes = Vec::with_capacity(base_names.len());
             let mut counts = Vec::with_capacity(plans.len());
             for p in &plans {
-                let (hash, written) = if on_gpu(p) {
-                    (base.info(&p.name).map(|i| tensor_hash(base.data(i))), Ok(0))
-                } else {
-                    match execute(base, deltas, &output, p) {
-                        Ok((n, Some(h))) => (Some(h), Ok(n)),
-                        // Not made from the base's bytes: its base tensor, if any, is hashed
-                        // on its own.
-                        Ok((n, None)) => {
-                            (base.info(&p.name).map(|i| tensor_hash(base.data(i))), Ok(n))
+                let (hash, written) = rayon::join(
+                    || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+                    || {
+                        if on_gpu(p) {
+                            Ok(0)
+                        } else {
+                            execute(base, deltas, &output, p)
                         }
-                        Err(e) => (None, Err(e)),
-                    }
-                };
+                    },
+                );
                 hashes.extend(hash);
                 counts.push(written?);
             }
@@ -525,62 +521,38 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes one output tensor. Returns how many finite results overflowed its dtype, and, when
-/// the tensor starts from the base's bytes, the base tensor's digest: each piece is hashed by
-/// the thread that reads it for the output, while it is in the cache.
-fn execute(
-    base: &Checkpoint,
-    deltas: &[Delta],
-    out: &Output,
-    p: &TensorPlan,
-) -> Result<(u64, Option<[u8; 32]>)> {
-    let (origin, piece) = match &p.source {
-        Source::Copy(o) => (*o, COPY_PIECE as u64),
-        Source::Compute { origin, from, .. } => (*origin, TASK * from.size() as u64),
-    };
-    let data = p.origin_data(origin, base, deltas);
-    let hashing = matches!(origin, Origin::Base);
-    let pieces = Pieces::new(data.len() as u64, piece);
-    let hasher = |k: usize| hashing.then(|| pieces.hasher(k as u64));
-    let done = |h: Option<blake3::Hasher>| h.map(|h| pieces.finish(&h));
-    let parts: Vec<(u64, Option<[u8; 32]>)> = match &p.source {
-        Source::Copy(_) => data
-            .par_chunks(COPY_PIECE)
-            .enumerate()
-            .map(|(k, bytes)| {
-                let mut h = hasher(k);
-                if let Some(h) = &mut h {
-                    h.update(bytes);
-                }
-                out.write(&p.name, (k * COPY_PIECE) as u64, bytes)?;
-                Ok((0, done(h)))
-            })
-            .collect::<Result<_>>()?,
-        Source::Compute { from, to, terms, .. } => (0..p.numel.div_ceil(TASK))
-            .into_par_iter()
-            .map(|t| {
-                SCRATCH.with_borrow_mut(|scratch| {
-                    let range = t * TASK..p.numel.min((t + 1) * TASK);
-                    let mut h = hasher(t as usize);
-                    let job = Job { deltas, name: &p.name, data, terms, to: *to };
-                    let overflows = crate::with_elem!(*from, E => compute::<E>(&job, range.clone(), h.as_mut(), scratch))?;
-                    out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
-                    Ok((overflows, done(h)))
-                })
-            })
-            .collect::<Result<_>>()?,
-    };
-    let overflows = parts.iter().map(|(n, _)| n).sum();
-    let hashes: Vec<[u8; 32]> = parts.into_iter().filter_map(|(_, h)| h).collect();
-    let digest = hashing.then(|| {
-        // An empty tensor has no piece to hash.
-        if hashes.is_empty() {
-            tensor_hash(data)
-        } else {
-            pieces.digest(&hashes)
+/// Writes one output tensor; returns how many finite results overflowed its dtype.
+fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+    let origin_data = |o: Origin| p.origin_data(o, base, deltas);
+    match &p.source {
+        Source::Copy(o) => {
+            let data = origin_data(*o);
+            data.par_chunks(COPY_PIECE)
+                .enumerate()
+                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
+            Ok(0)
         }
-    });
-    Ok((overflows, digest))
+        Source::Compute {
+            origin,
+            from,
+            to,
+            terms,
+        } => {
+            let data = origin_data(*origin);
+            (0..p.numel.div_ceil(TASK))
+                .into_par_iter()
+                .map(|t| -> Result<u64> {
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let range = t * TASK..p.numel.min((t + 1) * TASK);
+                        let job = Job { deltas, name: &p.name, data, terms, to: *to };
+                        let overflows = crate::with_elem!(*from, E => compute::<E>(&job, range.clone(), scratch))?;
+                        out.write(&p.name, range.start * to.size() as u64, &scratch.bytes)?;
+                        Ok(overflows)
+                    })
+                })
+                .sum()
+        }
+    }
 }
 
 /// What [`compute`] works on: one tensor's starting bytes and the deltas' terms.
@@ -653,14 +625,8 @@ fn tile_keep_words(
 }
 
 /// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
-/// at a time so that the tile and the f64 accumulator stay in the L2 cache; each tile of the
-/// starting bytes goes into `hasher` too, when there is one.
-fn compute<E: Elem>(
-    job: &Job,
-    range: std::ops::Range<u64>,
-    mut hasher: Option<&mut blake3::Hasher>,
-    s: &mut Scratch,
-) -> Result<u64> {
+/// at a time so that the tile and the f64 accumulator stay in the L2 cache.
+fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> Result<u64> {
     let &Job {
         deltas,
         name,
@@ -683,9 +649,6 @@ fn compute<E: Elem>(
         let hi = range.end.min(lo + TILE);
         let n = (hi - lo) as usize;
         let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
-        if let Some(h) = &mut hasher {
-            h.update(tile);
-        }
         s.words.resize_with(terms.len(), Vec::new);
         tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
