@@ -23,6 +23,7 @@ use crate::format::{
 };
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::output::{OutTensor, Output, Target};
+use crate::simd::Kept;
 
 /// Which tensors are masked: those matching an include pattern (all, when none is given) and
 /// no exclude pattern. The others are stored whole when they differ from the base.
@@ -470,9 +471,19 @@ fn chunk_stats<E: Elem>(
     buf.kept.clear();
     if mask.is_some() {
         let count: u32 = buf.words.iter().map(|w| w.count_ones()).sum();
-        buf.kept.resize(count as usize * E::SIZE, 0);
+        // Room for one word's worth past the end: the SIMD gather stores whole vectors.
+        buf.kept.resize((count as usize + 64) * E::SIZE, 0);
+        let simd = Kept::for_dtype(E::FLOAT);
         let mut j = 0;
         for (w, &word) in buf.words.iter().enumerate() {
+            if let Some(x) = &simd
+                && (w + 1) * 64 <= n
+            {
+                let src = &t[w * 64 * E::SIZE..(w + 1) * 64 * E::SIZE];
+                x.gather_word(word, src, &mut buf.kept[j..j + 64 * E::SIZE]);
+                j += word.count_ones() as usize * E::SIZE;
+                continue;
+            }
             let mut bits = word;
             while bits != 0 {
                 let k = w * 64 + bits.trailing_zeros() as usize;
@@ -481,6 +492,7 @@ fn chunk_stats<E: Elem>(
                 bits &= bits - 1;
             }
         }
+        buf.kept.truncate(j);
     }
     stats
 }
@@ -500,31 +512,64 @@ fn chunk_sums<E: Elem>(b: &[u8], t: &[u8], words: &[u64]) -> ([f64; STATS_COLS],
     let mut kept = [0.0f64; 8];
     let mut inexact = [0u64; 8];
     let mut nonfinite = [0u64; 8];
-    let groups = b.chunks(8 * E::SIZE).zip(t.chunks(8 * E::SIZE));
+    let mut undecided = false;
+    // Whole groups of 8 first, with a fixed trip count, so that the lanes stay in registers.
+    let whole = b.len() / (8 * E::SIZE) * (8 * E::SIZE);
+    let groups = b[..whole]
+        .chunks_exact(8 * E::SIZE)
+        .zip(t[..whole].chunks_exact(8 * E::SIZE));
+    let mut lane = |p: usize, be: &[u8], te: &[u8], hit: bool| {
+        let (b_bits, t_bits) = (E::bits(be), E::bits(te));
+        let d = E::value(t_bits) - E::value(b_bits);
+        all[p] += d * d;
+        kept[p] += if hit { d * d } else { 0.0 };
+        nonfinite[p] += !d.is_finite() as u64;
+        // docs/FORMAT.md section 8: the merge must give v back. `replaces` decides nearly
+        // every element without the rounding; the rest are checked below.
+        let r = E::replaces(b_bits, t_bits);
+        undecided |= hit & r.is_none();
+        inexact[p] += (hit & r.is_some_and(|r| r != t_bits)) as u64;
+    };
     for (g, (bg, tg)) in groups.enumerate() {
-        let word = words[g / 8] >> (8 * (g % 8));
-        let pairs = bg.chunks_exact(E::SIZE).zip(tg.chunks_exact(E::SIZE));
-        for (p, (be, te)) in pairs.enumerate() {
-            let (bv, t_bits) = (E::value(E::bits(be)), E::bits(te));
-            let tv = E::value(t_bits);
-            let d = tv - bv;
-            let hit = (word >> p) & 1 != 0;
-            all[p] += d * d;
-            kept[p] += if hit { d * d } else { 0.0 };
-            nonfinite[p] += !d.is_finite() as u64;
-            // docs/FORMAT.md section 8: round(b + (v − b)) must give v back (a NaN, some NaN).
-            let r = bv + d;
+        let word = (words[g / 8] >> (8 * (g % 8))) as u8;
+        for p in 0..8 {
+            let at = p * E::SIZE..(p + 1) * E::SIZE;
+            lane(p, &bg[at.clone()], &tg[at], (word >> p) & 1 != 0);
+        }
+    }
+    let k0 = whole / E::SIZE;
+    let rest = b[whole..]
+        .chunks_exact(E::SIZE)
+        .zip(t[whole..].chunks_exact(E::SIZE));
+    for (p, (be, te)) in rest.enumerate() {
+        let k = k0 + p;
+        lane(p, be, te, (words[k / 64] >> (k % 64)) & 1 != 0);
+    }
+    let mut inexact: u64 = inexact.iter().sum();
+    if undecided {
+        for (k, (be, te)) in b
+            .chunks_exact(E::SIZE)
+            .zip(t.chunks_exact(E::SIZE))
+            .enumerate()
+        {
+            let (b_bits, t_bits) = (E::bits(be), E::bits(te));
+            if (words[k / 64] >> (k % 64)) & 1 == 0 || E::replaces(b_bits, t_bits).is_some() {
+                continue;
+            }
+            let (bv, tv) = (E::value(b_bits), E::value(t_bits));
+            // round(b + (v − b)) must give v back (a NaN, some NaN).
+            let r = bv + (tv - bv);
             let back = if tv.is_nan() {
                 r.is_nan()
             } else {
                 E::round(r) == t_bits
             };
-            inexact[p] += (hit & !back) as u64;
+            inexact += !back as u64;
         }
     }
     let total = |lanes: [f64; 8]| lanes.iter().fold(0.0, |a, &x| a + x);
     (
-        [total(all), total(kept), inexact.iter().sum::<u64>() as f64],
+        [total(all), total(kept), inexact as f64],
         nonfinite.iter().sum(),
     )
 }

@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod mask;
 pub mod merge;
 pub mod output;
+pub mod simd;
 
 /// The writer string recorded in every file this build writes.
 pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));

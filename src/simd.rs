@@ -1,0 +1,424 @@
+//! AVX-512 kernels for kept values: the expansion of a mask word's kept values to their places
+//! (merge: `vpexpandw`/`vpexpandd`, then f64 arithmetic 8 lanes at a time, masked, in the same
+//! IEEE operations as the scalar loops, so the bits are the same), and the compression of the
+//! kept elements among 64 to consecutive places (extract: `vpcompressw`/`vpcompressd`). Used
+//! where the CPU has AVX-512 F, BW and VBMI2 (checked at run time); everywhere else the callers'
+//! scalar loops run.
+
+use crate::dtype::Float;
+
+/// A checked handle: exists only when the CPU can run the expansion for this dtype.
+pub struct Kept {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    float: Float,
+}
+
+impl Kept {
+    /// The expander for `float`, if this CPU has the instructions and the dtype is one it
+    /// handles (F16, BF16, F32). `SOTU_DELTA_SCALAR=1` turns it off, for comparisons.
+    pub fn for_dtype(float: Float) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let ok = *AVAILABLE.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vbmi2")
+                    && std::env::var_os("SOTU_DELTA_SCALAR").is_none()
+            });
+            (ok && float != Float::F64).then_some(Kept { float })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = float;
+            None
+        }
+    }
+
+    /// `acc[k] += c · (v − b[k])` for each set bit `k` of `word`, `v` being the next value
+    /// of `values` (which holds exactly `word.count_ones()` little-endian elements).
+    #[inline]
+    pub fn add_word(&self, word: u64, values: &[u8], b: &[f64], acc: &mut [f64], c: f64) {
+        assert!(b.len() == 64 && acc.len() == 64);
+        assert_eq!(values.len(), word.count_ones() as usize * self.size());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were detected when `self` was made; the asserts above
+        // bound every access (the expanding loads read only as many elements as bits set).
+        unsafe {
+            avx512::add_word(
+                self.float,
+                word,
+                values.as_ptr(),
+                b.as_ptr(),
+                acc.as_mut_ptr(),
+                c,
+            )
+        }
+    }
+
+    /// Writes the elements of `src` (64 little-endian elements) at the set bits of `word` to
+    /// the start of `dst`, in order: `word.count_ones()` elements. `dst` must have room for 64
+    /// (what lies past the kept ones is scratch).
+    #[inline]
+    pub fn gather_word(&self, word: u64, src: &[u8], dst: &mut [u8]) {
+        assert_eq!(src.len(), 64 * self.size());
+        assert!(dst.len() >= 64 * self.size());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were detected when `self` was made; `src` holds 64 elements
+        // and `dst` room for 64, and each store writes within the first 64.
+        unsafe {
+            avx512::gather_word(self.float, word, src.as_ptr(), dst.as_mut_ptr())
+        }
+    }
+
+    /// Writes the next kept value over element `k` of `out` (64 little-endian elements)
+    /// for each set bit `k` of `word`; `values` holds exactly `word.count_ones()` elements.
+    #[inline]
+    pub fn place_word(&self, word: u64, values: &[u8], out: &mut [u8]) {
+        assert_eq!(out.len(), 64 * self.size());
+        assert_eq!(values.len(), word.count_ones() as usize * self.size());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were detected when `self` was made; the asserts above
+        // bound every access (the expanding loads read only as many elements as bits set).
+        unsafe {
+            avx512::place_word(self.float, word, values.as_ptr(), out.as_mut_ptr())
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.float.size()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use crate::dtype::Float;
+
+    /// The next `popcount(m)` 16-bit elements at `p`, in the low lanes. A masked load, then
+    /// the expansion in registers: the expanding load from memory is microcoded and several
+    /// times slower on AMD Zen 4; masked-off lanes are not read, so `p` may end the mapping.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load16(p: *const i16, m: u32) -> __m512i {
+        let n = m.count_ones();
+        let low = if n == 32 { !0 } else { (1u32 << n) - 1 };
+        // SAFETY: the caller's `p` has `n` readable elements.
+        unsafe { _mm512_maskz_loadu_epi16(low, p) }
+    }
+
+    /// As [`load16`], for 32-bit elements.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load32(p: *const i32, m: u16) -> __m512i {
+        let n = m.count_ones();
+        let low = if n == 16 { !0 } else { (1u16 << n) - 1 };
+        // SAFETY: the caller's `p` has `n` readable elements.
+        unsafe { _mm512_maskz_loadu_epi32(low, p) }
+    }
+
+    /// `acc[off..off+8] += c · (v − b)` on the lanes of `m8`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lanes(v: __m512d, m8: u8, b: *const f64, acc: *mut f64, c: __m512d) {
+        // SAFETY: the caller passes pointers to 8 readable (and, for acc, writable) f64.
+        unsafe {
+            let a = _mm512_loadu_pd(acc);
+            let t = _mm512_mul_pd(c, _mm512_sub_pd(v, _mm512_loadu_pd(b)));
+            _mm512_storeu_pd(acc, _mm512_mask_add_pd(a, m8, a, t));
+        }
+    }
+
+    /// See [`super::Kept::gather_word`]. 64 elements of `src`, room for 64 in `dst`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    pub unsafe fn gather_word(float: Float, word: u64, src: *const u8, dst: *mut u8) {
+        // SAFETY (whole body): each step reads one 64-byte vector of `src` and stores one
+        // 64-byte vector at most `popcount` of the earlier steps' elements into `dst`, which
+        // stays within its 64 elements' room (the compressed lanes first, then zeros).
+        unsafe {
+            let mut d = dst;
+            let (steps, lanes) = match float {
+                Float::BF16 | Float::F16 => (2, 32),
+                Float::F32 => (4, 16),
+                Float::F64 => unreachable!("no handle is made for F64"),
+            };
+            for q in 0..steps {
+                let m = (word >> (lanes * q)) & ((1u64 << lanes) - 1);
+                if m == 0 {
+                    continue;
+                }
+                let v = _mm512_loadu_si512(src.add(64 * q) as *const __m512i);
+                let c = if lanes == 32 {
+                    _mm512_maskz_compress_epi16(m as u32, v)
+                } else {
+                    _mm512_maskz_compress_epi32(m as u16, v)
+                };
+                _mm512_storeu_si512(d as *mut __m512i, c);
+                d = d.add(m.count_ones() as usize * (64 / lanes));
+            }
+        }
+    }
+
+    /// See [`super::Kept::place_word`]. 64 elements of `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    pub unsafe fn place_word(float: Float, word: u64, values: *const u8, out: *mut u8) {
+        // SAFETY (whole body): `values` holds popcount(word) elements and the expanding
+        // loads read exactly as many as their mask has bits; `out` holds 64 elements.
+        unsafe {
+            match float {
+                Float::BF16 | Float::F16 => {
+                    let mut p = values as *const i16;
+                    for half in 0..2 {
+                        let m32 = (word >> (32 * half)) as u32;
+                        if m32 == 0 {
+                            continue;
+                        }
+                        let o = out.add(64 * half) as *mut __m512i;
+                        let v =
+                            _mm512_mask_expand_epi16(_mm512_loadu_si512(o), m32, load16(p, m32));
+                        _mm512_storeu_si512(o, v);
+                        p = p.add(m32.count_ones() as usize);
+                    }
+                }
+                Float::F32 => {
+                    let mut p = values as *const i32;
+                    for q in 0..4 {
+                        let m16 = (word >> (16 * q)) as u16;
+                        if m16 == 0 {
+                            continue;
+                        }
+                        let o = out.add(64 * q) as *mut __m512i;
+                        let v =
+                            _mm512_mask_expand_epi32(_mm512_loadu_si512(o), m16, load32(p, m16));
+                        _mm512_storeu_si512(o, v);
+                        p = p.add(m16.count_ones() as usize);
+                    }
+                }
+                Float::F64 => unreachable!("no expander is made for F64"),
+            }
+        }
+    }
+
+    /// See [`super::Kept::add_word`]. 64 elements of `b` and `acc`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    pub unsafe fn add_word(
+        float: Float,
+        word: u64,
+        values: *const u8,
+        b: *const f64,
+        acc: *mut f64,
+        c: f64,
+    ) {
+        let cv = _mm512_set1_pd(c);
+        // SAFETY (whole body): `values` holds popcount(word) elements and the expanding
+        // loads read exactly as many as their mask has bits; `b` and `acc` hold 64.
+        unsafe {
+            match float {
+                Float::BF16 | Float::F16 => {
+                    let mut p = values as *const i16;
+                    for half in 0..2 {
+                        let m32 = (word >> (32 * half)) as u32;
+                        if m32 == 0 {
+                            continue;
+                        }
+                        let v = _mm512_maskz_expand_epi16(m32, load16(p, m32));
+                        p = p.add(m32.count_ones() as usize);
+                        for q in 0..2 {
+                            let m16 = (m32 >> (16 * q)) as u16;
+                            if m16 == 0 {
+                                continue;
+                            }
+                            let h = if q == 0 {
+                                _mm512_castsi512_si256(v)
+                            } else {
+                                _mm512_extracti64x4_epi64::<1>(v)
+                            };
+                            let ps = if float == Float::BF16 {
+                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                                    h,
+                                )))
+                            } else {
+                                _mm512_cvtph_ps(h)
+                            };
+                            let lo = _mm512_castps512_ps256(ps);
+                            let hi =
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(ps)));
+                            let off = 32 * half + 16 * q;
+                            for (e, f) in [lo, hi].into_iter().enumerate() {
+                                let m8 = (m16 >> (8 * e)) as u8;
+                                if m8 != 0 {
+                                    let at = off + 8 * e;
+                                    lanes(_mm512_cvtps_pd(f), m8, b.add(at), acc.add(at), cv);
+                                }
+                            }
+                        }
+                    }
+                }
+                Float::F32 => {
+                    let mut p = values as *const i32;
+                    for q in 0..4 {
+                        let m16 = (word >> (16 * q)) as u16;
+                        if m16 == 0 {
+                            continue;
+                        }
+                        let ps =
+                            _mm512_castsi512_ps(_mm512_maskz_expand_epi32(m16, load32(p, m16)));
+                        p = p.add(m16.count_ones() as usize);
+                        let lo = _mm512_castps512_ps256(ps);
+                        let hi =
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(ps)));
+                        for (e, f) in [lo, hi].into_iter().enumerate() {
+                            let m8 = (m16 >> (8 * e)) as u8;
+                            if m8 != 0 {
+                                let at = 16 * q + 8 * e;
+                                lanes(_mm512_cvtps_pd(f), m8, b.add(at), acc.add(at), cv);
+                            }
+                        }
+                    }
+                }
+                Float::F64 => unreachable!("no expander is made for F64"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kept;
+    use crate::dtype::Float;
+
+    /// Placing and gathering by AVX-512 move the same elements as the scalar loops, for every
+    /// dtype handled and masks from empty to full.
+    #[test]
+    fn simd_place_and_gather_match_the_scalar_loops() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for float in [Float::BF16, Float::F16, Float::F32] {
+            let Some(x) = Kept::for_dtype(float) else {
+                eprintln!(
+                    "skipped for {float:?}: this CPU has no AVX-512 VBMI2 (the scalar loops run)"
+                );
+                continue;
+            };
+            let size = float.size();
+            for round in 0..2000 {
+                let word = match round % 5 {
+                    0 => 0,
+                    1 => !0,
+                    2 => next() | next(),
+                    _ => next() & next(),
+                };
+                let n = word.count_ones() as usize;
+                let bytes = |len: usize, next: &mut dyn FnMut() -> u64| -> Vec<u8> {
+                    (0..len).map(|_| next() as u8).collect()
+                };
+                let src = bytes(64 * size, &mut next);
+                let mut want = Vec::new();
+                for k in (0..64).filter(|k| (word >> k) & 1 != 0) {
+                    want.extend_from_slice(&src[k * size..(k + 1) * size]);
+                }
+                let mut dst = bytes(64 * size, &mut next);
+                x.gather_word(word, &src, &mut dst);
+                assert_eq!(&dst[..n * size], &want[..], "{float:?} gather {word:#x}");
+
+                let values = bytes(n * size, &mut next);
+                let mut want = src.clone();
+                for (j, k) in (0..64).filter(|k| (word >> k) & 1 != 0).enumerate() {
+                    want[k * size..(k + 1) * size]
+                        .copy_from_slice(&values[j * size..(j + 1) * size]);
+                }
+                let mut out = src.clone();
+                x.place_word(word, &values, &mut out);
+                assert_eq!(out, want, "{float:?} place {word:#x}");
+            }
+        }
+    }
+
+    /// The AVX-512 expansion gives the scalar loop's bits, on every dtype it handles, for
+    /// masks from empty to full and values that include NaN, ±inf, ±0 and subnormals.
+    #[test]
+    fn simd_expansion_matches_the_scalar_loop() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for float in [Float::BF16, Float::F16, Float::F32] {
+            let Some(x) = Kept::for_dtype(float) else {
+                eprintln!(
+                    "skipped for {float:?}: this CPU has no AVX-512 VBMI2 (the scalar loop runs)"
+                );
+                continue;
+            };
+            let specials: [f64; 8] = [
+                f64::NAN,
+                f64::INFINITY,
+                -f64::INFINITY,
+                0.0,
+                -0.0,
+                1e-40,
+                -3.5,
+                65504.0,
+            ];
+            for round in 0..2000 {
+                let word = match round % 5 {
+                    0 => 0,
+                    1 => !0,
+                    _ => next() & next() | (next() & 1),
+                };
+                let n = word.count_ones() as usize;
+                let bits_of = |r: u64| -> Vec<u8> {
+                    let v = if r.is_multiple_of(7) {
+                        specials[(r as usize / 7) % 8]
+                    } else {
+                        (r % 2001) as f64 / 97.0 - 10.0
+                    };
+                    float.round_bits(v).to_le_bytes()[..float.size()].to_vec()
+                };
+                let values: Vec<u8> = (0..n).flat_map(|_| bits_of(next())).collect();
+                let b: Vec<f64> = (0..64)
+                    .map(|_| {
+                        let r = next();
+                        float.load(&bits_of(r), 0)
+                    })
+                    .collect();
+                let start: Vec<f64> = (0..64)
+                    .map(|k| {
+                        if k % 3 == 0 {
+                            -0.0
+                        } else {
+                            (next() % 100) as f64 * 0.25
+                        }
+                    })
+                    .collect();
+                let c = [1.0, -0.5, 3.0, 1.0 / 3.0][round % 4];
+                let mut want = start.clone();
+                let (mut j, mut bits) = (0, word);
+                while bits != 0 {
+                    let k = bits.trailing_zeros() as usize;
+                    want[k] += c * (float.load(&values, j) - b[k]);
+                    j += 1;
+                    bits &= bits - 1;
+                }
+                let mut got = start.clone();
+                x.add_word(word, &values, &b, &mut got, c);
+                for k in 0..64 {
+                    assert!(
+                        got[k].to_bits() == want[k].to_bits()
+                            || (got[k].is_nan() && want[k].is_nan()),
+                        "{float:?} word {word:#x} lane {k}: {} vs {}",
+                        got[k],
+                        want[k]
+                    );
+                }
+            }
+        }
+    }
+}
