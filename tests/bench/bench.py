@@ -14,9 +14,12 @@ warm, times the floors and the operations, each run several times:
 Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergekit-yaml), it
 also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
 
-For each it prints the median, min and max seconds, GB/s and the ratio to its floor, plus the
-peak RssAnon (anonymous memory, not the page cache) sampled from /proc every 2 ms. The same data
-goes to target/bench/<size>.json. Uses only the standard library.
+The runs go in rounds (each round times every operation once, in order), and each ratio is
+taken against its floor's time in the same round; the median over rounds is printed with its
+min and max, as this machine's speed drifts from minute to minute. For each operation it prints
+the median, min and max seconds, GB/s and that ratio, plus the peak RssAnon (anonymous memory,
+not the page cache) sampled from /proc every 2 ms. The same data goes to
+target/bench/<size>.json. Uses only the standard library.
 """
 
 import argparse
@@ -72,30 +75,54 @@ def warm(*paths):
                 pass
 
 
-def measure(name, cmd, runs, nbytes, floor=None, after=None):
-    times, peaks = [], []
-    for _ in range(runs):
+class Job:
+    """One timed command; `floor` is the job whose time in the same round it is compared with."""
+
+    def __init__(self, name, cmd, nbytes, floor=None, after=None):
+        self.name, self.cmd, self.nbytes, self.floor, self.after = name, cmd, nbytes, floor, after
+        self.times, self.peaks = [], []
+
+    def run(self):
         os.sync()  # start every run with no dirty pages left by the one before
-        t, peak = timed(cmd)
-        times.append(t)
-        peaks.append(peak)
-        if after:
-            after()
-    med = statistics.median(times)
-    return {
-        "name": name,
-        "median_s": med,
-        "min_s": min(times),
-        "max_s": max(times),
-        "gb_per_s": nbytes / med / 1e9,
-        "ratio": med / floor if floor else 1.0,
-        "peak_rss_anon_bytes": max(peaks),
-        "bytes": nbytes,
-        "cmd": [str(c) for c in cmd],
-    }
+        t, peak = timed(self.cmd)
+        self.times.append(t)
+        self.peaks.append(peak)
+        if self.after:
+            self.after()
+
+    def row(self):
+        med = statistics.median(self.times)
+        # The ratio is taken round by round, against the floor timed just before in the same
+        # round, then the median over rounds: the machine's speed drifts between minutes (the
+        # same cp took 0.6 s to 5 s here), and a ratio of two medians taken minutes apart
+        # would compare different machines.
+        ratios = [t / f for t, f in zip(self.times, self.floor.times)] if self.floor else [1.0]
+        return {
+            "name": self.name,
+            "median_s": med,
+            "min_s": min(self.times),
+            "max_s": max(self.times),
+            "gb_per_s": self.nbytes / med / 1e9,
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "peak_rss_anon_bytes": max(self.peaks),
+            "bytes": self.nbytes,
+            "cmd": [str(c) for c in self.cmd],
+            "times_s": self.times,
+        }
+
+
+def measure(jobs, runs):
+    """Runs every job once per round, in order, for `runs` rounds; returns their rows."""
+    for _ in range(runs):
+        for job in jobs:
+            job.run()
+    return [job.row() for job in jobs]
 
 
 LAYERS = {"small": 4, "tinyllama": 22}
+FLOORS = {"cp base (floor)", "cp base + sync (floor)", "cat base+tuned (floor)"}
 
 
 def mergekit_folders(work, size, base, tunes):
@@ -128,7 +155,7 @@ def mergekit_config(path, method, base, tunes, density):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=["small", "tinyllama"], default="tinyllama")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="rounds; each times every operation once")
     ap.add_argument("--threads", type=int, default=0, help="0: one per core")
     ap.add_argument("--mergekit-runs", type=int, default=1,
                     help="runs of each mergekit merge (they take tens of seconds each)")
@@ -157,24 +184,22 @@ def main():
     out = work / "out.safetensors"
     rm_out = lambda: out.unlink(missing_ok=True)
 
-    rows = []
-    cp = measure("cp base (floor)", ["cp", base, out], args.runs, base_bytes, after=rm_out)
-    rows.append(cp)
-    cp_sync = measure("cp base + sync (floor)", ["sh", "-c", f"cp '{base}' '{out}' && sync"],
-                      args.runs, base_bytes, after=rm_out)
-    rows.append(cp_sync)
-    cat = measure("cat base+tuned (floor)", ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null"],
-                  args.runs, both)
-    rows.append(cat)
-    rows.append(measure("extract 1/3", sd + ["extract", "--base", base, "--tuned", tunes[0],
-                                             "--slot", "0/3", "-o", out],
-                        args.runs, both, cat["median_s"], rm_out))
-    rows.append(measure("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out],
-                        args.runs, base_bytes, cp["median_s"], rm_out))
-    rows.append(measure("merge 3 x 1/3, fsync", durable + ["merge", "--base", base, *deltas, "-o", out],
-                        args.runs, base_bytes, cp_sync["median_s"], rm_out))
-    rows.append(measure("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out],
-                        args.runs, base_bytes, cp["median_s"], rm_out))
+    cp = Job("cp base (floor)", ["cp", base, out], base_bytes, after=rm_out)
+    cp_sync = Job("cp base + sync (floor)", ["sh", "-c", f"cp '{base}' '{out}' && sync"],
+                  base_bytes, after=rm_out)
+    cat = Job("cat base+tuned (floor)", ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null"], both)
+    jobs = [
+        cp, cp_sync, cat,
+        Job("extract 1/3", sd + ["extract", "--base", base, "--tuned", tunes[0], "--slot", "0/3",
+                                 "-o", out], both, cat, rm_out),
+        Job("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out], base_bytes, cp,
+            rm_out),
+        Job("merge 3 x 1/3, fsync", durable + ["merge", "--base", base, *deltas, "-o", out],
+            base_bytes, cp_sync, rm_out),
+        Job("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out], base_bytes, cp,
+            rm_out),
+    ]
+    rows = measure(jobs, args.runs)
 
     mask = subprocess.run([BIN / "sotu-maskbench"], check=True, capture_output=True, text=True)
     mask = json.loads(mask.stdout)
@@ -191,16 +216,23 @@ def main():
             cfg = mergekit_config(work / f"{method}.yml", method, mk_base, mk_tunes, density)
             cmd = [mergekit, cfg, mk_out, "--lazy-unpickle", "--no-cuda", "-j",
                    str(args.threads or os.cpu_count())]
-            mk_rows.append(measure(f"mergekit {method}", cmd, args.mergekit_runs, base_bytes,
-                                   cp["median_s"], rm_mk))
+            job = Job(f"mergekit {method}", cmd, base_bytes, after=rm_mk)
+            mk_rows += measure([job], args.mergekit_runs)
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
-          f"{os.cpu_count()} cores, median of {args.runs} (page cache warm)")
+          f"{os.cpu_count()} cores, {args.runs} rounds (page cache warm)")
+    print("x floor: the median over rounds of (time / the floor's time in the same round), "
+          "with min-max")
     print(f"{'operation':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>6} "
-          f"{'x floor':>8} {'peak RssAnon':>13}")
-    for r in rows + mk_rows:
+          f"{'x floor':>8} {'(min-max)':>11} {'peak RssAnon':>13}")
+    for r in rows:
+        spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if r["name"] not in FLOORS else ""
         print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
-              f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {r['peak_rss_anon_bytes'] / 2**20:>10.1f} MiB")
+              f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {spread:>11} "
+              f"{r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
+    for r in mk_rows:
+        print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
+              f"{r['gb_per_s']:>6.2f} {'':>8} {'':>11} {r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
     print(f"mask function: {mask['elements_per_second_per_core'] / 1e9:.2f} G elements/s/core "
           f"({mask['isa']})")
     for k, b in enumerate(sizes["delta_bytes"]):
