@@ -78,12 +78,16 @@ def warm(*paths):
 class Job:
     """One timed command; `floor` is the job whose time in the same round it is compared with."""
 
-    def __init__(self, name, cmd, nbytes, floor=None, after=None):
+    def __init__(self, name, cmd, nbytes, inputs, floor=None, after=None):
         self.name, self.cmd, self.nbytes, self.floor, self.after = name, cmd, nbytes, floor, after
+        self.inputs = inputs
         self.times, self.peaks = [], []
 
     def run(self):
-        os.sync()  # start every run with no dirty pages left by the one before
+        # Inputs in the page cache (the other jobs' files may have pushed them out), and no
+        # dirty pages left by the job before.
+        warm(*self.inputs)
+        os.sync()
         t, peak = timed(self.cmd)
         self.times.append(t)
         self.peaks.append(peak)
@@ -178,26 +182,26 @@ def main():
     for k in range(3):
         subprocess.run(sd + ["extract", "--base", base, "--tuned", tunes[k], "--slot", f"{k}/3",
                              "-o", deltas[k]], check=True)
-    warm(base, *tunes, *deltas)
     base_bytes = base.stat().st_size
     both = base_bytes + tunes[0].stat().st_size
     out = work / "out.safetensors"
     rm_out = lambda: out.unlink(missing_ok=True)
 
-    cp = Job("cp base (floor)", ["cp", base, out], base_bytes, after=rm_out)
+    cp = Job("cp base (floor)", ["cp", base, out], base_bytes, [base], after=rm_out)
     cp_sync = Job("cp base + sync (floor)", ["sh", "-c", f"cp '{base}' '{out}' && sync"],
-                  base_bytes, after=rm_out)
-    cat = Job("cat base+tuned (floor)", ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null"], both)
+                  base_bytes, [base], after=rm_out)
+    cat = Job("cat base+tuned (floor)", ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null"], both,
+              [base, tunes[0]])
     jobs = [
         cp, cp_sync, cat,
         Job("extract 1/3", sd + ["extract", "--base", base, "--tuned", tunes[0], "--slot", "0/3",
-                                 "-o", out], both, cat, rm_out),
-        Job("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out], base_bytes, cp,
-            rm_out),
+                                 "-o", out], both, [base, tunes[0]], cat, rm_out),
+        Job("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out], base_bytes,
+            [base, *deltas], cp, rm_out),
         Job("merge 3 x 1/3, fsync", durable + ["merge", "--base", base, *deltas, "-o", out],
-            base_bytes, cp_sync, rm_out),
-        Job("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out], base_bytes, cp,
-            rm_out),
+            base_bytes, [base, *deltas], cp_sync, rm_out),
+        Job("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out], base_bytes,
+            [base, deltas[0]], cp, rm_out),
     ]
     rows = measure(jobs, args.runs)
 
@@ -216,7 +220,7 @@ def main():
             cfg = mergekit_config(work / f"{method}.yml", method, mk_base, mk_tunes, density)
             cmd = [mergekit, cfg, mk_out, "--lazy-unpickle", "--no-cuda", "-j",
                    str(args.threads or os.cpu_count())]
-            job = Job(f"mergekit {method}", cmd, base_bytes, after=rm_mk)
+            job = Job(f"mergekit {method}", cmd, base_bytes, [base, *tunes], after=rm_mk)
             mk_rows += measure([job], args.mergekit_runs)
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
