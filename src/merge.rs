@@ -581,6 +581,8 @@ struct Scratch {
     base: Vec<f64>,
     sub: Vec<u8>,
     bytes: Vec<u8>,
+    /// Kept values placed at their elements, over a tile.
+    vals: Vec<u8>,
     /// Keep words of each term over the tile.
     words: Vec<Vec<u64>>,
     /// Mask values shared by terms of one seed.
@@ -653,16 +655,18 @@ fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> 
         s.words.resize_with(terms.len(), Vec::new);
         tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
-            let at = s.bytes.len();
-            s.bytes.extend_from_slice(tile);
-            let out = &mut s.bytes[at..];
+            // Only the placed elements of `vals` are read: the rest may hold an earlier tile's.
+            s.vals.resize(tile.len(), 0);
             for (term, words) in terms.iter().zip(&s.words) {
                 let delta = &deltas[term.delta];
                 for_each_kept_word::<E>(delta, name, words, lo..hi, |k0, word, values| {
-                    place::<E>(simd.as_ref(), k0, word, values, out)
+                    place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
                 })?;
             }
-            overflows += settle::<E>(tile, out, &s.touched);
+            let at = s.bytes.len();
+            s.bytes.resize(at + tile.len(), 0);
+            let out = &mut s.bytes[at..];
+            overflows += settle::<E>(simd.as_ref(), tile, &s.vals, &s.touched, out);
             lo = hi;
             continue;
         }
@@ -748,7 +752,7 @@ fn union_if_disjoint(words: &[Vec<u64>], n: usize, union: &mut Vec<u64>) -> bool
     overlap == 0
 }
 
-/// Writes a term's kept values over the tile's output bytes `out` at the set bits of `word`,
+/// Writes a term's kept values into the tile's value bytes `out` at the set bits of `word`,
 /// whose bit `k` is element `k0 + k` (see [`for_each_kept_word`]).
 #[inline]
 fn place<E: Elem>(simd: Option<&Kept>, k0: usize, word: u64, values: &[u8], out: &mut [u8]) {
@@ -767,54 +771,73 @@ fn place<E: Elem>(simd: Option<&Kept>, k0: usize, word: u64, values: &[u8], out:
     }
 }
 
-/// Finishes a tile whose kept values were [`place`]d over a copy of the base: each placed
-/// value becomes the result [`Elem::replaces`] gives, and the few elements it cannot decide
-/// (non-finite, or exponents too far apart) are computed by the arithmetic of docs/FORMAT.md
-/// section 8 with their one term. Returns how many finite results overflowed.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn settle<E: Elem>(tile: &[u8], out: &mut [u8], placed: &[u64]) -> u64 {
+/// The output of a tile whose kept values were [`place`]d in `vals` (at the bits of `placed`):
+/// the base's bits where nothing was placed, and where something was, the result
+/// [`Elem::replaces`] gives, or for the few elements it cannot decide (non-finite, or exponents
+/// too far apart) the arithmetic of docs/FORMAT.md section 8 with their one term. Returns how
+/// many finite results overflowed.
+fn settle<E: Elem>(
+    simd: Option<&Kept>,
+    tile: &[u8],
+    vals: &[u8],
+    placed: &[u64],
+    out: &mut [u8],
+) -> u64 {
     let mut overflows = 0u64;
     let words = tile
         .chunks(64 * E::SIZE)
+        .zip(vals.chunks(64 * E::SIZE))
         .zip(out.chunks_mut(64 * E::SIZE))
         .zip(placed);
-    for ((b, o), &word) in words {
-        let mut undecided = false;
-        for (k, (b, o)) in b
-            .chunks_exact(E::SIZE)
-            .zip(o.chunks_exact_mut(E::SIZE))
-            .enumerate()
-        {
-            let v = E::bits(o);
-            let r = E::replaces(E::bits(b), v);
-            let hit = (word >> k) & 1 != 0;
-            undecided |= hit & r.is_none();
-            E::put(o, if hit { r.unwrap_or(v) } else { v });
-        }
-        if !undecided {
-            continue;
-        }
-        // Rare: the elements left holding their kept value, which `replaces` still refuses.
-        let mut rest = word;
-        while rest != 0 {
-            let k = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
+    for (((b, v), o), &word) in words {
+        let mut undecided = match simd {
+            Some(x) if o.len() == 64 * E::SIZE => x.settle_word(word, b, v, o),
+            _ => settle_word::<E>(word, b, v, o),
+        };
+        // Rare: the placed elements that `replaces` cannot decide.
+        while undecided != 0 {
+            let k = undecided.trailing_zeros() as usize;
+            undecided &= undecided - 1;
             let at = k * E::SIZE..(k + 1) * E::SIZE;
-            let (bb, vb) = (E::bits(&b[at.clone()]), E::bits(&o[at.clone()]));
-            if E::replaces(bb, vb).is_some() {
-                continue;
-            }
-            let (b, v) = (E::value(bb), E::value(vb));
+            let (b, v) = (E::load(&b[at.clone()], 0), E::load(&v[at.clone()], 0));
             let x = b + (-0.0 + 1.0 * (v - b));
             overflows += E::FLOAT.overflows(x) as u64;
             E::put(&mut o[at], E::round(x));
         }
     }
     overflows
+}
+
+/// One word of [`settle`] without AVX-512 (see [`Kept::settle_word`]): up to 64 elements;
+/// returns the bits of the undecided ones. Branch-free, so that it vectorizes.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn settle_word<E: Elem>(word: u64, b: &[u8], v: &[u8], out: &mut [u8]) -> u64 {
+    let mut undecided = false;
+    let elems = b.chunks_exact(E::SIZE).zip(v.chunks_exact(E::SIZE));
+    for (k, ((b, v), o)) in elems.zip(out.chunks_exact_mut(E::SIZE)).enumerate() {
+        let (b, v) = (E::bits(b), E::bits(v));
+        let r = E::replaces(b, v);
+        let hit = (word >> k) & 1 != 0;
+        undecided |= hit & r.is_none();
+        E::put(o, if hit { r.unwrap_or(v) } else { b });
+    }
+    if !undecided {
+        return 0;
+    }
+    let mut bits = 0;
+    for (k, (b, v)) in b
+        .chunks_exact(E::SIZE)
+        .zip(v.chunks_exact(E::SIZE))
+        .enumerate()
+    {
+        let hit = (word >> k) & 1 != 0;
+        bits |= ((hit && E::replaces(E::bits(b), E::bits(v)).is_none()) as u64) << k;
+    }
+    bits
 }
 
 /// One tile of a tensor being computed.
@@ -961,4 +984,69 @@ fn for_each_kept_word<E: Elem>(
         ci += 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::elem::{BF16, F16, F32};
+
+    /// The AVX-512 settle gives the portable loop's output and undecided bits, on bits that
+    /// include ±0, ±inf, NaN, subnormals and exponents far apart.
+    #[test]
+    fn simd_settle_matches_the_portable_loop() {
+        fn check<E: Elem>(next: &mut impl FnMut() -> u64, special: &[u64]) {
+            let Some(x) = Kept::for_dtype(E::FLOAT) else {
+                eprintln!("skipped for {:?}: no AVX-512 VBMI2 here", E::FLOAT);
+                return;
+            };
+            let mask = (1u64 << (8 * E::SIZE)) - 1;
+            for round in 0..3000 {
+                let mut elem = |_| {
+                    let r = next();
+                    let bits = if r % 5 == 0 {
+                        special[(r >> 8) as usize % special.len()]
+                    } else {
+                        r >> 16
+                    };
+                    (bits & mask).to_le_bytes()[..E::SIZE].to_vec()
+                };
+                let b: Vec<u8> = (0..64).flat_map(&mut elem).collect();
+                let v: Vec<u8> = (0..64).flat_map(&mut elem).collect();
+                let word = [0, !0, next(), next() & next()][round % 4];
+                let (mut want, mut got) = (vec![0u8; 64 * E::SIZE], vec![0u8; 64 * E::SIZE]);
+                let w = settle_word::<E>(word, &b, &v, &mut want);
+                let g = x.settle_word(word, &b, &v, &mut got);
+                assert_eq!((g, &got), (w, &want), "{:?} word {word:#x}", E::FLOAT);
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        check::<BF16>(
+            &mut next,
+            &[0, 0x8000, 1, 0x7f80, 0xff80, 0x7fc0, 0x0080, 0x3f80, 0x0a00],
+        );
+        check::<F16>(
+            &mut next,
+            &[0, 0x8000, 1, 0x7c00, 0xfc00, 0x7e00, 0x0400, 0x3c00],
+        );
+        check::<F32>(
+            &mut next,
+            &[
+                0,
+                0x8000_0000,
+                1,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0000,
+                0x3f80_0000,
+                0x0d80_0000,
+            ],
+        );
+    }
 }

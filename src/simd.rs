@@ -71,6 +71,23 @@ impl Kept {
         }
     }
 
+    /// One word of a tile's output after placing (see `merge::settle`): for each of 64
+    /// elements, the base's `b` where `word` has no bit, else `v` as [`Elem::replaces`] turns
+    /// it, or `v` itself where that cannot decide; returns the bits of the undecided elements.
+    ///
+    /// [`Elem::replaces`]: crate::dtype::elem::Elem::replaces
+    #[inline]
+    pub fn settle_word(&self, word: u64, b: &[u8], v: &[u8], out: &mut [u8]) -> u64 {
+        let n = 64 * self.size();
+        assert!(b.len() == n && v.len() == n && out.len() == n);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were detected when `self` was made; all three hold 64
+        // elements, read and written one vector at a time.
+        unsafe {
+            avx512::settle_word(self.float, word, b.as_ptr(), v.as_ptr(), out.as_mut_ptr())
+        }
+    }
+
     /// Writes the next kept value over element `k` of `out` (64 little-endian elements)
     /// for each set bit `k` of `word`; `values` holds exactly `word.count_ones()` elements.
     #[inline]
@@ -126,6 +143,99 @@ mod avx512 {
             let a = _mm512_loadu_pd(acc);
             let t = _mm512_mul_pd(c, _mm512_sub_pd(v, _mm512_loadu_pd(b)));
             _mm512_storeu_pd(acc, _mm512_mask_add_pd(a, m8, a, t));
+        }
+    }
+
+    /// See [`super::Kept::settle_word`]: `Elem::replaces` on whole vectors.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn settle_word(
+        float: Float,
+        word: u64,
+        b: *const u8,
+        v: *const u8,
+        out: *mut u8,
+    ) -> u64 {
+        // SAFETY (whole body): each pointer holds 64 elements = 128 or 256 bytes, taken 64
+        // bytes at a time.
+        unsafe {
+            let at = |p: *const u8, q: usize| p.add(64 * q) as *const __m512i;
+            let mut undecided = 0u64;
+            match float {
+                Float::BF16 | Float::F16 => {
+                    let (man, all) = if float == Float::BF16 {
+                        (7, 0xff)
+                    } else {
+                        (10, 0x1f)
+                    };
+                    let all_v = _mm512_set1_epi16(all);
+                    let one = _mm512_set1_epi16(1);
+                    let abs = _mm512_set1_epi16(0x7fff);
+                    let near = _mm512_set1_epi16(51 - man as i16);
+                    let shift = _mm_cvtsi32_si128(man);
+                    for q in 0..2 {
+                        let hit = (word >> (32 * q)) as u32;
+                        let (bv, vv) = (_mm512_loadu_si512(at(b, q)), _mm512_loadu_si512(at(v, q)));
+                        let exp = |x| {
+                            _mm512_max_epu16(
+                                _mm512_and_si512(_mm512_srl_epi16(x, shift), all_v),
+                                one,
+                            )
+                        };
+                        let (eb, ev) = (exp(bv), exp(vv));
+                        let finite = _mm512_cmpneq_epu16_mask(eb, all_v)
+                            & _mm512_cmpneq_epu16_mask(ev, all_v);
+                        let gap =
+                            _mm512_sub_epi16(_mm512_max_epu16(eb, ev), _mm512_min_epu16(eb, ev));
+                        let close = _mm512_cmple_epu16_mask(gap, near);
+                        let zb = _mm512_testn_epi16_mask(bv, abs);
+                        let zv = _mm512_testn_epi16_mask(vv, abs);
+                        let ok = finite & (close | zb | zv);
+                        let r = _mm512_maskz_mov_epi16(!zv, vv);
+                        let o = _mm512_mask_blend_epi16(
+                            hit & ok,
+                            _mm512_mask_blend_epi16(hit, bv, vv),
+                            r,
+                        );
+                        _mm512_storeu_si512(out.add(64 * q) as *mut __m512i, o);
+                        undecided |= ((hit & !ok) as u64) << (32 * q);
+                    }
+                }
+                Float::F32 => {
+                    let all_v = _mm512_set1_epi32(0xff);
+                    let one = _mm512_set1_epi32(1);
+                    let abs = _mm512_set1_epi32(0x7fff_ffff);
+                    let near = _mm512_set1_epi32(51 - 23);
+                    for q in 0..4 {
+                        let hit = (word >> (16 * q)) as u16;
+                        let (bv, vv) = (_mm512_loadu_si512(at(b, q)), _mm512_loadu_si512(at(v, q)));
+                        let exp = |x| {
+                            _mm512_max_epu32(
+                                _mm512_and_si512(_mm512_srli_epi32::<23>(x), all_v),
+                                one,
+                            )
+                        };
+                        let (eb, ev) = (exp(bv), exp(vv));
+                        let finite = _mm512_cmpneq_epu32_mask(eb, all_v)
+                            & _mm512_cmpneq_epu32_mask(ev, all_v);
+                        let gap =
+                            _mm512_sub_epi32(_mm512_max_epu32(eb, ev), _mm512_min_epu32(eb, ev));
+                        let close = _mm512_cmple_epu32_mask(gap, near);
+                        let zb = _mm512_testn_epi32_mask(bv, abs);
+                        let zv = _mm512_testn_epi32_mask(vv, abs);
+                        let ok = finite & (close | zb | zv);
+                        let r = _mm512_maskz_mov_epi32(!zv, vv);
+                        let o = _mm512_mask_blend_epi32(
+                            hit & ok,
+                            _mm512_mask_blend_epi32(hit, bv, vv),
+                            r,
+                        );
+                        _mm512_storeu_si512(out.add(64 * q) as *mut __m512i, o);
+                        undecided |= ((hit & !ok) as u64) << (16 * q);
+                    }
+                }
+                Float::F64 => unreachable!("no handle is made for F64"),
+            }
+            undecided
         }
     }
 
