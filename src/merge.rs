@@ -1004,7 +1004,7 @@ mod tests {
             for round in 0..3000 {
                 let mut elem = |_| {
                     let r = next();
-                    let bits = if r % 5 == 0 {
+                    let bits = if r.is_multiple_of(5) {
                         special[(r >> 8) as usize % special.len()]
                     } else {
                         r >> 16
