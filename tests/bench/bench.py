@@ -14,9 +14,10 @@ warm, times the floors and the operations, each run several times:
 Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergekit-yaml), it
 also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
 
-The runs go in rounds (each round times every operation once, in order), and each ratio is
-taken against its floor's time in the same round; the median over rounds is printed with its
-min and max, as this machine's speed drifts from minute to minute. For each operation it prints
+The runs go in rounds (each round times every operation once, in order), each operation right
+after a run of its floor, and each ratio is taken against that run; the median over rounds is
+printed with its min and max, as this machine's write speed drifts within seconds. For each
+operation it prints
 the median, min and max seconds, GB/s and that ratio, plus the peak RssAnon (anonymous memory,
 not the page cache) sampled from /proc every 2 ms. The same data goes to
 target/bench/<size>.json. Uses only the standard library.
@@ -29,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release"
 
 
-def peak_rss_anon(proc):
-    """Samples RssAnon of a running process until it exits; returns the peak in bytes."""
+def peak_rss_anon(pid, done):
+    """Samples RssAnon of a running process until `done` is set; returns the peak in bytes."""
     peak = 0
-    path = f"/proc/{proc.pid}/status"
-    while proc.poll() is None:
+    path = f"/proc/{pid}/status"
+    while not done.is_set():
         try:
             with open(path) as f:
                 for line in f:
@@ -54,18 +56,24 @@ def peak_rss_anon(proc):
     return peak
 
 
-def timed(cmd, stdout=subprocess.DEVNULL):
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
-    holder = {}
-    t = threading.Thread(target=lambda: holder.setdefault("peak", peak_rss_anon(proc)))
-    t.start()
-    _, err = proc.communicate()
-    elapsed = time.perf_counter() - start
-    t.join()
-    if proc.returncode != 0:
-        sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{err.decode()}")
-    return elapsed, holder.get("peak", 0)
+def timed(cmd):
+    """Runs `cmd`; returns its wall seconds, peak RssAnon and CPU seconds (user + system, its
+    children included)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        done, holder = threading.Event(), {}
+        t = threading.Thread(target=lambda: holder.setdefault("peak", peak_rss_anon(proc.pid, done)))
+        t.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+        done.set()
+        t.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{err.read().decode()}")
+    return elapsed, holder.get("peak", 0), usage.ru_utime + usage.ru_stime
 
 
 def warm(*paths):
@@ -76,31 +84,34 @@ def warm(*paths):
 
 
 class Job:
-    """One timed command; `floor` is the job whose time in the same round it is compared with."""
+    """One timed command; `floor`, when given, runs just before it each time, for its ratio."""
 
     def __init__(self, name, cmd, nbytes, inputs, floor=None, after=None):
         self.name, self.cmd, self.nbytes, self.floor, self.after = name, cmd, nbytes, floor, after
         self.inputs = inputs
-        self.times, self.peaks = [], []
+        self.times, self.peaks, self.paired, self.cpu = [], [], [], []
 
     def run(self):
+        # The floor runs again right before the job, and the job's ratio is taken against that
+        # run: this machine's write speed drifts within seconds (the same cp took 0.6 s to 6 s
+        # in one bench), so only neighbours in time are compared.
+        if self.floor:
+            self.floor.run()
+            self.paired.append(self.floor.times[-1])
         # Inputs in the page cache (the other jobs' files may have pushed them out), and no
         # dirty pages left by the job before.
         warm(*self.inputs)
         os.sync()
-        t, peak = timed(self.cmd)
+        t, peak, cpu = timed(self.cmd)
         self.times.append(t)
         self.peaks.append(peak)
+        self.cpu.append(cpu)
         if self.after:
             self.after()
 
     def row(self):
         med = statistics.median(self.times)
-        # The ratio is taken round by round, against the floor timed just before in the same
-        # round, then the median over rounds: the machine's speed drifts between minutes (the
-        # same cp took 0.6 s to 5 s here), and a ratio of two medians taken minutes apart
-        # would compare different machines.
-        ratios = [t / f for t, f in zip(self.times, self.floor.times)] if self.floor else [1.0]
+        ratios = [t / f for t, f in zip(self.times, self.paired)] if self.floor else [1.0]
         return {
             "name": self.name,
             "median_s": med,
@@ -110,6 +121,7 @@ class Job:
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "cpu_s": statistics.median(self.cpu),
             "peak_rss_anon_bytes": max(self.peaks),
             "bytes": self.nbytes,
             "cmd": [str(c) for c in self.cmd],
@@ -118,9 +130,12 @@ class Job:
 
 
 def measure(jobs, runs):
-    """Runs every job once per round, in order, for `runs` rounds; returns their rows."""
+    """Runs every job once per round, in order, for `runs` rounds; returns their rows (the
+    floors' rows count every run of theirs, alone or paired with a job)."""
     for _ in range(runs):
         for job in jobs:
+            if job.floor is None and any(j.floor is job for j in jobs):
+                continue  # a floor runs paired with each job it is the floor of
             job.run()
     return [job.row() for job in jobs]
 
@@ -225,18 +240,20 @@ def main():
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
           f"{os.cpu_count()} cores, {args.runs} rounds (page cache warm)")
-    print("x floor: the median over rounds of (time / the floor's time in the same round), "
+    print("x floor: the median over rounds of (time / the time of its floor run just before), "
           "with min-max")
+    print("cpu s: median user + system seconds, all threads")
     print(f"{'operation':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>6} "
-          f"{'x floor':>8} {'(min-max)':>11} {'peak RssAnon':>13}")
+          f"{'x floor':>8} {'(min-max)':>11} {'cpu s':>6} {'peak RssAnon':>13}")
     for r in rows:
         spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if r["name"] not in FLOORS else ""
         print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
-              f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {spread:>11} "
+              f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {spread:>11} {r['cpu_s']:>6.2f} "
               f"{r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
     for r in mk_rows:
         print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
-              f"{r['gb_per_s']:>6.2f} {'':>8} {'':>11} {r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
+              f"{r['gb_per_s']:>6.2f} {'':>8} {'':>11} {r['cpu_s']:>6.2f} "
+              f"{r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
     print(f"mask function: {mask['elements_per_second_per_core'] / 1e9:.2f} G elements/s/core "
           f"({mask['isa']})")
     for k, b in enumerate(sizes["delta_bytes"]):

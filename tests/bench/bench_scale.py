@@ -59,7 +59,7 @@ def main():
         for k, d in enumerate(deltas):
             print(f"extracting {d} ...", flush=True)
             shutil.rmtree(d, ignore_errors=True)
-            t, peak = timed(sd + ["extract", "--base", base, "--tuned", tune, "--slot", f"{k}/3",
+            t, peak, _ = timed(sd + ["extract", "--base", base, "--tuned", tune, "--slot", f"{k}/3",
                                   "--density", args.density, "-o", d])
             print(f"  {t:.1f} s, peak RssAnon {peak / 2**20:.1f} MiB", flush=True)
         shutil.rmtree(tune)
@@ -77,10 +77,10 @@ def main():
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     os.sync()
-    cp_s, _ = timed(["cp", "-r", base, copy])
+    cp_s, _, _ = timed(["cp", "-r", base, copy])
     shutil.rmtree(copy)
     os.sync()
-    merge_s, peak = timed(sd + ["merge", "--base", base, *deltas, "-o", out])
+    merge_s, peak, _ = timed(sd + ["merge", "--base", base, *deltas, "-o", out])
     out_bytes = folder_bytes(out)
     shutil.rmtree(out)
     if not args.keep:
