@@ -638,11 +638,14 @@ fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> 
         to,
     } = job;
     let mut overflows = 0u64;
-    s.bytes.clear();
+    // Every byte is written below. Resized, not cleared: a buffer of the same length as the
+    // last task's (the usual case) is not filled with zeros again.
+    s.bytes
+        .resize((range.end - range.start) as usize * to.size(), 0);
     // Where each element gets at most one term, of coefficient 1, in the base's own dtype (an
     // apply; a merge of deltas in disjoint slots), an element's result is almost always its
-    // kept value itself (`Elem::replaces`): the values are placed over a copy of the base and
-    // only the exceptions go through the f64 arithmetic. Same bits, a fraction of the work.
+    // kept value itself (`Elem::replaces`): the values are placed at their elements and only
+    // the exceptions go through the f64 arithmetic. Same bits, a fraction of the work.
     let placing = to == E::FLOAT
         && E::FLOAT != Float::F64
         && terms.iter().all(|t| t.masked && t.coeff == 1.0);
@@ -652,6 +655,8 @@ fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> 
         let hi = range.end.min(lo + TILE);
         let n = (hi - lo) as usize;
         let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
+        let at = (lo - range.start) as usize * to.size();
+        let out = &mut s.bytes[at..at + n * to.size()];
         s.words.resize_with(terms.len(), Vec::new);
         tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
@@ -663,9 +668,6 @@ fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> 
                     place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
                 })?;
             }
-            let at = s.bytes.len();
-            s.bytes.resize(at + tile.len(), 0);
-            let out = &mut s.bytes[at..];
             overflows += settle::<E>(simd.as_ref(), tile, &s.vals, &s.touched, out);
             lo = hi;
             continue;
@@ -688,16 +690,14 @@ fn compute<E: Elem>(job: &Job, range: std::ops::Range<u64>, s: &mut Scratch) -> 
             add_term::<E>(&deltas[term.delta], name, term, words, &mut tile)?;
         }
         if to == E::FLOAT {
-            let at = s.bytes.len();
-            s.bytes.resize(at + tile.len(), 0);
-            overflows += finish_same::<E>(tile, &s.acc, &s.touched, &mut s.bytes[at..]);
+            overflows += finish_same::<E>(tile, &s.acc, &s.touched, out);
         } else {
             for (a, &b) in s.acc.iter_mut().zip(&s.base) {
                 *a += b;
                 overflows += to.overflows(*a) as u64;
             }
             to.store_all(&s.acc, &mut s.sub);
-            s.bytes.extend_from_slice(&s.sub);
+            out.copy_from_slice(&s.sub);
         }
         lo = hi;
     }

@@ -24,6 +24,7 @@ impl Kept {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vbmi2")
+                    && std::arch::is_x86_feature_detected!("popcnt")
                     && std::env::var_os("SOTU_DELTA_SCALAR").is_none()
             });
             (ok && float != Float::F64).then_some(Kept { float })
@@ -36,11 +37,10 @@ impl Kept {
     }
 
     /// `acc[k] += c · (v − b[k])` for each set bit `k` of `word`, `v` being the next value
-    /// of `values` (which holds exactly `word.count_ones()` little-endian elements).
+    /// of `values` (which must hold exactly `word.count_ones()` little-endian elements).
     #[inline]
     pub fn add_word(&self, word: u64, values: &[u8], b: &[f64], acc: &mut [f64], c: f64) {
         assert!(b.len() == 64 && acc.len() == 64);
-        assert_eq!(values.len(), word.count_ones() as usize * self.size());
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU features were detected when `self` was made; the asserts above
         // bound every access (the expanding loads read only as many elements as bits set).
@@ -49,6 +49,7 @@ impl Kept {
                 self.float,
                 word,
                 values.as_ptr(),
+                values.len(),
                 b.as_ptr(),
                 acc.as_mut_ptr(),
                 c,
@@ -89,16 +90,21 @@ impl Kept {
     }
 
     /// Writes the next kept value over element `k` of `out` (64 little-endian elements)
-    /// for each set bit `k` of `word`; `values` holds exactly `word.count_ones()` elements.
+    /// for each set bit `k` of `word`; `values` must hold exactly `word.count_ones()` elements.
     #[inline]
     pub fn place_word(&self, word: u64, values: &[u8], out: &mut [u8]) {
         assert_eq!(out.len(), 64 * self.size());
-        assert_eq!(values.len(), word.count_ones() as usize * self.size());
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU features were detected when `self` was made; the asserts above
         // bound every access (the expanding loads read only as many elements as bits set).
         unsafe {
-            avx512::place_word(self.float, word, values.as_ptr(), out.as_mut_ptr())
+            avx512::place_word(
+                self.float,
+                word,
+                values.as_ptr(),
+                values.len(),
+                out.as_mut_ptr(),
+            )
         }
     }
 
@@ -117,7 +123,7 @@ mod avx512 {
     /// the expansion in registers: the expanding load from memory is microcoded and several
     /// times slower on AMD Zen 4; masked-off lanes are not read, so `p` may end the mapping.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,popcnt")]
     unsafe fn load16(p: *const i16, m: u32) -> __m512i {
         let n = m.count_ones();
         let low = if n == 32 { !0 } else { (1u32 << n) - 1 };
@@ -127,7 +133,7 @@ mod avx512 {
 
     /// As [`load16`], for 32-bit elements.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,popcnt")]
     unsafe fn load32(p: *const i32, m: u16) -> __m512i {
         let n = m.count_ones();
         let low = if n == 16 { !0 } else { (1u16 << n) - 1 };
@@ -147,7 +153,7 @@ mod avx512 {
     }
 
     /// See [`super::Kept::settle_word`]: `Elem::replaces` on whole vectors.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,popcnt")]
     pub unsafe fn settle_word(
         float: Float,
         word: u64,
@@ -240,7 +246,7 @@ mod avx512 {
     }
 
     /// See [`super::Kept::gather_word`]. 64 elements of `src`, room for 64 in `dst`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
     pub unsafe fn gather_word(float: Float, word: u64, src: *const u8, dst: *mut u8) {
         // SAFETY (whole body): each step reads one 64-byte vector of `src` and stores one
         // 64-byte vector at most `popcount` of the earlier steps' elements into `dst`, which
@@ -270,8 +276,10 @@ mod avx512 {
     }
 
     /// See [`super::Kept::place_word`]. 64 elements of `out`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
-    pub unsafe fn place_word(float: Float, word: u64, values: *const u8, out: *mut u8) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
+    pub unsafe fn place_word(float: Float, word: u64, values: *const u8, len: usize, out: *mut u8) {
+        // Here, not in the caller, for the POPCNT instruction.
+        assert_eq!(len, word.count_ones() as usize * float.size());
         // SAFETY (whole body): `values` holds popcount(word) elements and the expanding
         // loads read exactly as many as their mask has bits; `out` holds 64 elements.
         unsafe {
@@ -310,15 +318,18 @@ mod avx512 {
     }
 
     /// See [`super::Kept::add_word`]. 64 elements of `b` and `acc`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
     pub unsafe fn add_word(
         float: Float,
         word: u64,
         values: *const u8,
+        len: usize,
         b: *const f64,
         acc: *mut f64,
         c: f64,
     ) {
+        // Here, not in the caller, for the POPCNT instruction.
+        assert_eq!(len, word.count_ones() as usize * float.size());
         let cv = _mm512_set1_pd(c);
         // SAFETY (whole body): `values` holds popcount(word) elements and the expanding
         // loads read exactly as many as their mask has bits; `b` and `acc` hold 64.
