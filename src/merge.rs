@@ -7,9 +7,13 @@
 //! on its own inputs, so the output is the same for any thread count, tiling or device.
 //!
 //! On the CPU a tensor is cut into work units of 2^20 elements spread over the threads, and each
-//! unit into tiles of 2^16 that stay in the L2 cache: per tile, the keep bits of every delta
-//! (hashed once per seed), the expansion of kept values into an f64 accumulator (AVX-512 where
-//! the CPU has it), then one vectorized pass that adds the base and rounds.
+//! unit into tiles of 2^16 that stay in the L2 cache. Per tile: the keep bits of every delta
+//! (hashed once per seed); then, where no element is kept by two deltas and every coefficient
+//! is 1 (an apply, or a merge of disjoint slots), the kept values are placed at their elements
+//! and one pass takes each as the result where `Elem::replaces` shows the f64 arithmetic would
+//! give it back unchanged, computing only the rest; elsewhere the kept values are expanded into
+//! an f64 accumulator and one pass adds the base and rounds. Both give the same bits; the
+//! AVX-512 kernels are in [`crate::simd`].
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -15,11 +15,12 @@ Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergek
 also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
 
 The runs go in rounds (each round times every operation once, in order), each operation right
-after a run of its floor, and each ratio is taken against that run; the median over rounds is
-printed with its min and max, as this machine's write speed drifts within seconds. For each
-operation it prints
-the median, min and max seconds, GB/s and that ratio, plus the peak RssAnon (anonymous memory,
-not the page cache) sampled from /proc every 2 ms. The same data goes to
+after a run of its floor, and each ratio is taken against that run. Every run that writes
+starts right after a copy of the base was written and deleted, so that all of them find the
+VM's memory in the same state (see Job.run). The median over rounds is printed with its min
+and max, as this machine's write speed drifts within seconds. For each operation it prints the
+median, min and max seconds, GB/s and that ratio, the CPU seconds, and the peak RssAnon
+(anonymous memory, not the page cache) sampled from /proc every 2 ms. The same data goes to
 target/bench/<size>.json. Uses only the standard library.
 """
 
@@ -98,6 +99,14 @@ class Job:
         if self.floor:
             self.floor.run()
             self.paired.append(self.floor.times[-1])
+        # A job that writes starts right after as many bytes were written and freed: on this
+        # VM, page-cache pages that were left free for a few seconds cost far more to write
+        # into again (the same cp took 3.6 s after 3 s idle, 0.7-0.9 s after a write and
+        # delete), which made whichever job ran after a pause look slow.
+        if self.after:
+            prime = PRIME.with_name("prime.bin")
+            shutil.copyfile(PRIME, prime)
+            prime.unlink()
         # Inputs in the page cache (the other jobs' files may have pushed them out), and no
         # dirty pages left by the job before.
         warm(*self.inputs)
@@ -142,6 +151,8 @@ def measure(jobs, runs):
 
 LAYERS = {"small": 4, "tinyllama": 22}
 FLOORS = {"cp base (floor)", "cp base + sync (floor)", "cat base+tuned (floor)"}
+# What a writing job copies and deletes just before it runs (see Job.run), set in main.
+PRIME = None
 
 
 def mergekit_folders(work, size, base, tunes):
@@ -189,6 +200,9 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     base, tunes = data / "base.safetensors", [data / f"tune{k}.safetensors" for k in (1, 2, 3)]
+    global PRIME
+    PRIME = work / "prime-source"
+    PRIME.symlink_to(base)
     durable = [BIN / "sotu-delta", "-q"] + (["--threads", str(args.threads)] if args.threads else [])
     # Like for like: cp leaves its output in the page cache, so the rows against cp use
     # --no-sync; the default (fsync before rename) is measured against cp + sync.
