@@ -7,6 +7,17 @@
 
 use crate::dtype::Float;
 
+/// Counts from [`Kept::sums`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sums {
+    /// Differences that are NaN or infinite.
+    pub nonfinite: u64,
+    /// Kept elements that the merge arithmetic would not give back.
+    pub inexact: u64,
+    /// Whether some kept elements were left for an exact check.
+    pub undecided: bool,
+}
+
 /// A checked handle: exists only when the CPU can run the expansion for this dtype.
 pub struct Kept {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -86,6 +97,30 @@ impl Kept {
         // elements, read and written one vector at a time.
         unsafe {
             avx512::settle_word(self.float, word, b.as_ptr(), v.as_ptr(), out.as_mut_ptr())
+        }
+    }
+
+    /// The statistics of docs/FORMAT.md section 7 over whole words of a chunk (`words.len()`
+    /// times 64 elements of base `b` and fine-tune `t`), added to the 8 lanes `all` and `kept`
+    /// in the order the format fixes (element `k` into lane `k mod 8`, in index order). Returns
+    /// the differences that are not finite, the kept elements the merge would not give back
+    /// (decided by `Elem::replaces`: a kept `−0` over a base that is not), and whether some kept
+    /// elements are left undecided (for the caller's exact check).
+    pub fn sums(
+        &self,
+        b: &[u8],
+        t: &[u8],
+        words: &[u64],
+        all: &mut [f64; 8],
+        kept: &mut [f64; 8],
+    ) -> Sums {
+        let n = 64 * self.size() * words.len();
+        assert!(b.len() == n && t.len() == n);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were detected when `self` was made; `b` and `t` hold 64
+        // elements per word, read 16 at a time.
+        unsafe {
+            avx512::sums(self.float, b.as_ptr(), t.as_ptr(), words, all, kept)
         }
     }
 
@@ -243,6 +278,143 @@ mod avx512 {
             }
             undecided
         }
+    }
+
+    /// 16 elements as f32 (exactly), in two halves as f64.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,popcnt")]
+    unsafe fn load16_f64(float: Float, p: *const u8) -> (__m512d, __m512d) {
+        // SAFETY: the caller's `p` holds 16 elements.
+        let ps = unsafe {
+            match float {
+                Float::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(p as *const __m256i),
+                ))),
+                Float::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                _ => _mm512_loadu_ps(p as *const f32),
+            }
+        };
+        (
+            _mm512_cvtps_pd(_mm512_castps512_ps256(ps)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(ps),
+            ))),
+        )
+    }
+
+    /// Lanes of 16-bit bits where `Elem::replaces` decides, and where it gives a kept `−0` back
+    /// as `+0` (the one decided case that is not the value itself).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
+    fn decided16(man: u32, all: i16, b: __m256i, t: __m256i) -> (u16, u16) {
+        let all_v = _mm256_set1_epi16(all);
+        let one = _mm256_set1_epi16(1);
+        let abs = _mm256_set1_epi16(0x7fff);
+        let shift = _mm_cvtsi32_si128(man as i32);
+        let exp = |x| _mm256_max_epu16(_mm256_and_si256(_mm256_srl_epi16(x, shift), all_v), one);
+        let (eb, et) = (exp(b), exp(t));
+        let finite = _mm256_cmpneq_epu16_mask(eb, all_v) & _mm256_cmpneq_epu16_mask(et, all_v);
+        let gap = _mm256_sub_epi16(_mm256_max_epu16(eb, et), _mm256_min_epu16(eb, et));
+        let close = _mm256_cmple_epu16_mask(gap, _mm256_set1_epi16(51 - man as i16));
+        let zb = _mm256_testn_epi16_mask(b, abs);
+        let zt = _mm256_testn_epi16_mask(t, abs);
+        let ok = finite & (close | zb | zt);
+        (
+            ok,
+            ok & _mm256_cmpeq_epi16_mask(t, _mm256_set1_epi16(i16::MIN)),
+        )
+    }
+
+    /// As [`decided16`], for 32-bit bits.
+    #[inline]
+    #[target_feature(enable = "avx512f,popcnt")]
+    fn decided32(b: __m512i, t: __m512i) -> (u16, u16) {
+        let all_v = _mm512_set1_epi32(0xff);
+        let one = _mm512_set1_epi32(1);
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let exp = |x| _mm512_max_epu32(_mm512_and_si512(_mm512_srli_epi32::<23>(x), all_v), one);
+        let (eb, et) = (exp(b), exp(t));
+        let finite = _mm512_cmpneq_epu32_mask(eb, all_v) & _mm512_cmpneq_epu32_mask(et, all_v);
+        let gap = _mm512_sub_epi32(_mm512_max_epu32(eb, et), _mm512_min_epu32(eb, et));
+        let close = _mm512_cmple_epu32_mask(gap, _mm512_set1_epi32(51 - 23));
+        let zb = _mm512_testn_epi32_mask(b, abs);
+        let zt = _mm512_testn_epi32_mask(t, abs);
+        let ok = finite & (close | zb | zt);
+        (
+            ok,
+            ok & _mm512_cmpeq_epi32_mask(t, _mm512_set1_epi32(i32::MIN)),
+        )
+    }
+
+    /// See [`super::Kept::sums`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,popcnt")]
+    pub unsafe fn sums(
+        float: Float,
+        b: *const u8,
+        t: *const u8,
+        words: &[u64],
+        all: &mut [f64; 8],
+        kept: &mut [f64; 8],
+    ) -> super::Sums {
+        let size = float.size();
+        // SAFETY: eight f64 each.
+        let (mut acc_all, mut acc_kept) = unsafe {
+            (
+                _mm512_loadu_pd(all.as_ptr()),
+                _mm512_loadu_pd(kept.as_ptr()),
+            )
+        };
+        let mut out = super::Sums::default();
+        // QNaN, +inf, −inf, SNaN.
+        const NONFINITE: i32 = 0x01 | 0x08 | 0x10 | 0x80;
+        for (w, &word) in words.iter().enumerate() {
+            for q in 0..4 {
+                let at = (64 * w + 16 * q) * size;
+                let hit = (word >> (16 * q)) as u16;
+                // SAFETY (this block): 16 elements of `b` and `t` from element 64w + 16q, within
+                // the 64 per word the caller holds.
+                let (b16, t16) = unsafe { (b.add(at), t.add(at)) };
+                let ((b0, b1), (t0, t1)) =
+                    unsafe { (load16_f64(float, b16), load16_f64(float, t16)) };
+                let (d0, d1) = (_mm512_sub_pd(t0, b0), _mm512_sub_pd(t1, b1));
+                let (s0, s1) = (_mm512_mul_pd(d0, d0), _mm512_mul_pd(d1, d1));
+                acc_all = _mm512_add_pd(_mm512_add_pd(acc_all, s0), s1);
+                acc_kept = _mm512_mask_add_pd(acc_kept, hit as u8, acc_kept, s0);
+                acc_kept = _mm512_mask_add_pd(acc_kept, (hit >> 8) as u8, acc_kept, s1);
+                out.nonfinite += (_mm512_fpclass_pd_mask::<NONFINITE>(d0).count_ones()
+                    + _mm512_fpclass_pd_mask::<NONFINITE>(d1).count_ones())
+                    as u64;
+                let (ok, minus_zero) = unsafe {
+                    match float {
+                        Float::BF16 | Float::F16 => {
+                            let (man, e) = if float == Float::BF16 {
+                                (7, 0xff)
+                            } else {
+                                (10, 0x1f)
+                            };
+                            decided16(
+                                man,
+                                e,
+                                _mm256_loadu_si256(b16 as *const __m256i),
+                                _mm256_loadu_si256(t16 as *const __m256i),
+                            )
+                        }
+                        _ => decided32(
+                            _mm512_loadu_si512(b16 as *const __m512i),
+                            _mm512_loadu_si512(t16 as *const __m512i),
+                        ),
+                    }
+                };
+                out.inexact += (hit & minus_zero).count_ones() as u64;
+                out.undecided |= hit & !ok != 0;
+            }
+        }
+        // SAFETY: eight f64 each.
+        unsafe {
+            _mm512_storeu_pd(all.as_mut_ptr(), acc_all);
+            _mm512_storeu_pd(kept.as_mut_ptr(), acc_kept);
+        }
+        out
     }
 
     /// See [`super::Kept::gather_word`]. 64 elements of `src`, room for 64 in `dst`.

@@ -454,7 +454,10 @@ def write_delta(path, delta, slot=None, tool="sotu_ref (python reference)"):
         entry["in_base"] = e.in_base
         table[name] = entry
     tensors["sotu/base_hashes"] = Tensor("U8", delta.base_hashes.shape, delta.base_hashes.astype(np.uint8).tobytes())
-    tensors["sotu/stats"] = Tensor("F64", delta.stats.shape, delta.stats.astype("<f8").tobytes())
+    # FORMAT.md section 7: a NaN sum is stored as the canonical quiet NaN.
+    stats = np.where(np.isnan(delta.stats), np.float64(np.nan), delta.stats).astype("<f8")
+    assert all(x == 0x7FF8000000000000 for x in stats.view("<u8")[np.isnan(stats)])
+    tensors["sotu/stats"] = Tensor("F64", delta.stats.shape, stats.tobytes())
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "mask": MASK_NAME,
         "seed": str(delta.seed), "lo": str(delta.lo), "hi": str(delta.hi),
