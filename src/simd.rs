@@ -1,9 +1,17 @@
-//! AVX-512 kernels for kept values: the expansion of a mask word's kept values to their places
-//! (merge: `vpexpandw`/`vpexpandd`, then f64 arithmetic 8 lanes at a time, masked, in the same
-//! IEEE operations as the scalar loops, so the bits are the same), and the compression of the
-//! kept elements among 64 to consecutive places (extract: `vpcompressw`/`vpcompressd`). Used
-//! where the CPU has AVX-512 F, BW and VBMI2 (checked at run time); everywhere else the callers'
-//! scalar loops run.
+//! AVX-512 kernels for kept values, each with a portable loop beside it in its caller that gives
+//! the same bits:
+//! - merge, general path: the expansion of a mask word's kept values to their places
+//!   (`vpexpandw`/`vpexpandd`), then f64 arithmetic 8 lanes at a time, masked, in the same IEEE
+//!   operations as the scalar loop ([`Kept::add_word`]);
+//! - merge, placing path: the expansion of kept values into a buffer ([`Kept::place_word`]) and
+//!   the output settled from base and values by `Elem::replaces` on whole vectors
+//!   ([`Kept::settle_word`]);
+//! - extract: the compression of the kept elements among 64 to consecutive places
+//!   (`vpcompressw`/`vpcompressd`, [`Kept::gather_word`]) and the statistics of docs/FORMAT.md
+//!   section 7 ([`Kept::sums`]).
+//!
+//! Used where the CPU has AVX-512 F, BW, VL, DQ and VBMI2 and POPCNT (checked at run time, once);
+//! everywhere else, or under `SOTU_DELTA_SCALAR=1`, the callers' portable loops run.
 
 use crate::dtype::Float;
 
@@ -18,15 +26,15 @@ pub struct Sums {
     pub undecided: bool,
 }
 
-/// A checked handle: exists only when the CPU can run the expansion for this dtype.
+/// A checked handle: exists only when the CPU can run these kernels for this dtype.
 pub struct Kept {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     float: Float,
 }
 
 impl Kept {
-    /// The expander for `float`, if this CPU has the instructions and the dtype is one it
-    /// handles (F16, BF16, F32). `SOTU_DELTA_SCALAR=1` turns it off, for comparisons.
+    /// The handle for `float`, if this CPU has the instructions and the dtype is one they
+    /// handle (F16, BF16, F32). `SOTU_DELTA_SCALAR=1` turns them off, for comparisons.
     pub fn for_dtype(float: Float) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
@@ -34,6 +42,8 @@ impl Kept {
             let ok = *AVAILABLE.get_or_init(|| {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
                     && std::arch::is_x86_feature_detected!("avx512vbmi2")
                     && std::arch::is_x86_feature_detected!("popcnt")
                     && std::env::var_os("SOTU_DELTA_SCALAR").is_none()
