@@ -4,8 +4,9 @@
 //! - [`dtype`]: exact loads to f64 and the single rounding back to a checkpoint dtype.
 //! - [`checkpoint`]: memory-mapped safetensors input, single files and sharded model folders.
 //! - [`output`]: atomic output, as one file or a sharded model folder.
-//! - [`format`]: the delta file of docs/FORMAT.md, and its validating reader.
+//! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations.
+//! - [`simd`]: the AVX-512 kernels of merge and extract, chosen at run time.
 //! - [`cuda`]: the CUDA backend of `merge` (kernels in `kernels/`, loaded at run time).
 //! - [`cli`]: the command line.
 
