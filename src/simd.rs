@@ -197,7 +197,79 @@ mod avx512 {
         }
     }
 
-    /// See [`super::Kept::settle_word`]: `Elem::replaces` on whole vectors.
+    /// `Elem::replaces` on 64 elements of base `b` and value `v`: the bits where it decides,
+    /// and those where its result is `+0` for a `−0` value (the one decided case that is not
+    /// the value itself).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,popcnt")]
+    unsafe fn decided_word(float: Float, b: *const u8, v: *const u8) -> (u64, u64) {
+        let (man, all, size) = match float {
+            Float::BF16 => (7, 0xff, 2),
+            Float::F16 => (10, 0x1f, 2),
+            Float::F32 => (23, 0xff, 4),
+            Float::F64 => unreachable!("no handle is made for F64"),
+        };
+        let (mut ok, mut minus_zero) = (0u64, 0u64);
+        for q in 0..size {
+            // SAFETY: the caller's `b` and `v` hold 64 elements, read 64 bytes at a time.
+            let (bv, vv) = unsafe {
+                (
+                    _mm512_loadu_si512(b.add(64 * q) as *const __m512i),
+                    _mm512_loadu_si512(v.add(64 * q) as *const __m512i),
+                )
+            };
+            let (o, z) = if size == 2 {
+                decided16(man, all, bv, vv)
+            } else {
+                decided32(bv, vv)
+            };
+            let lanes = 64 / size;
+            ok |= o << (lanes * q);
+            minus_zero |= z << (lanes * q);
+        }
+        (ok, minus_zero)
+    }
+
+    /// [`decided_word`] on 32 lanes of 16-bit bits.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,popcnt")]
+    fn decided16(man: u32, all: i16, b: __m512i, v: __m512i) -> (u64, u64) {
+        let all_v = _mm512_set1_epi16(all);
+        let one = _mm512_set1_epi16(1);
+        let abs = _mm512_set1_epi16(0x7fff);
+        let shift = _mm_cvtsi32_si128(man as i32);
+        let exp = |x| _mm512_max_epu16(_mm512_and_si512(_mm512_srl_epi16(x, shift), all_v), one);
+        let (eb, ev) = (exp(b), exp(v));
+        let finite = _mm512_cmpneq_epu16_mask(eb, all_v) & _mm512_cmpneq_epu16_mask(ev, all_v);
+        let gap = _mm512_sub_epi16(_mm512_max_epu16(eb, ev), _mm512_min_epu16(eb, ev));
+        let close = _mm512_cmple_epu16_mask(gap, _mm512_set1_epi16(51 - man as i16));
+        let zb = _mm512_testn_epi16_mask(b, abs);
+        let zv = _mm512_testn_epi16_mask(v, abs);
+        let ok = finite & (close | zb | zv);
+        let minus_zero = ok & _mm512_cmpeq_epi16_mask(v, _mm512_set1_epi16(i16::MIN));
+        (ok as u64, minus_zero as u64)
+    }
+
+    /// [`decided_word`] on 16 lanes of 32-bit bits.
+    #[inline]
+    #[target_feature(enable = "avx512f,popcnt")]
+    fn decided32(b: __m512i, v: __m512i) -> (u64, u64) {
+        let all_v = _mm512_set1_epi32(0xff);
+        let one = _mm512_set1_epi32(1);
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let exp = |x| _mm512_max_epu32(_mm512_and_si512(_mm512_srli_epi32::<23>(x), all_v), one);
+        let (eb, ev) = (exp(b), exp(v));
+        let finite = _mm512_cmpneq_epu32_mask(eb, all_v) & _mm512_cmpneq_epu32_mask(ev, all_v);
+        let gap = _mm512_sub_epi32(_mm512_max_epu32(eb, ev), _mm512_min_epu32(eb, ev));
+        let close = _mm512_cmple_epu32_mask(gap, _mm512_set1_epi32(51 - 23));
+        let zb = _mm512_testn_epi32_mask(b, abs);
+        let zv = _mm512_testn_epi32_mask(v, abs);
+        let ok = finite & (close | zb | zv);
+        let minus_zero = ok & _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(i32::MIN));
+        (ok as u64, minus_zero as u64)
+    }
+
+    /// See [`super::Kept::settle_word`].
     #[target_feature(enable = "avx512f,avx512bw,popcnt")]
     pub unsafe fn settle_word(
         float: Float,
@@ -209,84 +281,22 @@ mod avx512 {
         // SAFETY (whole body): each pointer holds 64 elements = 128 or 256 bytes, taken 64
         // bytes at a time.
         unsafe {
+            let (ok, minus_zero) = decided_word(float, b, v);
+            // The value where placed (and `+0` for a decided `−0`), else the base.
+            let (hit, zero) = (word, word & minus_zero);
             let at = |p: *const u8, q: usize| p.add(64 * q) as *const __m512i;
-            let mut undecided = 0u64;
-            match float {
-                Float::BF16 | Float::F16 => {
-                    let (man, all) = if float == Float::BF16 {
-                        (7, 0xff)
-                    } else {
-                        (10, 0x1f)
-                    };
-                    let all_v = _mm512_set1_epi16(all);
-                    let one = _mm512_set1_epi16(1);
-                    let abs = _mm512_set1_epi16(0x7fff);
-                    let near = _mm512_set1_epi16(51 - man as i16);
-                    let shift = _mm_cvtsi32_si128(man);
-                    for q in 0..2 {
-                        let hit = (word >> (32 * q)) as u32;
-                        let (bv, vv) = (_mm512_loadu_si512(at(b, q)), _mm512_loadu_si512(at(v, q)));
-                        let exp = |x| {
-                            _mm512_max_epu16(
-                                _mm512_and_si512(_mm512_srl_epi16(x, shift), all_v),
-                                one,
-                            )
-                        };
-                        let (eb, ev) = (exp(bv), exp(vv));
-                        let finite = _mm512_cmpneq_epu16_mask(eb, all_v)
-                            & _mm512_cmpneq_epu16_mask(ev, all_v);
-                        let gap =
-                            _mm512_sub_epi16(_mm512_max_epu16(eb, ev), _mm512_min_epu16(eb, ev));
-                        let close = _mm512_cmple_epu16_mask(gap, near);
-                        let zb = _mm512_testn_epi16_mask(bv, abs);
-                        let zv = _mm512_testn_epi16_mask(vv, abs);
-                        let ok = finite & (close | zb | zv);
-                        let r = _mm512_maskz_mov_epi16(!zv, vv);
-                        let o = _mm512_mask_blend_epi16(
-                            hit & ok,
-                            _mm512_mask_blend_epi16(hit, bv, vv),
-                            r,
-                        );
-                        _mm512_storeu_si512(out.add(64 * q) as *mut __m512i, o);
-                        undecided |= ((hit & !ok) as u64) << (32 * q);
-                    }
-                }
-                Float::F32 => {
-                    let all_v = _mm512_set1_epi32(0xff);
-                    let one = _mm512_set1_epi32(1);
-                    let abs = _mm512_set1_epi32(0x7fff_ffff);
-                    let near = _mm512_set1_epi32(51 - 23);
-                    for q in 0..4 {
-                        let hit = (word >> (16 * q)) as u16;
-                        let (bv, vv) = (_mm512_loadu_si512(at(b, q)), _mm512_loadu_si512(at(v, q)));
-                        let exp = |x| {
-                            _mm512_max_epu32(
-                                _mm512_and_si512(_mm512_srli_epi32::<23>(x), all_v),
-                                one,
-                            )
-                        };
-                        let (eb, ev) = (exp(bv), exp(vv));
-                        let finite = _mm512_cmpneq_epu32_mask(eb, all_v)
-                            & _mm512_cmpneq_epu32_mask(ev, all_v);
-                        let gap =
-                            _mm512_sub_epi32(_mm512_max_epu32(eb, ev), _mm512_min_epu32(eb, ev));
-                        let close = _mm512_cmple_epu32_mask(gap, near);
-                        let zb = _mm512_testn_epi32_mask(bv, abs);
-                        let zv = _mm512_testn_epi32_mask(vv, abs);
-                        let ok = finite & (close | zb | zv);
-                        let r = _mm512_maskz_mov_epi32(!zv, vv);
-                        let o = _mm512_mask_blend_epi32(
-                            hit & ok,
-                            _mm512_mask_blend_epi32(hit, bv, vv),
-                            r,
-                        );
-                        _mm512_storeu_si512(out.add(64 * q) as *mut __m512i, o);
-                        undecided |= ((hit & !ok) as u64) << (16 * q);
-                    }
-                }
-                Float::F64 => unreachable!("no handle is made for F64"),
+            for q in 0..float.size() {
+                let (bv, vv) = (_mm512_loadu_si512(at(b, q)), _mm512_loadu_si512(at(v, q)));
+                let o = if float.size() == 2 {
+                    let (h, z) = ((hit >> (32 * q)) as u32, (zero >> (32 * q)) as u32);
+                    _mm512_maskz_mov_epi16(!z, _mm512_mask_blend_epi16(h, bv, vv))
+                } else {
+                    let (h, z) = ((hit >> (16 * q)) as u16, (zero >> (16 * q)) as u16);
+                    _mm512_maskz_mov_epi32(!z, _mm512_mask_blend_epi32(h, bv, vv))
+                };
+                _mm512_storeu_si512(out.add(64 * q) as *mut __m512i, o);
             }
-            undecided
+            word & !ok
         }
     }
 
@@ -312,50 +322,6 @@ mod avx512 {
         )
     }
 
-    /// Lanes of 16-bit bits where `Elem::replaces` decides, and where it gives a kept `−0` back
-    /// as `+0` (the one decided case that is not the value itself).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
-    fn decided16(man: u32, all: i16, b: __m256i, t: __m256i) -> (u16, u16) {
-        let all_v = _mm256_set1_epi16(all);
-        let one = _mm256_set1_epi16(1);
-        let abs = _mm256_set1_epi16(0x7fff);
-        let shift = _mm_cvtsi32_si128(man as i32);
-        let exp = |x| _mm256_max_epu16(_mm256_and_si256(_mm256_srl_epi16(x, shift), all_v), one);
-        let (eb, et) = (exp(b), exp(t));
-        let finite = _mm256_cmpneq_epu16_mask(eb, all_v) & _mm256_cmpneq_epu16_mask(et, all_v);
-        let gap = _mm256_sub_epi16(_mm256_max_epu16(eb, et), _mm256_min_epu16(eb, et));
-        let close = _mm256_cmple_epu16_mask(gap, _mm256_set1_epi16(51 - man as i16));
-        let zb = _mm256_testn_epi16_mask(b, abs);
-        let zt = _mm256_testn_epi16_mask(t, abs);
-        let ok = finite & (close | zb | zt);
-        (
-            ok,
-            ok & _mm256_cmpeq_epi16_mask(t, _mm256_set1_epi16(i16::MIN)),
-        )
-    }
-
-    /// As [`decided16`], for 32-bit bits.
-    #[inline]
-    #[target_feature(enable = "avx512f,popcnt")]
-    fn decided32(b: __m512i, t: __m512i) -> (u16, u16) {
-        let all_v = _mm512_set1_epi32(0xff);
-        let one = _mm512_set1_epi32(1);
-        let abs = _mm512_set1_epi32(0x7fff_ffff);
-        let exp = |x| _mm512_max_epu32(_mm512_and_si512(_mm512_srli_epi32::<23>(x), all_v), one);
-        let (eb, et) = (exp(b), exp(t));
-        let finite = _mm512_cmpneq_epu32_mask(eb, all_v) & _mm512_cmpneq_epu32_mask(et, all_v);
-        let gap = _mm512_sub_epi32(_mm512_max_epu32(eb, et), _mm512_min_epu32(eb, et));
-        let close = _mm512_cmple_epu32_mask(gap, _mm512_set1_epi32(51 - 23));
-        let zb = _mm512_testn_epi32_mask(b, abs);
-        let zt = _mm512_testn_epi32_mask(t, abs);
-        let ok = finite & (close | zb | zt);
-        (
-            ok,
-            ok & _mm512_cmpeq_epi32_mask(t, _mm512_set1_epi32(i32::MIN)),
-        )
-    }
-
     /// See [`super::Kept::sums`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,popcnt")]
     pub unsafe fn sums(
@@ -378,6 +344,11 @@ mod avx512 {
         // QNaN, +inf, −inf, SNaN.
         const NONFINITE: i32 = 0x01 | 0x08 | 0x10 | 0x80;
         for (w, &word) in words.iter().enumerate() {
+            // SAFETY: the word's 64 elements of `b` and `t`, which the caller holds.
+            let (ok, minus_zero) =
+                unsafe { decided_word(float, b.add(64 * w * size), t.add(64 * w * size)) };
+            out.inexact += (word & minus_zero).count_ones() as u64;
+            out.undecided |= word & !ok != 0;
             for q in 0..4 {
                 let at = (64 * w + 16 * q) * size;
                 let hit = (word >> (16 * q)) as u16;
@@ -394,29 +365,6 @@ mod avx512 {
                 out.nonfinite += (_mm512_fpclass_pd_mask::<NONFINITE>(d0).count_ones()
                     + _mm512_fpclass_pd_mask::<NONFINITE>(d1).count_ones())
                     as u64;
-                let (ok, minus_zero) = unsafe {
-                    match float {
-                        Float::BF16 | Float::F16 => {
-                            let (man, e) = if float == Float::BF16 {
-                                (7, 0xff)
-                            } else {
-                                (10, 0x1f)
-                            };
-                            decided16(
-                                man,
-                                e,
-                                _mm256_loadu_si256(b16 as *const __m256i),
-                                _mm256_loadu_si256(t16 as *const __m256i),
-                            )
-                        }
-                        _ => decided32(
-                            _mm512_loadu_si512(b16 as *const __m512i),
-                            _mm512_loadu_si512(t16 as *const __m512i),
-                        ),
-                    }
-                };
-                out.inexact += (hit & minus_zero).count_ones() as u64;
-                out.undecided |= hit & !ok != 0;
             }
         }
         // SAFETY: eight f64 each.
