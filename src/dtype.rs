@@ -380,13 +380,7 @@ mod tests {
                 }
             }
         }
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         let specials: [u16; 8] = [0, 0x8000, 1, 0x8001, 0x7f80, 0xff80, 0x7fc1, 0x0080];
         let specials_f16: [u16; 8] = [0, 0x8000, 1, 0x8001, 0x7c00, 0xfc00, 0x7e01, 0x0400];
         let exponent = |x: u16, man: u32, all: u16| ((x >> man) & all).max(1);

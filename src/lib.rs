@@ -24,3 +24,14 @@ pub mod simd;
 
 /// The writer string recorded in every file this build writes.
 pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));
+
+/// A xorshift64 generator from `state` (nonzero): the unit tests' source of random bits.
+#[cfg(test)]
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -509,13 +509,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 F (the portable loops run)");
             return;
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for round in 0..400 {
             let (first, c) = (next() as u32, next() as u32);
             let lo = [0, 1, u32::MAX, next() as u32][round % 4];

@@ -1024,13 +1024,7 @@ mod tests {
                 assert_eq!((g, &got), (w, &want), "{:?} word {word:#x}", E::FLOAT);
             }
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         check::<BF16>(
             &mut next,
             &[0, 0x8000, 1, 0x7f80, 0xff80, 0x7fc0, 0x0080, 0x3f80, 0x0a00],

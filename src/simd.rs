@@ -542,13 +542,7 @@ mod tests {
     /// dtype handled and masks from empty to full.
     #[test]
     fn simd_place_and_gather_match_the_scalar_loops() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         for float in [Float::BF16, Float::F16, Float::F32] {
             let Some(x) = Kept::for_dtype(float) else {
                 eprintln!(
@@ -594,13 +588,7 @@ mod tests {
     /// masks from empty to full and values that include NaN, ±inf, ±0 and subnormals.
     #[test]
     fn simd_expansion_matches_the_scalar_loop() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for float in [Float::BF16, Float::F16, Float::F32] {
             let Some(x) = Kept::for_dtype(float) else {
                 eprintln!(
