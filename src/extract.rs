@@ -469,13 +469,13 @@ fn chunk_stats<E: Elem>(
             }
         }
     }
-    let stats = chunk_sums::<E>(Kept::for_dtype(E::FLOAT).as_ref(), b, t, &buf.words);
+    let simd = Kept::for_dtype(E::FLOAT);
+    let stats = chunk_sums::<E>(simd.as_ref(), b, t, &buf.words);
     buf.kept.clear();
     if mask.is_some() {
         let count: u32 = buf.words.iter().map(|w| w.count_ones()).sum();
         // Room for one word's worth past the end: the SIMD gather stores whole vectors.
         buf.kept.resize((count as usize + 64) * E::SIZE, 0);
-        let simd = Kept::for_dtype(E::FLOAT);
         let mut j = 0;
         for (w, &word) in buf.words.iter().enumerate() {
             if let Some(x) = &simd
