@@ -2451,7 +2451,9 @@ fn interrupted_folder_merge_leaves_no_partial_folder() {
 fn interrupt_merge(output: &str) {
     let dir = tmp();
     let d = dir.path();
-    // 4M f32 elements merged 40 times over on one thread: long enough to be interrupted.
+    // 4M f32 elements merged 400 times over on one thread: long enough to be interrupted
+    // (40 times took only 0.14 s once the mask went to AVX-512, and the interrupt could come
+    // after the commit on a loaded machine).
     let n = 4_000_000;
     let base = f32_values(n, 21);
     let tuned: Vec<u8> = base
@@ -2487,7 +2489,7 @@ fn interrupt_merge(output: &str) {
         "-o",
         output,
     ];
-    args.extend(std::iter::repeat_n("delta.safetensors", 40));
+    args.extend(std::iter::repeat_n("delta.safetensors", 400));
     let mut child = std::process::Command::new(BIN)
         .current_dir(d)
         .args(&args)
