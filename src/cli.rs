@@ -365,15 +365,6 @@ fn run_merge(
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }
-    if verbose && common.device == Device::Auto {
-        match crate::cuda::backend() {
-            Ok(gpu) => eprintln!(
-                "sotu-delta: --device auto: merging on CUDA ({})",
-                gpu.name()
-            ),
-            Err(why) => eprintln!("sotu-delta: --device auto: merging on the CPU: {why}"),
-        }
-    }
     let opts = MergeOptions {
         weights,
         rescale,
@@ -383,6 +374,15 @@ fn run_merge(
         fingerprint_output: common.json,
     };
     let r = merge(&base, &deltas, &target, &opts)?;
+    if verbose && common.device == Device::Auto {
+        match &r.cpu_because {
+            None => eprintln!(
+                "sotu-delta: --device auto: merging on CUDA ({})",
+                r.device.trim_start_matches("cuda: ")
+            ),
+            Some(why) => eprintln!("sotu-delta: --device auto: merging on the CPU: {why}"),
+        }
+    }
     if !r.mismatches.is_empty() {
         eprintln!(
             "sotu-delta: warning: --force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",

@@ -164,26 +164,17 @@ pub fn decode_chunk(d: &Delta, name: &str, c: u64, base: &[f64]) -> Result<Vec<f
     let mut out = vec![0.0; base.len()];
     match e.kind {
         Kind::Masked => {
-            let offsets = d.offsets(name);
-            let (mut j, limit) = (offsets[c as usize], offsets[c as usize + 1]);
-            let mut overrun = false;
-            d.mask(name).for_each_kept(lo..lo + base.len() as u64, |i| {
-                let k = (i - lo) as usize;
-                if j < limit {
-                    out[k] = float.load(values, j as usize) - base[k];
-                } else {
-                    overrun = true;
-                }
-                j += 1;
-            });
-            if overrun || j != limit {
-                bail!(
-                    "{}: tensor {name}: chunk {c} keeps {} elements but its offsets say {}; the file is corrupt",
-                    d.path().display(),
-                    j - offsets[c as usize],
-                    limit - offsets[c as usize]
-                );
-            }
+            let size = float.size();
+            let range = lo..lo + base.len() as u64;
+            d.chunks(name)
+                .for_each_kept_word(size, range, None, |k0, word, kept| {
+                    let mut bits = word;
+                    for j in 0..kept.len() / size {
+                        let k = k0 + bits.trailing_zeros() as usize;
+                        out[k] = float.load(kept, j) - base[k];
+                        bits &= bits - 1;
+                    }
+                })?;
         }
         Kind::Whole => {
             for (k, o) in out.iter_mut().enumerate() {

@@ -5,14 +5,13 @@
 //! - [`checkpoint`]: memory-mapped safetensors input, single files and sharded model folders.
 //! - [`output`]: atomic output, as one file or a sharded model folder.
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
-//! - [`extract`], [`merge`], [`inspect`]: the operations.
+//! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
+//!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
 //! - [`simd`]: the AVX-512 kernels of merge and extract, chosen at run time.
-//! - [`cuda`]: the CUDA backend of `merge` (kernels in `kernels/`, loaded at run time).
 //! - [`cli`]: the command line.
 
 pub mod checkpoint;
 pub mod cli;
-pub mod cuda;
 pub mod dtype;
 pub mod extract;
 pub mod format;

@@ -1,6 +1,6 @@
 //! The CUDA kernels, run on the CPU: kernels/merge.cu is compiled with the host C++ compiler
 //! through tests/cuda_host/shim.h (threads as fibers, barriers, warp shuffles), fed the launch
-//! inputs that the GPU path prepares (`sotu_delta::cuda::launches` and `stage`), and compared
+//! inputs that the GPU path prepares (`sotu_delta::merge::cuda::launches` and `stage`), and compared
 //! byte for byte with the CPU merge. This is the evidence that the kernel matches the CPU path
 //! on a machine without a GPU; tests/cuda.rs runs the same comparisons on a GPU when there is
 //! one.
@@ -14,11 +14,12 @@ use std::sync::OnceLock;
 
 use safetensors::Dtype;
 use sotu_delta::checkpoint::Checkpoint;
-use sotu_delta::cuda::{self, Launch, TILE};
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::Delta;
 use sotu_delta::mask::{Interval, MaskKey, mix32};
+use sotu_delta::merge::cuda::{self, Launch};
+use sotu_delta::merge::plan::TILE;
 use sotu_delta::merge::{Device, MergeOptions, Origin, Source, merge, plan};
 use sotu_delta::output::{Target, write_file};
 
@@ -739,7 +740,7 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
 /// harness when started, its result kept in the slot's output staging until finished.
 struct Emu<'a> {
     h: &'a Path,
-    jobs: &'a [cuda::Job<'a>],
+    jobs: &'a [sotu_delta::merge::Job<'a>],
     input: [Vec<u8>; 2],
     output: [Vec<u8>; 2],
     busy: [bool; 2],
@@ -903,9 +904,9 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         let cpu = Checkpoint::open(&d.join("cpu.safetensors")).unwrap();
         let weight = |k: usize| opts.weights.get(k).copied().unwrap_or(1.0);
         let plans = plan(&base_ck, &deltas, &opts, &weight).unwrap();
-        let jobs: Vec<cuda::Job> = plans
+        let jobs: Vec<sotu_delta::merge::Job> = plans
             .iter()
-            .filter_map(|p| p.cuda_job(&base_ck, &deltas))
+            .filter_map(|p| p.job(&base_ck, &deltas))
             .collect();
         assert!(jobs.len() >= 4);
         // One block per slice: many slices, so both slots are reused within and across tensors.
@@ -981,7 +982,7 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
         .to_string();
         assert!(cpu_err.contains("the file is corrupt"), "{cpu_err}");
         let plans = plan(&base_ck, &deltas, &opts, &|_| 1.0).unwrap();
-        let jobs: Vec<cuda::Job> = plans
+        let jobs: Vec<sotu_delta::merge::Job> = plans
             .iter()
             .filter(|p| {
                 matches!(
@@ -992,7 +993,7 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
                     }
                 )
             })
-            .filter_map(|p| p.cuda_job(&base_ck, &deltas))
+            .filter_map(|p| p.job(&base_ck, &deltas))
             .collect();
         let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(2 * TILE)).unwrap();
         let mut emu = Emu {

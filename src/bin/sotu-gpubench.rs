@@ -24,7 +24,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let gpu = match sotu_delta::cuda::backend() {
+    let gpu = match sotu_delta::merge::cuda::backend() {
         Ok(g) => g,
         Err(why) => {
             println!(
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let dtype = Float::parse(&a.dtype)?;
-    let numel = a.numel / sotu_delta::cuda::TILE * sotu_delta::cuda::TILE;
+    let numel = a.numel / sotu_delta::merge::plan::TILE * sotu_delta::merge::plan::TILE;
     let r = gpu.bench_kernel(numel, dtype, a.terms, a.reps)?;
     let copy_gbps = r.copy_bytes as f64 / r.copy_seconds / 1e9;
     let kernel_gbps = r.kernel_bytes as f64 / r.kernel_seconds / 1e9;

@@ -1,0 +1,176 @@
+//! The chunk walk of a masked tensor (docs/FORMAT.md section 6): which stored value belongs to
+//! which element. This is the one place that reads a tensor's chunk offsets against its mask.
+//! The CPU merge, `inspect` and the CUDA host code all go through it, so a file whose walk
+//! disagrees with its offsets is refused in one way, with one message, whichever reads it.
+
+use std::ops::Range;
+
+use anyhow::anyhow;
+
+use super::Delta;
+use crate::mask::Mask;
+
+/// The chunks of masked tensor `name` of a delta.
+pub struct Chunks<'a> {
+    delta: &'a Delta,
+    name: &'a str,
+    /// The tensor's mask.
+    pub mask: Mask,
+    /// Its chunk offsets: the index of each chunk's first kept value, then the kept count.
+    pub offsets: &'a [u64],
+    /// Elements per chunk.
+    pub chunk: u64,
+    /// Elements of the tensor.
+    pub numel: u64,
+    /// The kept values, in index order.
+    pub values: &'a [u8],
+}
+
+impl Delta {
+    /// The chunk walk of masked tensor `name`.
+    pub fn chunks<'a>(&'a self, name: &'a str) -> Chunks<'a> {
+        Chunks {
+            delta: self,
+            name,
+            mask: self.mask(name),
+            offsets: self.offsets(name),
+            chunk: self.params().chunk,
+            numel: self.entries()[name].numel(),
+            values: self.data(name),
+        }
+    }
+}
+
+impl Chunks<'_> {
+    /// The error for chunk `ci`, whose walk found `kept` values where its offsets say
+    /// otherwise.
+    pub fn corrupt(&self, ci: u64, kept: u64) -> anyhow::Error {
+        anyhow!(
+            "{}: tensor {}: chunk {ci} keeps {kept} elements but its offsets say {}; the file is corrupt",
+            self.delta.path().display(),
+            self.name,
+            self.offsets[ci as usize + 1] - self.offsets[ci as usize]
+        )
+    }
+
+    /// [`Chunks::corrupt`] for chunk `ci`, counting its kept elements (for a reader, such as
+    /// the GPU, that reports only which chunk went wrong).
+    pub fn corrupt_chunk(&self, ci: u64) -> anyhow::Error {
+        let start = ci * self.chunk;
+        let kept = self
+            .mask
+            .count_kept(start..self.numel.min(start + self.chunk));
+        self.corrupt(ci, kept)
+    }
+
+    /// A cursor that gives the value index at any element, for readers that start mid-chunk.
+    pub fn ranker(&self) -> Ranker<'_> {
+        Ranker {
+            chunks: self,
+            prev: None,
+        }
+    }
+
+    /// Walks the kept elements over `range`: calls `visit(k0, word, values)` for each non-empty
+    /// word, where bit `k` of `word` is element `range.start + k0 + k` and `values` holds
+    /// exactly the kept values of its set bits, in order (`size` bytes each). `tile_words`, when
+    /// given, are the mask's keep words over `range` (bit `k` of word `w` is element
+    /// `range.start + 64·w + k`), already computed by the caller; otherwise the mask is
+    /// evaluated here.
+    ///
+    /// Every chunk's walk is checked against its offsets, and a file that disagrees is refused
+    /// before any value past its limit is read.
+    #[inline]
+    pub fn for_each_kept_word(
+        &self,
+        size: usize,
+        range: Range<u64>,
+        tile_words: Option<&[u64]>,
+        mut visit: impl FnMut(usize, u64, &[u8]),
+    ) -> anyhow::Result<()> {
+        let (values, offsets, chunk) = (self.values, self.offsets, self.chunk);
+        let lo = range.start;
+        let mut ci = lo / chunk;
+        let mut j = offsets[ci as usize] + self.mask.count_kept(ci * chunk..lo);
+        let mut pos = lo;
+        while pos < range.end {
+            let chunk_end = self.numel.min((ci + 1) * chunk);
+            let end = chunk_end.min(range.end);
+            let limit = offsets[ci as usize + 1];
+            let mut overrun = false;
+            let mut step = |start: u64, word: u64| {
+                let kept = word.count_ones() as u64;
+                if overrun || j + kept > limit {
+                    overrun = true;
+                    j += kept;
+                    return;
+                }
+                if word != 0 {
+                    let at = j as usize * size;
+                    visit(
+                        (start - lo) as usize,
+                        word,
+                        &values[at..at + kept as usize * size],
+                    );
+                }
+                j += kept;
+            };
+            let (from, to) = (pos - lo, end - lo);
+            match tile_words {
+                Some(words) if from.is_multiple_of(64) => {
+                    // The caller's words, the last one cut at the chunk's end.
+                    let (w0, w1) = ((from / 64) as usize, to.div_ceil(64) as usize);
+                    for (w, &word) in words.iter().enumerate().take(w1).skip(w0) {
+                        let cut = if w + 1 == w1 && !to.is_multiple_of(64) {
+                            word & ((1u64 << (to % 64)) - 1)
+                        } else {
+                            word
+                        };
+                        step(lo + 64 * w as u64, cut);
+                    }
+                }
+                // No words given, or a chunk size that is not a multiple of 64 (never written
+                // by this tool).
+                _ => self.mask.for_each_word(pos..end, step),
+            }
+            if overrun || (end == chunk_end && j != limit) {
+                return Err(self.corrupt(ci, j - offsets[ci as usize]));
+            }
+            pos = end;
+            ci += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The value index at element `s` of a masked tensor: `offsets[s / C]` on a chunk boundary,
+/// else counted from the chunk start or from the previous rank asked for in the same chunk.
+/// Counting only happens for chunk sizes that are not divisors of the reader's tile (this tool
+/// always writes 65536), and then covers each element at most once.
+pub struct Ranker<'c> {
+    chunks: &'c Chunks<'c>,
+    prev: Option<(u64, u64)>,
+}
+
+impl Ranker<'_> {
+    /// The index of the first kept value at or after element `s`.
+    pub fn at(&mut self, s: u64) -> u64 {
+        let c = self.chunks;
+        let kept = *c.offsets.last().unwrap();
+        if s >= c.numel {
+            return kept;
+        }
+        let j = s / c.chunk;
+        let start = j * c.chunk;
+        let r = if s == start {
+            c.offsets[j as usize]
+        } else {
+            match self.prev {
+                Some((ps, pr)) if ps >= start && ps <= s => pr + c.mask.count_kept(ps..s),
+                _ => c.offsets[j as usize] + c.mask.count_kept(start..s),
+            }
+        };
+        self.prev = Some((s, r));
+        r
+    }
+}

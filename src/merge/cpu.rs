@@ -1,0 +1,465 @@
+//! The CPU engine: executes a merge plan with rayon, in the exact arithmetic of
+//! docs/FORMAT.md section 8.
+//!
+//! A tensor is cut into work units of 2^20 elements spread over the threads, and each unit into
+//! tiles of [`TILE`] elements that stay in the L2 cache. Per tile: the keep bits of every delta
+//! (hashed once per seed); then, where no element is kept by two deltas and every coefficient
+//! is 1 (an apply, or a merge of disjoint slots), the kept values are placed at their elements
+//! and one pass takes each as the result where `Elem::replaces` shows the f64 arithmetic would
+//! give it back unchanged, computing only the rest; elsewhere the kept values are expanded into
+//! an f64 accumulator and one pass adds the base and rounds. Both give the same bits; the
+//! AVX-512 kernels are in [`crate::simd`]. Every output element depends only on its own
+//! inputs, so the output is the same for any thread count or tiling.
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Float;
+use crate::dtype::elem::Elem;
+use crate::format::Delta;
+use crate::mask::Mask;
+use crate::output::Output;
+use crate::simd::Kept;
+
+use super::plan::{Job, Source, TILE, TensorPlan, Term};
+
+/// Elements per unit of parallel work: 16 tiles, so each output write is 2–8 MiB.
+const TASK: u64 = 16 * TILE;
+/// Bytes per unit of parallel work when a tensor is copied unchanged.
+const COPY_PIECE: usize = 64 << 20;
+
+/// Writes one output tensor; returns how many finite results overflowed its dtype.
+pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+    let Some(job) = p.job(base, deltas) else {
+        let Source::Copy(o) = p.source else {
+            unreachable!("a plan that is not computed is copied")
+        };
+        let data = p.origin_data(o, base, deltas);
+        data.par_chunks(COPY_PIECE)
+            .enumerate()
+            .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
+        return Ok(0);
+    };
+    (0..job.numel.div_ceil(TASK))
+        .into_par_iter()
+        .map(|t| -> Result<u64> {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let range = t * TASK..job.numel.min((t + 1) * TASK);
+                let overflows = crate::with_elem!(job.from, E => compute::<E>(deltas, &job, range.clone(), scratch))?;
+                out.write(job.name, range.start * job.to.size() as u64, &scratch.bytes)?;
+                Ok(overflows)
+            })
+        })
+        .sum()
+}
+
+thread_local! {
+    /// Each worker's buffers, kept for the whole run: buffers this large come from mmap, and
+    /// allocating them per task cost more in page faults than the arithmetic.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Per-thread buffers, reused from task to task.
+#[derive(Default)]
+struct Scratch {
+    acc: Vec<f64>,
+    touched: Vec<u64>,
+    base: Vec<f64>,
+    sub: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Kept values placed at their elements, over a tile.
+    vals: Vec<u8>,
+    /// Keep words of each term over the tile.
+    words: Vec<Vec<u64>>,
+    /// Mask values shared by terms of one seed.
+    us: Vec<u32>,
+}
+
+/// The keep words of every masked term over the tile `range` (which lies within one block of
+/// 2^32 elements). Terms whose deltas share a seed share `u(i)`: it is hashed once and only
+/// compared with each interval, the usual case of deltas extracted in disjoint slots.
+fn tile_keep_words(
+    deltas: &[Delta],
+    name: &str,
+    terms: &[Term],
+    range: std::ops::Range<u64>,
+    us: &mut Vec<u32>,
+    words: &mut [Vec<u64>],
+) {
+    let masks: Vec<Option<Mask>> = terms
+        .iter()
+        .map(|t| t.masked.then(|| deltas[t.delta].mask(name)))
+        .collect();
+    let mut done = vec![false; terms.len()];
+    for (i, m) in masks.iter().enumerate() {
+        let Some(m) = m else { continue };
+        if done[i] {
+            continue;
+        }
+        let sharing: Vec<usize> = (i..terms.len())
+            .filter(|&j| masks[j].is_some_and(|n| n.key == m.key))
+            .collect();
+        if sharing.len() == 1 {
+            m.words(range.clone(), &mut words[i]);
+        } else {
+            m.key.fill_u(range.clone(), us);
+            for &j in &sharing {
+                masks[j].unwrap().interval.keep_words_of(us, &mut words[j]);
+            }
+        }
+        for j in sharing {
+            done[j] = true;
+        }
+    }
+}
+
+/// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
+/// at a time so that the tile and the f64 accumulator stay in the L2 cache.
+fn compute<E: Elem>(
+    deltas: &[Delta],
+    job: &Job,
+    range: std::ops::Range<u64>,
+    s: &mut Scratch,
+) -> Result<u64> {
+    let &Job {
+        name,
+        base: data,
+        terms,
+        to,
+        ..
+    } = job;
+    let mut overflows = 0u64;
+    // Every byte is written below. Resized, not cleared: a buffer of the same length as the
+    // last task's (the usual case) is not filled with zeros again.
+    s.bytes
+        .resize((range.end - range.start) as usize * to.size(), 0);
+    // Where each element gets at most one term, of coefficient 1, in the base's own dtype (an
+    // apply; a merge of deltas in disjoint slots), an element's result is almost always its
+    // kept value itself (`Elem::replaces`): the values are placed at their elements and only
+    // the exceptions go through the f64 arithmetic. Same bits, a fraction of the work.
+    let placing = to == E::FLOAT
+        && E::FLOAT != Float::F64
+        && terms.iter().all(|t| t.masked && t.coeff == 1.0);
+    let simd = Kept::for_dtype(E::FLOAT);
+    let mut lo = range.start;
+    while lo < range.end {
+        let hi = range.end.min(lo + TILE);
+        let n = (hi - lo) as usize;
+        let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
+        let at = (lo - range.start) as usize * to.size();
+        let out = &mut s.bytes[at..at + n * to.size()];
+        s.words.resize_with(terms.len(), Vec::new);
+        tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
+        if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
+            // Only the placed elements of `vals` are read: the rest may hold an earlier tile's.
+            s.vals.resize(tile.len(), 0);
+            for (term, words) in terms.iter().zip(&s.words) {
+                let delta = &deltas[term.delta];
+                let chunks = delta.chunks(name);
+                chunks.for_each_kept_word(E::SIZE, lo..hi, Some(words), |k0, word, values| {
+                    place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
+                })?;
+            }
+            overflows += settle::<E>(simd.as_ref(), tile, &s.vals, &s.touched, out);
+            lo = hi;
+            continue;
+        }
+        s.acc.clear();
+        // −0.0 is the additive identity (docs/FORMAT.md section 8).
+        s.acc.resize(n, -0.0);
+        s.touched.clear();
+        s.touched.resize(n.div_ceil(64), 0);
+        s.base.clear();
+        s.base
+            .extend(tile.chunks_exact(E::SIZE).map(|b| E::value(E::bits(b))));
+        for (term, words) in terms.iter().zip(&s.words) {
+            let mut tile = Tile {
+                range: lo..hi,
+                base: &s.base,
+                acc: &mut s.acc,
+                touched: &mut s.touched,
+            };
+            add_term::<E>(&deltas[term.delta], name, term, words, &mut tile)?;
+        }
+        if to == E::FLOAT {
+            overflows += finish_same::<E>(tile, &s.acc, &s.touched, out);
+        } else {
+            for (a, &b) in s.acc.iter_mut().zip(&s.base) {
+                *a += b;
+                overflows += to.overflows(*a) as u64;
+            }
+            to.store_all(&s.acc, &mut s.sub);
+            out.copy_from_slice(&s.sub);
+        }
+        lo = hi;
+    }
+    Ok(overflows)
+}
+
+/// One tile's output in the base's own dtype: each touched element is `round(b + acc)`, each
+/// untouched one keeps the base's bits unchanged (docs/FORMAT.md section 8). Returns how many
+/// finite results overflowed to infinity. A select per element rather than a branch, so that
+/// it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run time.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8]) -> u64 {
+    let mut overflows = 0u64;
+    let words = tile
+        .chunks(64 * E::SIZE)
+        .zip(out.chunks_mut(64 * E::SIZE))
+        .zip(acc.chunks(64))
+        .zip(touched);
+    for (((b, o), a), &word) in words {
+        for (k, ((b, o), &a)) in b
+            .chunks_exact(E::SIZE)
+            .zip(o.chunks_exact_mut(E::SIZE))
+            .zip(a)
+            .enumerate()
+        {
+            let bits = E::bits(b);
+            let x = E::value(bits) + a;
+            let hit = (word >> k) & 1 != 0;
+            overflows += (hit & E::FLOAT.overflows(x)) as u64;
+            E::put(o, if hit { E::round(x) } else { bits });
+        }
+    }
+    overflows
+}
+
+/// Whether no element of the tile is kept by two of `words` (one keep-word list per term, over
+/// `n` elements); if so, `union` is set to the elements kept by any.
+fn union_if_disjoint(words: &[Vec<u64>], n: usize, union: &mut Vec<u64>) -> bool {
+    union.clear();
+    union.resize(n.div_ceil(64), 0);
+    let mut overlap = 0u64;
+    for w in words {
+        for (u, &x) in union.iter_mut().zip(w) {
+            overlap |= *u & x;
+            *u |= x;
+        }
+    }
+    overlap == 0
+}
+
+/// Writes a term's kept values into the tile's value bytes `out` at the set bits of `word`,
+/// whose bit `k` is element `k0 + k` (see [`crate::format::Chunks::for_each_kept_word`]).
+#[inline]
+fn place<E: Elem>(simd: Option<&Kept>, k0: usize, word: u64, values: &[u8], out: &mut [u8]) {
+    if let Some(x) = simd
+        && k0.is_multiple_of(64)
+        && (k0 + 64) * E::SIZE <= out.len()
+    {
+        x.place_word(word, values, &mut out[k0 * E::SIZE..(k0 + 64) * E::SIZE]);
+        return;
+    }
+    let mut bits = word;
+    for v in values.chunks_exact(E::SIZE) {
+        let k = k0 + bits.trailing_zeros() as usize;
+        out[k * E::SIZE..(k + 1) * E::SIZE].copy_from_slice(v);
+        bits &= bits - 1;
+    }
+}
+
+/// The output of a tile whose kept values were [`place`]d in `vals` (at the bits of `placed`):
+/// the base's bits where nothing was placed, and where something was, the result
+/// [`Elem::replaces`] gives, or for the few elements it cannot decide (non-finite, or exponents
+/// too far apart) the arithmetic of docs/FORMAT.md section 8 with their one term. Returns how
+/// many finite results overflowed.
+fn settle<E: Elem>(
+    simd: Option<&Kept>,
+    tile: &[u8],
+    vals: &[u8],
+    placed: &[u64],
+    out: &mut [u8],
+) -> u64 {
+    let mut overflows = 0u64;
+    let words = tile
+        .chunks(64 * E::SIZE)
+        .zip(vals.chunks(64 * E::SIZE))
+        .zip(out.chunks_mut(64 * E::SIZE))
+        .zip(placed);
+    for (((b, v), o), &word) in words {
+        let mut undecided = match simd {
+            Some(x) if o.len() == 64 * E::SIZE => x.settle_word(word, b, v, o),
+            _ => settle_word::<E>(word, b, v, o),
+        };
+        // Rare: the placed elements that `replaces` cannot decide.
+        while undecided != 0 {
+            let k = undecided.trailing_zeros() as usize;
+            undecided &= undecided - 1;
+            let at = k * E::SIZE..(k + 1) * E::SIZE;
+            let (b, v) = (E::load(&b[at.clone()], 0), E::load(&v[at.clone()], 0));
+            let x = b + (-0.0 + 1.0 * (v - b));
+            overflows += E::FLOAT.overflows(x) as u64;
+            E::put(&mut o[at], E::round(x));
+        }
+    }
+    overflows
+}
+
+/// One word of [`settle`] without AVX-512 (see [`Kept::settle_word`]): up to 64 elements;
+/// returns the bits of the undecided ones. Branch-free, so that it vectorizes.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn settle_word<E: Elem>(word: u64, b: &[u8], v: &[u8], out: &mut [u8]) -> u64 {
+    let mut undecided = false;
+    let elems = b.chunks_exact(E::SIZE).zip(v.chunks_exact(E::SIZE));
+    for (k, ((b, v), o)) in elems.zip(out.chunks_exact_mut(E::SIZE)).enumerate() {
+        let (b, v) = (E::bits(b), E::bits(v));
+        let r = E::replaces(b, v);
+        let hit = (word >> k) & 1 != 0;
+        undecided |= hit & r.is_none();
+        E::put(o, if hit { r.unwrap_or(v) } else { b });
+    }
+    if !undecided {
+        return 0;
+    }
+    let mut bits = 0;
+    for (k, (b, v)) in b
+        .chunks_exact(E::SIZE)
+        .zip(v.chunks_exact(E::SIZE))
+        .enumerate()
+    {
+        let hit = (word >> k) & 1 != 0;
+        bits |= ((hit && E::replaces(E::bits(b), E::bits(v)).is_none()) as u64) << k;
+    }
+    bits
+}
+
+/// One tile of a tensor being computed.
+struct Tile<'a> {
+    /// The tile's elements.
+    range: std::ops::Range<u64>,
+    /// The base elements, as f64.
+    base: &'a [f64],
+    /// `Σ c·(v − b)` so far.
+    acc: &'a mut [f64],
+    /// Which elements a term has touched, one bit each.
+    touched: &'a mut [u64],
+}
+
+/// `acc[k] += coeff · (v − b[k])` at each element of the tile that the term keeps (its keep
+/// words over the tile are `tile_words`), marking it in `touched`.
+fn add_term<E: Elem>(
+    delta: &Delta,
+    name: &str,
+    term: &Term,
+    tile_words: &[u64],
+    tile: &mut Tile,
+) -> Result<()> {
+    let Tile {
+        range,
+        base: b,
+        acc,
+        touched,
+    } = tile;
+    let c = term.coeff;
+    if !term.masked {
+        let v = &delta.data(name)[range.start as usize * E::SIZE..range.end as usize * E::SIZE];
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += c * (E::load(v, k) - b[k]);
+        }
+        touched.fill(!0);
+        if !acc.len().is_multiple_of(64) {
+            // Bits past the tile's end must stay clear: they index no element.
+            *touched.last_mut().unwrap() = (1u64 << (acc.len() % 64)) - 1;
+        }
+        return Ok(());
+    }
+    let simd = Kept::for_dtype(E::FLOAT);
+    delta.chunks(name).for_each_kept_word(
+        E::SIZE,
+        range.clone(),
+        Some(tile_words),
+        |k0, word, values| {
+            // Words line up with the tile's unless a file's chunk size is not a multiple of 64.
+            let aligned = k0.is_multiple_of(64);
+            if aligned {
+                touched[k0 / 64] |= word;
+                if let Some(x) = &simd
+                    && k0 + 64 <= acc.len()
+                {
+                    x.add_word(word, values, &b[k0..k0 + 64], &mut acc[k0..k0 + 64], c);
+                    return;
+                }
+            }
+            let mut bits = word;
+            let mut j = 0;
+            while bits != 0 {
+                let k = k0 + bits.trailing_zeros() as usize;
+                acc[k] += c * (E::load(values, j) - b[k]);
+                if !aligned {
+                    touched[k / 64] |= 1 << (k % 64);
+                }
+                j += 1;
+                bits &= bits - 1;
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::elem::{BF16, F16, F32};
+
+    /// The AVX-512 settle gives the portable loop's output and undecided bits, on bits that
+    /// include ±0, ±inf, NaN, subnormals and exponents far apart.
+    #[test]
+    fn simd_settle_matches_the_portable_loop() {
+        fn check<E: Elem>(next: &mut impl FnMut() -> u64, special: &[u64]) {
+            let Some(x) = Kept::for_dtype(E::FLOAT) else {
+                eprintln!("skipped for {:?}: no AVX-512 VBMI2 here", E::FLOAT);
+                return;
+            };
+            let mask = (1u64 << (8 * E::SIZE)) - 1;
+            for round in 0..3000 {
+                let mut elem = |_| {
+                    let r = next();
+                    let bits = if r.is_multiple_of(5) {
+                        special[(r >> 8) as usize % special.len()]
+                    } else {
+                        r >> 16
+                    };
+                    (bits & mask).to_le_bytes()[..E::SIZE].to_vec()
+                };
+                let b: Vec<u8> = (0..64).flat_map(&mut elem).collect();
+                let v: Vec<u8> = (0..64).flat_map(&mut elem).collect();
+                let word = [0, !0, next(), next() & next()][round % 4];
+                let (mut want, mut got) = (vec![0u8; 64 * E::SIZE], vec![0u8; 64 * E::SIZE]);
+                let w = settle_word::<E>(word, &b, &v, &mut want);
+                let g = x.settle_word(word, &b, &v, &mut got);
+                assert_eq!((g, &got), (w, &want), "{:?} word {word:#x}", E::FLOAT);
+            }
+        }
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
+        check::<BF16>(
+            &mut next,
+            &[0, 0x8000, 1, 0x7f80, 0xff80, 0x7fc0, 0x0080, 0x3f80, 0x0a00],
+        );
+        check::<F16>(
+            &mut next,
+            &[0, 0x8000, 1, 0x7c00, 0xfc00, 0x7e00, 0x0400, 0x3c00],
+        );
+        check::<F32>(
+            &mut next,
+            &[
+                0,
+                0x8000_0000,
+                1,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0000,
+                0x3f80_0000,
+                0x0d80_0000,
+            ],
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! `merge` and `apply`: `out = base + Σ_t w_t·s_t·(mask_t ⊙ δ_t)` in the exact arithmetic of
+//! docs/FORMAT.md section 8.
+//!
+//! - [`plan`]: which tensor comes from where, and what each delta contributes.
+//! - [`Engine`]: what executes the plan, chosen once: [`cpu`] (rayon) or [`cuda`] (a GPU).
+//!   Callers never branch on the device.
+//!
+//! Every output element depends only on its own inputs, so the output is the same bytes for
+//! any thread count, tiling or engine.
+
+pub mod cpu;
+pub mod cuda;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use crate::checkpoint::{Checkpoint, tensor_hash};
+use crate::dtype::Float;
+use crate::format::Delta;
+use crate::output::{OutTensor, Output, Target};
+
+pub use plan::{Job, Origin, Source, TensorPlan, Term, plan};
+
+/// What `merge` is asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// One weight per delta (all 1 when empty).
+    pub weights: Vec<f64>,
+    /// Scale kept values by 1/density (DARE).
+    pub rescale: bool,
+    /// Output dtype of float tensors (the base's when `None`).
+    pub dtype: Option<Float>,
+    /// Merge even when a delta was not taken against this base.
+    pub force: bool,
+    /// Read the output back once to report its fingerprint (`--json`).
+    pub fingerprint_output: bool,
+    /// Which backend computes the changed tensors (docs/CUDA.md).
+    pub device: Device,
+}
+
+/// What `merge` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MergeReport {
+    /// The safetensors files read: the base's, then each delta's.
+    pub inputs: Vec<String>,
+    /// The files written (weights, index, copied companion files).
+    pub outputs: Vec<String>,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors that at least one delta changed.
+    pub changed: usize,
+    /// Bytes of the output file.
+    pub output_bytes: u64,
+    /// Bytes of the inputs (base and deltas).
+    pub input_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// `delta file: tensor` pairs whose recorded base hash did not match (only under `--force`).
+    pub mismatches: Vec<String>,
+    /// The base fingerprint computed from the base as read.
+    pub base_fingerprint: String,
+    /// The fingerprint of the output (docs/FORMAT.md section 7), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_fingerprint: Option<String>,
+    /// Tensors where finite results became ±infinity in the output dtype, with counts.
+    pub overflowed: Vec<(String, u64)>,
+    /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
+    pub device: String,
+    /// With `--device auto` on the CPU: why not CUDA.
+    #[serde(skip)]
+    pub cpu_because: Option<String>,
+}
+
+/// Which engine the user asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA when a GPU, its driver and NVRTC are usable, the CPU otherwise.
+    #[default]
+    Auto,
+    /// The CPU (rayon).
+    Cpu,
+    /// A CUDA GPU; fails when none is usable.
+    Cuda,
+}
+
+/// What computes the changed tensors of a plan. The CPU also copies every unchanged tensor and
+/// hashes the base, whichever engine computes.
+#[derive(Clone, Copy)]
+pub enum Engine {
+    /// rayon on the CPU ([`cpu`]).
+    Cpu,
+    /// A CUDA device ([`cuda`]); tensors with more than [`cuda::MAX_TERMS`] terms stay on the
+    /// CPU.
+    Cuda(&'static cuda::Backend),
+}
+
+impl Engine {
+    /// The engine for `device`. With `auto` and no usable GPU, the CPU, and why not CUDA.
+    pub fn select(device: Device) -> Result<(Engine, Option<String>)> {
+        Ok(match device {
+            Device::Cpu => (Engine::Cpu, None),
+            Device::Auto => match cuda::backend() {
+                Ok(g) => (Engine::Cuda(g), None),
+                Err(why) => (Engine::Cpu, Some(why)),
+            },
+            Device::Cuda => {
+                let g = cuda::backend().map_err(|why| {
+                    anyhow::anyhow!("--device cuda: no usable CUDA device: {why}. Use --device cpu (or auto) to merge on the CPU")
+                })?;
+                (Engine::Cuda(g), None)
+            }
+        })
+    }
+
+    /// `cpu`, or `cuda: <GPU name>`.
+    pub fn name(&self) -> String {
+        match self {
+            Engine::Cpu => "cpu".into(),
+            Engine::Cuda(g) => format!("cuda: {}", g.name()),
+        }
+    }
+
+    /// Whether this engine computes `p` itself (else the CPU does).
+    fn computes(&self, p: &TensorPlan) -> bool {
+        match self {
+            Engine::Cpu => false,
+            Engine::Cuda(_) => {
+                matches!(&p.source, Source::Compute { terms, .. } if terms.len() <= cuda::MAX_TERMS)
+            }
+        }
+    }
+
+    /// Computes `jobs` (the plans it [`computes`](Engine::computes)), handing output bytes to
+    /// `write`; returns each job's overflow count. On the GPU, the slices of all the tensors
+    /// go through one pipeline.
+    fn compute(&self, deltas: &[Delta], jobs: &[Job], write: &cuda::WriteFn) -> Result<Vec<u64>> {
+        match self {
+            Engine::Cpu => Ok(vec![0; jobs.len()]),
+            Engine::Cuda(g) => g.merge_tensors(deltas, jobs, write),
+        }
+    }
+}
+
+/// Merges `deltas` onto `base` and writes the result to `out`.
+pub fn merge(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &Target,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
+    let start = Instant::now();
+    if !opts.weights.is_empty() && opts.weights.len() != deltas.len() {
+        bail!(
+            "{} weights for {} deltas: give one weight per delta",
+            opts.weights.len(),
+            deltas.len()
+        );
+    }
+    let mut inputs = vec![base];
+    inputs.extend(deltas.iter().map(Delta::checkpoint));
+    crate::checkpoint::refuse_output_over_checkpoints(&out.path, &inputs)?;
+    let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
+    let plans = plan(base, deltas, opts, &weight)?;
+    // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
+    let (engine, cpu_because) = Engine::select(opts.device)?;
+    let layout: Vec<OutTensor> = plans
+        .iter()
+        .map(|p| OutTensor {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            shape: p.shape.clone(),
+            len: p.out_len(),
+        })
+        .collect();
+    let md = output_metadata(base, deltas, opts, &weight);
+    let output = Output::create(out, &layout, &md)?;
+    base.advise_sequential();
+    deltas.iter().for_each(Delta::advise_sequential);
+    let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
+
+    let base_names: Vec<&String> = base.tensors().keys().collect();
+    let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
+    if !mismatches.is_empty() && !opts.force {
+        let shown: Vec<&str> = mismatches.iter().take(5).map(String::as_str).collect();
+        bail!(
+            "{}: this base is not the one the deltas were taken against ({} tensor(s) differ: {}{}); nothing was written. Pass --force to merge anyway",
+            base.path().display(),
+            mismatches.len(),
+            shown.join(", "),
+            if mismatches.len() > 5 { ", …" } else { "" }
+        );
+    }
+    base.check_unchanged()?;
+    deltas.iter().try_for_each(Delta::check_unchanged)?;
+    let written = output.commit(opts.fingerprint_output)?;
+    let display = |p: &Path| p.display().to_string();
+
+    let fingerprint = crate::checkpoint::fingerprint(&base_hashes);
+    Ok(MergeReport {
+        inputs: base
+            .files()
+            .into_iter()
+            .chain(deltas.iter().flat_map(Delta::files))
+            .map(display)
+            .collect(),
+        outputs: written.files.iter().map(|p| display(p)).collect(),
+        tensors: plans.len(),
+        changed: plans
+            .iter()
+            .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
+            .count(),
+        output_bytes: written.bytes,
+        input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
+        seconds: start.elapsed().as_secs_f64(),
+        mismatches,
+        base_fingerprint: fingerprint,
+        output_fingerprint: written.fingerprint,
+        overflowed: plans
+            .iter()
+            .zip(overflows)
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| (p.name.clone(), n))
+            .collect(),
+        device: engine.name(),
+        cpu_because,
+    })
+}
+
+/// The output's `__metadata__`: the base's, plus a record of the deltas and how they were
+/// merged.
+fn output_metadata(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    opts: &MergeOptions,
+    weight: &dyn Fn(usize) -> f64,
+) -> BTreeMap<String, String> {
+    let mut md: BTreeMap<String, String> = base
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let record: Vec<_> = deltas
+        .iter()
+        .enumerate()
+        .map(|(d, delta)| {
+            let p = delta.params();
+            json!({
+                "file": delta.path().file_name().map(|f| f.to_string_lossy()),
+                "seed": p.seed, "lo": p.interval.lo(), "hi": p.interval.hi(),
+                "density": p.interval.density(), "weight": weight(d), "rescale": opts.rescale,
+                "base_fingerprint": delta.fingerprint(),
+            })
+        })
+        .collect();
+    md.insert(
+        "sotu_delta".into(),
+        json!({
+            "tool": crate::TOOL,
+            "forced": opts.force,
+            "deltas": record,
+        })
+        .to_string(),
+    );
+    md
+}
+
+/// Writes every planned tensor: `engine` computes what it takes, in one pipeline through all of
+/// them, while the CPU goes tensor by tensor in file order, computing or copying the rest and
+/// hashing each base tensor as it goes: the two passes share the tensor's pages, so a model
+/// larger than the page cache is read from disk once. Returns the base's tensor hashes (in
+/// name order) and each plan's overflow count.
+fn execute(
+    engine: Engine,
+    base: &Checkpoint,
+    deltas: &[Delta],
+    plans: &[TensorPlan],
+    output: &Output,
+) -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+    let (by_engine, by_cpu) = rayon::join(
+        || -> Result<Vec<u64>> {
+            let jobs: Vec<Job> = plans
+                .iter()
+                .filter(|p| engine.computes(p))
+                .filter_map(|p| p.job(base, deltas))
+                .collect();
+            if jobs.is_empty() {
+                return Ok(Vec::new());
+            }
+            engine.compute(deltas, &jobs, &|name, at, bytes| {
+                output.write(name, at, bytes)
+            })
+        },
+        || -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+            let mut hashes = Vec::with_capacity(base.tensors().len());
+            let mut counts = Vec::with_capacity(plans.len());
+            for p in plans {
+                let (hash, written) = rayon::join(
+                    || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+                    || {
+                        if engine.computes(p) {
+                            Ok(0)
+                        } else {
+                            cpu::execute(base, deltas, output, p)
+                        }
+                    },
+                );
+                hashes.extend(hash);
+                counts.push(written?);
+            }
+            Ok((hashes, counts))
+        },
+    );
+    let (base_hashes, mut overflows) = by_cpu?;
+    let mut from_engine = by_engine?.into_iter();
+    for (c, p) in overflows.iter_mut().zip(plans) {
+        if engine.computes(p) {
+            *c = from_engine.next().unwrap_or(0);
+        }
+    }
+    Ok((base_hashes, overflows))
+}
+
+/// Compares each delta's recorded base hashes with the base as read. Returns `file: tensor`
+/// for each disagreement, including tensors one side has and the other lacks.
+fn check_provenance(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    base_names: &[&String],
+    hashes: &[[u8; 32]],
+) -> Vec<String> {
+    let by_name: BTreeMap<&str, &[u8; 32]> =
+        base_names.iter().map(|n| n.as_str()).zip(hashes).collect();
+    let mut bad = Vec::new();
+    for d in deltas {
+        let file = d.path().display();
+        for (name, e) in d.entries() {
+            if e.in_base && by_name.get(name.as_str()) != Some(&&d.base_hash(e.row)) {
+                bad.push(format!("{file}: {name}"));
+            }
+        }
+        for name in base.tensors().keys() {
+            if !d.entries().get(name).is_some_and(|e| e.in_base) {
+                bad.push(format!("{file}: {name} (not in the delta's base)"));
+            }
+        }
+    }
+    bad
+}

@@ -1,0 +1,283 @@
+//! The merge plan: for every output tensor, where its bytes come from and what each delta
+//! contributes. Both engines execute the same plan ([`super::cpu`], [`super::cuda`]), so a new
+//! kind of term or merge method is a change here plus one function per engine.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, bail};
+use safetensors::Dtype;
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Float;
+use crate::format::{Delta, Kind};
+use crate::mask::SPAN;
+
+use super::MergeOptions;
+
+/// Elements an engine computes as one unit: one chunk of the delta format
+/// ([`crate::mask::CHUNK_ELEMS`]), so that every tile starts on a chunk boundary and its first
+/// kept value is read from the offsets, not counted. On the CPU its f64 accumulator (512 KiB)
+/// stays in the L2 cache; on the GPU it is one thread block's share.
+pub const TILE: u64 = crate::mask::CHUNK_ELEMS;
+
+/// Where an output tensor's starting values come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Origin {
+    /// The base tensor.
+    Base,
+    /// The whole tensor stored in delta `.0`.
+    Delta(usize),
+}
+
+/// One delta's contribution to a tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Term {
+    /// Index of the delta.
+    pub delta: usize,
+    /// `w_t · s_t`.
+    pub coeff: f64,
+    /// A masked term (kept values and offsets), or a whole float tensor (every element kept).
+    pub masked: bool,
+}
+
+/// How an output tensor is made.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Raw bytes, unchanged.
+    Copy(Origin),
+    /// `round_to(origin + Σ terms)`, with `from` the stored dtype and `to` the output dtype.
+    Compute {
+        /// The starting values.
+        origin: Origin,
+        /// The stored dtype.
+        from: Float,
+        /// The output dtype.
+        to: Float,
+        /// The deltas' contributions, in command-line order.
+        terms: Vec<Term>,
+    },
+}
+
+/// One output tensor and how it is made.
+#[derive(Clone, Debug)]
+pub struct TensorPlan {
+    /// Tensor name.
+    pub name: String,
+    /// Output dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub numel: u64,
+    /// Where the bytes come from.
+    pub source: Source,
+}
+
+impl TensorPlan {
+    /// The bytes the tensor starts from: the base's tensor, or a delta's stored whole tensor.
+    pub fn origin_data<'a>(
+        &self,
+        o: Origin,
+        base: &'a Checkpoint,
+        deltas: &'a [Delta],
+    ) -> &'a [u8] {
+        match o {
+            Origin::Base => base.data(base.info(&self.name).unwrap()),
+            Origin::Delta(d) => deltas[d].data(&self.name),
+        }
+    }
+
+    /// The tensor as a [`Job`] for an engine, when it is computed rather than copied.
+    pub fn job<'a>(&'a self, base: &'a Checkpoint, deltas: &'a [Delta]) -> Option<Job<'a>> {
+        let Source::Compute {
+            origin,
+            from,
+            to,
+            terms,
+        } = &self.source
+        else {
+            return None;
+        };
+        Some(Job {
+            name: &self.name,
+            numel: self.numel,
+            base: self.origin_data(*origin, base, deltas),
+            from: *from,
+            to: *to,
+            terms,
+        })
+    }
+
+    /// Bytes of the tensor in the output.
+    pub fn out_len(&self) -> u64 {
+        match &self.source {
+            Source::Compute { to, .. } => self.numel * to.size() as u64,
+            Source::Copy(_) => (self.numel * self.dtype.bitsize() as u64).div_ceil(8),
+        }
+    }
+}
+
+/// One tensor to compute, as an engine sees it: `round_to(base + Σ terms)` over `numel`
+/// elements.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Elements.
+    pub numel: u64,
+    /// The starting values (the base tensor, or a new tensor's stored bytes).
+    pub base: &'a [u8],
+    /// Their dtype.
+    pub from: Float,
+    /// The output dtype.
+    pub to: Float,
+    /// The deltas' contributions, in command-line order.
+    pub terms: &'a [Term],
+}
+
+/// Decides, for every output tensor, where it comes from and what each delta contributes.
+pub fn plan(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    opts: &MergeOptions,
+    weight: &dyn Fn(usize) -> f64,
+) -> Result<Vec<TensorPlan>> {
+    for d in deltas {
+        let file = d.path().display();
+        for (name, e) in d.entries() {
+            match (e.in_base, base.info(name)) {
+                (true, None) => bail!(
+                    "{file}: tensor {name} was taken against a base that has it, but {} has no such tensor",
+                    base.path().display()
+                ),
+                (false, Some(_)) => bail!(
+                    "{file}: tensor {name} is new in the delta, but {} already has it",
+                    base.path().display()
+                ),
+                (true, Some(b)) if b.dtype != e.dtype || b.shape != e.shape => bail!(
+                    "{file}: tensor {name} is {:?} {:?} in the delta but {:?} {:?} in {}",
+                    e.dtype,
+                    e.shape,
+                    b.dtype,
+                    b.shape,
+                    base.path().display()
+                ),
+                _ => {}
+            }
+        }
+    }
+    let out_float = |dtype: Dtype| Float::of(dtype).map(|f| opts.dtype.unwrap_or(f));
+    let mut plans = Vec::new();
+    for (name, info) in base.tensors() {
+        let mut terms = Vec::new();
+        let mut replace: Option<usize> = None;
+        for (d, delta) in deltas.iter().enumerate() {
+            let Some(e) = delta.entries().get(name) else {
+                continue;
+            };
+            let p = delta.params();
+            let rescale = if opts.rescale && p.interval.hi() > p.interval.lo() {
+                SPAN as f64 / (p.interval.hi() - p.interval.lo()) as f64
+            } else {
+                1.0
+            };
+            match e.kind {
+                Kind::Same => {}
+                Kind::Masked => terms.push(Term {
+                    delta: d,
+                    coeff: weight(d) * rescale,
+                    masked: true,
+                }),
+                Kind::Whole if Float::of(e.dtype).is_some() => terms.push(Term {
+                    delta: d,
+                    coeff: weight(d),
+                    masked: false,
+                }),
+                Kind::Whole => {
+                    if let Some(first) = replace {
+                        same_whole(deltas, first, d, name)?;
+                    } else {
+                        replace = Some(d);
+                    }
+                }
+            }
+        }
+        let numel = info.numel();
+        let (dtype, source) = match (replace, Float::of(info.dtype)) {
+            (Some(d), _) => (info.dtype, Source::Copy(Origin::Delta(d))),
+            (None, Some(from)) => {
+                let to = out_float(info.dtype).unwrap();
+                if terms.is_empty() && from == to {
+                    (info.dtype, Source::Copy(Origin::Base))
+                } else {
+                    let origin = Origin::Base;
+                    (
+                        to.dtype(),
+                        Source::Compute {
+                            origin,
+                            from,
+                            to,
+                            terms,
+                        },
+                    )
+                }
+            }
+            (None, None) => (info.dtype, Source::Copy(Origin::Base)),
+        };
+        plans.push(TensorPlan {
+            name: name.clone(),
+            dtype,
+            shape: info.shape.clone(),
+            numel,
+            source,
+        });
+    }
+    // Tensors new in the deltas: taken as they are (cast under --dtype), identical where
+    // several deltas carry them.
+    let mut new: BTreeMap<&str, usize> = BTreeMap::new();
+    for (d, delta) in deltas.iter().enumerate() {
+        for (name, e) in delta.entries().iter().filter(|(_, e)| !e.in_base) {
+            match new.get(name.as_str()) {
+                Some(&first) => same_whole(deltas, first, d, name)?,
+                None => {
+                    new.insert(name, d);
+                    let source = match Float::of(e.dtype) {
+                        Some(from) if out_float(e.dtype) != Some(from) => Source::Compute {
+                            origin: Origin::Delta(d),
+                            from,
+                            to: out_float(e.dtype).unwrap(),
+                            terms: Vec::new(),
+                        },
+                        _ => Source::Copy(Origin::Delta(d)),
+                    };
+                    plans.push(TensorPlan {
+                        name: name.clone(),
+                        dtype: out_float(e.dtype).map_or(e.dtype, Float::dtype),
+                        shape: e.shape.clone(),
+                        numel: e.numel(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    plans.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(plans)
+}
+
+/// Refuses two deltas that store different whole values for one tensor.
+fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
+    let (ea, eb) = (&deltas[a].entries()[name], &deltas[b].entries()[name]);
+    if ea.kind != eb.kind
+        || ea.dtype != eb.dtype
+        || ea.shape != eb.shape
+        || deltas[a].data(name) != deltas[b].data(name)
+    {
+        bail!(
+            "tensor {name}: {} and {} both replace it, with different values; merge cannot choose",
+            deltas[a].path().display(),
+            deltas[b].path().display()
+        );
+    }
+    Ok(())
+}
