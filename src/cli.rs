@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::Checkpoint;
 use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
+use crate::io::Checkpoint;
+use crate::io::{Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{Device, MergeOptions, merge};
-use crate::output::{Target, parse_size};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -227,21 +227,16 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
-    // Ctrl-C or SIGTERM: remove any partial output before exiting (SIGKILL cannot be caught;
-    // it leaves a `.sotu-delta-partial-*` file, never a file at the output path).
-    crate::checkpoint::install_fault_handler();
-    let _ = ctrlc::set_handler(|| {
-        crate::output::remove_partial_outputs();
-        std::process::exit(130);
-    });
-    crate::output::set_durable(!cli.no_sync);
-    crate::output::set_progress(!cli.quiet);
-    let quiet = cli.quiet;
-    let verbose = cli.verbose;
+    crate::io::process::install_handlers();
+    let flags = Flags {
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+        no_sync: cli.no_sync,
+    };
     match cli.command {
-        Command::Extract(a) => run_extract(a, quiet),
+        Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => run_merge(
-            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, quiet, verbose,
+            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, &flags,
         ),
         Command::Apply(a) => run_merge(
             &a.base,
@@ -250,17 +245,25 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             vec![],
             false,
             a.common,
-            quiet,
-            verbose,
+            &flags,
         ),
         Command::Inspect(a) => run_inspect(a),
         Command::Verify(a) => run_verify(a),
     }
 }
 
+/// The global flags that shape how a subcommand reports and writes.
+struct Flags {
+    quiet: bool,
+    verbose: bool,
+    no_sync: bool,
+}
+
 /// The output target of `-o path` with `--shard-size size`.
-fn target(path: &Path, shard_size: &str) -> Result<Target> {
+fn target(path: &Path, shard_size: &str, flags: &Flags) -> Result<Target> {
     let mut t = Target::new(path);
+    t.durable = !flags.no_sync;
+    t.progress = !flags.quiet;
     t.shard_size = parse_size(shard_size).map_err(|e| usage(format!("--shard-size: {e:#}")))?;
     Ok(t)
 }
@@ -272,7 +275,7 @@ fn parse_slot(s: &str) -> Result<(u64, u64)> {
     parsed.ok_or_else(|| usage(format!("--slot {s:?}: expected K/N, e.g. 0/3")))
 }
 
-fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
+fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     let interval = match &a.slot {
         Some(s) => {
             let (k, n) = parse_slot(s)?;
@@ -282,7 +285,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
             .map_err(|e| usage(format!("--density: {e}")))?,
     };
     let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
-    let target = target(&a.output, &a.shard_size)?;
+    let target = target(&a.output, &a.shard_size, flags)?;
     let base = Checkpoint::open(&a.base)?;
     let tuned = Checkpoint::open(&a.tuned)?;
     let opts = ExtractOptions {
@@ -302,7 +305,7 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
     }
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
-    } else if !quiet {
+    } else if !flags.quiet {
         out!(
             "extract: {} vs {} -> {}\n  seed {}  density {:.6}  interval [{}, {}){}\n  tensors: {} masked, {} whole, {} same as base\n  kept {} of {} masked elements ({:.4})\n  wrote {} of dense {} ({:.2}%) in {:.3} s ({:.1} MB/s read)",
             a.base.display(),
@@ -329,7 +332,6 @@ fn run_extract(a: ExtractArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_merge(
     base_path: &Path,
     delta_paths: &[PathBuf],
@@ -337,8 +339,7 @@ fn run_merge(
     weights: Vec<f64>,
     rescale: bool,
     common: OutputArgs,
-    quiet: bool,
-    verbose: bool,
+    flags: &Flags,
 ) -> Result<()> {
     if !weights.is_empty() && weights.len() != delta_paths.len() {
         return Err(usage(format!(
@@ -356,7 +357,7 @@ fn run_merge(
         .map(Float::parse)
         .transpose()
         .map_err(|e| usage(format!("--dtype: {e}")))?;
-    let mut target = target(output, &common.shard_size)?;
+    let mut target = target(output, &common.shard_size, flags)?;
     let base = Checkpoint::open(base_path)?;
     let deltas = delta_paths
         .iter()
@@ -374,7 +375,7 @@ fn run_merge(
         fingerprint_output: common.json,
     };
     let r = merge(&base, &deltas, &target, &opts)?;
-    if verbose && common.device == Device::Auto {
+    if flags.verbose && common.device == Device::Auto {
         match &r.cpu_because {
             None => eprintln!(
                 "sotu-delta: --device auto: merging on CUDA ({})",
@@ -398,7 +399,7 @@ fn run_merge(
     }
     if common.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
-    } else if !quiet {
+    } else if !flags.quiet {
         out!(
             "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
             if delta_paths.len() == 1 {

@@ -14,15 +14,15 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::checkpoint::{Checkpoint, tensor_hash};
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
     BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, Kind, RESERVED_PREFIX, STATS, STATS_COLS,
     offsets_key,
 };
+use crate::io::{Checkpoint, tensor_hash};
+use crate::io::{OutTensor, Output, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
-use crate::output::{OutTensor, Output, Target};
 use crate::simd::Kept;
 
 /// Which tensors are masked: those matching an include pattern (all, when none is given) and
@@ -128,7 +128,7 @@ pub fn extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractReport> {
     let start = Instant::now();
-    crate::checkpoint::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
+    crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
     let plan = plan(base, tuned, opts)?;
 
     let mut layout = Vec::new();
@@ -281,7 +281,7 @@ pub fn extract(
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),
         inexact,
-        base_fingerprint: crate::checkpoint::fingerprint(
+        base_fingerprint: crate::io::fingerprint(
             &plan
                 .iter()
                 .zip(&hashes)

@@ -7,9 +7,9 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, tensor_hash};
 use crate::dtype::Float;
 use crate::format::{Delta, Kind};
+use crate::io::{Checkpoint, tensor_hash};
 use crate::mask::SPAN;
 
 /// One tensor of a delta.

@@ -2,23 +2,22 @@
 //!
 //! - [`mask`]: the seeded, counter-based mask function.
 //! - [`dtype`]: exact loads to f64 and the single rounding back to a checkpoint dtype.
-//! - [`checkpoint`]: memory-mapped safetensors input, single files and sharded model folders.
-//! - [`output`]: atomic output, as one file or a sharded model folder.
+//! - [`io`]: memory-mapped safetensors input (single files and sharded model folders), atomic
+//!   output, and the process state that keeps both safe (signal handlers, partial outputs).
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
 //!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
 //! - [`simd`]: the AVX-512 kernels of merge and extract, chosen at run time.
 //! - [`cli`]: the command line.
 
-pub mod checkpoint;
 pub mod cli;
 pub mod dtype;
 pub mod extract;
 pub mod format;
 pub mod inspect;
+pub mod io;
 pub mod mask;
 pub mod merge;
-pub mod output;
 pub mod simd;
 
 /// The writer string recorded in every file this build writes.

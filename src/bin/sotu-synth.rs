@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::Parser;
 use rayon::prelude::*;
 use sotu_delta::dtype::Float;
-use sotu_delta::output::{OutTensor, Output, Target};
+use sotu_delta::io::{OutTensor, Output, Target};
 
 #[derive(Parser)]
 #[command(about = "Write a synthetic Llama-shaped base checkpoint and fine-tunes of it")]
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
     let shard_size = a
         .shard_size
         .as_deref()
-        .map(sotu_delta::output::parse_size)
+        .map(sotu_delta::io::parse_size)
         .transpose()?;
     for file in (0..=a.tunes).filter(|f| a.only.is_none_or(|o| o == *f)) {
         let stem = if file == 0 {

@@ -13,8 +13,8 @@ use super::{
     BASE_HASHES, Entry, FORMAT_MAJOR, FORMAT_NAME, Kind, Params, RESERVED_PREFIX, STATS,
     STATS_COLS, offsets_key,
 };
-use crate::checkpoint::Checkpoint;
 use crate::dtype::Float;
+use crate::io::Checkpoint;
 use crate::mask::{Interval, MASK_NAME};
 
 /// What `__metadata__` says of a delta, parsed but not yet checked against the stored tensors.
@@ -82,7 +82,7 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         bail!("{file}: __metadata__.chunk is 0");
     }
     let tensors_json = get("tensors")?;
-    if let Some(dup) = crate::checkpoint::duplicate_key(tensors_json.as_bytes()) {
+    if let Some(dup) = crate::io::header::duplicate_key(tensors_json.as_bytes()) {
         bail!("{file}: __metadata__.tensors: tensor {dup} appears twice");
     }
     let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(tensors_json)

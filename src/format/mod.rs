@@ -17,7 +17,7 @@ use anyhow::Result;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::Checkpoint;
+use crate::io::Checkpoint;
 use crate::mask::{Interval, Mask};
 
 /// `__metadata__["format"]`.

@@ -14,12 +14,12 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
-use crate::checkpoint::Checkpoint;
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::Delta;
+use crate::io::Checkpoint;
+use crate::io::Output;
 use crate::mask::Mask;
-use crate::output::Output;
 use crate::simd::Kept;
 
 use super::plan::{Job, Source, TILE, TensorPlan, Term};

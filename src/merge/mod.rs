@@ -19,10 +19,10 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, tensor_hash};
 use crate::dtype::Float;
 use crate::format::Delta;
-use crate::output::{OutTensor, Output, Target};
+use crate::io::{Checkpoint, tensor_hash};
+use crate::io::{OutTensor, Output, Target};
 
 pub use plan::{Job, Origin, Source, TensorPlan, Term, plan};
 
@@ -163,7 +163,7 @@ pub fn merge(
     }
     let mut inputs = vec![base];
     inputs.extend(deltas.iter().map(Delta::checkpoint));
-    crate::checkpoint::refuse_output_over_checkpoints(&out.path, &inputs)?;
+    crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
     let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
     let plans = plan(base, deltas, opts, &weight)?;
     // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
@@ -200,7 +200,7 @@ pub fn merge(
     let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
-    let fingerprint = crate::checkpoint::fingerprint(&base_hashes);
+    let fingerprint = crate::io::fingerprint(&base_hashes);
     Ok(MergeReport {
         inputs: base
             .files()

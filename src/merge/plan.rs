@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use anyhow::{Result, bail};
 use safetensors::Dtype;
 
-use crate::checkpoint::Checkpoint;
 use crate::dtype::Float;
 use crate::format::{Delta, Kind};
+use crate::io::Checkpoint;
 use crate::mask::SPAN;
 
 use super::MergeOptions;

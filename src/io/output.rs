@@ -4,20 +4,17 @@
 //! sibling and renamed, a folder is built in a temporary sibling folder and renamed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::checkpoint::{INDEX_NAME, SINGLE_NAME};
+use super::checkpoint::{INDEX_NAME, SINGLE_NAME};
+use super::process;
 
 /// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -45,15 +42,23 @@ pub struct Target {
     /// A model folder whose non-weight files (config, tokenizer, …) are copied into a folder
     /// output.
     pub copy_from: Option<PathBuf>,
+    /// Flush to disk (fsync) before the rename into place. Without it (`--no-sync`), a crash of
+    /// the process still leaves no partial file at the output path, but a power loss may.
+    pub durable: bool,
+    /// Show a progress bar while writing; drawn only when stderr is a terminal.
+    pub progress: bool,
 }
 
 impl Target {
-    /// A single-file or folder output at `path` with the default shard size, copying nothing.
+    /// A durable single-file or folder output at `path` with the default shard size, copying
+    /// nothing, with no progress bar.
     pub fn new(path: &Path) -> Self {
         Target {
             path: path.to_path_buf(),
             shard_size: DEFAULT_SHARD_SIZE,
             copy_from: None,
+            durable: true,
+            progress: false,
         }
     }
 
@@ -104,65 +109,6 @@ pub fn parse_size(s: &str) -> Result<u64> {
         bail!("{s:?}: too large for a shard size");
     }
     Ok(bytes as u64)
-}
-
-/// Whether outputs are flushed to disk before they are renamed into place (`--no-sync` clears
-/// it). A process-wide I/O policy, set once by the command line.
-static DURABLE: AtomicBool = AtomicBool::new(true);
-
-/// Whether outputs show a progress bar on a terminal's stderr (`--quiet` clears it).
-static PROGRESS: AtomicBool = AtomicBool::new(false);
-
-/// Sets whether outputs are flushed to disk (fsync) before the rename. Without it, a crash of
-/// the process still leaves no partial file at the output path, but a power loss may.
-pub fn set_durable(durable: bool) {
-    DURABLE.store(durable, Ordering::Relaxed);
-}
-
-/// Sets whether writing an output shows a progress bar (only ever drawn when stderr is a
-/// terminal).
-pub fn set_progress(enabled: bool) {
-    PROGRESS.store(enabled, Ordering::Relaxed);
-}
-
-/// Temporary files and folders being written, for the signal handlers to remove. C strings,
-/// so that a handler can remove them without allocating.
-static PARTIALS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
-static PARTIAL_DIRS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
-
-fn c_path(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
-}
-
-/// Removes every partial output of this process (called on SIGINT, SIGTERM and SIGBUS): the
-/// files first, then the folders they were in. Uses only `try_lock`, `unlink` and `rmdir`, so
-/// it is safe in a signal handler.
-pub fn remove_partial_outputs() {
-    if let Ok(list) = PARTIALS.try_lock() {
-        for p in list.iter() {
-            // SAFETY: a valid NUL-terminated path; unlink is async-signal-safe.
-            unsafe { libc::unlink(p.as_ptr()) };
-        }
-    }
-    if let Ok(list) = PARTIAL_DIRS.try_lock() {
-        for p in list.iter() {
-            // SAFETY: as above; rmdir is async-signal-safe.
-            unsafe { libc::rmdir(p.as_ptr()) };
-        }
-    }
-}
-
-fn track(list: &Mutex<Vec<CString>>, path: &Path) {
-    if let Ok(mut l) = list.lock() {
-        l.push(c_path(path));
-    }
-}
-
-fn untrack(list: &Mutex<Vec<CString>>, path: &Path) {
-    let c = c_path(path);
-    if let Ok(mut l) = list.lock() {
-        l.retain(|p| *p != c);
-    }
 }
 
 /// The temporary form of an output until it is committed.
@@ -289,7 +235,7 @@ impl Output {
                 .permissions(std::fs::Permissions::from_mode(0o777))
                 .tempdir_in(&dir)
                 .with_context(cannot_create)?;
-            track(&PARTIAL_DIRS, tmp.path());
+            process::track_dir(tmp.path());
             let n = groups.len();
             let names = (1..=n)
                 .map(|i| match n {
@@ -305,7 +251,7 @@ impl Output {
                 .permissions(std::fs::Permissions::from_mode(0o666))
                 .tempfile_in(&dir)
                 .with_context(cannot_create)?;
-            track(&PARTIALS, tmp.path());
+            process::track_file(tmp.path());
             (Staging::File(tmp), vec![])
         };
 
@@ -335,7 +281,7 @@ impl Output {
                         .create_new(true)
                         .open(&staged)
                         .with_context(cannot_create)?;
-                    track(&PARTIALS, &staged);
+                    process::track_file(&staged);
                     (file, dest.join(&names[k]))
                 }
             };
@@ -365,7 +311,7 @@ impl Output {
             let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
             out.index = Some(serde_json::to_vec_pretty(&index)?);
         }
-        if PROGRESS.load(Ordering::Relaxed) {
+        if target.progress {
             // Drawn only when stderr is a terminal; a pipe or file sees nothing.
             out.progress = ProgressBar::with_draw_target(
                 Some(data_bytes),
@@ -421,7 +367,7 @@ impl Output {
                 Ok(*h.finalize().as_bytes())
             })
             .collect::<Result<Vec<[u8; 32]>>>()?;
-        Ok(crate::checkpoint::fingerprint(&hashes))
+        Ok(crate::io::fingerprint(&hashes))
     }
 
     /// The total size of the output's safetensors files.
@@ -464,12 +410,12 @@ impl Output {
     fn place_files(mut self) -> Result<()> {
         self.progress.finish_and_clear();
         let dest = self.target.path.clone();
-        let durable = DURABLE.load(Ordering::Relaxed);
+        let durable = self.target.durable;
         if let Some(Staging::Folder(tmp)) = &self.staging {
             let dir = tmp.path().to_path_buf();
             if let Some(index) = &self.index {
                 let path = dir.join(INDEX_NAME);
-                track(&PARTIALS, &path);
+                process::track_file(&path);
                 std::fs::write(&path, index).with_context(|| {
                     format!("{}: cannot write", dest.join(INDEX_NAME).display())
                 })?;
@@ -477,7 +423,7 @@ impl Output {
             if let Some(src) = &self.target.copy_from {
                 for name in companion_files(src)? {
                     let to = dir.join(&name);
-                    track(&PARTIALS, &to);
+                    process::track_file(&to);
                     std::fs::copy(src.join(&name), &to).with_context(|| {
                         format!(
                             "{}: cannot copy {} into the output",
@@ -499,7 +445,7 @@ impl Output {
             Staging::File(tmp) => {
                 let path = tmp.path().to_path_buf();
                 let persisted = tmp.persist(&dest);
-                untrack(&PARTIALS, &path);
+                process::untrack_file(&path);
                 persisted.map_err(|e| {
                     anyhow::anyhow!("{}: cannot rename into place: {}", dest.display(), e.error)
                 })?;
@@ -511,7 +457,7 @@ impl Output {
                 }
                 let placed = place_folder(&staged, &dest);
                 // From here the files are either in place or removed below: forget them.
-                untrack_folder(&staged);
+                process::untrack_dir(&staged);
                 if let Err(e) = placed {
                     let _ = std::fs::remove_dir_all(&staged);
                     return Err(e);
@@ -529,8 +475,8 @@ impl Drop for Output {
     fn drop(&mut self) {
         // Uncommitted: the staging file or folder deletes itself as it drops.
         match &self.staging {
-            Some(Staging::File(tmp)) => untrack(&PARTIALS, tmp.path()),
-            Some(Staging::Folder(tmp)) => untrack_folder(tmp.path()),
+            Some(Staging::File(tmp)) => process::untrack_file(tmp.path()),
+            Some(Staging::Folder(tmp)) => process::untrack_dir(tmp.path()),
             None => {}
         }
     }
@@ -555,15 +501,6 @@ fn refuse_to_replace(dest: &Path) -> Result<()> {
     )
 }
 
-/// Forgets a staging folder and every partial file tracked inside it.
-fn untrack_folder(dir: &Path) {
-    let prefix = c_path(dir);
-    if let Ok(mut l) = PARTIALS.lock() {
-        l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
-    }
-    untrack(&PARTIAL_DIRS, dir);
-}
-
 fn sync_folder(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
@@ -579,7 +516,7 @@ fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
     match std::fs::symlink_metadata(dest) {
         Err(_) => std::fs::rename(staged, dest).map_err(fail),
         Ok(m) if m.is_dir() => {
-            let (a, b) = (c_path(staged), c_path(dest));
+            let (a, b) = (process::c_path(staged), process::c_path(dest));
             // SOTU_DELTA_NO_RENAME_EXCHANGE=1 takes the fallback below, for its test.
             let exchange = std::env::var_os("SOTU_DELTA_NO_RENAME_EXCHANGE").is_none();
             let r = if !exchange {

@@ -3,16 +3,15 @@
 //! validated before anything reads a tensor.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+
+use super::header::{diagnose_header, duplicate_key, header_span};
+use super::process;
 
 /// The index of a sharded Hugging Face checkpoint folder.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -287,7 +286,7 @@ impl Shard {
         let meta = file.metadata()?;
         let stamp = (meta.len(), meta.modified().ok());
         // SAFETY: the map is read-only. A file truncated by another process while mapped makes
-        // reads fault with SIGBUS, which `install_fault_handler` turns into exit status 1.
+        // reads fault with SIGBUS, which [`process::install_handlers`] turns into exit status 1.
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot map", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| {
@@ -345,164 +344,15 @@ fn shard_tensors(shard: &Shard, k: usize) -> Result<Vec<(String, TensorInfo)>> {
             (name, entry)
         })
         .collect();
-    if let Ok(mut maps) = MAPS.lock() {
-        maps.push((shard.mmap.as_ptr() as usize, shard.mmap.len(), c_path(path)));
-    }
+    process::register_mapping(shard.mmap.as_ptr() as usize, shard.mmap.len(), path);
     Ok(tensors)
 }
 
 impl Drop for Shard {
     fn drop(&mut self) {
         // The mapping goes away: the SIGBUS handler must forget it.
-        let start = self.mmap.as_ptr() as usize;
-        if let Ok(mut maps) = MAPS.lock() {
-            maps.retain(|(s, _, _)| *s != start);
-        }
+        process::forget_mapping(self.mmap.as_ptr() as usize);
     }
-}
-
-/// Mapped input files (start address, length, path), so that a SIGBUS can name its file.
-static MAPS: Mutex<Vec<(usize, usize, CString)>> = Mutex::new(Vec::new());
-
-fn c_path(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
-}
-
-/// Installs the SIGBUS handler: reading a memory-mapped input that another process truncated
-/// faults, and instead of dying with a signal the process removes its partial outputs, names
-/// the file and exits with status 1.
-pub fn install_fault_handler() {
-    extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        // SAFETY: the kernel passes a valid siginfo; only async-signal-safe calls follow
-        // (try_lock never blocks, write, unlink, rmdir, _exit).
-        unsafe {
-            let addr = (*info).si_addr() as usize;
-            let say = |b: &[u8]| {
-                libc::write(2, b.as_ptr().cast(), b.len());
-            };
-            say(b"sotu-delta: error: ");
-            if let Ok(maps) = MAPS.try_lock()
-                && let Some((_, _, path)) = maps.iter().find(|(s, l, _)| addr >= *s && addr < s + l)
-            {
-                say(path.as_bytes());
-                say(b": ");
-            }
-            say(b"an input file was truncated while it was being read; nothing was written\n");
-            crate::output::remove_partial_outputs();
-            libc::_exit(1);
-        }
-    }
-    // SAFETY: installs a handler with SA_SIGINFO and an empty mask; the handler is above.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigbus as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-    }
-}
-
-/// The first key that appears twice in the JSON object `json`, or inside its `__metadata__`
-/// object (reported as `__metadata__.KEY`), if any. serde_json keeps the last of duplicate keys
-/// without a word, which would hide a tensor or a setting; readers must refuse them.
-pub fn duplicate_key(json: &[u8]) -> Option<String> {
-    struct Dup(Option<String>);
-    impl<'de> serde::Deserialize<'de> for Dup {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> serde::de::Visitor<'de> for V {
-                type Value = Dup;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut m: A,
-                ) -> Result<Dup, A::Error> {
-                    let mut seen = std::collections::HashSet::new();
-                    let mut dup = None;
-                    while let Some(k) = m.next_key::<String>()? {
-                        if k == "__metadata__" {
-                            // A non-object is left to the real parser's error.
-                            if let Ok(Dup(Some(inner))) = m.next_value::<Dup>() {
-                                dup = dup.or(Some(format!("__metadata__.{inner}")));
-                            }
-                        } else {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                        if !seen.insert(k.clone()) {
-                            dup = dup.or(Some(k));
-                        }
-                    }
-                    Ok(Dup(dup))
-                }
-            }
-            d.deserialize_map(V)
-        }
-    }
-    serde_json::from_slice::<Dup>(json).ok().and_then(|d| d.0)
-}
-
-/// Why the safetensors header `json` (followed by `data_len` bytes) is invalid, naming the
-/// tensor or metadata key at fault: the safetensors crate's own errors do not name them.
-fn diagnose_header(json: &[u8], data_len: u64) -> Option<String> {
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(json) else {
-        return None;
-    };
-    let mut spans = Vec::new();
-    for (name, v) in &map {
-        if name == "__metadata__" {
-            if let Some((k, _)) = v
-                .as_object()
-                .and_then(|o| o.iter().find(|(_, v)| !v.is_string()))
-            {
-                return Some(format!("__metadata__.{k} is not a string"));
-            }
-            continue;
-        }
-        let info: safetensors::tensor::TensorInfo = match serde_json::from_value(v.clone()) {
-            Ok(i) => i,
-            Err(e) => return Some(format!("tensor {name}: {e}")),
-        };
-        let bits = info
-            .shape
-            .iter()
-            .try_fold(info.dtype.bitsize() as u64, |a, &d| a.checked_mul(d as u64));
-        let Some(bits) = bits else {
-            return Some(format!("tensor {name}: shape {:?} overflows", info.shape));
-        };
-        let (s, e) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
-        if e < s || e > data_len {
-            return Some(format!(
-                "tensor {name}: data offsets [{s}, {e}) are outside the {data_len} data bytes"
-            ));
-        }
-        if bits.div_ceil(8) != e - s {
-            return Some(format!(
-                "tensor {name}: {:?} {:?} needs {} bytes, its offsets span {}",
-                info.dtype,
-                info.shape,
-                bits.div_ceil(8),
-                e - s
-            ));
-        }
-        spans.push((s, e, name));
-    }
-    spans.sort();
-    for w in spans.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Some(format!("tensors {} and {} overlap", w[0].2, w[1].2));
-        }
-    }
-    None
-}
-
-/// The header JSON of a safetensors buffer and the length of the data after it, when the
-/// length prefix is sane.
-fn header_span(buf: &[u8]) -> Option<(&[u8], u64)> {
-    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
-    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
-    Some((buf.get(8..end)?, (buf.len() - end) as u64))
 }
 
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
@@ -519,39 +369,4 @@ pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
 /// The base fingerprint (docs/FORMAT.md section 7) of per-tensor hashes given in name order.
 pub fn fingerprint(hashes: &[[u8; 32]]) -> String {
     blake3::hash(hashes.as_flattened()).to_hex().to_string()
-}
-
-/// Refuses an output that would overwrite one of `inputs` (see [`refuse_output_over_input`]):
-/// each checkpoint's path as given and its files.
-pub fn refuse_output_over_checkpoints(output: &Path, inputs: &[&Checkpoint]) -> Result<()> {
-    let mut paths: Vec<&Path> = inputs.iter().map(|c| c.path()).collect();
-    paths.extend(inputs.iter().flat_map(|c| c.files()));
-    refuse_output_over_input(output, &paths)
-}
-
-/// Refuses an output path that names one of the inputs, directly, through a link, or as a hard
-/// link of the same file; and an existing output folder that is or holds an input (replacing
-/// it would delete the input).
-pub fn refuse_output_over_input(output: &Path, inputs: &[&Path]) -> Result<()> {
-    let Ok(out_meta) = std::fs::metadata(output) else {
-        return Ok(()); // nothing there yet, so it cannot be an input
-    };
-    let out_real = std::fs::canonicalize(output).ok();
-    for input in inputs {
-        let same = std::fs::metadata(input)
-            .is_ok_and(|m| m.dev() == out_meta.dev() && m.ino() == out_meta.ino());
-        let inside = out_meta.is_dir()
-            && out_real
-                .as_ref()
-                .is_some_and(|o| std::fs::canonicalize(input).is_ok_and(|i| i.starts_with(o)));
-        if same || inside {
-            bail!(
-                "{}: the output path {} the input {}; refusing to overwrite an input",
-                output.display(),
-                if same { "is" } else { "holds" },
-                input.display()
-            );
-        }
-    }
-    Ok(())
 }

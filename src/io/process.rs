@@ -1,0 +1,135 @@
+//! Process state, owned here alone: the memory-mapped inputs (so that a SIGBUS can name its
+//! file), the partial outputs being written (so that a signal can remove them), and the
+//! handlers of SIGBUS, SIGINT and SIGTERM that use both.
+//!
+//! The registries are kept as C strings behind mutexes that the handlers only `try_lock`, so a
+//! handler never allocates or blocks. Readers and writers register and forget their own
+//! entries; a program (the command line, a binding) calls [`install_handlers`] once.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Mapped input files: start address, length, path.
+static MAPS: Mutex<Vec<(usize, usize, CString)>> = Mutex::new(Vec::new());
+/// Temporary output files being written.
+static PARTIAL_FILES: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+/// Temporary output folders being written (removed after the files in them).
+static PARTIAL_DIRS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+
+/// `path` as a C string (empty if it holds a NUL byte).
+pub(super) fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// Records that `path` is mapped at `[start, start + len)`.
+pub fn register_mapping(start: usize, len: usize, path: &Path) {
+    if let Ok(mut maps) = MAPS.lock() {
+        maps.push((start, len, c_path(path)));
+    }
+}
+
+/// Forgets the mapping that starts at `start` (it is being unmapped).
+pub fn forget_mapping(start: usize) {
+    if let Ok(mut maps) = MAPS.lock() {
+        maps.retain(|(s, _, _)| *s != start);
+    }
+}
+
+/// Records a temporary output file, to be removed if the process is stopped.
+pub fn track_file(path: &Path) {
+    if let Ok(mut l) = PARTIAL_FILES.lock() {
+        l.push(c_path(path));
+    }
+}
+
+/// Forgets a temporary output file (renamed into place, or removed).
+pub fn untrack_file(path: &Path) {
+    let c = c_path(path);
+    if let Ok(mut l) = PARTIAL_FILES.lock() {
+        l.retain(|p| *p != c);
+    }
+}
+
+/// Records a temporary output folder, to be removed (once emptied) if the process is stopped.
+pub fn track_dir(path: &Path) {
+    if let Ok(mut l) = PARTIAL_DIRS.lock() {
+        l.push(c_path(path));
+    }
+}
+
+/// Forgets a temporary output folder and every temporary file recorded inside it.
+pub fn untrack_dir(dir: &Path) {
+    let prefix = c_path(dir);
+    if let Ok(mut l) = PARTIAL_FILES.lock() {
+        l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
+    }
+    if let Ok(mut l) = PARTIAL_DIRS.lock() {
+        l.retain(|p| *p != prefix);
+    }
+}
+
+/// Removes every partial output of this process: the files first, then the folders they were
+/// in. Uses only `try_lock`, `unlink` and `rmdir`, so it is safe in a signal handler.
+pub fn remove_partial_outputs() {
+    if let Ok(list) = PARTIAL_FILES.try_lock() {
+        for p in list.iter() {
+            // SAFETY: a valid NUL-terminated path; unlink is async-signal-safe.
+            unsafe { libc::unlink(p.as_ptr()) };
+        }
+    }
+    if let Ok(list) = PARTIAL_DIRS.try_lock() {
+        for p in list.iter() {
+            // SAFETY: as above; rmdir is async-signal-safe.
+            unsafe { libc::rmdir(p.as_ptr()) };
+        }
+    }
+}
+
+/// Installs the process's handlers, once:
+/// - SIGINT and SIGTERM remove the partial outputs and exit with status 130 (SIGKILL cannot be
+///   caught: it leaves a `.sotu-delta-partial-*` file, never a file at the output path);
+/// - SIGBUS, raised when a memory-mapped input is truncated by another process while it is
+///   read, removes the partial outputs, names the file and exits with status 1.
+pub fn install_handlers() {
+    install_fault_handler();
+    // An error means a handler is already set (by an earlier call, or by the embedding
+    // program, whose choice stands).
+    let _ = ctrlc::set_handler(|| {
+        remove_partial_outputs();
+        std::process::exit(130);
+    });
+}
+
+/// The SIGBUS half of [`install_handlers`].
+fn install_fault_handler() {
+    extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo; only async-signal-safe calls follow
+        // (try_lock never blocks, write, unlink, rmdir, _exit).
+        unsafe {
+            let addr = (*info).si_addr() as usize;
+            let say = |b: &[u8]| {
+                libc::write(2, b.as_ptr().cast(), b.len());
+            };
+            say(b"sotu-delta: error: ");
+            if let Ok(maps) = MAPS.try_lock()
+                && let Some((_, _, path)) = maps.iter().find(|(s, l, _)| addr >= *s && addr < s + l)
+            {
+                say(path.as_bytes());
+                say(b": ");
+            }
+            say(b"an input file was truncated while it was being read; nothing was written\n");
+            remove_partial_outputs();
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: installs a handler with SA_SIGINFO and an empty mask; the handler is above.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
