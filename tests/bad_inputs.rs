@@ -25,7 +25,9 @@ use assert_cmd::Command;
 use rayon::prelude::*;
 use serde_json::Value;
 
-const PARTIAL_PREFIX: &str = ".sotu-delta-partial-";
+mod common;
+use common::{partial_files, root};
+
 const OUTPUT: &str = "out.safetensors";
 
 /// Valid partners of the bad cases.
@@ -45,10 +47,6 @@ const CHECKPOINT_COMMANDS: [&str; 6] = [
 ];
 const DELTA_COMMANDS: [&str; 5] = ["apply", "merge", "inspect", "inspect-base", "verify"];
 const PAIR_COMMANDS: [&str; 2] = ["extract", "extract-allow-nonfinite"];
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn bad_dir() -> PathBuf {
     root().join("fixtures/bad")
@@ -272,14 +270,7 @@ fn check(run: &Run) -> Result<(), String> {
             Err(e) => problems.push(format!("input {name} is gone: {e}")),
         }
     }
-    let partials: Vec<String> = fs::read_dir(dir.path())
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(PARTIAL_PREFIX))
-                .collect()
-        })
-        .unwrap_or_default();
+    let partials = partial_files(dir.path());
     if !partials.is_empty() {
         problems.push(format!("partial files left: {partials:?}"));
     }

@@ -12,8 +12,6 @@
 //! - after a failure, neither the output nor a `.sotu-delta-partial-*` file is left behind.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::fmt;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,13 +26,15 @@ use sotu_delta::mask::{DEFAULT_SEED, Interval, Mask};
 use sotu_delta::output::write_file;
 use tempfile::TempDir;
 
+mod common;
+use common::{BIN, Device, Outcome, device_test, noise, ok, partial_files, root, run, tmp};
+
 // ==========================================================================================
 // Helpers
 // ==========================================================================================
+// (Running the binary, `Outcome`, and `device_test!` are in tests/common, shared with the
+// other test binaries.)
 
-/// Prefix of the temporary files that outputs are written through.
-const PARTIAL_PREFIX: &str = ".sotu-delta-partial-";
-const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
 const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -47,12 +47,8 @@ type Tensor = (String, Dtype, Vec<usize>, Vec<u8>);
 type Metadata = BTreeMap<String, String>;
 type TensorMap = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 
-fn tmp() -> TempDir {
-    tempfile::tempdir().expect("temporary folder")
-}
-
 fn fixture_path(model: &str, dtype: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    root()
         .join("fixtures/tiny")
         .join(format!("{model}-{dtype}.safetensors"))
 }
@@ -64,130 +60,6 @@ fn fx(dir: &Path, model: &str, dtype: &str) -> String {
         fs::copy(fixture_path(model, dtype), dir.join(&name)).expect("copy a fixture");
     }
     name
-}
-
-/// What one run of the binary did.
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Outcome {
-    fn from_output(o: std::process::Output) -> Outcome {
-        Outcome {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    /// Exit 0, and no panic message.
-    #[track_caller]
-    fn success(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "expected success\n{self}");
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        self
-    }
-
-    /// The text after `sotu-delta: <kind>:`, which must begin a line of stderr.
-    #[track_caller]
-    fn message(&self, kind: &str) -> &str {
-        let prefix = format!("sotu-delta: {kind}:");
-        let at = self
-            .stderr
-            .find(&prefix)
-            .unwrap_or_else(|| panic!("stderr has no {prefix:?}\n{self}"));
-        assert!(
-            at == 0 || self.stderr.as_bytes()[at - 1] == b'\n',
-            "{prefix:?} does not start a line\n{self}"
-        );
-        &self.stderr[at + prefix.len()..]
-    }
-
-    /// Exit 1 with `sotu-delta: error:` whose message contains every one of `words`.
-    #[track_caller]
-    fn error(&self, words: &[&str]) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(1),
-            "expected exit 1 (failed operation)\n{self}"
-        );
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        let msg = self.message("error");
-        for w in words {
-            assert!(msg.contains(w), "the error message lacks {w:?}\n{self}");
-        }
-        self
-    }
-
-    /// Exit 2 with `sotu-delta: usage error:` whose message contains every one of `words`.
-    #[track_caller]
-    fn usage_error(&self, words: &[&str]) -> &Self {
-        assert_eq!(self.code, Some(2), "expected exit 2 (usage error)\n{self}");
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        let msg = self.message("usage error");
-        for w in words {
-            assert!(msg.contains(w), "the usage message lacks {w:?}\n{self}");
-        }
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{self}"))
-    }
-}
-
-/// Runs `sotu-delta args..` in `dir`.
-fn sotu<I, A>(dir: &Path, args: I) -> Outcome
-where
-    I: IntoIterator<Item = A>,
-    A: AsRef<OsStr>,
-{
-    let out = Command::cargo_bin("sotu-delta")
-        .expect("the sotu-delta binary")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run sotu-delta");
-    Outcome::from_output(out)
-}
-
-/// Runs `sotu-delta` in `dir` with `line` split at whitespace (test file names have none).
-fn run(dir: &Path, line: &str) -> Outcome {
-    sotu(dir, line.split_whitespace())
-}
-
-/// Runs `line` and asserts success.
-#[track_caller]
-fn ok(dir: &Path, line: &str) -> Outcome {
-    let out = run(dir, line);
-    out.success();
-    out
-}
-
-/// The temporary files left in `dir` by a failed write.
-fn partial_files(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(PARTIAL_PREFIX))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// After a failure: `dir/output` does not exist and `dir` holds no partial file.
@@ -304,20 +176,6 @@ fn perturbed_base(dir: &Path, dtype: &str, name: &str) -> String {
     rewrite(&fixture_path("base", dtype), &dir.join(&out), |ts, _| {
         tensor(ts, name).3[0] ^= 1
     });
-    out
-}
-
-/// Deterministic pseudo-random bytes (splitmix64).
-fn noise(len: usize, mut state: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
     out
 }
 
@@ -581,15 +439,14 @@ fn inspect_json_reports_deltas_and_disjoint_pairs() {
     }
 }
 
-#[test]
-fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot() {
+fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot(device: Device) {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "bf16");
     ok(
         d,
         &format!(
-            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors"
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --device {device}"
         ),
     );
     let merged = tensor_map(&d.join("m.safetensors"));
@@ -637,6 +494,11 @@ fn merge_of_three_disjoint_slots_takes_each_element_from_its_slot() {
     assert_eq!(record["deltas"].as_array().unwrap().len(), 3, "{record}");
     assert_eq!(record["forced"], false, "{record}");
 }
+device_test!(
+    merge_of_three_disjoint_slots_takes_each_element_from_its_slot,
+    merge_of_three_disjoint_slots_takes_each_element_from_its_slot_cpu,
+    merge_of_three_disjoint_slots_takes_each_element_from_its_slot_cuda
+);
 
 #[test]
 fn merge_json_summary_parses_and_fingerprints_agree() {
@@ -704,8 +566,7 @@ fn apply_then_verify_succeeds() {
     }
 }
 
-#[test]
-fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly() {
+fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly(device: Device) {
     for dtype in DTYPES {
         let dir = tmp();
         let d = dir.path();
@@ -718,7 +579,7 @@ fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly() {
             );
             ok(
                 d,
-                &format!("apply --base {base} d.safetensors -o out.safetensors"),
+                &format!("apply --base {base} d.safetensors -o out.safetensors --device {device}"),
             );
             let want = tensor_map(&d.join(&tuned));
             let got = tensor_map(&d.join("out.safetensors"));
@@ -738,9 +599,13 @@ fn apply_at_density_one_reproduces_the_tuned_checkpoint_exactly() {
         }
     }
 }
+device_test!(
+    apply_at_density_one_reproduces_the_tuned_checkpoint_exactly,
+    apply_at_density_one_reproduces_the_tuned_checkpoint_exactly_cpu,
+    apply_at_density_one_reproduces_the_tuned_checkpoint_exactly_cuda
+);
 
-#[test]
-fn apply_with_dtype_f32_widens_bf16_exactly() {
+fn apply_with_dtype_f32_widens_bf16_exactly(device: Device) {
     let dir = tmp();
     let d = dir.path();
     let (base, tuned) = (fx(d, "base", "bf16"), fx(d, "task3", "bf16"));
@@ -750,7 +615,9 @@ fn apply_with_dtype_f32_widens_bf16_exactly() {
     );
     ok(
         d,
-        &format!("apply --base {base} d.safetensors -o out.safetensors --dtype f32"),
+        &format!(
+            "apply --base {base} d.safetensors -o out.safetensors --dtype f32 --device {device}"
+        ),
     );
     let got = tensor_map(&d.join("out.safetensors"));
     for (name, (dtype, shape, data)) in tensor_map(&d.join(&tuned)) {
@@ -776,16 +643,20 @@ fn apply_with_dtype_f32_widens_bf16_exactly() {
         }
     }
 }
+device_test!(
+    apply_with_dtype_f32_widens_bf16_exactly,
+    apply_with_dtype_f32_widens_bf16_exactly_cpu,
+    apply_with_dtype_f32_widens_bf16_exactly_cuda
+);
 
-#[test]
-fn merge_with_zero_weights_leaves_float_tensors_at_the_base() {
+fn merge_with_zero_weights_leaves_float_tensors_at_the_base(device: Device) {
     let dir = tmp();
     let d = dir.path();
     let base = three_slot_deltas(d, "f16");
     ok(
         d,
         &format!(
-            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --weights 0,0,0"
+            "merge --base {base} d1.safetensors d2.safetensors d3.safetensors -o m.safetensors --weights 0,0,0 --device {device}"
         ),
     );
     let got = tensor_map(&d.join("m.safetensors"));
@@ -799,6 +670,11 @@ fn merge_with_zero_weights_leaves_float_tensors_at_the_base() {
         }
     }
 }
+device_test!(
+    merge_with_zero_weights_leaves_float_tensors_at_the_base,
+    merge_with_zero_weights_leaves_float_tensors_at_the_base_cpu,
+    merge_with_zero_weights_leaves_float_tensors_at_the_base_cuda
+);
 
 #[test]
 fn include_pattern_stores_unselected_tensors_whole() {
@@ -855,8 +731,7 @@ fn exclude_pattern_stores_norms_whole() {
     assert_eq!(norms, 5);
 }
 
-#[test]
-fn thread_count_does_not_change_output_bytes() {
+fn thread_count_does_not_change_output_bytes(device: Device) {
     // Each thread count works in a folder of its own under the same file names, because the
     // merged file records the names of its deltas.
     let dir = tmp();
@@ -876,7 +751,9 @@ fn thread_count_does_not_change_output_bytes() {
             "d1.safetensors d2.safetensors d3.safetensors --weights 0.5,1.5,-0.25 --rescale";
         ok(
             &sub,
-            &format!("--threads {threads} merge --base {base} {deltas} -o m.safetensors"),
+            &format!(
+                "--threads {threads} merge --base {base} {deltas} -o m.safetensors --device {device}"
+            ),
         );
     }
     for f in [
@@ -895,6 +772,11 @@ fn thread_count_does_not_change_output_bytes() {
         }
     }
 }
+device_test!(
+    thread_count_does_not_change_output_bytes,
+    thread_count_does_not_change_output_bytes_cpu,
+    thread_count_does_not_change_output_bytes_cuda
+);
 
 #[test]
 fn outputs_are_not_private_files() {
@@ -941,8 +823,7 @@ fn delta_and_merge_files_follow_the_container_layout() {
     }
 }
 
-#[test]
-fn merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it() {
+fn merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it(device: Device) {
     // Both deltas carry the new tensor score.weight, with identical bytes: no conflict.
     let dir = tmp();
     let d = dir.path();
@@ -957,10 +838,17 @@ fn merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it() {
     );
     ok(
         d,
-        &format!("merge --base {base} a.safetensors b.safetensors -o m.safetensors"),
+        &format!(
+            "merge --base {base} a.safetensors b.safetensors -o m.safetensors --device {device}"
+        ),
     );
     assert!(tensor_map(&d.join("m.safetensors")) == tensor_map(&d.join(&tuned)));
 }
+device_test!(
+    merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it,
+    merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it_cpu,
+    merge_of_two_complementary_slots_of_one_fine_tune_rebuilds_it_cuda
+);
 
 /// Negative weights (task-vector subtraction) are meant to be accepted: the option is declared
 /// with clap's allow_negative_numbers. `--weights -1,1` must parse like `--weights=-1,1`.

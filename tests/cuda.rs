@@ -19,7 +19,7 @@ use sotu_delta::output::{Target, write_file};
 
 #[path = "cuda_host/data.rs"]
 mod data;
-use data::{KATS, make};
+use data::{KATS, iv, make};
 
 /// The repository root: `SOTU_ROOT`, else where this test was built (a GPU machine runs the
 /// test binary built elsewhere, docs/CUDA.md).
@@ -282,10 +282,6 @@ fn gpu_merges_the_fixtures_like_the_cpu() {
 
 /// Per delta (interval, seed, stored whole); weights; rescale.
 type DeltaLayout = (Vec<(Interval, u64, bool)>, Vec<f64>, bool);
-
-fn iv(d: f64) -> Interval {
-    Interval::from_density(d).unwrap()
-}
 
 #[test]
 fn gpu_merges_generated_tensors_like_the_cpu() {

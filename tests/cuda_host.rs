@@ -25,7 +25,7 @@ use sotu_delta::output::{Target, write_file};
 
 #[path = "cuda_host/data.rs"]
 mod data;
-use data::{KATS, make};
+use data::{KATS, iv, make};
 
 /// Threads per emulated block: two warps, so that the cross-warp half of the block scan runs.
 const EMU_BLOCK: u64 = 64;
@@ -443,10 +443,6 @@ fn emulate(
         u64::from_le_bytes(out[8..16].try_into().unwrap()),
     ];
     (status, out[16..].to_vec())
-}
-
-fn iv(d: f64) -> Interval {
-    Interval::from_density(d).unwrap()
 }
 
 fn slot(k: u64, n: u64) -> Interval {

@@ -12,32 +12,8 @@ use safetensors::Dtype;
 use sotu_delta::dtype::Float;
 use sotu_delta::output::write_file;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
-
-fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run sotu-delta")
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn partials(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(".sotu-delta-partial-")
-        })
-        .collect()
-}
+mod common;
+use common::{BIN, Outcome, partial_files, sotu};
 
 /// A checkpoint with one f32 tensor of `n` elements, base or fine-tuned.
 fn checkpoint(path: &Path, n: usize, tuned: bool) {
@@ -75,8 +51,8 @@ fn extract_delta(dir: &Path) {
         "-o",
         "d.safetensors",
     ];
-    let o = run(dir, &args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sotu(dir, args);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
 }
 
 /// Mounts a tmpfs at `dir` (root only); `None`, with the reason printed, where that fails.
@@ -91,7 +67,7 @@ fn tmpfs(dir: &Path, opts: &str) -> Option<Mount> {
         Ok(o) => {
             eprintln!(
                 "SKIPPED: cannot mount a tmpfs ({}); needs root",
-                stderr(&o).trim()
+                String::from_utf8_lossy(&o.stderr).trim()
             );
             None
         }
@@ -112,7 +88,7 @@ impl Drop for Mount {
 
 /// Starts a one-thread merge of `d.safetensors` onto `base.safetensors`, waits until its partial output exists
 /// (the data pass has begun), runs `during` with the merge's pid, and returns its output.
-fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
+fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> Outcome {
     let child = Command::new(BIN)
         .current_dir(dir)
         .args([
@@ -131,7 +107,7 @@ fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while partials(dir).is_empty() {
+    while partial_files(dir).is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "merge never started writing"
@@ -139,7 +115,7 @@ fn merge_with(dir: &Path, during: impl FnOnce(u32)) -> std::process::Output {
         std::thread::sleep(Duration::from_millis(2));
     }
     during(child.id());
-    child.wait_with_output().unwrap()
+    Outcome::from_output(child.wait_with_output().unwrap())
 }
 
 #[test]
@@ -177,23 +153,18 @@ fn disk_full_mid_write_leaves_nothing_and_a_rerun_succeeds() {
         if args[0] == "merge" {
             extract_delta(d);
         }
-        let o = run(&small, &args);
-        assert_eq!(o.status.code(), Some(1), "{:?}: {}", args, stderr(&o));
-        assert!(stderr(&o).contains("out.safetensors"), "{}", stderr(&o));
+        let o = sotu(&small, &args);
+        assert_eq!(o.code, Some(1), "{:?}: {}", args, o.stderr);
+        assert!(o.stderr.contains("out.safetensors"), "{}", o.stderr);
         assert!(!small.join("out.safetensors").exists());
-        assert!(partials(&small).is_empty(), "{:?}", partials(&small));
-        // The same command with room to write succeeds.
-        let o = run(
-            d,
-            &args
-                .iter()
-                .map(|a| a.replace("../", ""))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
+        assert!(
+            partial_files(&small).is_empty(),
+            "{:?}",
+            partial_files(&small)
         );
-        assert!(o.status.success(), "{}", stderr(&o));
+        // The same command with room to write succeeds.
+        let o = sotu(d, args.iter().map(|a| a.replace("../", "")));
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
     }
     assert_eq!(
         std::fs::read(d.join("base.safetensors")).unwrap(),
@@ -212,9 +183,9 @@ fn read_only_output_folder_is_a_clear_error() {
     let Some(_mount) = tmpfs(&ro, "ro,size=1m") else {
         return;
     };
-    let o = run(
+    let o = sotu(
         d,
-        &[
+        [
             "extract",
             "--base",
             "base.safetensors",
@@ -224,8 +195,8 @@ fn read_only_output_folder_is_a_clear_error() {
             "ro/d.safetensors",
         ],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("ro/d.safetensors"), "{}", stderr(&o));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("ro/d.safetensors"), "{}", o.stderr);
     assert!(!ro.join("d.safetensors").exists());
 }
 
@@ -240,16 +211,16 @@ fn killed_merge_leaves_no_output_and_a_rerun_succeeds() {
         // SAFETY: signals the child this test spawned and has not yet reaped.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     });
-    assert_eq!(o.status.code(), None, "killed by a signal");
+    assert_eq!(o.code, None, "killed by a signal");
     // SIGKILL cannot be caught: the partial file may stay, but nothing is at the output path.
     assert!(!d.join("out.safetensors").exists());
-    for p in partials(d) {
-        std::fs::remove_file(p).unwrap();
+    for p in partial_files(d) {
+        std::fs::remove_file(d.join(p)).unwrap();
     }
     assert_eq!(std::fs::read(d.join("base.safetensors")).unwrap(), before);
-    let o = run(
+    let o = sotu(
         d,
-        &[
+        [
             "merge",
             "--base",
             "base.safetensors",
@@ -258,7 +229,7 @@ fn killed_merge_leaves_no_output_and_a_rerun_succeeds() {
             "out.safetensors",
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
 }
 
 #[test]
@@ -274,10 +245,10 @@ fn input_truncated_while_read_is_an_error_naming_it() {
             .set_len(4096)
             .unwrap();
     });
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("base.safetensors"), "{}", stderr(&o));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("base.safetensors"), "{}", o.stderr);
     assert!(!d.join("out.safetensors").exists());
-    assert!(partials(d).is_empty(), "{:?}", partials(d));
+    assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
 }
 
 #[test]
@@ -294,14 +265,14 @@ fn input_rewritten_while_read_is_an_error_naming_it() {
         f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
             .unwrap();
     });
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
-        stderr(&o).contains("d.safetensors") && stderr(&o).contains("changed"),
+        o.stderr.contains("d.safetensors") && o.stderr.contains("changed"),
         "{}",
-        stderr(&o)
+        o.stderr
     );
     assert!(!d.join("out.safetensors").exists());
-    assert!(partials(d).is_empty());
+    assert!(partial_files(d).is_empty());
 }
 
 #[test]
@@ -326,9 +297,9 @@ fn f16_overflow_warns_naming_the_tensor() {
         &BTreeMap::new(),
     )
     .unwrap();
-    let o = run(
+    let o = sotu(
         d,
-        &[
+        [
             "extract",
             "--base",
             "base.safetensors",
@@ -340,11 +311,11 @@ fn f16_overflow_warns_naming_the_tensor() {
             "d.safetensors",
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
     // 60000 + 2·(65504 − 60000) = 71008: past the largest f16.
-    let o = run(
+    let o = sotu(
         d,
-        &[
+        [
             "merge",
             "--base",
             "base.safetensors",
@@ -355,16 +326,16 @@ fn f16_overflow_warns_naming_the_tensor() {
             "out.safetensors",
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let err = &o.stderr;
     assert!(
         err.contains("warning") && err.contains("hot") && err.contains("1 element"),
         "{err}"
     );
     // Weight 1 stays finite: no warning.
-    let o = run(
+    let o = sotu(
         d,
-        &[
+        [
             "merge",
             "--base",
             "base.safetensors",
@@ -373,5 +344,5 @@ fn f16_overflow_warns_naming_the_tensor() {
             "out2.safetensors",
         ],
     );
-    assert!(!stderr(&o).contains("overflow"), "{}", stderr(&o));
+    assert!(!o.stderr.contains("overflow"), "{}", o.stderr);
 }

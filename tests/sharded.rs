@@ -18,7 +18,8 @@
 //! one string split at whitespace; exact exit codes (0 success, 1 failed operation, 2 usage);
 //! after a failure nothing is written and no `.sotu-delta-partial-*` file or temporary sibling
 //! remains. These tests read and write safetensors with their own small code (below), so they
-//! depend neither on the crate's library nor on Python.
+//! depend neither on the crate's library (but for tests/common asking whether a CUDA device is
+//! present) nor on Python.
 //!
 //! Readings of the contract where it is not explicit (each also noted where it is used):
 //! - "single file" output means OUT ends in `.safetensors`; so single-file outputs here are
@@ -55,134 +56,15 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+mod common;
+use common::{BIN, Device, Outcome, PARTIAL_PREFIX, device_test, noise, ok, run, sotu, tmp};
+
 // ==========================================================================================
 // Running the binary
 // ==========================================================================================
 
-const BIN: &str = env!("CARGO_BIN_EXE_sotu-delta");
-const PARTIAL_PREFIX: &str = ".sotu-delta-partial-";
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
-
-fn tmp() -> TempDir {
-    tempfile::tempdir().expect("temporary folder")
-}
-
-/// What one run of the binary did.
-struct Outcome {
-    line: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "$ sotu-delta {}\nexit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.line, self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Outcome {
-    /// Exit 0, no panic, and no progress output on stderr (stderr is a pipe here).
-    #[track_caller]
-    fn success(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "expected success\n{self}");
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        assert!(
-            !self.stderr.contains('\r') && !self.stderr.contains("ETA"),
-            "progress output on a stderr that is not a terminal\n{self}"
-        );
-        self
-    }
-
-    /// The text after `sotu-delta: <kind>:`, which must begin a line of stderr.
-    #[track_caller]
-    fn message(&self, kind: &str) -> &str {
-        let prefix = format!("sotu-delta: {kind}:");
-        let at = self
-            .stderr
-            .find(&prefix)
-            .unwrap_or_else(|| panic!("stderr has no {prefix:?}\n{self}"));
-        assert!(
-            at == 0 || self.stderr.as_bytes()[at - 1] == b'\n',
-            "{prefix:?} does not start a line\n{self}"
-        );
-        &self.stderr[at + prefix.len()..]
-    }
-
-    /// Exit 1 with `sotu-delta: error:` whose message contains every one of `all`, and at least
-    /// one of `any` (when `any` is not empty).
-    #[track_caller]
-    fn error(&self, all: &[&str], any: &[&str]) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(1),
-            "expected exit 1 (failed operation)\n{self}"
-        );
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        let msg = self.message("error");
-        for w in all {
-            assert!(msg.contains(w), "the error message lacks {w:?}\n{self}");
-        }
-        assert!(
-            any.is_empty() || any.iter().any(|w| msg.contains(w)),
-            "the error message names none of {any:?}\n{self}"
-        );
-        self
-    }
-
-    /// Exit 2 with `sotu-delta: usage error:` whose message contains every one of `words`.
-    #[track_caller]
-    fn usage_error(&self, words: &[&str]) -> &Self {
-        assert_eq!(self.code, Some(2), "expected exit 2 (usage error)\n{self}");
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        let msg = self.message("usage error");
-        for w in words {
-            assert!(msg.contains(w), "the usage message lacks {w:?}\n{self}");
-        }
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{self}"))
-    }
-}
-
-/// Runs `sotu-delta` in `dir` with `args`.
-fn sotu_args(dir: &Path, args: &[&str]) -> Outcome {
-    let out = Command::new(BIN)
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sotu-delta");
-    Outcome {
-        line: args.join(" "),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs `sotu-delta` in `dir` with `line` split at whitespace (test paths have none).
-fn run(dir: &Path, line: &str) -> Outcome {
-    let args: Vec<&str> = line.split_whitespace().collect();
-    sotu_args(dir, &args)
-}
-
-/// Runs `line` and asserts success.
-#[track_caller]
-fn ok(dir: &Path, line: &str) -> Outcome {
-    let out = run(dir, line);
-    out.success();
-    out
-}
 
 /// The names of the entries of `dir` (not recursive).
 fn entries(dir: &Path) -> BTreeSet<String> {
@@ -215,7 +97,7 @@ fn ok_creating(dir: &Path, line: &str, out: &str) -> Outcome {
 fn fails_writing_nothing(dir: &Path, line: &str, out: &str, all: &[&str], any: &[&str]) {
     let before = entries(dir);
     let o = run(dir, line);
-    o.error(all, any);
+    o.error_any(all, any);
     assert!(
         !dir.join(out).exists(),
         "{out} was written despite the failure\n{o}"
@@ -495,20 +377,6 @@ fn snapshot(path: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 // ==========================================================================================
 // The generated model
 // ==========================================================================================
-
-/// Deterministic pseudo-random bytes (splitmix64).
-fn noise(len: usize, mut state: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Finite values of magnitude in [0.5, 1) and random sign, as raw bits of `dtype`; position
 /// ids 0.. for I64.
@@ -960,21 +828,24 @@ fn delta_folders(d: &Path) {
     assert!(d.join("d3dir").join(SINGLE).exists());
 }
 
-#[test]
-fn merge_folder_forms_equal_the_single_file_merge() {
+fn merge_folder_forms_equal_the_single_file_merge(device: Device) {
     let dir = setup();
     let d = dir.path();
     delta_folders(d);
     ok(
         d,
-        "merge --base base.safetensors d1.safetensors d2.safetensors d3.safetensors -o ref.safetensors",
+        &format!(
+            "merge --base base.safetensors d1.safetensors d2.safetensors d3.safetensors -o ref.safetensors --device {device}"
+        ),
     );
     let (want, want_meta) = read_st(&d.join("ref.safetensors"));
     let extras = base_extras();
 
     ok_creating(
         d,
-        "merge --base base d1.safetensors d2dir d3dir -o m1.safetensors",
+        &format!(
+            "merge --base base d1.safetensors d2dir d3dir -o m1.safetensors --device {device}"
+        ),
         "m1.safetensors",
     );
     let (got, meta) = read_st(&d.join("m1.safetensors"));
@@ -989,7 +860,7 @@ fn merge_folder_forms_equal_the_single_file_merge() {
     // Everything fits 5GB: model.safetensors alone, and the base folder's other files.
     ok_creating(
         d,
-        "merge --base base d1.safetensors d2dir d3dir -o m2",
+        &format!("merge --base base d1.safetensors d2dir d3dir -o m2 --device {device}"),
         "m2",
     );
     assert_folder_output(&d.join("m2"), 5_000_000_000, &want, &extras, "merge -o m2");
@@ -997,7 +868,9 @@ fn merge_folder_forms_equal_the_single_file_merge() {
     // Sharded: the embedding (51 200 bytes) is larger than the limit and sits alone.
     ok_creating(
         d,
-        "merge --base base d1.safetensors d2dir d3dir -o m3 --shard-size 32KB",
+        &format!(
+            "merge --base base d1.safetensors d2dir d3dir -o m3 --shard-size 32KB --device {device}"
+        ),
         "m3",
     );
     assert!(expected_layout(&want, 32_000).len() >= 3, "test design");
@@ -1012,7 +885,9 @@ fn merge_folder_forms_equal_the_single_file_merge() {
     // From a single-file base: a folder of shards, nothing else to copy.
     ok_creating(
         d,
-        "merge --base base.safetensors d1.safetensors d2dir d3dir -o m4 --shard-size 20000",
+        &format!(
+            "merge --base base.safetensors d1.safetensors d2dir d3dir -o m4 --shard-size 20000 --device {device}"
+        ),
         "m4",
     );
     assert_folder_output(
@@ -1026,12 +901,16 @@ fn merge_folder_forms_equal_the_single_file_merge() {
     // With --dtype f32 the shards are packed by the output's (widened) tensor sizes.
     ok(
         d,
-        "merge --base base.safetensors d1.safetensors d2.safetensors d3.safetensors -o ref32.safetensors --dtype f32",
+        &format!(
+            "merge --base base.safetensors d1.safetensors d2.safetensors d3.safetensors -o ref32.safetensors --dtype f32 --device {device}"
+        ),
     );
     let want32 = tensors_of(&d.join("ref32.safetensors"));
     ok_creating(
         d,
-        "merge --base base d1.safetensors d2dir d3dir -o m32 --dtype f32 --shard-size 60000",
+        &format!(
+            "merge --base base d1.safetensors d2dir d3dir -o m32 --dtype f32 --shard-size 60000 --device {device}"
+        ),
         "m32",
     );
     assert_folder_output(
@@ -1045,10 +924,15 @@ fn merge_folder_forms_equal_the_single_file_merge() {
     // A merged folder is a checkpoint like any other: a base for the next merge.
     ok_creating(
         d,
-        "merge --base m3 d1.safetensors -o m5.safetensors --force",
+        &format!("merge --base m3 d1.safetensors -o m5.safetensors --force --device {device}"),
         "m5.safetensors",
     );
 }
+device_test!(
+    merge_folder_forms_equal_the_single_file_merge,
+    merge_folder_forms_equal_the_single_file_merge_cpu,
+    merge_folder_forms_equal_the_single_file_merge_cuda
+);
 
 #[test]
 fn the_index_wins_over_model_safetensors() {
@@ -1099,8 +983,8 @@ fn folder_without_weights_is_refused_naming_it() {
         &[],
     );
     fails_writing_nothing(d, "apply --base base empty -o a", "a", &["empty"], &[]);
-    run(d, "inspect empty").error(&["empty"], &[]);
-    run(d, "verify --base base empty").error(&["empty"], &[]);
+    run(d, "inspect empty").error(&["empty"]);
+    run(d, "verify --base base empty").error(&["empty"]);
 }
 
 /// A merge that fails once the inputs are read (the base folder does not match the deltas)
@@ -1133,19 +1017,20 @@ fn failed_merge_into_a_folder_leaves_nothing() {
 // 3. apply
 // ==========================================================================================
 
-#[test]
-fn apply_folder_forms_equal_the_single_file_apply() {
+fn apply_folder_forms_equal_the_single_file_apply(device: Device) {
     let dir = setup();
     let d = dir.path();
     delta_folders(d);
     ok(
         d,
-        "apply --base base.safetensors d2.safetensors -o ref.safetensors",
+        &format!(
+            "apply --base base.safetensors d2.safetensors -o ref.safetensors --device {device}"
+        ),
     );
     let want = tensors_of(&d.join("ref.safetensors"));
     ok_creating(
         d,
-        "apply --base base d2dir -o a1.safetensors",
+        &format!("apply --base base d2dir -o a1.safetensors --device {device}"),
         "a1.safetensors",
     );
     assert_same_tensors(
@@ -1153,12 +1038,20 @@ fn apply_folder_forms_equal_the_single_file_apply() {
         &want,
         "apply into a file",
     );
-    ok_creating(d, "apply --base base d2dir -o a2 --shard-size 40KiB", "a2");
+    ok_creating(
+        d,
+        &format!("apply --base base d2dir -o a2 --shard-size 40KiB --device {device}"),
+        "a2",
+    );
     assert_folder_output(&d.join("a2"), 40_960, &want, &base_extras(), "apply -o a2");
 }
+device_test!(
+    apply_folder_forms_equal_the_single_file_apply,
+    apply_folder_forms_equal_the_single_file_apply_cpu,
+    apply_folder_forms_equal_the_single_file_apply_cuda
+);
 
-#[test]
-fn density_one_through_folders_reproduces_the_fine_tune() {
+fn density_one_through_folders_reproduces_the_fine_tune(device: Device) {
     let dir = tmp();
     let d = dir.path();
     make_models(d);
@@ -1173,7 +1066,7 @@ fn density_one_through_folders_reproduces_the_fine_tune() {
     );
     ok_creating(
         d,
-        "apply --base base full -o back --shard-size 30000",
+        &format!("apply --base base full -o back --shard-size 30000 --device {device}"),
         "back",
     );
     assert_folder_output(
@@ -1184,6 +1077,11 @@ fn density_one_through_folders_reproduces_the_fine_tune() {
         "apply -o back",
     );
 }
+device_test!(
+    density_one_through_folders_reproduces_the_fine_tune,
+    density_one_through_folders_reproduces_the_fine_tune_cpu,
+    density_one_through_folders_reproduces_the_fine_tune_cuda
+);
 
 // ==========================================================================================
 // 4. verify and inspect
@@ -1251,7 +1149,7 @@ fn verify_accepts_folders_and_reports_as_for_files() {
     // Both deltas are refused (as for files, tests/cli.rs): stderr names them and the base,
     // stdout gives the tensor that differs.
     let out = run(d, "verify --base base d2dir d3dir");
-    out.error(&["d2dir", "d3dir", "base"], &[]);
+    out.error(&["d2dir", "d3dir", "base"]);
     let differs: Vec<&str> = out
         .stdout
         .lines()
@@ -1260,7 +1158,7 @@ fn verify_accepts_folders_and_reports_as_for_files() {
     assert_eq!(differs.len(), 2, "{out}");
     assert!(differs.iter().all(|l| l.contains(L1_NORM)), "{out}");
     let j = run(d, "verify --json --base base d2dir");
-    j.error(&["d2dir"], &[]);
+    j.error(&["d2dir"]);
     assert_eq!(j.json()[0]["mismatched"], json!([L1_NORM]), "{j}");
 }
 
@@ -1422,7 +1320,7 @@ fn bad_shard_sizes_are_usage_errors() {
                 &opt,
             ],
         ] {
-            sotu_args(d, &args).usage_error(&["shard-size"]);
+            sotu(d, &args).usage_error(&["shard-size"]);
             assert_eq!(entries(d), before, "{opt}: something was written");
         }
     }
@@ -1438,9 +1336,9 @@ fn shard_size_beyond_64_bits_is_a_usage_error() {
     for bad in ["18446744073709551616", "20000000000000000000"] {
         let before = entries(d);
         let opt = format!("--shard-size={bad}");
-        sotu_args(
+        sotu(
             d,
-            &[
+            [
                 "merge",
                 "--base",
                 "base",
@@ -1699,7 +1597,7 @@ fn assert_bad_index_refused(damage: Damage) {
         &all,
         &any,
     );
-    run(d, "verify --base bad d1.safetensors").error(&all, &any);
+    run(d, "verify --base bad d1.safetensors").error_any(&all, &any);
 
     // The same damage to a sharded delta folder.
     fs::rename(d.join("gooddelta"), d.join("bad2")).unwrap();
@@ -1715,8 +1613,8 @@ fn assert_bad_index_refused(damage: Damage) {
         &all,
         &any,
     );
-    run(d, "inspect bad2").error(&all, &any);
-    run(d, "verify --base base bad2").error(&all, &any);
+    run(d, "inspect bad2").error_any(&all, &any);
+    run(d, "verify --base base bad2").error_any(&all, &any);
 }
 
 #[test]
@@ -1814,7 +1712,7 @@ fn output_folder_that_is_or_holds_an_input_is_refused() {
         let before = snapshot(d);
         let top = entries(d);
         let o = run(d, line);
-        o.error(&[out], &[]);
+        o.error(&[out]);
         assert!(snapshot(d) == before, "an input was touched\n{o}");
         assert_eq!(entries(d), top, "entries left behind\n{o}");
     }

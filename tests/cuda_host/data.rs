@@ -1,8 +1,9 @@
 //! Test data shared by tests/cuda_host.rs and tests/cuda.rs: the known-answer vectors of
-//! docs/FORMAT.md section 4, and generated tensors with awkward values.
+//! docs/FORMAT.md section 4, generated tensors with awkward values, and intervals.
 #![allow(dead_code)]
 
 use sotu_delta::dtype::Float;
+use sotu_delta::mask::Interval;
 
 /// (seed, name, k0, k1, [(i, u)]) from docs/FORMAT.md section 4.
 pub type Kat = (u64, &'static str, u32, u32, [(u64, u32); 9]);
@@ -153,4 +154,9 @@ pub fn make(f: Float, numel: usize, tunes: usize, seed: u64) -> (Vec<u8>, Vec<Ve
         })
         .collect();
     (base_bytes, tuned)
+}
+
+/// `Interval::from_density(d)`, which the tests know to be valid.
+pub fn iv(d: f64) -> Interval {
+    Interval::from_density(d).unwrap()
 }
