@@ -131,69 +131,8 @@ pub fn extract(
     crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
     let plan = plan(base, tuned, opts)?;
 
-    let mut layout = Vec::new();
-    for p in &plan {
-        let e = &p.entry;
-        match e.kind {
-            Kind::Masked => {
-                let size = Float::of(e.dtype).unwrap().size() as u64;
-                let kept = e.kept.unwrap();
-                layout.push(OutTensor {
-                    name: p.name.clone(),
-                    dtype: e.dtype,
-                    shape: vec![kept as usize],
-                    len: kept * size,
-                });
-                layout.push(OutTensor {
-                    name: offsets_key(&p.name),
-                    dtype: Dtype::U64,
-                    shape: vec![p.offsets.len()],
-                    len: 8 * p.offsets.len() as u64,
-                });
-            }
-            Kind::Whole => {
-                let info = tuned.info(&p.name).unwrap();
-                layout.push(OutTensor {
-                    name: p.name.clone(),
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    len: info.range.len() as u64,
-                });
-            }
-            Kind::Same => {}
-        }
-    }
-    let rows = plan.len();
-    layout.push(OutTensor {
-        name: BASE_HASHES.into(),
-        dtype: Dtype::U8,
-        shape: vec![rows, 32],
-        len: 32 * rows as u64,
-    });
-    layout.push(OutTensor {
-        name: STATS.into(),
-        dtype: Dtype::F64,
-        shape: vec![rows, STATS_COLS],
-        len: (8 * STATS_COLS * rows) as u64,
-    });
-    layout.sort_by(|a, b| a.name.cmp(&b.name));
-
-    let entries: BTreeMap<&str, &Entry> =
-        plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
-    let mut md = BTreeMap::new();
-    md.insert("format".into(), FORMAT_NAME.into());
-    md.insert("format_version".into(), FORMAT_VERSION.into());
-    md.insert("mask".into(), MASK_NAME.into());
-    md.insert("seed".into(), opts.seed.to_string());
-    md.insert("lo".into(), opts.interval.lo().to_string());
-    md.insert("hi".into(), opts.interval.hi().to_string());
-    md.insert("density".into(), format!("{}", opts.interval.density()));
-    if let Some(s) = &opts.slot {
-        md.insert("slot".into(), s.clone());
-    }
-    md.insert("chunk".into(), CHUNK_ELEMS.to_string());
-    md.insert("tool".into(), crate::TOOL.into());
-    md.insert("tensors".into(), serde_json::to_string(&entries)?);
+    let layout = layout(&plan, tuned);
+    let md = delta_metadata(&plan, opts)?;
 
     let output = Output::create(out, &layout, &md)?;
     base.advise_sequential();
@@ -290,6 +229,79 @@ pub fn extract(
                 .collect::<Vec<_>>(),
         ),
     })
+}
+
+/// The tensors of the delta file, in name order: kept values and offsets of each masked
+/// tensor, whole tensors, and the format's own tensors.
+fn layout(plan: &[Planned], tuned: &Checkpoint) -> Vec<OutTensor> {
+    let mut layout = Vec::new();
+    for p in plan {
+        let e = &p.entry;
+        match e.kind {
+            Kind::Masked => {
+                let size = Float::of(e.dtype).unwrap().size() as u64;
+                let kept = e.kept.unwrap();
+                layout.push(OutTensor {
+                    name: p.name.clone(),
+                    dtype: e.dtype,
+                    shape: vec![kept as usize],
+                    len: kept * size,
+                });
+                layout.push(OutTensor {
+                    name: offsets_key(&p.name),
+                    dtype: Dtype::U64,
+                    shape: vec![p.offsets.len()],
+                    len: 8 * p.offsets.len() as u64,
+                });
+            }
+            Kind::Whole => {
+                let info = tuned.info(&p.name).unwrap();
+                layout.push(OutTensor {
+                    name: p.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    len: info.range.len() as u64,
+                });
+            }
+            Kind::Same => {}
+        }
+    }
+    let rows = plan.len();
+    layout.push(OutTensor {
+        name: BASE_HASHES.into(),
+        dtype: Dtype::U8,
+        shape: vec![rows, 32],
+        len: 32 * rows as u64,
+    });
+    layout.push(OutTensor {
+        name: STATS.into(),
+        dtype: Dtype::F64,
+        shape: vec![rows, STATS_COLS],
+        len: (8 * STATS_COLS * rows) as u64,
+    });
+    layout.sort_by(|a, b| a.name.cmp(&b.name));
+    layout
+}
+
+/// The delta's `__metadata__` (docs/FORMAT.md sections 2 and 3).
+fn delta_metadata(plan: &[Planned], opts: &ExtractOptions) -> Result<BTreeMap<String, String>> {
+    let entries: BTreeMap<&str, &Entry> =
+        plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
+    let mut md = BTreeMap::new();
+    md.insert("format".into(), FORMAT_NAME.into());
+    md.insert("format_version".into(), FORMAT_VERSION.into());
+    md.insert("mask".into(), MASK_NAME.into());
+    md.insert("seed".into(), opts.seed.to_string());
+    md.insert("lo".into(), opts.interval.lo().to_string());
+    md.insert("hi".into(), opts.interval.hi().to_string());
+    md.insert("density".into(), format!("{}", opts.interval.density()));
+    if let Some(s) = &opts.slot {
+        md.insert("slot".into(), s.clone());
+    }
+    md.insert("chunk".into(), CHUNK_ELEMS.to_string());
+    md.insert("tool".into(), crate::TOOL.into());
+    md.insert("tensors".into(), serde_json::to_string(&entries)?);
+    Ok(md)
 }
 
 /// Decides each tensor's kind and counts the kept elements of the masked ones.

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use assert_cmd::Command;
 use safetensors::Dtype;
 use serde_json::{Value, json};
-use sotu_delta::checkpoint::Checkpoint;
+use sotu_delta::io::Checkpoint;
+use sotu_delta::io::write_file;
 use sotu_delta::mask::{DEFAULT_SEED, Interval, Mask};
-use sotu_delta::output::write_file;
 use tempfile::TempDir;
 
 mod common;

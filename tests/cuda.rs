@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sotu_delta::checkpoint::Checkpoint;
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::Delta;
+use sotu_delta::io::Checkpoint;
+use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
 use sotu_delta::merge::cuda;
 use sotu_delta::merge::{Device, MergeOptions, merge};
-use sotu_delta::output::{Target, write_file};
 
 #[path = "cuda_host/data.rs"]
 mod data;

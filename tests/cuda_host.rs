@@ -13,15 +13,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use safetensors::Dtype;
-use sotu_delta::checkpoint::Checkpoint;
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::Delta;
+use sotu_delta::io::Checkpoint;
+use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
 use sotu_delta::merge::cuda::{self, Launch};
 use sotu_delta::merge::plan::TILE;
 use sotu_delta::merge::{Device, MergeOptions, Origin, Source, merge, plan};
-use sotu_delta::output::{Target, write_file};
 
 #[path = "cuda_host/data.rs"]
 mod data;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
 use sotu_delta::dtype::Float;
-use sotu_delta::output::write_file;
+use sotu_delta::io::write_file;
 
 mod common;
 use common::{BIN, Outcome, partial_files, sotu};

@@ -8,13 +8,13 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use safetensors::Dtype;
-use sotu_delta::checkpoint::Checkpoint;
 use sotu_delta::dtype::Float;
 use sotu_delta::extract::{ExtractOptions, Selector, extract};
 use sotu_delta::format::{Delta, Kind};
+use sotu_delta::io::Checkpoint;
+use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, Mask, SPAN};
 use sotu_delta::merge::{MergeOptions, merge};
-use sotu_delta::output::{Target, write_file};
 
 /// A small deterministic generator (splitmix64), so that a proptest seed expands into as many
 /// values as a tensor needs without proptest generating each one.
@@ -469,7 +469,7 @@ fn merge_into_the_base_folder_is_refused_by_the_library() {
     let tensors = |data: &Vec<u8>| vec![("w".to_string(), Dtype::BF16, vec![4096], data.clone())];
     let md = BTreeMap::new();
     let base_dir = d.join("base");
-    sotu_delta::output::write_tensors(&Target::new(&base_dir), &tensors(&base), &md).unwrap();
+    sotu_delta::io::write_tensors(&Target::new(&base_dir), &tensors(&base), &md).unwrap();
     write_file(&d.join("t.safetensors"), &tensors(&tunes[0]), &md).unwrap();
     let base_ck = Checkpoint::open(&base_dir).unwrap();
     let opts = ExtractOptions {

@@ -10,10 +10,10 @@ mod common;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sotu_delta::checkpoint::Checkpoint;
+use sotu_delta::io::Checkpoint;
 use sotu_delta::format::Delta;
 use sotu_delta::merge::{MergeOptions, merge};
-use sotu_delta::output::Target;
+use sotu_delta::io::Target;
 
 /// The committed fixture, opened in place: merge checks before it commits an output that its
 /// inputs did not change while it read them, so the base must stay at its path for the whole run

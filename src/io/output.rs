@@ -117,6 +117,71 @@ enum Staging {
     Folder(tempfile::TempDir),
 }
 
+impl Staging {
+    /// A temporary file, or a temporary folder with the names of its `shards` shard files,
+    /// beside `target.path`, registered for removal should the process be stopped.
+    fn create(target: &Target, shards: usize) -> Result<(Staging, Vec<PathBuf>)> {
+        let dir = staging_dir(&target.path);
+        let cannot_create = || cannot_create(target);
+        if target.is_folder() {
+            let tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                .permissions(std::fs::Permissions::from_mode(0o777))
+                .tempdir_in(&dir)
+                .with_context(cannot_create)?;
+            process::track_dir(tmp.path());
+            let names = (1..=shards)
+                .map(|i| match shards {
+                    1 => PathBuf::from(SINGLE_NAME),
+                    n => PathBuf::from(format!("model-{i:05}-of-{n:05}.safetensors")),
+                })
+                .collect();
+            Ok((Staging::Folder(tmp), names))
+        } else {
+            let tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                // The usual mode of a new file (0666 less the umask), not tempfile's 0600.
+                .permissions(std::fs::Permissions::from_mode(0o666))
+                .tempfile_in(&dir)
+                .with_context(cannot_create)?;
+            process::track_file(tmp.path());
+            Ok((Staging::File(tmp), vec![]))
+        }
+    }
+}
+
+/// The folder the temporary form of output `dest` is made in: the output's own.
+fn staging_dir(dest: &Path) -> PathBuf {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The error context of a failure to create any part of `target`'s temporary form.
+fn cannot_create(target: &Target) -> String {
+    format!(
+        "{}: cannot create a temporary {} in {}",
+        target.path.display(),
+        if target.is_folder() { "folder" } else { "file" },
+        staging_dir(&target.path).display()
+    )
+}
+
+/// A progress bar of `bytes` to write, drawn only when stderr is a terminal: a pipe or file
+/// sees nothing.
+fn progress_bar(bytes: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} written [{wide_bar}] {binary_bytes_per_sec}, ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
 /// One file of the output.
 struct Shard {
     file: File,
@@ -209,18 +274,6 @@ impl Output {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self> {
         let dest = &target.path;
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let cannot_create = || {
-            format!(
-                "{}: cannot create a temporary {} in {}",
-                dest.display(),
-                if target.is_folder() { "folder" } else { "file" },
-                dir.display()
-            )
-        };
         if target.is_folder() {
             refuse_to_replace(dest)?;
         }
@@ -229,31 +282,8 @@ impl Output {
         } else {
             std::iter::once(0..tensors.len()).collect()
         };
-        let (staging, names): (Staging, Vec<PathBuf>) = if target.is_folder() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".sotu-delta-partial-")
-                .permissions(std::fs::Permissions::from_mode(0o777))
-                .tempdir_in(&dir)
-                .with_context(cannot_create)?;
-            process::track_dir(tmp.path());
-            let n = groups.len();
-            let names = (1..=n)
-                .map(|i| match n {
-                    1 => PathBuf::from(SINGLE_NAME),
-                    _ => PathBuf::from(format!("model-{i:05}-of-{n:05}.safetensors")),
-                })
-                .collect();
-            (Staging::Folder(tmp), names)
-        } else {
-            let tmp = tempfile::Builder::new()
-                .prefix(".sotu-delta-partial-")
-                // The usual mode of a new file (0666 less the umask), not tempfile's 0600.
-                .permissions(std::fs::Permissions::from_mode(0o666))
-                .tempfile_in(&dir)
-                .with_context(cannot_create)?;
-            process::track_file(tmp.path());
-            (Staging::File(tmp), vec![])
-        };
+        let (staging, names) = Staging::create(target, groups.len())?;
+        let cannot_create = || cannot_create(target);
 
         let mut out = Output {
             staging: Some(staging),
@@ -312,18 +342,7 @@ impl Output {
             out.index = Some(serde_json::to_vec_pretty(&index)?);
         }
         if target.progress {
-            // Drawn only when stderr is a terminal; a pipe or file sees nothing.
-            out.progress = ProgressBar::with_draw_target(
-                Some(data_bytes),
-                ProgressDrawTarget::stderr_with_hz(4),
-            );
-            out.progress.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {bytes}/{total_bytes} written [{wide_bar}] {binary_bytes_per_sec}, ETA {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
+            out.progress = progress_bar(data_bytes);
         }
         Ok(out)
     }

@@ -142,30 +142,7 @@ pub fn plan(
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
 ) -> Result<Vec<TensorPlan>> {
-    for d in deltas {
-        let file = d.path().display();
-        for (name, e) in d.entries() {
-            match (e.in_base, base.info(name)) {
-                (true, None) => bail!(
-                    "{file}: tensor {name} was taken against a base that has it, but {} has no such tensor",
-                    base.path().display()
-                ),
-                (false, Some(_)) => bail!(
-                    "{file}: tensor {name} is new in the delta, but {} already has it",
-                    base.path().display()
-                ),
-                (true, Some(b)) if b.dtype != e.dtype || b.shape != e.shape => bail!(
-                    "{file}: tensor {name} is {:?} {:?} in the delta but {:?} {:?} in {}",
-                    e.dtype,
-                    e.shape,
-                    b.dtype,
-                    b.shape,
-                    base.path().display()
-                ),
-                _ => {}
-            }
-        }
-    }
+    check_against_base(base, deltas)?;
     let out_float = |dtype: Dtype| Float::of(dtype).map(|f| opts.dtype.unwrap_or(f));
     let mut plans = Vec::new();
     for (name, info) in base.tensors() {
@@ -263,6 +240,37 @@ pub fn plan(
     }
     plans.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(plans)
+}
+
+/// Refuses a delta whose tensors do not fit `base`: one taken against a base that has a tensor
+/// this base lacks, a tensor new in the delta that the base already has, or another dtype or
+/// shape.
+fn check_against_base(base: &Checkpoint, deltas: &[Delta]) -> Result<()> {
+    for d in deltas {
+        let file = d.path().display();
+        for (name, e) in d.entries() {
+            match (e.in_base, base.info(name)) {
+                (true, None) => bail!(
+                    "{file}: tensor {name} was taken against a base that has it, but {} has no such tensor",
+                    base.path().display()
+                ),
+                (false, Some(_)) => bail!(
+                    "{file}: tensor {name} is new in the delta, but {} already has it",
+                    base.path().display()
+                ),
+                (true, Some(b)) if b.dtype != e.dtype || b.shape != e.shape => bail!(
+                    "{file}: tensor {name} is {:?} {:?} in the delta but {:?} {:?} in {}",
+                    e.dtype,
+                    e.shape,
+                    b.dtype,
+                    b.shape,
+                    base.path().display()
+                ),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses two deltas that store different whole values for one tensor.

@@ -234,7 +234,7 @@ impl fmt::Display for Device {
 /// `Ok` where `--device cuda` can run here, else why not (no driver, no NVRTC, no device...).
 /// The one place the tests ask the library about CUDA.
 pub fn cuda_device() -> Result<(), String> {
-    sotu_delta::cuda::backend().map(|_| ())
+    sotu_delta::merge::cuda::backend().map(|_| ())
 }
 
 /// `a == b`, in a constant (for [`device_test!`]'s check of the test names).

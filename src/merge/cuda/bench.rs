@@ -40,47 +40,12 @@ impl Backend {
         reps: usize,
     ) -> Result<KernelBench> {
         use cudarc::driver::DevicePtr;
-        use rayon::prelude::*;
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e}");
         if numel == 0 || !numel.is_multiple_of(TILE) || terms == 0 || terms > MAX_TERMS {
             bail!("bench: numel must be a positive multiple of {TILE}, terms in 1..={MAX_TERMS}");
         }
         self.ctx.bind_to_thread().map_err(cuda)?;
-        let size = dtype.size();
-        let chunks = numel / TILE;
-        let mut l = Launch::new(0, numel);
-        for t in 0..terms {
-            let mask = crate::mask::Mask::new(
-                2411,
-                "bench",
-                crate::mask::Interval::from_slot(t as u64, terms as u64, None)?,
-            );
-            let counts: Vec<u64> = (0..chunks)
-                .into_par_iter()
-                .map(|j| mask.count_kept(j * TILE..(j + 1) * TILE))
-                .collect();
-            let mut offsets = vec![0u64];
-            for c in counts {
-                offsets.push(offsets.last().unwrap() + c);
-            }
-            let kept = *offsets.last().unwrap();
-            let desc = TermDesc {
-                coeff: 1.0,
-                mask: Some(MaskDesc {
-                    key: mask.key.words(),
-                    lo: mask.interval.lo(),
-                    width: mask.interval.hi() - mask.interval.lo(),
-                    chunk: TILE,
-                }),
-                vcount: kept,
-                opos: l.offsets.len() as u64,
-                rpos: l.ranks.len() as u64,
-                ..TermDesc::default()
-            };
-            l.ranks.extend_from_slice(&offsets[..chunks as usize]);
-            l.offsets.extend_from_slice(&offsets);
-            l.push_term(desc, 0..kept as usize * size, size);
-        }
+        let l = synthetic_launch(numel, dtype, terms)?;
         let lay = Layout::of(&l, dtype, dtype);
         // Small, finite values everywhere: 0x3c00 is 1.0 in f16, and near 1 read as bf16/f32/f64.
         let mut host = vec![0x3cu8; lay.input_end];
@@ -91,6 +56,7 @@ impl Backend {
         let s = &self.streams[0];
         // SAFETY: written by the copy below (inputs) or by the kernel (output) before use.
         let dev = unsafe { s.alloc::<u8>(lay.end) }.map_err(cuda)?;
+        let size = dtype.size();
         let copy_len = numel as usize * size;
         let copy_dst = unsafe { s.alloc::<u8>(copy_len) }.map_err(cuda)?;
         let (p, _g) = dev.device_ptr(s);
@@ -156,4 +122,46 @@ impl Backend {
             kernel_seconds: median(kern),
         })
     }
+}
+
+/// One launch over a whole tensor of `numel` elements (a multiple of [`TILE`]) with `terms`
+/// masked terms in disjoint slots of one seed, every value stored.
+fn synthetic_launch(numel: u64, dtype: Float, terms: usize) -> Result<Launch> {
+    use rayon::prelude::*;
+    let size = dtype.size();
+    let chunks = numel / TILE;
+    let mut l = Launch::new(0, numel);
+    for t in 0..terms {
+        let mask = crate::mask::Mask::new(
+            2411,
+            "bench",
+            crate::mask::Interval::from_slot(t as u64, terms as u64, None)?,
+        );
+        let counts: Vec<u64> = (0..chunks)
+            .into_par_iter()
+            .map(|j| mask.count_kept(j * TILE..(j + 1) * TILE))
+            .collect();
+        let mut offsets = vec![0u64];
+        for c in counts {
+            offsets.push(offsets.last().unwrap() + c);
+        }
+        let kept = *offsets.last().unwrap();
+        let desc = TermDesc {
+            coeff: 1.0,
+            mask: Some(MaskDesc {
+                key: mask.key.words(),
+                lo: mask.interval.lo(),
+                width: mask.interval.hi() - mask.interval.lo(),
+                chunk: TILE,
+            }),
+            vcount: kept,
+            opos: l.offsets.len() as u64,
+            rpos: l.ranks.len() as u64,
+            ..TermDesc::default()
+        };
+        l.ranks.extend_from_slice(&offsets[..chunks as usize]);
+        l.offsets.extend_from_slice(&offsets);
+        l.push_term(desc, 0..kept as usize * size, size);
+    }
+    Ok(l)
 }
