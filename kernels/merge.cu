@@ -2,7 +2,7 @@
 // (section 6) and the merge arithmetic (section 8), bit for bit as the CPU path in src/merge.rs.
 //
 // This one file is compiled two ways:
-// - at run time by NVRTC (src/cuda.rs), for the GPU;
+// - at run time by NVRTC (src/merge/cuda/compile.rs), for the GPU;
 // - by the host C++ compiler in tests/cuda_host.rs, through tests/cuda_host/shim.h, which defines
 //   SOTU_HOST and emulates threads, __syncthreads and warp shuffles, so that the kernel itself is
 //   checked against the CPU path on a machine without a GPU.
@@ -25,7 +25,7 @@ typedef unsigned short u16;
 // Loops over a thread's items and a group's terms are unrolled so that the per-item arrays are
 // indexed by constants and stay in registers instead of local memory.
 #define SOTU_UNROLL _Pragma("unroll")
-// The merge kernels are launched with at most this many threads per block (src/cuda.rs BLOCK):
+// The merge kernels are launched with at most this many threads per block (src/merge/cuda/mod.rs BLOCK):
 // the compiler keeps their registers within what such a block may use.
 #define SOTU_BOUNDS __launch_bounds__(512)
 #endif
@@ -38,14 +38,14 @@ typedef unsigned short u16;
 
 // Elements per thread per step: 8 consecutive elements (16 bytes of bf16), and 8 keep bits.
 #define SOTU_ITEMS 8
-// u64 words per term descriptor (see struct layout in sotu_merge_body and src/cuda.rs).
+// u64 words per term descriptor (see struct layout in sotu_merge_body and src/merge/cuda/launch.rs).
 #define SOTU_TERM_WORDS 12
 // Terms per launch: the running value ranks live in shared memory.
 #define SOTU_MAX_TERMS 64
 // Masked terms scanned together: four 16-bit counts packed in one u64.
 #define SOTU_GROUP 4
 
-// dtype codes, shared with src/cuda.rs.
+// dtype codes, shared with src/merge/cuda/compile.rs.
 #define SOTU_F16 0
 #define SOTU_BF16 1
 #define SOTU_F32 2
@@ -198,7 +198,7 @@ SOTU_DEV u64 sotu_block_scan(u64 v, u64* total, u64* sh) {
 // computes the slice's elements [b*tile, min((b+1)*tile, n)), walking them in steps of
 // blockDim.x * SOTU_ITEMS elements, SOTU_ITEMS consecutive elements per thread.
 //
-// Term descriptor t (SOTU_TERM_WORDS u64 at terms + t*SOTU_TERM_WORDS), written by src/cuda.rs:
+// Term descriptor t (SOTU_TERM_WORDS u64 at terms + t*SOTU_TERM_WORDS), written by src/merge/cuda/launch.rs (`TermDesc`):
 //   0 coeff (f64 bits)          1 masked (1) or whole float term (0)
 //   2 k0 | k1 << 32             3 lo                      4 width = hi - lo (<= 2^32)
 //   5 chunk C (elements)        6 vbase: value index of the term's first uploaded value
@@ -359,7 +359,7 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
     SOTU_MERGE_ENTRY(FN, f32, F, SOTU_F32)       \
     SOTU_MERGE_ENTRY(FN, f64, F, SOTU_F64)
 
-// Every entry point, unless the compiling program selects its own: src/cuda.rs compiles one
+// Every entry point, unless the compiling program selects its own: src/merge/cuda/compile.rs compiles one
 // (from, to) pair at a time when it needs it (-DSOTU_SELECTED_ENTRIES plus a SOTU_MERGE_ENTRY
 // line), which takes a fraction of the time of all sixteen, and the helpers below alone
 // (-DSOTU_SELECTED_ENTRIES -DSOTU_HELPERS) to check that NVRTC and the driver work together.
