@@ -1,5 +1,5 @@
 // sotu-delta CUDA kernels: the mask function (docs/FORMAT.md section 4), chunk decoding
-// (section 6) and the merge arithmetic (section 8), bit for bit as the CPU path in src/merge.rs.
+// (section 6) and the merge arithmetic (section 8), bit for bit as the CPU path in src/merge/cpu.rs.
 //
 // This one file is compiled two ways:
 // - at run time by NVRTC (src/merge/cuda/compile.rs), for the GPU;
