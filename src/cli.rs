@@ -13,7 +13,7 @@ use crate::inspect::{human_bytes, inspect, verify};
 use crate::io::Checkpoint;
 use crate::io::{Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{Device, MergeOptions, merge};
+use crate::merge::{Device, MergeOptions, Method, check_method, merge};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -135,9 +135,19 @@ struct MergeArgs {
     /// One weight per delta, comma-separated (default all 1).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     weights: Vec<f64>,
-    /// Scale kept values by 1/density (DARE).
+    /// Scale kept values by 1/density (DARE); with --method sum only.
     #[arg(long)]
     rescale: bool,
+    /// How to merge (docs/METHODS.md): sum (the SoTU sum), or ties, iso, tsv, which act on
+    /// each delta's unbiased estimate (kept differences / density).
+    #[arg(long, value_enum, default_value_t = Method::Sum)]
+    method: Method,
+    /// ties, iso, tsv: scale the merged delta by A.
+    #[arg(long, value_name = "A")]
+    alpha: Option<f64>,
+    /// ties: the fraction of each task's elements kept by magnitude, in (0, 1].
+    #[arg(long, value_name = "K")]
+    trim: Option<f64>,
     #[command(flatten)]
     common: OutputArgs,
 }
@@ -152,6 +162,10 @@ struct ApplyArgs {
     /// The checkpoint to write: a .safetensors file, or else a model folder.
     #[arg(short, long)]
     output: PathBuf,
+    /// Keep the kept values exact and the base elsewhere, instead of rescaling the kept
+    /// differences by 1/density (the default, which rebuilds the fine-tune far better).
+    #[arg(long)]
+    no_rescale: bool,
     #[command(flatten)]
     common: OutputArgs,
 }
@@ -235,18 +249,26 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     };
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
-        Command::Merge(a) => run_merge(
-            &a.base, &a.deltas, &a.output, a.weights, a.rescale, a.common, &flags,
-        ),
-        Command::Apply(a) => run_merge(
-            &a.base,
-            std::slice::from_ref(&a.delta),
-            &a.output,
-            vec![],
-            false,
-            a.common,
-            &flags,
-        ),
+        Command::Merge(a) => {
+            let opts = MergeOptions {
+                weights: a.weights,
+                rescale: a.rescale,
+                method: a.method,
+                alpha: a.alpha.unwrap_or(1.0),
+                trim: a.trim.unwrap_or(0.2),
+                ..MergeOptions::default()
+            };
+            run_merge(&a.base, &a.deltas, &a.output, opts, a.common, &flags)
+        }
+        Command::Apply(a) => {
+            // The one delta's unbiased estimate by default (docs/METHODS.md, README).
+            let opts = MergeOptions {
+                rescale: !a.no_rescale,
+                ..MergeOptions::default()
+            };
+            let deltas = std::slice::from_ref(&a.delta);
+            run_merge(&a.base, deltas, &a.output, opts, a.common, &flags)
+        }
         Command::Inspect(a) => run_inspect(a),
         Command::Verify(a) => run_verify(a),
     }
@@ -336,11 +358,11 @@ fn run_merge(
     base_path: &Path,
     delta_paths: &[PathBuf],
     output: &Path,
-    weights: Vec<f64>,
-    rescale: bool,
+    opts: MergeOptions,
     common: OutputArgs,
     flags: &Flags,
 ) -> Result<()> {
+    let weights = &opts.weights;
     if !weights.is_empty() && weights.len() != delta_paths.len() {
         return Err(usage(format!(
             "--weights has {} values for {} deltas; give one per delta",
@@ -351,6 +373,7 @@ fn run_merge(
     if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
         return Err(usage(format!("--weights: {w} is not a finite number")));
     }
+    check_method(&opts, delta_paths.len()).map_err(|e| usage(format!("{e:#}")))?;
     let dtype = common
         .dtype
         .as_deref()
@@ -367,14 +390,19 @@ fn run_merge(
         target.copy_from = Some(base_path.to_path_buf());
     }
     let opts = MergeOptions {
-        weights,
-        rescale,
         dtype,
         force: common.force,
         device: common.device,
         fingerprint_output: common.json,
+        ..opts
     };
     let r = merge(&base, &deltas, &target, &opts)?;
+    if flags.verbose && opts.method != Method::Sum && r.device != "cpu" {
+        eprintln!(
+            "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum)",
+            opts.method.name()
+        );
+    }
     if flags.verbose && common.device == Device::Auto {
         match &r.cpu_because {
             None => eprintln!(

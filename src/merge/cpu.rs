@@ -29,17 +29,20 @@ const TASK: u64 = 16 * TILE;
 /// Bytes per unit of parallel work when a tensor is copied unchanged.
 const COPY_PIECE: usize = 64 << 20;
 
-/// Writes one output tensor; returns how many finite results overflowed its dtype.
+/// Writes one output tensor; returns how many finite results overflowed its dtype. A
+/// [`Source::Combine`] tensor is computed whole on this thread ([`super::methods`]); the others
+/// are spread over the threads.
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
-    let Some(job) = p.job(base, deltas) else {
-        let Source::Copy(o) = p.source else {
-            unreachable!("a plan that is not computed is copied")
-        };
-        let data = p.origin_data(o, base, deltas);
-        data.par_chunks(COPY_PIECE)
-            .enumerate()
-            .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
-        return Ok(0);
+    let job = match &p.source {
+        Source::Copy(o) => {
+            let data = p.origin_data(*o, base, deltas);
+            data.par_chunks(COPY_PIECE)
+                .enumerate()
+                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
+            return Ok(0);
+        }
+        Source::Combine { .. } => return super::methods::execute(base, deltas, out, p),
+        Source::Compute { .. } => p.job(base, deltas).expect("a computed plan is a job"),
     };
     (0..job.numel.div_ceil(TASK))
         .into_par_iter()

@@ -10,6 +10,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod methods;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::dtype::Float;
@@ -24,10 +26,10 @@ use crate::format::Delta;
 use crate::io::{Checkpoint, tensor_hash};
 use crate::io::{OutTensor, Output, Target};
 
-pub use plan::{Job, Origin, Source, TensorPlan, Term, plan};
+pub use plan::{Combine, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
 /// What `merge` is asked to do.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MergeOptions {
     /// One weight per delta (all 1 when empty).
     pub weights: Vec<f64>,
@@ -41,6 +43,28 @@ pub struct MergeOptions {
     pub fingerprint_output: bool,
     /// Which backend computes the changed tensors (docs/CUDA.md).
     pub device: Device,
+    /// The merge method (docs/METHODS.md).
+    pub method: Method,
+    /// `ties`, `iso`, `tsv`: scales the merged delta (1 by default).
+    pub alpha: f64,
+    /// `ties`: the fraction of each task's elements kept by magnitude (0.2 by default).
+    pub trim: f64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            weights: Vec::new(),
+            rescale: false,
+            dtype: None,
+            force: false,
+            fingerprint_output: false,
+            device: Device::default(),
+            method: Method::Sum,
+            alpha: 1.0,
+            trim: 0.2,
+        }
+    }
 }
 
 /// What `merge` did.
@@ -161,6 +185,7 @@ pub fn merge(
             deltas.len()
         );
     }
+    check_method(opts, deltas.len())?;
     let mut inputs = vec![base];
     inputs.extend(deltas.iter().map(Delta::checkpoint));
     crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
@@ -231,6 +256,44 @@ pub fn merge(
     })
 }
 
+impl Method {
+    /// The method's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sum => "sum",
+            Method::Ties => "ties",
+            Method::Iso => "iso",
+            Method::Tsv => "tsv",
+        }
+    }
+}
+
+/// Refuses options that do not go together (docs/METHODS.md, "Options").
+pub fn check_method(opts: &MergeOptions, deltas: usize) -> Result<()> {
+    let sum = opts.method == Method::Sum;
+    if opts.rescale && !sum {
+        bail!(
+            "--rescale goes with --method sum only: the other methods rescale every delta to its unbiased estimate themselves"
+        );
+    }
+    if sum && (opts.alpha != 1.0 || opts.trim != 0.2) {
+        bail!("--alpha and --trim go with --method ties, iso or tsv, not sum");
+    }
+    if !sum && deltas < 2 {
+        bail!(
+            "--method {} merges two or more deltas; for one, use apply",
+            opts.method.name()
+        );
+    }
+    if !(opts.alpha.is_finite()) {
+        bail!("--alpha {} is not a finite number", opts.alpha);
+    }
+    if !(opts.trim > 0.0 && opts.trim <= 1.0) {
+        bail!("--trim {} is not in (0, 1]", opts.trim);
+    }
+    Ok(())
+}
+
 /// The output's `__metadata__`: the base's, plus a record of the deltas and how they were
 /// merged.
 fn output_metadata(
@@ -257,15 +320,19 @@ fn output_metadata(
             })
         })
         .collect();
-    md.insert(
-        "sotu_delta".into(),
-        json!({
-            "tool": crate::TOOL,
-            "forced": opts.force,
-            "deltas": record,
-        })
-        .to_string(),
-    );
+    let mut record = json!({
+        "tool": crate::TOOL,
+        "forced": opts.force,
+        "deltas": record,
+        "method": opts.method,
+    });
+    if opts.method != Method::Sum {
+        record["alpha"] = json!(opts.alpha);
+        if opts.method == Method::Ties {
+            record["trim"] = json!(opts.trim);
+        }
+    }
+    md.insert("sotu_delta".into(), record.to_string());
     md
 }
 
@@ -281,6 +348,7 @@ fn execute(
     plans: &[TensorPlan],
     output: &Output,
 ) -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+    let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {
             let jobs: Vec<Job> = plans
@@ -302,7 +370,7 @@ fn execute(
                 let (hash, written) = rayon::join(
                     || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
                     || {
-                        if engine.computes(p) {
+                        if engine.computes(p) || combined(p) {
                             Ok(0)
                         } else {
                             cpu::execute(base, deltas, output, p)
@@ -321,6 +389,16 @@ fn execute(
         if engine.computes(p) {
             *c = from_engine.next().unwrap_or(0);
         }
+    }
+    // The merge methods: a tensor on each thread, each computed whole (docs/METHODS.md).
+    let from_methods: Vec<(usize, Result<u64>)> = plans
+        .par_iter()
+        .enumerate()
+        .filter(|(_, p)| combined(p))
+        .map(|(i, p)| (i, cpu::execute(base, deltas, output, p)))
+        .collect();
+    for (i, r) in from_methods {
+        overflows[i] = r?;
     }
     Ok((base_hashes, overflows))
 }

@@ -40,6 +40,32 @@ pub struct Term {
     pub masked: bool,
 }
 
+/// A merge method (docs/METHODS.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// `base + Σ w_t·s_t·(mask_t ⊙ δ_t)` (docs/FORMAT.md section 8).
+    #[default]
+    Sum,
+    /// TIES: trim each task's estimate by magnitude, elect a sign, take the disjoint mean.
+    Ties,
+    /// Iso-C: the summed estimate with its spectrum flattened.
+    Iso,
+    /// TSV-M: each task's top singular triplets, their bases orthogonalised.
+    Tsv,
+}
+
+/// A method other than `sum` with its parameters, for a tensor it applies to.
+#[derive(Clone, Copy, Debug)]
+pub struct Combine {
+    /// `ties`, `iso` or `tsv`.
+    pub method: Method,
+    /// Scales the merged delta.
+    pub alpha: f64,
+    /// `ties`: the fraction of each task's elements kept by magnitude.
+    pub trim: f64,
+}
+
 /// How an output tensor is made.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -56,6 +82,29 @@ pub enum Source {
         /// The deltas' contributions, in command-line order.
         terms: Vec<Term>,
     },
+    /// A merge method applied to the base tensor and the unbiased estimates of masked terms
+    /// (each term's `coeff` is its weight): docs/METHODS.md.
+    Combine {
+        /// The stored dtype.
+        from: Float,
+        /// The output dtype.
+        to: Float,
+        /// The method and its parameters.
+        combine: Combine,
+        /// The deltas' masked terms, in command-line order.
+        terms: Vec<Term>,
+    },
+}
+
+/// `2^32 / (hi − lo)` of a delta: the factor of `--rescale` and of the unbiased estimate
+/// (docs/FORMAT.md section 8), 1 for an empty interval.
+pub fn rescale_factor(delta: &Delta) -> f64 {
+    let iv = delta.params().interval;
+    if iv.hi() > iv.lo() {
+        SPAN as f64 / (iv.hi() - iv.lo()) as f64
+    } else {
+        1.0
+    }
 }
 
 /// One output tensor and how it is made.
@@ -111,7 +160,9 @@ impl TensorPlan {
     /// Bytes of the tensor in the output.
     pub fn out_len(&self) -> u64 {
         match &self.source {
-            Source::Compute { to, .. } => self.numel * to.size() as u64,
+            Source::Compute { to, .. } | Source::Combine { to, .. } => {
+                self.numel * to.size() as u64
+            }
             Source::Copy(_) => (self.numel * self.dtype.bitsize() as u64).div_ceil(8),
         }
     }
@@ -152,9 +203,8 @@ pub fn plan(
             let Some(e) = delta.entries().get(name) else {
                 continue;
             };
-            let p = delta.params();
-            let rescale = if opts.rescale && p.interval.hi() > p.interval.lo() {
-                SPAN as f64 / (p.interval.hi() - p.interval.lo()) as f64
+            let rescale = if opts.rescale {
+                rescale_factor(delta)
             } else {
                 1.0
             };
@@ -186,6 +236,24 @@ pub fn plan(
                 let to = out_float(info.dtype).unwrap();
                 if terms.is_empty() && from == to {
                     (info.dtype, Source::Copy(Origin::Base))
+                } else if opts.method != Method::Sum
+                    && !terms.is_empty()
+                    && terms.iter().all(|t| t.masked)
+                {
+                    let combine = Combine {
+                        method: opts.method,
+                        alpha: opts.alpha,
+                        trim: opts.trim,
+                    };
+                    (
+                        to.dtype(),
+                        Source::Combine {
+                            from,
+                            to,
+                            combine,
+                            terms,
+                        },
+                    )
                 } else {
                     let origin = Origin::Base;
                     (

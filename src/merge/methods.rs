@@ -1,0 +1,361 @@
+//! The merge methods other than `sum` (docs/METHODS.md), on the CPU: `ties`, `iso` and `tsv`
+//! act on each delta's unbiased estimate τ, in f64, and round once to the output dtype.
+//!
+//! A tensor is computed whole on one thread: its decompositions run with faer in sequential
+//! mode, so the result does not depend on the thread count, and rayon runs tensors side by
+//! side ([`super::execute`]). A worker holds at most about T + 3 copies of one tensor in f64:
+//! `ties` keeps the T trimmed estimates, the base and one scratch; `iso` the base, the sum of
+//! the estimates and its SVD factors; `tsv` the base, one estimate at a time with its SVD
+//! factors, and the stacked top triplets (at most one more copy in all, since T·k ≤ min(m, n)).
+
+use anyhow::{Result, bail};
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::svd::{ComputeSvdVectors, SvdParams, svd, svd_scratch};
+use faer::{Accum, Mat, MatRef, Par, Spec};
+
+use super::plan::{Combine, Method, Source, TensorPlan, Term, rescale_factor};
+use crate::dtype::Float;
+use crate::format::Delta;
+use crate::io::{Checkpoint, Output};
+
+/// Elements rounded and written at a time: bounds the output buffer.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// Computes and writes a tensor planned as [`Source::Combine`]; returns how many finite
+/// results overflowed its dtype.
+pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+    let Source::Combine {
+        from,
+        to,
+        combine,
+        terms,
+    } = &p.source
+    else {
+        unreachable!("only combined tensors come here")
+    };
+    let (from, to) = (*from, *to);
+    let base_bytes = base.data(base.info(&p.name).expect("planned from the base"));
+    let mut b = Vec::new();
+    from.load_all(base_bytes, &mut b);
+    if b.is_empty() {
+        return Ok(0);
+    }
+    let est = Estimates {
+        deltas,
+        name: &p.name,
+        from,
+        base: &b,
+        terms,
+    };
+    let matrix = match p.shape[..] {
+        [rows, cols] => Some((rows, cols)),
+        _ => None,
+    };
+    let (r, written) = match (combine.method, matrix) {
+        (Method::Ties, _) => {
+            let (r, written) = ties(&est, combine)?;
+            (r, Some(written))
+        }
+        (Method::Iso, Some(shape)) => (iso(&est, combine, shape)?, None),
+        (Method::Tsv, Some(shape)) => (tsv(&est, combine, shape)?, None),
+        (Method::Iso | Method::Tsv, None) => (mean(&est, combine)?, None),
+        (Method::Sum, _) => unreachable!("sum is planned as Source::Compute"),
+    };
+    let result = Combined {
+        from,
+        to,
+        base: base_bytes,
+        b: &b,
+        r: &r,
+        written: written.as_deref(),
+    };
+    result.write(&p.name, out)
+}
+
+/// The unbiased estimates of a tensor's deltas (docs/METHODS.md, "The unbiased estimate τ").
+struct Estimates<'a> {
+    deltas: &'a [Delta],
+    name: &'a str,
+    from: Float,
+    /// The base tensor, as f64.
+    base: &'a [f64],
+    terms: &'a [Term],
+}
+
+impl Estimates<'_> {
+    /// τ of `term` into `tau`: `s · (v − b)` at kept elements, `+0.0` elsewhere. Fails,
+    /// naming the delta and the tensor, where it is not finite.
+    fn of(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
+        let (b, from) = (self.base, self.from);
+        tau.clear();
+        tau.resize(b.len(), 0.0);
+        let delta = &self.deltas[term.delta];
+        let s = rescale_factor(delta);
+        let mut bad: Option<usize> = None;
+        delta.chunks(self.name).for_each_kept_word(
+            from.size(),
+            0..b.len() as u64,
+            None,
+            |k0, word, values| {
+                let mut bits = word;
+                let mut j = 0;
+                while bits != 0 {
+                    let k = k0 + bits.trailing_zeros() as usize;
+                    let t = s * (from.load(values, j) - b[k]);
+                    if !t.is_finite() && bad.is_none() {
+                        bad = Some(k);
+                    }
+                    tau[k] = t;
+                    j += 1;
+                    bits &= bits - 1;
+                }
+            },
+        )?;
+        if let Some(k) = bad {
+            bail!(
+                "{}: tensor {}: element {k}: the unbiased estimate (kept value − base) / density is {}; ties, iso and tsv need finite differences (merge with --method sum instead)",
+                delta.path().display(),
+                self.name,
+                tau[k]
+            );
+        }
+        Ok(())
+    }
+
+    /// `w_t · τ_t` of `term` into `tau`.
+    fn weighted(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
+        self.of(term, tau)?;
+        if term.coeff != 1.0 {
+            tau.iter_mut().for_each(|x| *x *= term.coeff);
+        }
+        Ok(())
+    }
+
+    /// `Σ_t w_t · τ_t`, elementwise from `+0.0` in task order.
+    fn weighted_sum(&self) -> Result<Vec<f64>> {
+        let mut sum = vec![0.0; self.base.len()];
+        let mut tau = Vec::new();
+        for term in self.terms {
+            self.of(term, &mut tau)?;
+            for (a, &x) in sum.iter_mut().zip(&tau) {
+                *a += term.coeff * x;
+            }
+        }
+        Ok(sum)
+    }
+}
+
+/// `ties`: the merged delta `α · m` at each element, and whether any task qualified there.
+fn ties(est: &Estimates, c: &Combine) -> Result<(Vec<f64>, Vec<bool>)> {
+    let n = est.base.len();
+    let k = ((c.trim * n as f64).round_ties_even() as usize).clamp(1, n);
+    let mut scratch = Vec::with_capacity(n);
+    let mut trimmed = Vec::with_capacity(est.terms.len());
+    for term in est.terms {
+        let mut tau = Vec::new();
+        est.of(term, &mut tau)?;
+        // The k-th largest magnitude; every element at or above it is kept.
+        scratch.clear();
+        scratch.extend(tau.iter().map(|x| x.abs()));
+        let (_, &mut theta, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        for x in tau.iter_mut().filter(|x| x.abs() < theta) {
+            *x = 0.0;
+        }
+        trimmed.push(tau);
+    }
+    drop(scratch);
+    let weights: Vec<f64> = est.terms.iter().map(|t| t.coeff).collect();
+    let mut r = vec![0.0; n];
+    let mut written = vec![false; n];
+    for i in 0..n {
+        let mut s = 0.0;
+        for (tau, &w) in trimmed.iter().zip(&weights) {
+            s += w * tau[i];
+        }
+        let positive = s >= 0.0;
+        let (mut num, mut den, mut any) = (0.0, 0.0, false);
+        for (tau, &w) in trimmed.iter().zip(&weights) {
+            let x = tau[i];
+            if x != 0.0 && (x > 0.0) == positive {
+                num += w * x;
+                den += w;
+                any = true;
+            }
+        }
+        let m = if den != 0.0 { num / den } else { 0.0 };
+        r[i] = c.alpha * m;
+        written[i] = any;
+    }
+    Ok((r, written))
+}
+
+/// `α · (Σ_t w_t · τ_t) / T`: `iso` and `tsv` on a tensor that is not a matrix.
+fn mean(est: &Estimates, c: &Combine) -> Result<Vec<f64>> {
+    // T counts every delta: one that leaves the tensor as the base contributes τ = 0.
+    let t = est.deltas.len() as f64;
+    let mut r = est.weighted_sum()?;
+    for x in &mut r {
+        *x = c.alpha * (*x / t);
+    }
+    Ok(r)
+}
+
+/// A row-major `rows × cols` tensor as faer sees its bytes: the column-major `cols × rows`
+/// transpose. Both methods commute with transposition, so they run on that view and its result
+/// is the row-major result.
+fn view(data: &[f64], (rows, cols): (usize, usize)) -> MatRef<'_, f64> {
+    MatRef::from_column_major_slice(data, cols, rows)
+}
+
+/// The row-major elements of a result computed on [`view`]s.
+fn row_major(x: &Mat<f64>) -> Vec<f64> {
+    let (cols, rows) = (x.nrows(), x.ncols());
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend((0..cols).map(|j| x[(j, i)]));
+    }
+    out
+}
+
+/// `iso`: `α · mean(σ) · U Vᵀ` of `M = Σ_t w_t · τ_t`.
+fn iso(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> {
+    let m = est.weighted_sum()?;
+    let (u, s, v) = thin_svd(view(&m, shape), est.name)?;
+    drop(m);
+    let mean_sigma = s.iter().sum::<f64>() / s.len() as f64;
+    let mut r = Mat::<f64>::zeros(u.nrows(), v.nrows());
+    faer::linalg::matmul::matmul(
+        r.as_mut(),
+        Accum::Replace,
+        u.as_ref(),
+        v.as_ref().transpose(),
+        c.alpha * mean_sigma,
+        Par::Seq,
+    );
+    Ok(row_major(&r))
+}
+
+/// `tsv`: `α · polar(Û) · diag(ŝ) · polar(V̂)ᵀ` of each task's top `k` triplets.
+fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> {
+    let (rows, cols) = (shape.1, shape.0);
+    // T counts every delta, as in `mean`; only those that change the tensor bring triplets.
+    let k = (rows.min(cols) / est.deltas.len()).max(1);
+    let tk = k * est.terms.len();
+    let mut u_hat = Mat::<f64>::zeros(rows, tk);
+    let mut v_hat = Mat::<f64>::zeros(cols, tk);
+    let mut s_hat = Vec::with_capacity(tk);
+    let mut tau = Vec::new();
+    for (t, term) in est.terms.iter().enumerate() {
+        est.weighted(term, &mut tau)?;
+        let (u, s, v) = thin_svd(view(&tau, shape), est.name)?;
+        u_hat
+            .as_mut()
+            .submatrix_mut(0, t * k, rows, k)
+            .copy_from(u.as_ref().submatrix(0, 0, rows, k));
+        v_hat
+            .as_mut()
+            .submatrix_mut(0, t * k, cols, k)
+            .copy_from(v.as_ref().submatrix(0, 0, cols, k));
+        s_hat.extend_from_slice(&s[..k]);
+    }
+    drop(tau);
+    let mut pu = polar(u_hat.as_ref(), est.name)?;
+    let pv = polar(v_hat.as_ref(), est.name)?;
+    drop((u_hat, v_hat));
+    for (j, &s) in s_hat.iter().enumerate() {
+        pu.col_mut(j).iter_mut().for_each(|x| *x *= s);
+    }
+    let mut r = Mat::<f64>::zeros(rows, cols);
+    faer::linalg::matmul::matmul(
+        r.as_mut(),
+        Accum::Replace,
+        pu.as_ref(),
+        pv.as_ref().transpose(),
+        c.alpha,
+        Par::Seq,
+    );
+    Ok(row_major(&r))
+}
+
+/// `P Qᵀ` of the thin SVD `a = P Σ Qᵀ` (`a` no wider than tall).
+fn polar(a: MatRef<'_, f64>, name: &str) -> Result<Mat<f64>> {
+    let (p, _, q) = thin_svd(a, name)?;
+    let mut out = Mat::<f64>::zeros(p.nrows(), q.nrows());
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        Accum::Replace,
+        p.as_ref(),
+        q.as_ref().transpose(),
+        1.0,
+        Par::Seq,
+    );
+    Ok(out)
+}
+
+/// The thin SVD `a = U diag(s) Vᵀ`, singular values in nonincreasing order, on this thread.
+fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let (m, n) = a.shape();
+    let r = m.min(n);
+    let mut u = Mat::<f64>::zeros(m, r);
+    let mut v = Mat::<f64>::zeros(n, r);
+    let mut s = faer::diag::Diag::<f64>::zeros(r);
+    let params: Spec<SvdParams, f64> = Default::default();
+    let thin = ComputeSvdVectors::Thin;
+    let mut mem = MemBuffer::new(svd_scratch::<f64>(m, n, thin, thin, Par::Seq, params));
+    let stack = MemStack::new(&mut mem);
+    if svd(
+        a,
+        s.as_mut(),
+        Some(u.as_mut()),
+        Some(v.as_mut()),
+        Par::Seq,
+        stack,
+        params,
+    )
+    .is_err()
+    {
+        bail!("tensor {name}: the SVD did not converge");
+    }
+    let s = (0..r).map(|i| s[i]).collect();
+    Ok((u, s, v))
+}
+
+/// A combined tensor's result, ready to round: `b + r` where `written` (everywhere when
+/// `None`), the base element elsewhere.
+struct Combined<'a> {
+    from: Float,
+    to: Float,
+    /// The base tensor's bytes.
+    base: &'a [u8],
+    b: &'a [f64],
+    r: &'a [f64],
+    written: Option<&'a [bool]>,
+}
+
+impl Combined<'_> {
+    /// Rounds and writes the tensor in pieces; returns how many finite results overflowed.
+    fn write(&self, name: &str, out: &Output) -> Result<u64> {
+        let (from, to) = (self.from, self.to);
+        let size = to.size();
+        let mut bytes = Vec::with_capacity(WRITE_PIECE.min(self.b.len()) * size);
+        let mut overflows = 0u64;
+        for start in (0..self.b.len()).step_by(WRITE_PIECE) {
+            let end = self.b.len().min(start + WRITE_PIECE);
+            bytes.clear();
+            for i in start..end {
+                let bits = if self.written.is_none_or(|w| w[i]) {
+                    let x = self.b[i] + self.r[i];
+                    overflows += to.overflows(x) as u64;
+                    to.round_bits(x)
+                } else if from == to {
+                    from.bits(self.base, i)
+                } else {
+                    to.round_bits(self.b[i])
+                };
+                bytes.extend_from_slice(&bits.to_le_bytes()[..size]);
+            }
+            out.write(name, (start * size) as u64, &bytes)?;
+        }
+        Ok(overflows)
+    }
+}
