@@ -6,7 +6,8 @@
 //! - [`output`]: atomic output, as one file or a sharded model folder.
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations.
-//! - [`simd`]: the AVX-512 kernels of merge and extract, chosen at run time.
+//! - [`simd`]: the AVX-512 kernels of the mask, merge and extract, each beside its portable twin,
+//!   chosen at run time (one detection), and the target list of the multiversioned loops.
 //! - [`cuda`]: the CUDA backend of `merge` (kernels in `kernels/`, loaded at run time).
 //! - [`cli`]: the command line.
 
