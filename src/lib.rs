@@ -7,7 +7,8 @@
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
 //!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
-//! - [`simd`]: the AVX-512 kernels of merge and extract, chosen at run time.
+//! - [`simd`]: the AVX-512 kernels of the mask, merge and extract, each beside its portable twin,
+//!   chosen at run time (one detection), and the target list of the multiversioned loops.
 //! - [`cli`]: the command line.
 
 pub mod cli;

@@ -94,27 +94,7 @@ impl Interval {
     pub fn keep_words_of(&self, us: &[u32], words: &mut Vec<u64>) {
         words.clear();
         words.resize(us.len().div_ceil(64), 0);
-        let width = self.hi - self.lo;
-        if width < SPAN && avx512::available() {
-            let whole = us.len() / 64;
-            // SAFETY: the CPU has AVX-512 F (checked at run time).
-            unsafe {
-                avx512::pack_keep_words(
-                    &us[..whole * 64],
-                    self.lo as u32,
-                    width as u32,
-                    &mut words[..whole],
-                )
-            };
-            pack_keep_words(
-                &us[whole * 64..],
-                self.lo as u32,
-                width,
-                &mut words[whole..],
-            );
-        } else {
-            pack_keep_words(us, self.lo as u32, width, words);
-        }
+        crate::simd::keep::pack_keep_words(us, self.lo as u32, self.hi - self.lo, words);
     }
 
     /// An interval from its bounds; refuses `lo > hi` or `hi > 2^32`.
@@ -189,24 +169,10 @@ fn density_width(density: f64) -> Result<u64> {
     Ok((density * SPAN as f64).round() as u64)
 }
 
-/// The instruction set the hot loops run with on this machine (run-time detection).
+/// The instruction set the hot loops run with on this machine (the run-time detection of
+/// [`crate::simd::isa`]).
 pub fn isa() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
-            return "x86_64+avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "x86_64+avx2";
-        }
-        "x86_64 baseline"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH
-    }
+    crate::simd::isa::name()
 }
 
 /// A tensor's mask: its key and the interval.
@@ -287,20 +253,7 @@ impl Mask {
         words.clear();
         words.resize(len.div_ceil(64), 0);
         let width = self.interval.hi - self.interval.lo;
-        if width < SPAN && avx512::available() {
-            // SAFETY: the CPU has AVX-512 F (checked at run time).
-            unsafe {
-                avx512::fill_keep_words(
-                    start as u32,
-                    c,
-                    self.interval.lo as u32,
-                    width as u32,
-                    words,
-                )
-            };
-        } else {
-            fill_keep_words(start as u32, c, self.interval.lo as u32, width, words);
-        }
+        crate::simd::keep::fill_keep_words(start as u32, c, self.interval.lo as u32, width, words);
         if !len.is_multiple_of(64) {
             *words.last_mut().unwrap() &= (1u64 << (len % 64)) - 1;
         }
@@ -323,213 +276,18 @@ impl Mask {
     }
 }
 
-/// Keep bits of consecutive 32-bit counters from `first`, 64 per word. One portable loop,
-/// compiled for AVX-512, AVX2 and the baseline and chosen at run time: it hashes 8 or 16 lanes
-/// at a time.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn fill_keep_words(first: u32, c: u32, lo: u32, width: u64, words: &mut [u64]) {
-    if width >= SPAN {
-        words.fill(!0);
-        return;
-    }
-    let width = width as u32;
-    for (w, word) in words.iter_mut().enumerate() {
-        let base = first.wrapping_add((w as u32) << 6);
-        let mut flags = [0u8; 64];
-        for (k, flag) in flags.iter_mut().enumerate() {
-            let u = mix32(base.wrapping_add(k as u32) ^ c);
-            *flag = (u.wrapping_sub(lo) < width) as u8;
+crate::simd::multiversioned! {
+    /// `u` of consecutive 32-bit counters from `first` under block constant `c`.
+    fn fill_u(first: u32, c: u32, out: &mut [u32]) {
+        for (k, u) in out.iter_mut().enumerate() {
+            *u = mix32(first.wrapping_add(k as u32) ^ c);
         }
-        *word = pack_flags(&flags);
-    }
-}
-
-/// The keep bits with AVX-512 F: `mix32` on 16 lanes, and the interval test as a compare into a
-/// mask register, which is the keep bits themselves. The portable loops above leave the
-/// packing of flags into bits to a multiply that AMD Zen 4 runs slowly (70% of their time).
-mod avx512 {
-    /// Whether this CPU can run these (`SOTU_DELTA_SCALAR=1` says no, for comparisons).
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            *AVAILABLE.get_or_init(|| {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::env::var_os("SOTU_DELTA_SCALAR").is_none()
-            })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    pub use x86::*;
-
-    /// Stand-ins where there is no AVX-512: never called, as [`available`] is false there.
-    #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn fill_keep_words(_: u32, _: u32, _: u32, _: u32, _: &mut [u64]) {
-        unreachable!()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn pack_keep_words(_: &[u32], _: u32, _: u32, _: &mut [u64]) {
-        unreachable!()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-
-        /// `mix32` (docs/FORMAT.md section 4) on 16 lanes.
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        fn mix32(mut x: __m512i) -> __m512i {
-            x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-            x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x21f0aaad));
-            x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-            x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x735a2d97));
-            _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x))
-        }
-
-        /// Bits `k` of a 16-lane group: `u − lo < width`, as unsigned 32-bit integers.
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        fn kept(u: __m512i, lo: u32, width: u32) -> u64 {
-            let d = _mm512_sub_epi32(u, _mm512_set1_epi32(lo as i32));
-            _mm512_cmplt_epu32_mask(d, _mm512_set1_epi32(width as i32)) as u64
-        }
-
-        /// As the portable `fill_keep_words`, for `width < 2^32`; every word is filled whole.
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn fill_keep_words(first: u32, c: u32, lo: u32, width: u32, words: &mut [u64]) {
-            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            let c = _mm512_set1_epi32(c as i32);
-            for (w, word) in words.iter_mut().enumerate() {
-                let base = first.wrapping_add((w as u32) << 6);
-                let mut bits = 0u64;
-                for q in 0..4 {
-                    let i = _mm512_add_epi32(
-                        _mm512_set1_epi32(base.wrapping_add(16 * q) as i32),
-                        lanes,
-                    );
-                    bits |= kept(mix32(_mm512_xor_si512(i, c)), lo, width) << (16 * q);
-                }
-                *word = bits;
-            }
-        }
-
-        /// As the portable `pack_keep_words`, for `width < 2^32` and whole words: `us` holds
-        /// 64 values per word of `words`.
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn pack_keep_words(us: &[u32], lo: u32, width: u32, words: &mut [u64]) {
-            assert_eq!(us.len(), 64 * words.len());
-            for (word, us) in words.iter_mut().zip(us.chunks_exact(64)) {
-                let mut bits = 0u64;
-                for q in 0..4 {
-                    // SAFETY: `us` holds 64 values, 16 read at a time.
-                    let u =
-                        unsafe { _mm512_loadu_si512(us.as_ptr().add(16 * q) as *const __m512i) };
-                    bits |= kept(u, lo, width) << (16 * q);
-                }
-                *word = bits;
-            }
-        }
-    }
-}
-
-/// 64 flags of 0 or 1 as the bits of a word (flag `k` is bit `k`): eight bytes at a time, the
-/// multiply gathers byte `i`'s low bit into bit `56 + i` without carries.
-#[inline(always)]
-fn pack_flags(flags: &[u8; 64]) -> u64 {
-    let mut word = 0u64;
-    for (g, bytes) in flags.chunks_exact(8).enumerate() {
-        let x = u64::from_le_bytes(bytes.try_into().unwrap());
-        word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * g);
-    }
-    word
-}
-
-/// `u` of consecutive 32-bit counters from `first` under block constant `c`.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn fill_u(first: u32, c: u32, out: &mut [u32]) {
-    for (k, u) in out.iter_mut().enumerate() {
-        *u = mix32(first.wrapping_add(k as u32) ^ c);
-    }
-}
-
-/// Keep bits of `us` against `[lo, lo + width)`, 64 per word.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn pack_keep_words(us: &[u32], lo: u32, width: u64, words: &mut [u64]) {
-    if width >= SPAN {
-        words.fill(!0);
-        let tail = us.len() % 64;
-        if tail != 0 {
-            *words.last_mut().unwrap() = (1u64 << tail) - 1;
-        }
-        return;
-    }
-    let width = width as u32;
-    let flag = |u: u32| (u.wrapping_sub(lo) < width) as u8;
-    // Whole words with a fixed trip count (which vectorizes), then the tail.
-    let full = us.chunks_exact(64);
-    let tail = full.remainder();
-    for (word, us) in words.iter_mut().zip(full) {
-        let us: &[u32; 64] = us.try_into().unwrap();
-        *word = pack_flags(&us.map(flag));
-    }
-    if !tail.is_empty() {
-        let mut flags = [0u8; 64];
-        for (f, &u) in flags.iter_mut().zip(tail) {
-            *f = flag(u);
-        }
-        *words.last_mut().unwrap() = pack_flags(&flags);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The AVX-512 keep bits equal the portable loops' on random keys, offsets and intervals,
-    /// including empty, one-wide and nearly full ones and intervals that end at 2^32.
-    #[test]
-    fn avx512_keep_words_match_the_portable_loops() {
-        if !avx512::available() {
-            eprintln!("skipped: this CPU has no AVX-512 F (the portable loops run)");
-            return;
-        }
-        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
-        for round in 0..400 {
-            let (first, c) = (next() as u32, next() as u32);
-            let lo = [0, 1, u32::MAX, next() as u32][round % 4];
-            let width = match round % 5 {
-                0 => 0,
-                1 => 1,
-                2 => SPAN - 1 - lo as u64,
-                3 => (SPAN - lo as u64).min(next() % SPAN),
-                _ => (SPAN - 1 - lo as u64) / 3,
-            } as u32;
-            let (mut want, mut got) = (vec![0u64; 17], vec![0u64; 17]);
-            fill_keep_words(first, c, lo, width as u64, &mut want);
-            unsafe { avx512::fill_keep_words(first, c, lo, width, &mut got) };
-            assert_eq!(got, want, "fill: first {first} c {c} lo {lo} width {width}");
-            let us: Vec<u32> = (0..17 * 64).map(|_| next() as u32).collect();
-            pack_keep_words(&us, lo, width as u64, &mut want);
-            unsafe { avx512::pack_keep_words(&us, lo, width, &mut got) };
-            assert_eq!(got, want, "pack: lo {lo} width {width}");
-        }
-    }
 
     // Known-answer vectors from docs/FORMAT.md section 4, confirmed by tests/reference.
     #[test]

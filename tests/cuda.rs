@@ -363,6 +363,7 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
                             force: false,
                             device,
                             fingerprint_output: false,
+                            ..MergeOptions::default()
                         };
                         let out = d.join(format!("{device:?}.safetensors"));
                         let r = merge(&base_ck, &deltas, &Target::new(&out), &opts).unwrap();

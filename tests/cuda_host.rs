@@ -320,6 +320,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
         force: false,
         device: Device::Cpu,
         fingerprint_output: false,
+        ..MergeOptions::default()
     };
     compare(h, d, &base_ck, &deltas, &opts, c.slice);
 }

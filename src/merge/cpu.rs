@@ -161,7 +161,7 @@ fn compute<E: Elem>(
                 let delta = &deltas[term.delta];
                 let chunks = delta.chunks(name);
                 chunks.for_each_kept_word(E::SIZE, lo..hi, Some(words), |k0, word, values| {
-                    place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
+                    crate::simd::place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
                 })?;
             }
             overflows += settle::<E>(simd.as_ref(), tile, &s.vals, &s.touched, out);
@@ -200,37 +200,34 @@ fn compute<E: Elem>(
     Ok(overflows)
 }
 
-/// One tile's output in the base's own dtype: each touched element is `round(b + acc)`, each
-/// untouched one keeps the base's bits unchanged (docs/FORMAT.md section 8). Returns how many
-/// finite results overflowed to infinity. A select per element rather than a branch, so that
-/// it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run time.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8]) -> u64 {
-    let mut overflows = 0u64;
-    let words = tile
-        .chunks(64 * E::SIZE)
-        .zip(out.chunks_mut(64 * E::SIZE))
-        .zip(acc.chunks(64))
-        .zip(touched);
-    for (((b, o), a), &word) in words {
-        for (k, ((b, o), &a)) in b
-            .chunks_exact(E::SIZE)
-            .zip(o.chunks_exact_mut(E::SIZE))
-            .zip(a)
-            .enumerate()
-        {
-            let bits = E::bits(b);
-            let x = E::value(bits) + a;
-            let hit = (word >> k) & 1 != 0;
-            overflows += (hit & E::FLOAT.overflows(x)) as u64;
-            E::put(o, if hit { E::round(x) } else { bits });
+crate::simd::multiversioned! {
+    /// One tile's output in the base's own dtype: each touched element is `round(b + acc)`, each
+    /// untouched one keeps the base's bits unchanged (docs/FORMAT.md section 8). Returns how many
+    /// finite results overflowed to infinity. A select per element rather than a branch, so that
+    /// it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run time.
+    fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8]) -> u64 {
+        let mut overflows = 0u64;
+        let words = tile
+            .chunks(64 * E::SIZE)
+            .zip(out.chunks_mut(64 * E::SIZE))
+            .zip(acc.chunks(64))
+            .zip(touched);
+        for (((b, o), a), &word) in words {
+            for (k, ((b, o), &a)) in b
+                .chunks_exact(E::SIZE)
+                .zip(o.chunks_exact_mut(E::SIZE))
+                .zip(a)
+                .enumerate()
+            {
+                let bits = E::bits(b);
+                let x = E::value(bits) + a;
+                let hit = (word >> k) & 1 != 0;
+                overflows += (hit & E::FLOAT.overflows(x)) as u64;
+                E::put(o, if hit { E::round(x) } else { bits });
+            }
         }
+        overflows
     }
-    overflows
 }
 
 /// Whether no element of the tile is kept by two of `words` (one keep-word list per term, over
@@ -248,30 +245,13 @@ fn union_if_disjoint(words: &[Vec<u64>], n: usize, union: &mut Vec<u64>) -> bool
     overlap == 0
 }
 
-/// Writes a term's kept values into the tile's value bytes `out` at the set bits of `word`,
-/// whose bit `k` is element `k0 + k` (see [`crate::format::Chunks::for_each_kept_word`]).
-#[inline]
-fn place<E: Elem>(simd: Option<&Kept>, k0: usize, word: u64, values: &[u8], out: &mut [u8]) {
-    if let Some(x) = simd
-        && k0.is_multiple_of(64)
-        && (k0 + 64) * E::SIZE <= out.len()
-    {
-        x.place_word(word, values, &mut out[k0 * E::SIZE..(k0 + 64) * E::SIZE]);
-        return;
-    }
-    let mut bits = word;
-    for v in values.chunks_exact(E::SIZE) {
-        let k = k0 + bits.trailing_zeros() as usize;
-        out[k * E::SIZE..(k + 1) * E::SIZE].copy_from_slice(v);
-        bits &= bits - 1;
-    }
-}
-
 /// The output of a tile whose kept values were [`place`]d in `vals` (at the bits of `placed`):
 /// the base's bits where nothing was placed, and where something was, the result
 /// [`Elem::replaces`] gives, or for the few elements it cannot decide (non-finite, or exponents
 /// too far apart) the arithmetic of docs/FORMAT.md section 8 with their one term. Returns how
 /// many finite results overflowed.
+///
+/// [`place`]: crate::simd::place
 fn settle<E: Elem>(
     simd: Option<&Kept>,
     tile: &[u8],
@@ -286,10 +266,7 @@ fn settle<E: Elem>(
         .zip(out.chunks_mut(64 * E::SIZE))
         .zip(placed);
     for (((b, v), o), &word) in words {
-        let mut undecided = match simd {
-            Some(x) if o.len() == 64 * E::SIZE => x.settle_word(word, b, v, o),
-            _ => settle_word::<E>(word, b, v, o),
-        };
+        let mut undecided = crate::simd::settle_word::<E>(simd, word, b, v, o);
         // Rare: the placed elements that `replaces` cannot decide.
         while undecided != 0 {
             let k = undecided.trailing_zeros() as usize;
@@ -302,38 +279,6 @@ fn settle<E: Elem>(
         }
     }
     overflows
-}
-
-/// One word of [`settle`] without AVX-512 (see [`Kept::settle_word`]): up to 64 elements;
-/// returns the bits of the undecided ones. Branch-free, so that it vectorizes.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn settle_word<E: Elem>(word: u64, b: &[u8], v: &[u8], out: &mut [u8]) -> u64 {
-    let mut undecided = false;
-    let elems = b.chunks_exact(E::SIZE).zip(v.chunks_exact(E::SIZE));
-    for (k, ((b, v), o)) in elems.zip(out.chunks_exact_mut(E::SIZE)).enumerate() {
-        let (b, v) = (E::bits(b), E::bits(v));
-        let r = E::replaces(b, v);
-        let hit = (word >> k) & 1 != 0;
-        undecided |= hit & r.is_none();
-        E::put(o, if hit { r.unwrap_or(v) } else { b });
-    }
-    if !undecided {
-        return 0;
-    }
-    let mut bits = 0;
-    for (k, (b, v)) in b
-        .chunks_exact(E::SIZE)
-        .zip(v.chunks_exact(E::SIZE))
-        .enumerate()
-    {
-        let hit = (word >> k) & 1 != 0;
-        bits |= ((hit && E::replaces(E::bits(b), E::bits(v)).is_none()) as u64) << k;
-    }
-    bits
 }
 
 /// One tile of a tensor being computed.
@@ -382,87 +327,7 @@ fn add_term<E: Elem>(
         range.clone(),
         Some(tile_words),
         |k0, word, values| {
-            // Words line up with the tile's unless a file's chunk size is not a multiple of 64.
-            let aligned = k0.is_multiple_of(64);
-            if aligned {
-                touched[k0 / 64] |= word;
-                if let Some(x) = &simd
-                    && k0 + 64 <= acc.len()
-                {
-                    x.add_word(word, values, &b[k0..k0 + 64], &mut acc[k0..k0 + 64], c);
-                    return;
-                }
-            }
-            let mut bits = word;
-            let mut j = 0;
-            while bits != 0 {
-                let k = k0 + bits.trailing_zeros() as usize;
-                acc[k] += c * (E::load(values, j) - b[k]);
-                if !aligned {
-                    touched[k / 64] |= 1 << (k % 64);
-                }
-                j += 1;
-                bits &= bits - 1;
-            }
+            crate::simd::add_word::<E>(simd.as_ref(), k0, word, values, b, acc, touched, c)
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dtype::elem::{BF16, F16, F32};
-
-    /// The AVX-512 settle gives the portable loop's output and undecided bits, on bits that
-    /// include ±0, ±inf, NaN, subnormals and exponents far apart.
-    #[test]
-    fn simd_settle_matches_the_portable_loop() {
-        fn check<E: Elem>(next: &mut impl FnMut() -> u64, special: &[u64]) {
-            let Some(x) = Kept::for_dtype(E::FLOAT) else {
-                eprintln!("skipped for {:?}: no AVX-512 VBMI2 here", E::FLOAT);
-                return;
-            };
-            let mask = (1u64 << (8 * E::SIZE)) - 1;
-            for round in 0..3000 {
-                let mut elem = |_| {
-                    let r = next();
-                    let bits = if r.is_multiple_of(5) {
-                        special[(r >> 8) as usize % special.len()]
-                    } else {
-                        r >> 16
-                    };
-                    (bits & mask).to_le_bytes()[..E::SIZE].to_vec()
-                };
-                let b: Vec<u8> = (0..64).flat_map(&mut elem).collect();
-                let v: Vec<u8> = (0..64).flat_map(&mut elem).collect();
-                let word = [0, !0, next(), next() & next()][round % 4];
-                let (mut want, mut got) = (vec![0u8; 64 * E::SIZE], vec![0u8; 64 * E::SIZE]);
-                let w = settle_word::<E>(word, &b, &v, &mut want);
-                let g = x.settle_word(word, &b, &v, &mut got);
-                assert_eq!((g, &got), (w, &want), "{:?} word {word:#x}", E::FLOAT);
-            }
-        }
-        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
-        check::<BF16>(
-            &mut next,
-            &[0, 0x8000, 1, 0x7f80, 0xff80, 0x7fc0, 0x0080, 0x3f80, 0x0a00],
-        );
-        check::<F16>(
-            &mut next,
-            &[0, 0x8000, 1, 0x7c00, 0xfc00, 0x7e00, 0x0400, 0x3c00],
-        );
-        check::<F32>(
-            &mut next,
-            &[
-                0,
-                0x8000_0000,
-                1,
-                0x7f80_0000,
-                0xff80_0000,
-                0x7fc0_0000,
-                0x3f80_0000,
-                0x0d80_0000,
-            ],
-        );
-    }
 }

@@ -1,0 +1,73 @@
+//! The vector kernels of the hot loops, each beside its portable twin and the unit test that
+//! they give the same bits, with the one run-time detection of what the CPU has ([`isa`]) and
+//! the one list of targets of the multiversioned loops (`multiversioned!`).
+//!
+//! - [`keep`]: the mask's keep bits, `mix32` and the interval test on 16 lanes (AVX-512 F),
+//!   for `Mask::words` and `Interval::keep_words_of`;
+//! - [`add`]: merge, general path: the expansion of a mask word's kept values to their places
+//!   (`vpexpandw`/`vpexpandd`), then f64 arithmetic 8 lanes at a time, masked, in the same IEEE
+//!   operations as the scalar loop ([`add_word`], [`Kept::add_word`]);
+//! - [`place`](mod@place): merge, placing path: the expansion of kept values into a buffer
+//!   ([`place()`], [`Kept::place_word`]); extract: the compression of the kept elements among
+//!   64 to consecutive places (`vpcompressw`/`vpcompressd`, [`gather`], [`Kept::gather_word`]);
+//! - [`settle`]: merge, placing path: the output settled from base and values by
+//!   `Elem::replaces` on whole vectors ([`settle_word`], [`Kept::settle_word`]);
+//! - [`sums`]: extract: the statistics of docs/FORMAT.md section 7 ([`chunk_sums`],
+//!   [`Kept::sums`]).
+//!
+//! The functions the callers use ([`add_word`], [`place()`], [`gather`], [`settle_word`],
+//! [`chunk_sums`], [`keep::fill_keep_words`], [`keep::pack_keep_words`]) take the AVX-512 path
+//! where the CPU has it (checked once per tile or chunk: a [`Kept`] handle, or [`isa::avx512`])
+//! and the portable loop everywhere else, or under `SOTU_DELTA_SCALAR=1`.
+
+pub mod add;
+pub mod isa;
+pub mod keep;
+pub mod place;
+pub mod settle;
+pub mod sums;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use add::add_word;
+pub use place::{gather, place};
+pub use settle::settle_word;
+pub use sums::{Sums, chunk_sums};
+
+use crate::dtype::Float;
+
+/// Applies `#[multiversion]` with the one target list of the portable loops to a function:
+/// compiled for AVX-512 (the level of [`isa::avx512`]), AVX2 and the baseline (and NEON), and
+/// chosen at run time.
+macro_rules! multiversioned {
+    ($(#[$meta:meta])* $vis:vis fn $($rest:tt)*) => {
+        $(#[$meta])*
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+            "x86_64+avx2+fma",
+            "aarch64+neon"
+        ))]
+        $vis fn $($rest)*
+    };
+}
+pub(crate) use multiversioned;
+
+/// A checked handle: exists only when the CPU can run the kernels of [`Kept`] for this dtype
+/// (its methods are in the kernels' modules).
+pub struct Kept {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    float: Float,
+}
+
+impl Kept {
+    /// The handle for `float`, if this CPU has the instructions ([`isa::avx512_vbmi2`]) and
+    /// the dtype is one they handle (F16, BF16, F32). `SOTU_DELTA_SCALAR=1` turns them off,
+    /// for comparisons.
+    pub fn for_dtype(float: Float) -> Option<Self> {
+        (isa::avx512_vbmi2() && float != Float::F64).then_some(Kept { float })
+    }
+
+    fn size(&self) -> usize {
+        self.float.size()
+    }
+}
