@@ -5,9 +5,10 @@
 
 use std::ops::Range;
 
-use anyhow::anyhow;
+use anyhow::{Result, anyhow, bail};
 
 use super::Delta;
+use crate::dtype::Float;
 use crate::mask::Mask;
 
 /// The chunks of masked tensor `name` of a delta.
@@ -63,6 +64,38 @@ impl Chunks<'_> {
         self.corrupt(ci, kept)
     }
 
+    /// The tensor's unbiased estimate (docs/METHODS.md) into `tau`: `s · (v − b)` at kept
+    /// elements (`v` the kept value, `b` the base element of `base`, read as `from`), `+0.0`
+    /// elsewhere. Fails, naming the file and the tensor, where it is not finite.
+    pub fn estimate(&self, from: Float, base: &[f64], s: f64, tau: &mut Vec<f64>) -> Result<()> {
+        tau.clear();
+        tau.resize(base.len(), 0.0);
+        let mut bad: Option<usize> = None;
+        self.for_each_kept_word(from.size(), 0..base.len() as u64, None, |k0, word, values| {
+            let mut bits = word;
+            let mut j = 0;
+            while bits != 0 {
+                let k = k0 + bits.trailing_zeros() as usize;
+                let t = s * (from.load(values, j) - base[k]);
+                if !t.is_finite() && bad.is_none() {
+                    bad = Some(k);
+                }
+                tau[k] = t;
+                j += 1;
+                bits &= bits - 1;
+            }
+        })?;
+        if let Some(k) = bad {
+            bail!(
+                "{}: tensor {}: element {k}: the unbiased estimate (kept value − base) / density is {}; ties, iso and tsv need finite differences (merge with --method sum instead)",
+                self.delta.path().display(),
+                self.name,
+                tau[k]
+            );
+        }
+        Ok(())
+    }
+
     /// A cursor that gives the value index at any element, for readers that start mid-chunk.
     pub fn ranker(&self) -> Ranker<'_> {
         Ranker {
@@ -87,7 +120,7 @@ impl Chunks<'_> {
         range: Range<u64>,
         tile_words: Option<&[u64]>,
         mut visit: impl FnMut(usize, u64, &[u8]),
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let (values, offsets, chunk) = (self.values, self.offsets, self.chunk);
         let lo = range.start;
         let mut ci = lo / chunk;

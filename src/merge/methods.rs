@@ -8,15 +8,14 @@
 //! the estimates and its SVD factors; `tsv` the base, one estimate at a time with its SVD
 //! factors, and the stacked top triplets (at most one more copy in all, since T·k ≤ min(m, n)).
 
-use anyhow::{Result, bail};
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::svd::{ComputeSvdVectors, SvdParams, svd, svd_scratch};
-use faer::{Accum, Mat, MatRef, Par, Spec};
+use anyhow::Result;
+use faer::Mat;
 
 use super::plan::{Combine, Method, Source, TensorPlan, Term, rescale_factor};
 use crate::dtype::Float;
 use crate::format::Delta;
 use crate::io::{Checkpoint, Output};
+use crate::linalg::{mul_transposed, polar, row_major, thin_svd, view};
 
 /// Elements rounded and written at a time: bounds the output buffer.
 const WRITE_PIECE: usize = 1 << 20;
@@ -83,43 +82,13 @@ struct Estimates<'a> {
 }
 
 impl Estimates<'_> {
-    /// τ of `term` into `tau`: `s · (v − b)` at kept elements, `+0.0` elsewhere. Fails,
-    /// naming the delta and the tensor, where it is not finite.
+    /// τ of `term` into `tau` ([`crate::format::Chunks::estimate`]).
     fn of(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
-        let (b, from) = (self.base, self.from);
-        tau.clear();
-        tau.resize(b.len(), 0.0);
         let delta = &self.deltas[term.delta];
         let s = rescale_factor(delta);
-        let mut bad: Option<usize> = None;
-        delta.chunks(self.name).for_each_kept_word(
-            from.size(),
-            0..b.len() as u64,
-            None,
-            |k0, word, values| {
-                let mut bits = word;
-                let mut j = 0;
-                while bits != 0 {
-                    let k = k0 + bits.trailing_zeros() as usize;
-                    let t = s * (from.load(values, j) - b[k]);
-                    if !t.is_finite() && bad.is_none() {
-                        bad = Some(k);
-                    }
-                    tau[k] = t;
-                    j += 1;
-                    bits &= bits - 1;
-                }
-            },
-        )?;
-        if let Some(k) = bad {
-            bail!(
-                "{}: tensor {}: element {k}: the unbiased estimate (kept value − base) / density is {}; ties, iso and tsv need finite differences (merge with --method sum instead)",
-                delta.path().display(),
-                self.name,
-                tau[k]
-            );
-        }
-        Ok(())
+        delta
+            .chunks(self.name)
+            .estimate(self.from, self.base, s, tau)
     }
 
     /// `w_t · τ_t` of `term` into `tau`.
@@ -200,38 +169,13 @@ fn mean(est: &Estimates, c: &Combine) -> Result<Vec<f64>> {
     Ok(r)
 }
 
-/// A row-major `rows × cols` tensor as faer sees its bytes: the column-major `cols × rows`
-/// transpose. Both methods commute with transposition, so they run on that view and its result
-/// is the row-major result.
-fn view(data: &[f64], (rows, cols): (usize, usize)) -> MatRef<'_, f64> {
-    MatRef::from_column_major_slice(data, cols, rows)
-}
-
-/// The row-major elements of a result computed on [`view`]s.
-fn row_major(x: &Mat<f64>) -> Vec<f64> {
-    let (cols, rows) = (x.nrows(), x.ncols());
-    let mut out = Vec::with_capacity(rows * cols);
-    for i in 0..rows {
-        out.extend((0..cols).map(|j| x[(j, i)]));
-    }
-    out
-}
-
 /// `iso`: `α · mean(σ) · U Vᵀ` of `M = Σ_t w_t · τ_t`.
 fn iso(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> {
     let m = est.weighted_sum()?;
     let (u, s, v) = thin_svd(view(&m, shape), est.name)?;
     drop(m);
     let mean_sigma = s.iter().sum::<f64>() / s.len() as f64;
-    let mut r = Mat::<f64>::zeros(u.nrows(), v.nrows());
-    faer::linalg::matmul::matmul(
-        r.as_mut(),
-        Accum::Replace,
-        u.as_ref(),
-        v.as_ref().transpose(),
-        c.alpha * mean_sigma,
-        Par::Seq,
-    );
+    let r = mul_transposed(u.as_ref(), v.as_ref(), c.alpha * mean_sigma);
     Ok(row_major(&r))
 }
 
@@ -265,59 +209,8 @@ fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> 
     for (j, &s) in s_hat.iter().enumerate() {
         pu.col_mut(j).iter_mut().for_each(|x| *x *= s);
     }
-    let mut r = Mat::<f64>::zeros(rows, cols);
-    faer::linalg::matmul::matmul(
-        r.as_mut(),
-        Accum::Replace,
-        pu.as_ref(),
-        pv.as_ref().transpose(),
-        c.alpha,
-        Par::Seq,
-    );
+    let r = mul_transposed(pu.as_ref(), pv.as_ref(), c.alpha);
     Ok(row_major(&r))
-}
-
-/// `P Qᵀ` of the thin SVD `a = P Σ Qᵀ` (`a` no wider than tall).
-fn polar(a: MatRef<'_, f64>, name: &str) -> Result<Mat<f64>> {
-    let (p, _, q) = thin_svd(a, name)?;
-    let mut out = Mat::<f64>::zeros(p.nrows(), q.nrows());
-    faer::linalg::matmul::matmul(
-        out.as_mut(),
-        Accum::Replace,
-        p.as_ref(),
-        q.as_ref().transpose(),
-        1.0,
-        Par::Seq,
-    );
-    Ok(out)
-}
-
-/// The thin SVD `a = U diag(s) Vᵀ`, singular values in nonincreasing order, on this thread.
-fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
-    let (m, n) = a.shape();
-    let r = m.min(n);
-    let mut u = Mat::<f64>::zeros(m, r);
-    let mut v = Mat::<f64>::zeros(n, r);
-    let mut s = faer::diag::Diag::<f64>::zeros(r);
-    let params: Spec<SvdParams, f64> = Default::default();
-    let thin = ComputeSvdVectors::Thin;
-    let mut mem = MemBuffer::new(svd_scratch::<f64>(m, n, thin, thin, Par::Seq, params));
-    let stack = MemStack::new(&mut mem);
-    if svd(
-        a,
-        s.as_mut(),
-        Some(u.as_mut()),
-        Some(v.as_mut()),
-        Par::Seq,
-        stack,
-        params,
-    )
-    .is_err()
-    {
-        bail!("tensor {name}: the SVD did not converge");
-    }
-    let s = (0..r).map(|i| s[i]).collect();
-    Ok((u, s, v))
 }
 
 /// A combined tensor's result, ready to round: `b + r` where `written` (everywhere when

@@ -276,8 +276,11 @@ pub fn check_method(opts: &MergeOptions, deltas: usize) -> Result<()> {
             "--rescale goes with --method sum only: the other methods rescale every delta to its unbiased estimate themselves"
         );
     }
-    if sum && (opts.alpha != 1.0 || opts.trim != 0.2) {
-        bail!("--alpha and --trim go with --method ties, iso or tsv, not sum");
+    if sum && opts.alpha != 1.0 {
+        bail!("--alpha goes with --method ties, iso or tsv, not sum");
+    }
+    if opts.trim != 0.2 && opts.method != Method::Ties {
+        bail!("--trim goes with --method ties only");
     }
     if !sum && deltas < 2 {
         bail!(
