@@ -1,7 +1,9 @@
-"""Independent numpy reference of the sotu-delta file format (docs/FORMAT.md, version 1.0).
+"""Independent numpy reference of the sotu-delta file format (docs/FORMAT.md, version 1.0) and
+of the merge methods (docs/METHODS.md).
 
-Written from docs/FORMAT.md alone, without looking at the Rust code, so that the tests can check
-the binary against a second reading of the spec. Section numbers (§) refer to FORMAT.md.
+Written from docs/FORMAT.md and docs/METHODS.md alone, without looking at the Rust code, so that
+the tests can check the binary against a second reading of the spec. Section numbers (§) refer to
+FORMAT.md.
 Clarity beats speed here: everything is whole-tensor numpy, which is plenty for test fixtures.
 
 Only numpy and blake3 are used.
@@ -580,7 +582,7 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
     """The tensors `merge` must write (§8): {name: (dtype, shape, raw bytes)}.
 
     delta_paths: paths or decoded Delta objects, in command-line order. out_dtype: None or
-    "F32"/"F16"/"BF16" (also accepted: "f32", "f16", "bf16"). force: accept base hash mismatches.
+    "F32"/"F16"/"BF16"/"F64" (lower case accepted too). force: accept base hash mismatches.
     Output metadata (§9) is not produced here.
     """
     base = base_path if isinstance(base_path, dict) else read_safetensors(base_path)[1]
@@ -592,8 +594,8 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
         raise ValueError("one weight per delta")
     if out_dtype is not None:
         out_dtype = out_dtype.upper()
-        if out_dtype not in FLOAT_FORMATS:
-            raise ValueError(f"--dtype {out_dtype} is not one of F32, F16, BF16")
+        if out_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"--dtype {out_dtype} is not one of F32, F16, BF16, F64")
 
     # c_t = w_t * s_t, one f64 rounding each; s_t = 2^32 / (hi - lo) is itself one division.
     coeffs = []
@@ -650,8 +652,9 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
         dt = output_dtype(b.dtype)
         rounded = round_to_bytes(bv + acc, dt)
         if dt == b.dtype:
-            raw = np.frombuffer(b.data, dtype=np.uint8).reshape(bv.size, -1).copy()
-            new_raw = np.frombuffer(rounded, dtype=np.uint8).reshape(bv.size, -1)
+            size = DTYPES[dt][0]  # an explicit row width: an empty tensor has no -1 to infer
+            raw = np.frombuffer(b.data, dtype=np.uint8).reshape(bv.size, size).copy()
+            new_raw = np.frombuffer(rounded, dtype=np.uint8).reshape(bv.size, size)
             raw[touched] = new_raw[touched]
             rounded = raw.tobytes()
         out[name] = (dt, b.shape, rounded)
@@ -682,11 +685,266 @@ def _single_replacement(name, tensors):
     return first
 
 
-def apply(base_path, delta_path, out_dtype=None, force=False):
-    """§8: apply is the merge of one delta with weight 1."""
-    return merge(base_path, [delta_path], out_dtype=out_dtype, force=force)
+def apply(base_path, delta_path, out_dtype=None, force=False, rescale=True):
+    """`apply`: the merge of one delta with weight 1 (§8). By default it rescales kept differences
+    by 1/density, i.e. it is `merge --rescale` of that one delta; rescale=False is
+    `apply --no-rescale` (the fine-tuned value at every kept element, the base elsewhere)."""
+    return merge(base_path, [delta_path], rescale=rescale, out_dtype=out_dtype, force=force)
 
 
 def read_tensors(path):
     """{name: (dtype, shape, raw bytes)} of a checkpoint, the shape merge() returns."""
     return {k: (t.dtype, t.shape, t.data) for k, t in read_safetensors(path)[1].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Merge methods: ties, iso, tsv (docs/METHODS.md)
+# --------------------------------------------------------------------------------------------
+#
+# Written from docs/METHODS.md alone. `ties` is elementwise f64 arithmetic plus a per-task order
+# statistic, computed here in exactly the documented order (one numpy operation per IEEE
+# operation), so it is a bit-for-bit target. `iso` and `tsv` use numpy.linalg.svd (LAPACK) in
+# f64; the binary is held to them within the tolerance of METHODS.md, not bit for bit.
+
+METHODS = ("sum", "ties", "iso", "tsv")
+DEFAULT_ALPHA = 1.0
+DEFAULT_TRIM = 0.2
+
+
+class UsageError(ValueError):
+    """What the command line refuses with exit status 2."""
+
+
+class NonFiniteError(FormatError):
+    """A τ that is NaN or infinite: the merge fails (exit 1), naming the delta and the tensor."""
+
+
+def _as_delta(d):
+    return d if isinstance(d, Delta) else decode_delta(d)
+
+
+def method_tensors(base, deltas):
+    """{name: [indices of the contributing deltas]} for the output tensors a method other than
+    `sum` applies to (METHODS.md "Which tensors a method applies to"): float tensors of the base
+    (the computed ones of FORMAT.md §8) to which at least one delta contributes, and to which
+    every contributing delta brings a `masked` term. A `same` entry contributes nothing (§8).
+    Empty tensors are left out: they are written empty whatever the method."""
+    base = base if isinstance(base, dict) else read_safetensors(base)[1]
+    deltas = [_as_delta(d) for d in deltas]
+    out = {}
+    for name, b in base.items():
+        if b.dtype not in FLOAT_DTYPES or b.numel == 0:
+            continue
+        kinds = [d.entries[name].kind for d in deltas]
+        contributing = [t for t, k in enumerate(kinds) if k != "same"]
+        if contributing and all(kinds[t] == "masked" for t in contributing):
+            out[name] = contributing
+    return out
+
+
+def estimate(delta, name, bv, what="delta", unbiased=True):
+    """The unbiased estimate τ of METHODS.md for one tensor of one delta, as a flat f64 array:
+    s · (v − b) at the kept elements (one rounding each, no FMA), +0.0 elsewhere, with
+    s = 2^32 / (hi − lo). Raises NonFiniteError if any τ is NaN or infinite.
+    unbiased=False (tests only): s = 1, the plain kept difference."""
+    e = delta.entries[name]
+    assert e.kind == "masked", (name, e.kind)
+    tau = np.zeros(bv.size, dtype=np.float64)  # +0.0 where the delta does not keep the element
+    if delta.hi == delta.lo:
+        return tau  # keeps nothing
+    s = 4294967296.0 / float(delta.hi - delta.lo) if unbiased else 1.0
+    idx = e.indices.astype(np.intp)
+    with np.errstate(all="ignore"):
+        diff = to_f64(e.dtype, e.values) - bv[idx]
+        tau[idx] = s * diff
+    bad = np.flatnonzero(~np.isfinite(tau))
+    if bad.size:
+        raise NonFiniteError(f"{what}: {name!r}: the estimate is not finite at element {int(bad[0])}")
+    return tau
+
+
+def round_half_even(x):
+    """Round half to even (np.rint), for k = round_half_even(K · n) of ties."""
+    return int(np.rint(np.float64(x)))
+
+
+def ties_delta(taus, weights, alpha=DEFAULT_ALPHA, trim=DEFAULT_TRIM):
+    """METHODS.md `ties` steps 1-3 on one tensor, in f64, in the documented order.
+
+    taus: list of T flat f64 arrays (one per task, task order); weights: T floats.
+    Returns (am, qualifies): am = α · m per element (one rounding), and the boolean mask of the
+    elements where at least one task qualifies (elsewhere the output is the base element)."""
+    taus = [np.asarray(t, dtype=np.float64) for t in taus]
+    n = taus[0].size
+    if not (0.0 < float(trim) <= 1.0):
+        raise UsageError(f"--trim {trim} is not in (0, 1]")
+    # 1. Trim, per task: keep the elements whose magnitude is at least the k-th largest.
+    k = max(1, round_half_even(float(trim) * float(n)))  # the product in f64
+    trimmed = []
+    for tau in taus:
+        mag = np.abs(tau)
+        theta = np.sort(mag)[::-1][k - 1]  # k-th largest, counting repeats
+        trimmed.append(np.where(mag >= theta, tau, 0.0))  # 0.0 is +0.0
+    # 2. Elect: S = Σ w_t · τ̃_t from +0.0 in task order (each product rounded, then each sum).
+    S = np.zeros(n, dtype=np.float64)
+    for tt, w in zip(trimmed, weights):
+        S = S + np.float64(w) * tt
+    positive = S >= 0.0  # the elected sign: +1 where S >= 0 (a zero sum elects +1), else -1
+    # 3. Merge over the tasks that qualify: τ̃_t ≠ 0 with the elected sign.
+    N = np.zeros(n, dtype=np.float64)
+    D = np.zeros(n, dtype=np.float64)
+    any_q = np.zeros(n, dtype=bool)
+    for tt, w in zip(trimmed, weights):
+        q = (tt != 0.0) & np.where(positive, tt > 0.0, tt < 0.0)
+        N = np.where(q, N + np.float64(w) * tt, N)
+        D = np.where(q, D + np.float64(w), D)
+        any_q |= q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.where(D == 0.0, 0.0, N / np.where(D == 0.0, 1.0, D))
+    return np.float64(alpha) * m, any_q
+
+
+def _svd(x):
+    """Thin SVD in f64 (LAPACK through numpy)."""
+    return np.linalg.svd(np.asarray(x, dtype=np.float64), full_matrices=False)
+
+
+def polar(x, svd=_svd):
+    """polar(X) = P Qᵀ where X = P Σ Qᵀ is the thin SVD."""
+    p, _, qt = svd(x)
+    return p @ qt
+
+
+def _weighted_sum(taus, weights):
+    """Σ_t w_t · τ_t, elementwise in f64 from +0.0 in task order (product rounded, then sum)."""
+    acc = np.zeros_like(np.asarray(taus[0], dtype=np.float64))
+    for tau, w in zip(taus, weights):
+        acc = acc + np.float64(w) * np.asarray(tau, dtype=np.float64)
+    return acc
+
+
+def _mean_path(taus, weights, alpha):
+    """R = α · (Σ_t w_t · τ_t) / T: the path of iso and tsv for a float tensor that is not 2-D."""
+    return (np.float64(alpha) * _weighted_sum(taus, weights)) / np.float64(len(taus))
+
+
+def iso_delta(taus, weights, shape, alpha=DEFAULT_ALPHA, svd=_svd):
+    """METHODS.md `iso` (Iso-C): R for one tensor, flat f64. taus: flat f64 arrays."""
+    if len(shape) != 2:
+        return _mean_path(taus, weights, alpha)
+    M = _weighted_sum(taus, weights).reshape(shape)
+    u_, sigma, vt = svd(M)
+    R = (np.float64(alpha) * np.mean(sigma)) * (u_ @ vt)
+    return R.reshape(-1)
+
+
+def tsv_delta(taus, weights, shape, alpha=DEFAULT_ALPHA, svd=_svd):
+    """METHODS.md `tsv` (TSV-M): R for one tensor, flat f64. taus: flat f64 arrays, one per delta.
+
+    T is the number of deltas, zero ones included (k = max(1, ⌊r/T⌋)). A task whose w·τ is zero
+    everywhere (a `same` delta; a zero weight) brings no triplets to the stack: its singular
+    vectors are arbitrary, and METHODS.md leaves this case open (this reading is the one that
+    makes the result well defined)."""
+    if len(shape) != 2:
+        return _mean_path(taus, weights, alpha)
+    m, n = shape
+    T = len(taus)
+    r = min(m, n)
+    k = max(1, r // T)
+    us, ss, vs = [], [], []
+    for tau, w in zip(taus, weights):
+        wt = np.float64(w) * np.asarray(tau, dtype=np.float64)
+        if not np.any(wt):
+            continue
+        u_, s, vt = svd(wt.reshape(shape))
+        us.append(u_[:, :k])
+        ss.append(s[:k])
+        vs.append(vt[:k].T)
+    if not us:
+        return np.zeros(m * n, dtype=np.float64)
+    U_hat, s_hat, V_hat = np.hstack(us), np.concatenate(ss), np.hstack(vs)
+    R = np.float64(alpha) * ((polar(U_hat, svd) * s_hat) @ polar(V_hat, svd).T)
+    return R.reshape(-1)
+
+
+def merge_method(base_path, delta_paths, method="sum", weights=None, alpha=None, trim=None,
+                 out_dtype=None, force=False, rescale=False, unbiased=True, delta_names=None,
+                 residuals=None):
+    """The tensors `merge --method METHOD` must write: {name: (dtype, shape, raw bytes)}, like
+    merge().
+
+    alpha, trim: None means "not given" (defaults 1 and 0.2); giving one to a method that does
+    not take it is a UsageError, as are --rescale with a method other than sum and a method other
+    than sum with fewer than two deltas (METHODS.md "Options").
+
+    Tensors the method does not apply to (method_tensors) are merged exactly as `sum` merges them
+    (weights apply, no rescale). For the others, every delta is one of the T tasks (T = the
+    number of deltas, as in FORMAT.md §8): a `masked` one enters as its unbiased estimate τ, a
+    `same` one (its fine-tune equals the base) as τ = +0.0 everywhere. This matters for the mean
+    path of iso/tsv ((Σ w τ)/T) and tsv's k; see tsv_delta for a zero task's triplets.
+
+    unbiased=False (tests only) drops the 1/density factor of τ, to show that it matters.
+    delta_names: labels for error messages (default: the paths).
+    residuals: a dict to receive {name: R (flat f64)} for the tensors the method applies to: what
+    it adds to the base (for ties α·m where a task qualifies, else 0)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}")
+    deltas = [_as_delta(d) for d in delta_paths]
+    if delta_names is None:
+        delta_names = [str(d) if not isinstance(d, Delta) else f"delta {t}" for t, d in enumerate(delta_paths)]
+    if method == "sum":
+        if alpha is not None or trim is not None:
+            raise UsageError("--alpha and --trim do not apply to --method sum")
+        return merge(base_path, deltas, weights=weights, rescale=rescale, out_dtype=out_dtype, force=force)
+    if rescale:
+        raise UsageError(f"--rescale applies to --method sum only, not {method}")
+    if trim is not None and method != "ties":
+        raise UsageError(f"--trim applies to --method ties only, not {method}")
+    if len(deltas) < 2:
+        raise UsageError(f"--method {method} needs at least two deltas")
+    alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
+    trim = DEFAULT_TRIM if trim is None else float(trim)
+    if method == "ties" and not (0.0 < trim <= 1.0):
+        raise UsageError(f"--trim {trim} is not in (0, 1]")
+    weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+
+    # Everything sum does (checks, non-float, new and non-applicable tensors) first; the tensors
+    # the method applies to are then replaced.
+    out = merge(base_path, deltas, weights=weights, rescale=False, out_dtype=out_dtype, force=force)
+    base = base_path if isinstance(base_path, dict) else read_safetensors(base_path)[1]
+    for name, contributing in method_tensors(base, deltas).items():
+        b = base[name]
+        dt = out[name][0]
+        bv = to_f64(b.dtype, b.data)
+        taus = [estimate(deltas[t], name, bv, what=delta_names[t], unbiased=unbiased) if t in contributing
+                else np.zeros(bv.size, dtype=np.float64) for t in range(len(deltas))]
+        ws = weights
+        if method == "ties":
+            am, q = ties_delta(taus, ws, alpha, trim)
+            # Where a task qualifies: round(b + α·m); elsewhere the base element as sum leaves it
+            # (its own bits when the dtype is unchanged, else round(b)).
+            val = np.where(q, bv + am, bv)
+            size = DTYPES[dt][0]
+            rounded = np.frombuffer(round_to_bytes(val, dt), dtype=np.uint8).reshape(bv.size, size).copy()
+            if dt == b.dtype:
+                raw = np.frombuffer(b.data, dtype=np.uint8).reshape(bv.size, size)
+                rounded[~q] = raw[~q]
+            data = rounded.tobytes()
+            R = np.where(q, am, 0.0)
+        else:
+            f = iso_delta if method == "iso" else tsv_delta
+            R = f(taus, ws, b.shape, alpha)
+            data = round_to_bytes(bv + R, dt)  # every element
+        out[name] = (dt, b.shape, data)
+        if residuals is not None:
+            residuals[name] = R
+    return out
+
+
+def method_residual(base_path, delta_paths, method, weights=None, alpha=None, trim=None):
+    """{name: R as a flat f64 array} for the tensors a method applies to: what it adds to the
+    base (for ties, α·m where a task qualifies, else 0). Used for the F64 tolerance of iso and
+    tsv: 1e-9 of the tensor's max |R|."""
+    residuals = {}
+    merge_method(base_path, delta_paths, method, weights=weights, alpha=alpha, trim=trim, residuals=residuals)
+    return residuals
