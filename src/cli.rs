@@ -198,6 +198,10 @@ struct InspectArgs {
     /// The base, to compute cosines of deltas whose masks overlap.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Also compare each pair's top singular subspaces, per 2-D tensor (needs --base; an SVD
+    /// of every matrix of every delta, so minutes on a large model).
+    #[arg(long, requires = "base")]
+    subspaces: bool,
     /// Leave out the per-tensor table.
     #[arg(long)]
     summary: bool,
@@ -242,6 +246,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             .build_global()?;
     }
     crate::io::process::install_handlers();
+    crate::io::process::return_freed_memory();
     let flags = Flags {
         quiet: cli.quiet,
         verbose: cli.verbose,
@@ -458,7 +463,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
     let base = a.base.as_deref().map(Checkpoint::open).transpose()?;
-    let r = inspect(&deltas, base.as_ref())?;
+    let r = inspect(&deltas, base.as_ref(), a.subspaces)?;
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else {

@@ -86,6 +86,16 @@ pub struct PairSummary {
     pub compared: u64,
     /// Cosine of the two masked deltas; `None` when it needs the base and none was given.
     pub cosine: Option<f64>,
+    /// With `--subspaces`: the alignment of the two deltas' top singular subspaces, averaged
+    /// over the 2-D tensors both mask: `‖U_aᵀ U_b‖_F² / k`, where `U` holds the top `k` left
+    /// singular vectors of a delta's unbiased estimate and `k = max(1, ⌊min(m, n) / T⌋)` for
+    /// `T` deltas, as `merge --method tsv` keeps. 1 is the same subspace, 0 orthogonal ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subspace_alignment: Option<f64>,
+    /// What two random subspaces of those dimensions give on average (`k / m`, averaged the
+    /// same way): the level of no alignment at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subspace_random: Option<f64>,
 }
 
 /// The result of `inspect`.
@@ -97,13 +107,29 @@ pub struct InspectReport {
     pub pairs: Vec<PairSummary>,
 }
 
-/// Summarizes `deltas`, and compares each pair. Cosines of overlapping deltas need `base`.
-pub fn inspect(deltas: &[Delta], base: Option<&Checkpoint>) -> Result<InspectReport> {
+/// Summarizes `deltas`, and compares each pair. Cosines of overlapping deltas need `base`;
+/// so does `subspaces`, the alignment of their top singular subspaces (an SVD of every 2-D
+/// tensor of every delta: seconds for a small model, many minutes for a large one).
+pub fn inspect(
+    deltas: &[Delta],
+    base: Option<&Checkpoint>,
+    subspaces: bool,
+) -> Result<InspectReport> {
     let summaries = deltas.iter().map(summarize).collect();
     let mut pairs = Vec::new();
     for i in 0..deltas.len() {
         for j in i + 1..deltas.len() {
             pairs.push(compare(&deltas[i], &deltas[j], base)?);
+        }
+    }
+    if subspaces {
+        let Some(base) = base else {
+            bail!("the subspace alignment needs the base (--base)");
+        };
+        let means = subspace_alignment(deltas, base)?;
+        for (p, (align, random)) in pairs.iter_mut().zip(means) {
+            p.subspace_alignment = align;
+            p.subspace_random = random;
         }
     }
     Ok(InspectReport {
@@ -257,7 +283,100 @@ fn compare(a: &Delta, b: &Delta, base: Option<&Checkpoint>) -> Result<PairSummar
         },
         compared,
         cosine,
+        subspace_alignment: None,
+        subspace_random: None,
     })
+}
+
+/// For each pair of deltas `(i, j)`, `i < j` in order: the mean over the 2-D float tensors both
+/// mask of `‖U_iᵀ U_j‖_F² / k`, and of `k / m` (see [`PairSummary::subspace_alignment`]).
+/// `None` for a pair that shares no such tensor. Tensors run in parallel, each on one thread.
+fn subspace_alignment(
+    deltas: &[Delta],
+    base: &Checkpoint,
+) -> Result<Vec<(Option<f64>, Option<f64>)>> {
+    let t = deltas.len();
+    let pairs: Vec<(usize, usize)> = (0..t)
+        .flat_map(|i| (i + 1..t).map(move |j| (i, j)))
+        .collect();
+    let names: Vec<&String> = base
+        .tensors()
+        .iter()
+        .filter(|(name, info)| {
+            info.shape.len() == 2
+                && info.numel() > 0
+                && Float::of(info.dtype).is_some()
+                && deltas
+                    .iter()
+                    .filter(|d| {
+                        d.entries()
+                            .get(*name)
+                            .is_some_and(|e| e.kind == Kind::Masked)
+                    })
+                    .count()
+                    >= 2
+        })
+        .map(|(name, _)| name)
+        .collect();
+    let per_tensor: Vec<Vec<Option<(f64, f64)>>> = names
+        .par_iter()
+        .map(|name| tensor_alignment(deltas, base, name, &pairs))
+        .collect::<Result<_>>()?;
+    Ok((0..pairs.len())
+        .map(|p| {
+            let got: Vec<(f64, f64)> = per_tensor.iter().filter_map(|v| v[p]).collect();
+            if got.is_empty() {
+                return (None, None);
+            }
+            let n = got.len() as f64;
+            (
+                Some(got.iter().map(|g| g.0).sum::<f64>() / n),
+                Some(got.iter().map(|g| g.1).sum::<f64>() / n),
+            )
+        })
+        .collect())
+}
+
+/// One tensor's `(‖U_iᵀ U_j‖_F² / k, k / m)` for each pair, `None` where one of the two does not
+/// mask it.
+fn tensor_alignment(
+    deltas: &[Delta],
+    base: &Checkpoint,
+    name: &str,
+    pairs: &[(usize, usize)],
+) -> Result<Vec<Option<(f64, f64)>>> {
+    let info = base.info(name).expect("listed from the base");
+    let from = Float::of(info.dtype).expect("a float tensor");
+    let (rows, cols) = (info.shape[0], info.shape[1]);
+    let k = (rows.min(cols) / deltas.len()).max(1);
+    let mut b = Vec::new();
+    from.load_all(base.data(info), &mut b);
+    let mut tau = Vec::new();
+    let mut tops: Vec<Option<faer::Mat<f64>>> = Vec::with_capacity(deltas.len());
+    for d in deltas {
+        if d.entries().get(name).is_none_or(|e| e.kind != Kind::Masked) {
+            tops.push(None);
+            continue;
+        }
+        d.chunks(name)
+            .estimate(from, &b, d.params().rescale(), &mut tau)?;
+        // The tensor's left singular vectors are the right ones of faer's transposed view.
+        let (_, _, v) = crate::linalg::thin_svd(crate::linalg::view(&tau, (rows, cols)), name)?;
+        tops.push(Some(v.as_ref().submatrix(0, 0, rows, k).to_owned()));
+    }
+    Ok(pairs
+        .iter()
+        .map(|&(i, j)| {
+            let (a, b) = (tops[i].as_ref()?, tops[j].as_ref()?);
+            let m =
+                crate::linalg::mul_transposed(a.as_ref().transpose(), b.as_ref().transpose(), 1.0);
+            let sq: f64 = (0..k)
+                .flat_map(|r| (0..k).map(move |c| (r, c)))
+                .map(|(r, c)| m[(r, c)] * m[(r, c)])
+                .sum();
+            Some((sq / k as f64, k as f64 / rows as f64))
+        })
+        .collect())
 }
 
 /// `⟨mask_a ⊙ δ_a, mask_b ⊙ δ_b⟩` over all float tensors, decoding chunk by chunk.
@@ -402,6 +521,12 @@ impl InspectReport {
                             "{c:.6}"
                         ))
                 );
+                if let (Some(a), Some(r)) = (p.subspace_alignment, p.subspace_random) {
+                    let _ = writeln!(
+                        s,
+                        "    top singular subspaces: alignment {a:.4} (random subspaces: {r:.4})"
+                    );
+                }
             }
         }
         s

@@ -3,7 +3,7 @@
 //!
 //! A row-major `rows × cols` tensor is, as faer reads its bytes, the column-major
 //! `cols × rows` transpose ([`view`]); callers run on that view the methods that commute with
-//! transposition, and read the result back row-major ([`row_major`]).
+//! transposition, and read the result's element `(j, i)` as the tensor's `(i, j)`.
 
 use anyhow::{Result, bail};
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -15,16 +15,6 @@ use faer::{Accum, Mat, MatRef, Par, Spec};
 /// is the row-major result.
 pub fn view(data: &[f64], (rows, cols): (usize, usize)) -> MatRef<'_, f64> {
     MatRef::from_column_major_slice(data, cols, rows)
-}
-
-/// The row-major elements of a `cols × rows` result computed on [`view`]s.
-pub fn row_major(x: &Mat<f64>) -> Vec<f64> {
-    let (cols, rows) = (x.nrows(), x.ncols());
-    let mut out = Vec::with_capacity(rows * cols);
-    for i in 0..rows {
-        out.extend((0..cols).map(|j| x[(j, i)]));
-    }
-    out
 }
 
 /// `P Qᵀ` of the thin SVD `a = P Σ Qᵀ` (`a` no wider than tall).
@@ -60,7 +50,6 @@ pub fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<(Mat<f64>, Vec<f64>, M
     let s = (0..r).map(|i| s[i]).collect();
     Ok((u, s, v))
 }
-
 
 /// `alpha · a · bᵀ`.
 pub fn mul_transposed(a: MatRef<'_, f64>, b: MatRef<'_, f64>, alpha: f64) -> Mat<f64> {

@@ -2003,3 +2003,72 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
     assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
 }
+
+#[test]
+fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
+    // docs/METHODS.md, "Memory": a worker holds T + 3 copies of one tensor in f64 for `ties`;
+    // for `iso` and `tsv` 4 copies plus faer's SVD factors and workspace (7 copies at most,
+    // for a square matrix), whatever T. With 2 threads and T = 3: 64 MiB + 2 x that.
+    const MIB: u64 = 1 << 20;
+    let dir = tmp();
+    let d = dir.path();
+    let (rows, cols) = (512usize, 1024usize);
+    let mut base = Tensors::new();
+    for i in 0..6 {
+        base.insert(
+            format!("model.layers.{i:02}.mlp.weight"),
+            T {
+                dtype: "BF16".into(),
+                shape: vec![rows, cols],
+                data: bf16_bytes(rows * cols, 200 + i),
+            },
+        );
+    }
+    write_st(&d.join("base.safetensors"), &base, &Meta::new());
+    for k in 1..=3u8 {
+        let mut t = base.clone();
+        for x in t.values_mut() {
+            for c in x.data.chunks_exact_mut(2) {
+                c[0] ^= k.wrapping_mul(c[1]); // a small change of most elements
+            }
+        }
+        write_st(&d.join(format!("t{k}.safetensors")), &t, &Meta::new());
+        ok(
+            d,
+            &format!(
+                "extract --base base.safetensors --tuned t{k}.safetensors -o d{k}.safetensors --density 0.34 --seed {k}"
+            ),
+        );
+    }
+    let largest_f64 = (rows * cols * 8) as u64;
+    for (method, copies) in [("ties", 3 + 3), ("iso", 4 + 7), ("tsv", 4 + 7)] {
+        let bound = 64 * MIB + 2 * copies * largest_f64;
+        let out = format!("{method}.safetensors");
+        let args = [
+            "--threads",
+            "2",
+            "merge",
+            "--method",
+            method,
+            "--base",
+            "base.safetensors",
+            "d1.safetensors",
+            "d2.safetensors",
+            "d3.safetensors",
+            "-o",
+            &out,
+        ];
+        let (code, err, peak) = run_sampling_rss(d, &args);
+        assert_eq!(code, Some(0), "merge --method {method} failed: {err}");
+        println!(
+            "merge --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            largest_f64 as f64 / MIB as f64,
+            peak as f64 / MIB as f64,
+            bound as f64 / MIB as f64
+        );
+        assert!(
+            peak <= bound,
+            "{method}: peak RssAnon {peak} bytes > bound {bound} bytes"
+        );
+    }
+}

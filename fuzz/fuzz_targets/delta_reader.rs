@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Ok(report) = inspect(std::slice::from_ref(&delta), None) {
+    if let Ok(report) = inspect(std::slice::from_ref(&delta), None, false) {
         let _ = report.render(true);
     }
 });

@@ -71,20 +71,25 @@ impl Chunks<'_> {
         tau.clear();
         tau.resize(base.len(), 0.0);
         let mut bad: Option<usize> = None;
-        self.for_each_kept_word(from.size(), 0..base.len() as u64, None, |k0, word, values| {
-            let mut bits = word;
-            let mut j = 0;
-            while bits != 0 {
-                let k = k0 + bits.trailing_zeros() as usize;
-                let t = s * (from.load(values, j) - base[k]);
-                if !t.is_finite() && bad.is_none() {
-                    bad = Some(k);
+        self.for_each_kept_word(
+            from.size(),
+            0..base.len() as u64,
+            None,
+            |k0, word, values| {
+                let mut bits = word;
+                let mut j = 0;
+                while bits != 0 {
+                    let k = k0 + bits.trailing_zeros() as usize;
+                    let t = s * (from.load(values, j) - base[k]);
+                    if !t.is_finite() && bad.is_none() {
+                        bad = Some(k);
+                    }
+                    tau[k] = t;
+                    j += 1;
+                    bits &= bits - 1;
                 }
-                tau[k] = t;
-                j += 1;
-                bits &= bits - 1;
-            }
-        })?;
+            },
+        )?;
         if let Some(k) = bad {
             bail!(
                 "{}: tensor {}: element {k}: the unbiased estimate (kept value − base) / density is {}; ties, iso and tsv need finite differences (merge with --method sum instead)",

@@ -90,6 +90,19 @@ pub struct Params {
     pub slot: Option<String>,
 }
 
+impl Params {
+    /// `2^32 / (hi − lo)`: the factor of `--rescale` and of the unbiased estimate
+    /// (docs/FORMAT.md section 8, docs/METHODS.md), 1 for an empty interval.
+    pub fn rescale(&self) -> f64 {
+        let iv = self.interval;
+        if iv.hi() > iv.lo() {
+            crate::mask::SPAN as f64 / (iv.hi() - iv.lo()) as f64
+        } else {
+            1.0
+        }
+    }
+}
+
 /// A delta file, opened and validated.
 pub struct Delta {
     ckpt: Checkpoint,

@@ -3,19 +3,19 @@
 //!
 //! A tensor is computed whole on one thread: its decompositions run with faer in sequential
 //! mode, so the result does not depend on the thread count, and rayon runs tensors side by
-//! side ([`super::execute`]). A worker holds at most about T + 3 copies of one tensor in f64:
-//! `ties` keeps the T trimmed estimates, the base and one scratch; `iso` the base, the sum of
-//! the estimates and its SVD factors; `tsv` the base, one estimate at a time with its SVD
-//! factors, and the stacked top triplets (at most one more copy in all, since T·k ≤ min(m, n)).
+//! side ([`super::execute`]). Memory per worker, in copies of one tensor in f64
+//! (docs/METHODS.md, "Memory"): `ties` T + 3 (the T trimmed estimates, the base, one scratch,
+//! the result); `iso` and `tsv` about 4 (the base, one estimate or their sum, the result, the
+//! stacked triplets) plus faer's SVD factors and workspace, whatever T.
 
 use anyhow::Result;
 use faer::Mat;
 
-use super::plan::{Combine, Method, Source, TensorPlan, Term, rescale_factor};
+use super::plan::{Combine, Method, Source, TensorPlan, Term};
 use crate::dtype::Float;
 use crate::format::Delta;
 use crate::io::{Checkpoint, Output};
-use crate::linalg::{mul_transposed, polar, row_major, thin_svd, view};
+use crate::linalg::{mul_transposed, polar, thin_svd, view};
 
 /// Elements rounded and written at a time: bounds the output buffer.
 const WRITE_PIECE: usize = 1 << 20;
@@ -53,7 +53,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan
     let (r, written) = match (combine.method, matrix) {
         (Method::Ties, _) => {
             let (r, written) = ties(&est, combine)?;
-            (r, Some(written))
+            (Merged::Flat(r), Some(written))
         }
         (Method::Iso, Some(shape)) => (iso(&est, combine, shape)?, None),
         (Method::Tsv, Some(shape)) => (tsv(&est, combine, shape)?, None),
@@ -85,7 +85,7 @@ impl Estimates<'_> {
     /// τ of `term` into `tau` ([`crate::format::Chunks::estimate`]).
     fn of(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
         let delta = &self.deltas[term.delta];
-        let s = rescale_factor(delta);
+        let s = delta.params().rescale();
         delta
             .chunks(self.name)
             .estimate(self.from, self.base, s, tau)
@@ -159,28 +159,32 @@ fn ties(est: &Estimates, c: &Combine) -> Result<(Vec<f64>, Vec<bool>)> {
 }
 
 /// `α · (Σ_t w_t · τ_t) / T`: `iso` and `tsv` on a tensor that is not a matrix.
-fn mean(est: &Estimates, c: &Combine) -> Result<Vec<f64>> {
+fn mean(est: &Estimates, c: &Combine) -> Result<Merged> {
     // T counts every delta: one that leaves the tensor as the base contributes τ = 0.
     let t = est.deltas.len() as f64;
     let mut r = est.weighted_sum()?;
     for x in &mut r {
         *x = c.alpha * (*x / t);
     }
-    Ok(r)
+    Ok(Merged::Flat(r))
 }
 
 /// `iso`: `α · mean(σ) · U Vᵀ` of `M = Σ_t w_t · τ_t`.
-fn iso(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> {
+fn iso(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Merged> {
     let m = est.weighted_sum()?;
     let (u, s, v) = thin_svd(view(&m, shape), est.name)?;
     drop(m);
     let mean_sigma = s.iter().sum::<f64>() / s.len() as f64;
-    let r = mul_transposed(u.as_ref(), v.as_ref(), c.alpha * mean_sigma);
-    Ok(row_major(&r))
+    drop(s);
+    Ok(Merged::Matrix(mul_transposed(
+        u.as_ref(),
+        v.as_ref(),
+        c.alpha * mean_sigma,
+    )))
 }
 
 /// `tsv`: `α · polar(Û) · diag(ŝ) · polar(V̂)ᵀ` of each task's top `k` triplets.
-fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> {
+fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Merged> {
     let (rows, cols) = (shape.1, shape.0);
     // T counts every delta, as in `mean`; only those that change the tensor bring triplets.
     let k = (rows.min(cols) / est.deltas.len()).max(1);
@@ -209,8 +213,30 @@ fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Vec<f64>> 
     for (j, &s) in s_hat.iter().enumerate() {
         pu.col_mut(j).iter_mut().for_each(|x| *x *= s);
     }
-    let r = mul_transposed(pu.as_ref(), pv.as_ref(), c.alpha);
-    Ok(row_major(&r))
+    Ok(Merged::Matrix(mul_transposed(
+        pu.as_ref(),
+        pv.as_ref(),
+        c.alpha,
+    )))
+}
+
+/// A merged delta `R`: flat and row-major, or a matrix computed on a transposed
+/// [`view`](crate::linalg::view), read without a row-major copy.
+enum Merged {
+    Flat(Vec<f64>),
+    Matrix(Mat<f64>),
+}
+
+impl Merged {
+    /// Element `i` of the row-major tensor.
+    #[inline]
+    fn at(&self, i: usize) -> f64 {
+        match self {
+            Merged::Flat(r) => r[i],
+            // Column-major `cols × rows`: row-major element `i` is at `(i % cols, i / cols)`.
+            Merged::Matrix(m) => m[(i % m.nrows(), i / m.nrows())],
+        }
+    }
 }
 
 /// A combined tensor's result, ready to round: `b + r` where `written` (everywhere when
@@ -221,7 +247,7 @@ struct Combined<'a> {
     /// The base tensor's bytes.
     base: &'a [u8],
     b: &'a [f64],
-    r: &'a [f64],
+    r: &'a Merged,
     written: Option<&'a [bool]>,
 }
 
@@ -237,7 +263,7 @@ impl Combined<'_> {
             bytes.clear();
             for i in start..end {
                 let bits = if self.written.is_none_or(|w| w[i]) {
-                    let x = self.b[i] + self.r[i];
+                    let x = self.b[i] + self.r.at(i);
                     overflows += to.overflows(x) as u64;
                     to.round_bits(x)
                 } else if from == to {

@@ -10,7 +10,6 @@ use safetensors::Dtype;
 use crate::dtype::Float;
 use crate::format::{Delta, Kind};
 use crate::io::Checkpoint;
-use crate::mask::SPAN;
 
 use super::MergeOptions;
 
@@ -94,17 +93,6 @@ pub enum Source {
         /// The deltas' masked terms, in command-line order.
         terms: Vec<Term>,
     },
-}
-
-/// `2^32 / (hi − lo)` of a delta: the factor of `--rescale` and of the unbiased estimate
-/// (docs/FORMAT.md section 8), 1 for an empty interval.
-pub fn rescale_factor(delta: &Delta) -> f64 {
-    let iv = delta.params().interval;
-    if iv.hi() > iv.lo() {
-        SPAN as f64 / (iv.hi() - iv.lo()) as f64
-    } else {
-        1.0
-    }
 }
 
 /// One output tensor and how it is made.
@@ -204,7 +192,7 @@ pub fn plan(
                 continue;
             };
             let rescale = if opts.rescale {
-                rescale_factor(delta)
+                delta.params().rescale()
             } else {
                 1.0
             };
