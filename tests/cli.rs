@@ -1025,6 +1025,86 @@ fn inspect_overlapping_masks_with_base_reports_a_cosine() {
     assert!((c - 1.0).abs() < 1e-9, "cosine of a delta with itself: {c}");
 }
 
+#[test]
+fn inspect_subspaces_reports_alignment_beside_the_cosine() {
+    let dir = tmp();
+    let d = dir.path();
+    let base = independent_deltas(d);
+    // A delta with itself: the same top subspaces, alignment 1.
+    let j = ok(
+        d,
+        &format!("inspect --json --subspaces --base {base} a.safetensors a.safetensors"),
+    )
+    .json();
+    let same = j["pairs"][0]["subspace_alignment"]
+        .as_f64()
+        .expect("a numeric alignment");
+    assert!(
+        (same - 1.0).abs() < 1e-9,
+        "alignment of a delta with itself: {same}"
+    );
+    // Two unrelated fine-tunes: well below 1, and of the order of random subspaces (the
+    // fixtures' deltas are independent noise).
+    let j = ok(
+        d,
+        &format!("inspect --json --subspaces --base {base} a.safetensors b.safetensors"),
+    )
+    .json();
+    let p = &j["pairs"][0];
+    let (a, r) = (
+        p["subspace_alignment"].as_f64().unwrap(),
+        p["subspace_random"].as_f64().unwrap(),
+    );
+    assert!(a < 0.6 && r > 0.0 && r < 1.0, "alignment {a}, random {r}");
+    assert!(
+        (a - r).abs() < 0.15,
+        "independent deltas: alignment {a} vs random {r}"
+    );
+    assert!(p["cosine"].as_f64().is_some());
+    // The text form shows it under the pair's line; without --subspaces it is absent.
+    let text = ok(
+        d,
+        &format!("inspect --summary --subspaces --base {base} a.safetensors b.safetensors"),
+    );
+    assert!(
+        text.stdout.contains("top singular subspaces: alignment"),
+        "{}",
+        text.stdout
+    );
+    let j = ok(
+        d,
+        &format!("inspect --json --base {base} a.safetensors b.safetensors"),
+    )
+    .json();
+    assert!(j["pairs"][0].get("subspace_alignment").is_none());
+    // It needs the base.
+    run(d, "inspect --subspaces a.safetensors b.safetensors").usage_error(&["--base"]);
+}
+
+#[test]
+fn merge_records_the_method_and_its_parameters() {
+    let dir = tmp();
+    let d = dir.path();
+    let base = independent_deltas(d);
+    ok(
+        d,
+        &format!(
+            "merge --base {base} a.safetensors b.safetensors --method ties --trim 0.5 --alpha 1.5 -o t.safetensors"
+        ),
+    );
+    let r = merge_record(&d.join("t.safetensors"));
+    assert_eq!(r["method"], "ties");
+    assert_eq!(r["alpha"], 1.5);
+    assert_eq!(r["trim"], 0.5);
+    ok(
+        d,
+        &format!("merge --base {base} a.safetensors b.safetensors -o s.safetensors"),
+    );
+    let r = merge_record(&d.join("s.safetensors"));
+    assert_eq!(r["method"], "sum");
+    assert!(r.get("alpha").is_none() && r.get("trim").is_none(), "{r}");
+}
+
 // ==========================================================================================
 // 3. Usage errors (exit 2)
 // ==========================================================================================
