@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small bench-scale bench-gpu device-pack fixtures clean fuzz
+.PHONY: all build venv test lint demo bench bench-small bench-methods bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
@@ -56,6 +56,13 @@ bench: build
 
 bench-small: build
 	$(PYTHON) tests/bench/bench.py --size small
+
+# Each merge method's speed against sum, and the SVD methods' rate against the measured f64
+# matrix-multiply rate (docs/METHODS.md); BENCH_SIZE=tinyllama for the 1.1B model (tens of
+# minutes for tsv on 2 cores).
+BENCH_SIZE ?= small
+bench-methods: build
+	$(PYTHON) tests/bench/bench_methods.py --size $(BENCH_SIZE)
 
 # A merge of a ~30 GB model (larger than RAM) in bounded memory, against cp -r of the base folder.
 # Needs about 65 GB of free disk and 10-20 minutes; not part of `make test`.
