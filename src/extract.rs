@@ -110,6 +110,9 @@ pub struct ExtractReport {
     pub output_fingerprint: Option<String>,
 }
 
+// The statistics kernel computes the columns of `sotu/stats`.
+const _: () = assert!(crate::simd::SUMS == STATS_COLS);
+
 /// One tensor's plan: its entry plus where its data comes from.
 struct Planned {
     name: String,

@@ -265,8 +265,18 @@ pub fn plan(
             source,
         });
     }
-    // Tensors new in the deltas: taken as they are (cast under --dtype), identical where
-    // several deltas carry them.
+    plan_new_tensors(deltas, &out_float, &mut plans)?;
+    plans.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(plans)
+}
+
+/// Plans the tensors new in the deltas: taken as they are (cast under --dtype), identical where
+/// several deltas carry them.
+fn plan_new_tensors(
+    deltas: &[Delta],
+    out_float: &dyn Fn(Dtype) -> Option<Float>,
+    plans: &mut Vec<TensorPlan>,
+) -> Result<()> {
     let mut new: BTreeMap<&str, usize> = BTreeMap::new();
     for (d, delta) in deltas.iter().enumerate() {
         for (name, e) in delta.entries().iter().filter(|(_, e)| !e.in_base) {
@@ -294,8 +304,7 @@ pub fn plan(
             }
         }
     }
-    plans.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(plans)
+    Ok(())
 }
 
 /// Refuses a delta whose tensors do not fit `base`: one taken against a base that has a tensor

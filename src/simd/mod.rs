@@ -2,8 +2,6 @@
 //! they give the same bits, with the one run-time detection of what the CPU has ([`isa`]) and
 //! the one list of targets of the multiversioned loops (`multiversioned!`).
 //!
-//! - [`keep`]: the mask's keep bits, `mix32` and the interval test on 16 lanes (AVX-512 F),
-//!   for `Mask::words` and `Interval::keep_words_of`;
 //! - [`add`]: merge, general path: the expansion of a mask word's kept values to their places
 //!   (`vpexpandw`/`vpexpandd`), then f64 arithmetic 8 lanes at a time, masked, in the same IEEE
 //!   operations as the scalar loop ([`add_word`], [`Kept::add_word`]);
@@ -15,14 +13,17 @@
 //! - [`sums`]: extract: the statistics of docs/FORMAT.md section 7 ([`chunk_sums`],
 //!   [`Kept::sums`]).
 //!
+//! The mask's own kernel (its keep bits: `mix32` and the interval test on 16 lanes) lives with
+//! the mask, in `mask::keep`, built the same way from [`isa`] and `multiversioned!`: this module
+//! depends on no other of the crate but `dtype`.
+//!
 //! The functions the callers use ([`add_word`], [`place()`], [`gather`], [`settle_word`],
-//! [`chunk_sums`], [`keep::fill_keep_words`], [`keep::pack_keep_words`]) take the AVX-512 path
+//! [`chunk_sums`]) take the AVX-512 path
 //! where the CPU has it (checked once per tile or chunk: a [`Kept`] handle, or [`isa::avx512`])
 //! and the portable loop everywhere else, or under `SOTU_DELTA_SCALAR=1`.
 
 pub mod add;
 pub mod isa;
-pub mod keep;
 pub mod place;
 pub mod settle;
 pub mod sums;
@@ -32,7 +33,7 @@ mod x86;
 pub use add::add_word;
 pub use place::{gather, place};
 pub use settle::settle_word;
-pub use sums::{Sums, chunk_sums};
+pub use sums::{SUMS, Sums, chunk_sums};
 
 use crate::dtype::Float;
 

@@ -5,7 +5,9 @@
 
 use super::Kept;
 use crate::dtype::elem::Elem;
-use crate::format::STATS_COLS;
+
+/// The sums per chunk: the columns of docs/FORMAT.md section 7's statistics (`sotu/stats`).
+pub const SUMS: usize = 3;
 
 /// Counts from [`Kept::sums`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,7 +33,7 @@ crate::simd::multiversioned! {
         b: &[u8],
         t: &[u8],
         words: &[u64],
-    ) -> ([f64; STATS_COLS], u64) {
+    ) -> ([f64; SUMS], u64) {
         let all_words = words;
         let mut all = [0.0f64; 8];
         let mut kept = [0.0f64; 8];

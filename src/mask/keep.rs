@@ -1,11 +1,12 @@
-//! The mask's keep bits (docs/FORMAT.md section 4): bit `k` of a word is whether the `k`-th of
+//! The mask's keep bits (docs/FORMAT.md section 4), its one vector kernel beside its portable
+//! twin and their test (the other kernels are in [`crate::simd`]): bit `k` of a word is whether the `k`-th of
 //! 64 mask values lies in the keep interval. By AVX-512 F where the CPU has it (`mix32` on 16
 //! lanes, and the interval test as a compare into a mask register, which is the keep bits
 //! themselves), else by the portable loops, which leave the packing of flags into bits to a
 //! multiply that AMD Zen 4 runs slowly (70% of their time).
 
-use super::isa;
-use crate::mask::SPAN;
+use super::SPAN;
+use crate::simd::isa;
 
 /// Keep bits of consecutive 32-bit counters from `first` under block constant `c`, against
 /// `[lo, lo + width)`, 64 per word; every word is filled whole.

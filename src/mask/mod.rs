@@ -3,6 +3,8 @@
 //! A mask is a pure function of (seed, tensor name, element index): nothing about it is stored
 //! but the seed and the interval, and every backend regenerates it identically.
 
+mod keep;
+
 use anyhow::{Result, bail};
 
 /// The seed used when `--seed` is not given (docs/FORMAT.md section 5).
@@ -94,7 +96,7 @@ impl Interval {
     pub fn keep_words_of(&self, us: &[u32], words: &mut Vec<u64>) {
         words.clear();
         words.resize(us.len().div_ceil(64), 0);
-        crate::simd::keep::pack_keep_words(us, self.lo as u32, self.hi - self.lo, words);
+        keep::pack_keep_words(us, self.lo as u32, self.hi - self.lo, words);
     }
 
     /// An interval from its bounds; refuses `lo > hi` or `hi > 2^32`.
@@ -253,7 +255,7 @@ impl Mask {
         words.clear();
         words.resize(len.div_ceil(64), 0);
         let width = self.interval.hi - self.interval.lo;
-        crate::simd::keep::fill_keep_words(start as u32, c, self.interval.lo as u32, width, words);
+        keep::fill_keep_words(start as u32, c, self.interval.lo as u32, width, words);
         if !len.is_multiple_of(64) {
             *words.last_mut().unwrap() &= (1u64 << (len % 64)) - 1;
         }
