@@ -1,9 +1,11 @@
-//! `merge` and `apply`: `out = base + Σ_t w_t·s_t·(mask_t ⊙ δ_t)` in the exact arithmetic of
-//! docs/FORMAT.md section 8.
+//! `merge` and `apply`: by default `out = base + Σ_t w_t·s_t·(mask_t ⊙ δ_t)` in the exact
+//! arithmetic of docs/FORMAT.md section 8; with `--method ties|iso|tsv`, the methods of
+//! docs/METHODS.md.
 //!
 //! - [`plan`]: which tensor comes from where, and what each delta contributes.
 //! - [`Engine`]: what executes the plan, chosen once: [`cpu`] (rayon) or [`cuda`] (a GPU).
 //!   Callers never branch on the device.
+//! - [`methods`]: `ties`, `iso` and `tsv` on the CPU, a tensor per thread.
 //!
 //! Every output element depends only on its own inputs, so the output is the same bytes for
 //! any thread count, tiling or engine.
@@ -23,8 +25,7 @@ use serde_json::json;
 
 use crate::dtype::Float;
 use crate::format::Delta;
-use crate::io::{Checkpoint, tensor_hash};
-use crate::io::{OutTensor, Output, Target};
+use crate::io::{Checkpoint, OutTensor, Output, Target, tensor_hash};
 
 pub use plan::{Combine, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
