@@ -30,6 +30,10 @@ fn emit(s: &str) -> Result<()> {
     }
 }
 
+/// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
+/// the cost of starting them (docs/RELIABILITY.md).
+pub const MAX_THREADS: usize = 1024;
+
 /// A mistake in the arguments: exit code 2.
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -53,7 +57,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify"
 )]
 struct Cli {
-    /// Worker threads (default: one per core).
+    /// Worker threads, 1 to 1024 (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Print nothing but errors and warnings.
@@ -219,9 +223,24 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             return emit(&e.to_string());
         }
     };
+    if cli.threads.is_none()
+        && let Some(n) = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u128>().ok())
+            .filter(|&n| n > MAX_THREADS as u128)
+    {
+        return Err(usage(format!(
+            "RAYON_NUM_THREADS={n}: at most {MAX_THREADS} worker threads"
+        )));
+    }
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(usage("--threads must be at least 1"));
+        }
+        if n > MAX_THREADS {
+            return Err(usage(format!(
+                "--threads {n}: at most {MAX_THREADS} worker threads"
+            )));
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

@@ -346,3 +346,65 @@ fn f16_overflow_warns_naming_the_tensor() {
     );
     assert!(!o.stderr.contains("overflow"), "{}", o.stderr);
 }
+
+// ==========================================================================================
+// Issue 17: hangs, unbounded reads, partial folders, outputs that break inputs, silent
+// overflow, unbounded --threads; and the decisions on the questionable cases.
+// ==========================================================================================
+
+const GOOD_A: &str = "fixtures/bad/src/good-a.delta.safetensors";
+
+/// `path` under the repository root, as a string for an argument.
+fn fixture(path: &str) -> String {
+    common::root().join(path).display().to_string()
+}
+
+/// Runs `sotu-delta args` in `dir` with `setup` applied to the command, killing it after
+/// `secs` seconds: a hang fails the test instead of stalling the suite.
+fn sotu_within(dir: &Path, secs: u64, args: &[&str], setup: impl FnOnce(&mut Command)) -> Outcome {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let o = Outcome::from_output(child.wait_with_output().unwrap());
+            panic!("sotu-delta {args:?} still running after {secs} s; killed\n{o}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Outcome {
+        line: args.join(" "),
+        ..Outcome::from_output(child.wait_with_output().unwrap())
+    }
+}
+
+/// `--threads` (and RAYON_NUM_THREADS) above 1024 is a usage error, refused before any
+/// thread starts; 1024 itself is accepted.
+#[test]
+fn threads_above_the_bound_are_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixture(GOOD_A);
+    for n in ["1025", "100000", "18446744073709551615"] {
+        let o = sotu_within(d, 20, &["--threads", n, "inspect", &good], |_| {});
+        o.usage_error(&["--threads", "1024"]);
+    }
+    let o = sotu_within(d, 20, &["inspect", "--summary", &good], |c| {
+        c.env("RAYON_NUM_THREADS", "100000");
+    });
+    o.usage_error(&["RAYON_NUM_THREADS", "1024"]);
+    sotu_within(
+        d,
+        60,
+        &["--threads", "1024", "inspect", "--summary", &good],
+        |_| {},
+    )
+    .success();
+}
