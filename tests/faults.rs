@@ -408,3 +408,112 @@ fn threads_above_the_bound_are_a_usage_error() {
     )
     .success();
 }
+
+const BASE_BF16: &str = "fixtures/tiny/base-bf16.safetensors";
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+#[test]
+fn fifo_inputs_are_refused_naming_them_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, good) = (fixture(BASE_BF16), fixture(GOOD_A));
+    // A FIFO given directly: as a delta, and as a base.
+    mkfifo(&d.join("f.safetensors"));
+    for args in [
+        vec!["inspect", "f.safetensors"],
+        vec!["verify", "--base", "f.safetensors", &good],
+        vec![
+            "merge",
+            "--base",
+            &base,
+            "f.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
+    ] {
+        let o = sotu_within(d, 20, &args, |_| {});
+        o.error(&["f.safetensors", "not a regular file"]);
+    }
+    // A model folder whose model.safetensors, or whose index, is a FIFO.
+    for name in ["model.safetensors", "model.safetensors.index.json"] {
+        let folder = d.join(format!("fifo-{name}"));
+        std::fs::create_dir(&folder).unwrap();
+        mkfifo(&folder.join(name));
+        let f = folder.file_name().unwrap().to_str().unwrap();
+        for args in [
+            vec!["verify", "--base", f, &good],
+            vec!["merge", "--base", f, &good, "-o", "out.safetensors"],
+            vec!["inspect", f],
+        ] {
+            let o = sotu_within(d, 20, &args, |_| {});
+            o.error(&[name, "not a regular file"]);
+        }
+    }
+    assert!(!d.join("out.safetensors").exists());
+    assert!(partial_files(d).is_empty());
+}
+
+/// A shard named by an index that is a FIFO or a folder is "not a regular file", not "missing".
+#[test]
+fn index_naming_a_fifo_or_a_folder_says_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixture(GOOD_A);
+    for (kind, make) in [
+        ("fifo", mkfifo as fn(&Path)),
+        ("folder", |p: &Path| std::fs::create_dir(p).unwrap()),
+    ] {
+        let folder = d.join(kind);
+        std::fs::create_dir(&folder).unwrap();
+        let index = r#"{"weight_map": {"model.norm.weight": "shard.safetensors"}}"#;
+        std::fs::write(folder.join("model.safetensors.index.json"), index).unwrap();
+        make(&folder.join("shard.safetensors"));
+        let o = sotu_within(d, 20, &["verify", "--base", kind, &good], |_| {});
+        o.error(&["shard.safetensors", "not a regular file"]);
+        assert!(!o.stderr.contains("does not exist"), "{o}");
+    }
+}
+
+/// Sets a resource limit (soft and hard) of the child, between fork and exec.
+fn limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// An index that is a link to an endless device is refused at once, in bounded memory (the
+/// run is limited to 1 GiB of address space: an unbounded read dies of it).
+#[test]
+fn index_linked_to_a_device_is_refused_without_reading_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixture(GOOD_A);
+    std::fs::create_dir(d.join("z")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", d.join("z/model.safetensors.index.json")).unwrap();
+    for args in [
+        vec!["verify", "--base", "z", &good],
+        vec!["merge", "--base", "z", &good, "-o", "out.safetensors"],
+    ] {
+        let o = sotu_within(d, 20, &args, |c| limit(c, libc::RLIMIT_AS, 1 << 30));
+        o.error(&["model.safetensors.index.json", "not a regular file"]);
+        assert!(!o.stderr.contains("memory"), "{o}");
+    }
+    assert!(!d.join("out.safetensors").exists());
+}
