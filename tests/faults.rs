@@ -517,3 +517,98 @@ fn index_linked_to_a_device_is_refused_without_reading_it_all() {
     }
     assert!(!d.join("out.safetensors").exists());
 }
+
+/// A checkpoint of `n` one-element f32 tensors, base or fine-tuned.
+fn many_tensors(path: &Path, n: usize, tuned: bool) {
+    let tensors: Vec<_> = (0..n)
+        .map(|i| {
+            let v = i as f32 + if tuned { 0.5 } else { 0.0 };
+            (
+                format!("t{i:04}"),
+                Dtype::F32,
+                vec![1],
+                v.to_le_bytes().to_vec(),
+            )
+        })
+        .collect();
+    write_file(path, &tensors, &BTreeMap::new()).unwrap();
+}
+
+/// A folder output of many more shards than the process may open files holds one descriptor
+/// at a time, not one per shard: merge, apply and extract into 300-plus shards succeed under a
+/// limit of 64 open files, and leave nothing else behind.
+#[test]
+fn folder_output_of_more_shards_than_open_files_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    many_tensors(&d.join("base.safetensors"), 300, false);
+    many_tensors(&d.join("tuned.safetensors"), 300, true);
+    extract_delta(d);
+    let fds = |c: &mut Command| limit(c, libc::RLIMIT_NOFILE, 64);
+    let base = ["--base", "base.safetensors"];
+    for (args, shards) in [
+        (vec!["merge", "d.safetensors", "-o", "merged"], 300),
+        (vec!["apply", "d.safetensors", "-o", "applied"], 300),
+        (
+            vec!["extract", "--tuned", "tuned.safetensors", "-o", "delta"],
+            0,
+        ),
+    ] {
+        let mut all = vec![args[0], "-q", "--no-sync", "--shard-size", "1"];
+        all.extend(base);
+        all.extend(&args[1..]);
+        let o = sotu_within(d, 60, &all, fds);
+        o.success();
+        assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
+        let out = d.join(args.last().unwrap());
+        let n = std::fs::read_dir(&out).unwrap().count();
+        if shards > 0 {
+            assert_eq!(n, shards + 1, "{} shards and the index", shards);
+        } else {
+            assert!(n > 300, "{n} files");
+        }
+    }
+    // Fewer descriptors than even that: whether it fails or not, nothing is left behind.
+    let o = sotu_within(
+        d,
+        60,
+        &[
+            "merge",
+            "-q",
+            "--device",
+            "cpu",
+            "--shard-size",
+            "1",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "starved",
+        ],
+        |c| limit(c, libc::RLIMIT_NOFILE, 8),
+    );
+    if o.code != Some(0) {
+        o.error(&["starved"]);
+        assert!(!d.join("starved").exists(), "{o}");
+    }
+    assert!(partial_files(d).is_empty(), "{:?}\n{o}", partial_files(d));
+    // What was written reads back: the extracted folder applies, the merged folder opens.
+    let o = sotu(
+        d,
+        [
+            "apply",
+            "--base",
+            "base.safetensors",
+            "delta",
+            "-o",
+            "again.safetensors",
+        ],
+    );
+    o.success();
+    let o = sotu(d, ["verify", "--base", "merged", "d.safetensors"]);
+    assert_eq!(
+        o.code,
+        Some(1),
+        "the merged folder is the fine-tune, not the base\n{o}"
+    );
+}

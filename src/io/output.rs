@@ -3,10 +3,11 @@
 //! appears at the output path until everything is written: a file is written as a temporary
 //! sibling and renamed, a folder is built in a temporary sibling folder and renamed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -18,6 +19,11 @@ use super::process;
 
 /// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// The most shard files of an output open at once. Writes go through the shards in order, so a
+/// few are open at a time in practice; a file closed here is opened again if it is written
+/// again. A folder of thousands of shards thus never runs out of file descriptors.
+const MAX_OPEN_SHARDS: usize = 8;
 
 /// A tensor to be written: name, dtype, shape and byte length.
 #[derive(Clone, Debug)]
@@ -182,15 +188,17 @@ fn progress_bar(bytes: u64) -> ProgressBar {
     bar
 }
 
-/// One file of the output.
+/// One file of the output, open only while it is being written (see [`MAX_OPEN_SHARDS`]).
 struct Shard {
-    file: File,
+    /// Where it is written until the commit: in the temporary folder, or the temporary file.
+    staged: PathBuf,
     /// Final path.
     path: PathBuf,
-    /// Held for each write. Concurrent writes to one file serialize on the kernel's inode lock
-    /// anyway, and a thread waiting there spins (measured: 7–13% of a merge's CPU time, and a
-    /// slower copy for the thread that holds it); waiting here sleeps.
-    writing: std::sync::Mutex<()>,
+    /// The file, while it is open. Held for each write: concurrent writes to one file
+    /// serialize on the kernel's inode lock anyway, and a thread waiting there spins (measured:
+    /// 7–13% of a merge's CPU time, and a slower copy for the thread that holds it); waiting
+    /// here sleeps.
+    file: Mutex<Option<File>>,
 }
 
 /// An output checkpoint being written: headers are final from the start, data goes in by
@@ -201,6 +209,8 @@ pub struct Output {
     staging: Option<Staging>,
     target: Target,
     shards: Vec<Shard>,
+    /// The shards whose file is open, in the order they were opened.
+    open: Mutex<VecDeque<usize>>,
     /// Tensor name → (shard, absolute offset of its data in the shard file, length).
     place: HashMap<String, (usize, u64, u64)>,
     /// The index JSON of a sharded folder.
@@ -289,6 +299,7 @@ impl Output {
             staging: Some(staging),
             target: target.clone(),
             shards: Vec::new(),
+            open: Mutex::default(),
             place: HashMap::new(),
             index: None,
             total: 0,
@@ -297,22 +308,21 @@ impl Output {
         let mut weight_map = BTreeMap::new();
         let mut data_bytes = 0u64;
         for (k, group) in groups.into_iter().enumerate() {
-            let (file, path) = match out.staging.as_ref().unwrap() {
+            let (file, staged, path) = match out.staging.as_ref().unwrap() {
                 Staging::File(tmp) => (
                     tmp.as_file().try_clone().with_context(cannot_create)?,
+                    tmp.path().to_path_buf(),
                     dest.clone(),
                 ),
                 Staging::Folder(tmp) => {
                     let staged = tmp.path().join(&names[k]);
-                    // Readable too: `fingerprint` reads the data back.
                     let file = std::fs::OpenOptions::new()
-                        .read(true)
                         .write(true)
                         .create_new(true)
                         .open(&staged)
                         .with_context(cannot_create)?;
                     process::track_file(&staged);
-                    (file, dest.join(&names[k]))
+                    (file, staged, dest.join(&names[k]))
                 }
             };
             let io = |r: std::io::Result<()>| {
@@ -331,10 +341,13 @@ impl Output {
                 data_bytes += t.len;
             }
             out.total += len;
+            // The one file of a file output stays open; a folder's shard is opened again
+            // when it is written.
+            let single = matches!(out.staging, Some(Staging::File(_)));
             out.shards.push(Shard {
-                file,
+                staged,
                 path,
-                writing: Default::default(),
+                file: Mutex::new(single.then_some(file)),
             });
         }
         if out.shards.len() > 1 {
@@ -350,13 +363,67 @@ impl Output {
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
     pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
         let (k, base, _) = self.place[name];
-        let shard = &self.shards[k];
-        let _turn = shard.writing.lock().unwrap_or_else(|e| e.into_inner());
-        shard
-            .file
-            .write_all_at(bytes, base + at)
-            .with_context(|| format!("{}: cannot write tensor {name}", shard.path.display()))?;
+        self.with_file(k, |f| f.write_all_at(bytes, base + at))
+            .with_context(|| {
+                format!(
+                    "{}: cannot write tensor {name}",
+                    self.shards[k].path.display()
+                )
+            })?;
         self.progress.inc(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Runs `op` on shard `k`'s file, holding it (writers of the shard wait their turn), and
+    /// opening it first if it is closed.
+    fn with_file<T>(
+        &self,
+        k: usize,
+        op: impl FnOnce(&File) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let shard = &self.shards[k];
+        let mut file = shard.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            // Readable too: `fingerprint` reads the data back.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&shard.staged)?;
+            *file = Some(f);
+            self.opened(k);
+        }
+        op(file.as_ref().unwrap())
+    }
+
+    /// Records that shard `k` was opened, and closes the shards opened longest ago beyond
+    /// [`MAX_OPEN_SHARDS`], except those being written this moment (they are only tried, so
+    /// two threads never wait for each other here).
+    fn opened(&self, k: usize) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.push_back(k);
+        let mut tries = open.len();
+        while open.len() > MAX_OPEN_SHARDS && tries > 0 {
+            tries -= 1;
+            let j = open.pop_front().expect("longer than the limit");
+            match self.shards[j].file.try_lock() {
+                Ok(mut f) if j != k => *f = None,
+                Err(std::sync::TryLockError::Poisoned(e)) if j != k => *e.into_inner() = None,
+                _ => open.push_back(j),
+            }
+        }
+    }
+
+    /// Closes every shard file, after an fsync when `sync`: at most one descriptor more is open
+    /// meanwhile.
+    fn close_all(&self, sync: bool) -> Result<()> {
+        for (k, s) in self.shards.iter().enumerate() {
+            if sync {
+                self.with_file(k, File::sync_all)
+                    .with_context(|| format!("{}: cannot flush", s.path.display()))?;
+            }
+            *s.file.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
@@ -376,9 +443,7 @@ impl Output {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(buf.len() as u64) as usize;
-                    shard
-                        .file
-                        .read_exact_at(&mut buf[..n], at + done)
+                    self.with_file(k, |f| f.read_exact_at(&mut buf[..n], at + done))
                         .with_context(|| format!("{}: cannot read back", shard.path.display()))?;
                     h.update_rayon(&buf[..n]);
                     done += n as u64;
@@ -453,13 +518,7 @@ impl Output {
                 }
             }
         }
-        if durable {
-            for s in &self.shards {
-                s.file
-                    .sync_all()
-                    .with_context(|| format!("{}: cannot flush", s.path.display()))?;
-            }
-        }
+        self.close_all(durable)?;
         match self.staging.take().expect("not yet committed") {
             Staging::File(tmp) => {
                 let path = tmp.path().to_path_buf();
@@ -492,6 +551,9 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
+        // Closed before the staging folder goes: its removal needs descriptors of its own,
+        // which a process out of them would not have.
+        let _ = self.close_all(false);
         // Uncommitted: the staging file or folder deletes itself as it drops.
         match &self.staging {
             Some(Staging::File(tmp)) => process::untrack_file(tmp.path()),
