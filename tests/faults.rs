@@ -612,3 +612,64 @@ fn folder_output_of_more_shards_than_open_files_succeeds() {
         "the merged folder is the fine-tune, not the base\n{o}"
     );
 }
+
+/// An output that a reader of an input folder would read (its index, its weights) is refused,
+/// and the folder still opens afterwards.
+#[test]
+fn output_over_the_index_or_weights_of_an_input_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixture(GOOD_A);
+    std::fs::create_dir(d.join("single")).unwrap();
+    std::fs::copy(fixture(BASE_BF16), d.join("single/model.safetensors")).unwrap();
+    for out in [
+        "single/model.safetensors.index.json",
+        "single/./model.safetensors.index.json",
+        "single/model.safetensors",
+    ] {
+        let o = sotu(d, ["merge", "--base", "single", &good, "-o", out]);
+        o.error(&[out, "single"]);
+        assert!(
+            !d.join("single/model.safetensors.index.json").exists(),
+            "{o}"
+        );
+        assert!(partial_files(&d.join("single")).is_empty());
+        sotu(d, ["verify", "--base", "single", &good]).success();
+    }
+    // Another file in the folder is no part of the checkpoint: writing it is fine.
+    sotu(
+        d,
+        [
+            "merge",
+            "--base",
+            "single",
+            &good,
+            "-o",
+            "single/merged.safetensors",
+        ],
+    )
+    .success();
+    sotu(d, ["verify", "--base", "single", &good]).success();
+}
+
+/// Replacing an output folder would delete a file that an input folder links to: refused,
+/// naming the file; the input and the output folder stay as they were.
+#[test]
+fn replacing_an_output_folder_that_an_input_links_into_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixture(GOOD_A);
+    std::fs::create_dir(d.join("out5")).unwrap();
+    std::fs::copy(fixture(BASE_BF16), d.join("out5/model.safetensors")).unwrap();
+    std::fs::write(d.join("out5/config.json"), "{}").unwrap();
+    std::fs::create_dir(d.join("hf")).unwrap();
+    std::fs::copy(fixture(BASE_BF16), d.join("hf/model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("../out5/config.json", d.join("hf/config.json")).unwrap();
+    let o = sotu(d, ["merge", "--base", "hf", &good, "-o", "out5"]);
+    o.error(&["out5", "config.json"]);
+    assert_eq!(
+        std::fs::read_to_string(d.join("hf/config.json")).unwrap(),
+        "{}"
+    );
+    assert!(partial_files(d).is_empty());
+}
