@@ -673,3 +673,72 @@ fn replacing_an_output_folder_that_an_input_links_into_is_refused() {
     );
     assert!(partial_files(d).is_empty());
 }
+
+/// Writes a safetensors file of `n` four-element f32 tensors named like a mixture of experts,
+/// quickly (the header by hand): value `i + add` in every element of tensor `i`.
+fn moe_checkpoint(path: &Path, n: usize, add: f32) {
+    use std::fmt::Write as _;
+    let mut names: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "model.layers.{}.mlp.experts.{}.down_proj.weight",
+                i / 1000,
+                i % 1000
+            )
+        })
+        .collect();
+    names.sort();
+    let mut header = String::from("{");
+    for (i, name) in names.iter().enumerate() {
+        let at = 16 * i;
+        write!(
+            header,
+            "\"{name}\":{{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[{at},{}]}},",
+            at + 16
+        )
+        .unwrap();
+    }
+    header.pop();
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    for i in 0..n {
+        for _ in 0..4 {
+            bytes.extend_from_slice(&(i as f32 + add).to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A delta whose header would exceed the 100 MB safetensors limit (300,000 tensors) is refused
+/// at extract, naming the limit, instead of being written unreadable.
+#[test]
+fn extract_refuses_a_delta_whose_header_exceeds_the_safetensors_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    moe_checkpoint(&d.join("base.safetensors"), 300_000, 0.0);
+    moe_checkpoint(&d.join("tuned.safetensors"), 300_000, 0.5);
+    for out in ["d.safetensors", "d"] {
+        let o = sotu(
+            d,
+            [
+                "extract",
+                "-q",
+                "--base",
+                "base.safetensors",
+                "--tuned",
+                "tuned.safetensors",
+                "--density",
+                "1",
+                "-o",
+                out,
+            ],
+        );
+        o.error(&[out, "100000000"]);
+        assert!(!d.join(out).exists());
+        assert!(partial_files(d).is_empty());
+    }
+}

@@ -246,32 +246,73 @@ fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
     shards
 }
 
+/// The largest header that safetensors readers accept, this tool's among them (the
+/// `MAX_HEADER_SIZE` of the safetensors crate): a larger one would be written and then refused.
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
 /// The safetensors header of `tensors` laid out without gaps, padded with spaces so the data
-/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset.
+/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset, and
+/// the length of the `__metadata__` JSON in it.
+///
+/// Written as it goes, with no JSON tree of the whole header: for hundreds of thousands of
+/// tensors that tree took several times the memory of the header itself. The bytes are those
+/// of serde_json's map, which wrote it before: keys in byte order, `__metadata__` among them.
 fn header(
     tensors: &[OutTensor],
     metadata: &BTreeMap<String, String>,
-) -> Result<(Vec<u8>, Vec<u64>)> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!(metadata));
+) -> Result<(Vec<u8>, Vec<u64>, usize)> {
+    const METADATA: &str = "__metadata__";
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut pos = 0u64;
     for t in tensors {
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
-        );
         offsets.push(pos);
         pos += t.len;
     }
-    let mut bytes = serde_json::to_vec(&header)?;
-    while (bytes.len() + 8) % 8 != 0 {
+    let key = |k: &Option<usize>| k.map_or(METADATA, |i| tensors[i].name.as_str());
+    let mut keys: Vec<Option<usize>> = (0..tensors.len()).map(Some).chain([None]).collect();
+    keys.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    if let Some(w) = keys.windows(2).find(|w| key(&w[0]) == key(&w[1])) {
+        bail!("tensor {} appears twice in the output", key(&w[0]));
+    }
+    let mut bytes = vec![0u8; 8];
+    let mut metadata_len = 0;
+    bytes.push(b'{');
+    for (n, k) in keys.iter().enumerate() {
+        if n > 0 {
+            bytes.push(b',');
+        }
+        serde_json::to_writer(&mut bytes, key(k))?;
+        bytes.push(b':');
+        match *k {
+            None => {
+                let at = bytes.len();
+                serde_json::to_writer(&mut bytes, metadata)?;
+                metadata_len = bytes.len() - at;
+            }
+            Some(i) => {
+                let t = &tensors[i];
+                bytes.extend_from_slice(b"{\"data_offsets\":");
+                serde_json::to_writer(&mut bytes, &[offsets[i], offsets[i] + t.len])?;
+                bytes.extend_from_slice(b",\"dtype\":");
+                serde_json::to_writer(&mut bytes, &t.dtype)?;
+                bytes.extend_from_slice(b",\"shape\":");
+                serde_json::to_writer(&mut bytes, &t.shape)?;
+                bytes.push(b'}');
+            }
+        }
+    }
+    bytes.push(b'}');
+    while bytes.len() % 8 != 0 {
         bytes.push(b' ');
     }
-    let start = 8 + bytes.len() as u64;
-    let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&bytes);
-    Ok((out, offsets.into_iter().map(|o| o + start).collect()))
+    let n = bytes.len() as u64 - 8;
+    bytes[..8].copy_from_slice(&n.to_le_bytes());
+    let start = bytes.len() as u64;
+    Ok((
+        bytes,
+        offsets.into_iter().map(|o| o + start).collect(),
+        metadata_len,
+    ))
 }
 
 impl Output {
@@ -329,7 +370,15 @@ impl Output {
                 r.with_context(|| format!("{}: cannot write", path.display()))
             };
             let ts = &tensors[group];
-            let (head, offsets) = header(ts, metadata)?;
+            let (head, offsets, metadata_len) = header(ts, metadata)?;
+            if head.len() - 8 > MAX_HEADER_BYTES {
+                bail!(
+                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
+                    path.display(),
+                    head.len() - 8,
+                    ts.len()
+                );
+            }
             let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
             io(file.set_len(len))?;
             io(file.write_all_at(&head, 0))?;
@@ -745,6 +794,74 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    /// The header as serde_json's map wrote it before [`header`] wrote it as it goes.
+    fn header_by_map(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!(metadata));
+        let mut pos = 0u64;
+        for t in tensors {
+            header.insert(
+                t.name.clone(),
+                json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
+            );
+            pos += t.len;
+        }
+        let mut bytes = serde_json::to_vec(&header).unwrap();
+        while (bytes.len() + 8) % 8 != 0 {
+            bytes.push(b' ');
+        }
+        let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&bytes);
+        out
+    }
+
+    #[test]
+    fn headers_are_the_bytes_serde_json_map_wrote() {
+        let t = |name: &str, dtype, shape: Vec<usize>, len| OutTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            len,
+        };
+        let names = [
+            "model.embed_tokens.weight",
+            "A.upper",
+            "_under",
+            "__metadata_",
+            "__metadata__x",
+            "Zeta",
+            "é\u{1F600}",
+            "quote\"back\\slash\ttab\u{1}",
+            "",
+        ];
+        let dtypes = [Dtype::BF16, Dtype::F32, Dtype::U64, Dtype::I64, Dtype::F16];
+        let tensors: Vec<OutTensor> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| t(n, dtypes[i % dtypes.len()], vec![i, 3], (7 * i) as u64))
+            .collect();
+        let mut md = BTreeMap::new();
+        md.insert("format".to_string(), "pt".to_string());
+        md.insert("tensors".to_string(), "{\"a\":[1,2]}\n\u{e9}".to_string());
+        for n in [0, 1, 4, tensors.len()] {
+            for md in [BTreeMap::new(), md.clone()] {
+                let (got, offsets, _) = header(&tensors[..n], &md).unwrap();
+                assert_eq!(got, header_by_map(&tensors[..n], &md), "{n} tensors");
+                assert_eq!(got.len() % 8, 0);
+                let mut at = got.len() as u64;
+                for (o, t) in offsets.iter().zip(&tensors) {
+                    assert_eq!(*o, at);
+                    at += t.len;
+                }
+            }
+        }
+        let twice = [
+            t("x", Dtype::F32, vec![1], 4),
+            t("x", Dtype::F32, vec![1], 4),
+        ];
+        assert!(header(&twice, &md).is_err());
     }
 
     #[test]
