@@ -412,7 +412,7 @@ fn run_merge(
     }
     for (name, n) in &r.overflowed {
         eprintln!(
-            "sotu-delta: warning: {}: tensor {name}: {n} element(s) overflowed the output dtype and are now infinite",
+            "sotu-delta: warning: {}: tensor {name}: {n} element(s) are infinite or NaN where the base is finite (an overflow of the output dtype or of the arithmetic, or a non-finite value in a delta)",
             output.display()
         );
     }

@@ -742,3 +742,86 @@ fn extract_refuses_a_delta_whose_header_exceeds_the_safetensors_limit() {
         assert!(partial_files(d).is_empty());
     }
 }
+
+/// A merge result that is infinite or NaN where the base is finite warns, naming the tensor,
+/// for f32 and f64 outputs too, and `--json` lists it under `overflowed`: weight 1e307 of a
+/// delta of +100 overflows f64 itself, and weights 1e307 and -1e307 make inf - inf = NaN.
+fn nonfinite_results_warn_in_every_dtype(device: common::Device) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = |v: f64| -> Vec<u8> {
+        (0..4)
+            .flat_map(|i| ((i as f64 + 1.0 + v) as f32).to_le_bytes())
+            .collect()
+    };
+    let one = |v| vec![("w".to_string(), Dtype::F32, vec![4], w(v))];
+    write_file(&d.join("base.safetensors"), &one(0.0), &BTreeMap::new()).unwrap();
+    write_file(&d.join("tuned.safetensors"), &one(100.0), &BTreeMap::new()).unwrap();
+    let o = sotu(
+        d,
+        [
+            "extract",
+            "-q",
+            "--base",
+            "base.safetensors",
+            "--tuned",
+            "tuned.safetensors",
+            "--density",
+            "1",
+            "-o",
+            "d.safetensors",
+        ],
+    );
+    o.success();
+    let dev = device.as_str();
+    for dtype in ["f32", "f64", "bf16", "f16"] {
+        for weights in [
+            &["--weights=1e307"][..],
+            &["--weights=1e307,-1e307", "d.safetensors"],
+        ] {
+            let mut args = vec!["merge", "--json", "--device", dev, "--dtype", dtype];
+            args.extend([
+                "--base",
+                "base.safetensors",
+                "d.safetensors",
+                "-o",
+                "out.safetensors",
+            ]);
+            args.extend(weights);
+            let o = sotu(d, &args);
+            o.success();
+            let warned = o.stderr.lines().any(|l| {
+                l.contains("warning") && l.contains("tensor w:") && l.contains("4 element")
+            });
+            assert!(warned, "{dtype} {weights:?}: no warning naming w\n{o}");
+            assert_eq!(
+                o.json()["overflowed"],
+                serde_json::json!([["w", 4]]),
+                "{dtype} {weights:?}\n{o}"
+            );
+        }
+    }
+    // Finite results: no warning.
+    let o = sotu(
+        d,
+        [
+            "merge",
+            "--json",
+            "--device",
+            dev,
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "out.safetensors",
+        ],
+    );
+    o.success();
+    assert!(!o.stderr.contains("warning"), "{o}");
+    assert_eq!(o.json()["overflowed"], serde_json::json!([]));
+}
+common::device_test!(
+    nonfinite_results_warn_in_every_dtype,
+    nonfinite_results_warn_in_every_dtype_cpu,
+    nonfinite_results_warn_in_every_dtype_cuda
+);
