@@ -287,17 +287,29 @@ fn target(path: &Path, shard_size: &str, flags: &Flags) -> Result<Target> {
     Ok(t)
 }
 
+/// `K/N` in decimal digits and nothing else: no sign, no spaces (docs/RELIABILITY.md).
 fn parse_slot(s: &str) -> Result<(u64, u64)> {
+    let num = |t: &str| {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
     let parsed = s
         .split_once('/')
-        .and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
-    parsed.ok_or_else(|| usage(format!("--slot {s:?}: expected K/N, e.g. 0/3")))
+        .and_then(|(k, n)| Some((num(k)?, num(n)?)));
+    parsed.ok_or_else(|| {
+        usage(format!(
+            "--slot {s:?}: expected K/N in decimal digits, e.g. 0/3"
+        ))
+    })
 }
 
 fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
+    let mut slot = None;
     let interval = match &a.slot {
         Some(s) => {
             let (k, n) = parse_slot(s)?;
+            slot = Some(format!("{k}/{n}"));
             Interval::from_slot(k, n, a.density).map_err(|e| usage(format!("--slot {s}: {e}")))?
         }
         None => Interval::from_density(a.density.unwrap_or(0.1))
@@ -310,7 +322,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
-        slot: a.slot.clone(),
+        slot: slot.clone(),
         selector,
         allow_nonfinite: a.allow_nonfinite,
         fingerprint_output: a.json,
@@ -334,7 +346,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
             interval.density(),
             interval.lo(),
             interval.hi(),
-            a.slot.map(|s| format!(", slot {s}")).unwrap_or_default(),
+            slot.map(|s| format!(", slot {s}")).unwrap_or_default(),
             r.masked,
             r.whole,
             r.same,
@@ -382,6 +394,7 @@ fn run_merge(
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
+    warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }
@@ -440,6 +453,26 @@ fn run_merge(
         );
     }
     Ok(())
+}
+
+/// Warns of a delta given twice (the same file, under any path): its changes are added twice,
+/// which is seldom meant (`--weights` scales a delta).
+fn warn_of_repeated_deltas(deltas: &[Delta]) {
+    use std::os::unix::fs::MetadataExt;
+    let id = |d: &Delta| {
+        let m = std::fs::metadata(d.path()).ok()?;
+        Some((m.dev(), m.ino()))
+    };
+    let ids: Vec<_> = deltas.iter().map(id).collect();
+    for (j, d) in deltas.iter().enumerate() {
+        if let Some(i) = (0..j).find(|&i| ids[i].is_some() && ids[i] == ids[j]) {
+            eprintln!(
+                "sotu-delta: warning: {}: the same delta as {}, given twice: its changes are added twice (--weights scales a delta)",
+                d.path().display(),
+                deltas[i].path().display()
+            );
+        }
+    }
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {

@@ -825,3 +825,128 @@ common::device_test!(
     nonfinite_results_warn_in_every_dtype_cpu,
     nonfinite_results_warn_in_every_dtype_cuda
 );
+
+/// `--slot` takes `K/N` in decimal digits only: a sign or a space is a usage error, not a slot
+/// stored as typed. What is stored is the canonical `K/N`.
+#[test]
+fn slots_with_signs_or_spaces_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(&d.join("base.safetensors"), 64, false);
+    checkpoint(&d.join("tuned.safetensors"), 64, true);
+    // `--slot=…`, so that "-0/2" is the slot's value, not a flag.
+    let extract = |slot: &str, out: &str| {
+        let slot = format!("--slot={slot}");
+        sotu(
+            d,
+            [
+                "extract",
+                "-q",
+                "--base",
+                "base.safetensors",
+                "--tuned",
+                "tuned.safetensors",
+                &slot,
+                "-o",
+                out,
+            ],
+        )
+    };
+    for slot in [
+        "0/2 ", " 0/2", "+1/2", "1/+2", "0 /2", "-0/2", "0/", "/2", "0/2/3", "٠/2",
+    ] {
+        extract(slot, "bad.safetensors").usage_error(&["--slot", "K/N"]);
+        assert!(!d.join("bad.safetensors").exists());
+    }
+    extract("01/2", "ok.safetensors").success();
+    let o = sotu(d, ["inspect", "--json", "ok.safetensors"]);
+    o.success();
+    assert!(
+        o.stdout.contains("\"1/2\""),
+        "the slot is stored as 1/2\n{o}"
+    );
+    assert!(!o.stdout.contains("01/2"), "{o}");
+}
+
+/// The same delta given twice (by any path) warns: its changes are added twice.
+#[test]
+fn the_same_delta_given_twice_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(&d.join("base.safetensors"), 64, false);
+    checkpoint(&d.join("tuned.safetensors"), 64, true);
+    extract_delta(d);
+    std::fs::hard_link(d.join("d.safetensors"), d.join("same.safetensors")).unwrap();
+    let merge = |deltas: &[&str]| {
+        let mut args = vec!["merge", "-q", "--base", "base.safetensors"];
+        args.extend(deltas);
+        args.extend(["-o", "out.safetensors"]);
+        sotu(d, &args)
+    };
+    for twice in [
+        ["d.safetensors", "d.safetensors"],
+        ["d.safetensors", "./same.safetensors"],
+    ] {
+        let o = merge(&twice);
+        o.success();
+        let w = o.message("warning");
+        assert!(w.contains(twice[1]) && w.contains("twice"), "{o}");
+    }
+    // Two different deltas: no warning.
+    std::fs::copy(d.join("d.safetensors"), d.join("copy.safetensors")).unwrap();
+    let o = merge(&["d.safetensors", "copy.safetensors"]);
+    o.success();
+    assert!(!o.stderr.contains("warning"), "{o}");
+}
+
+/// A folder output whose path is a symbolic link is refused before anything is computed,
+/// naming the link; the link and the folder it points to stay as they were.
+#[test]
+fn folder_output_that_is_a_symbolic_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(&d.join("base.safetensors"), 64, false);
+    checkpoint(&d.join("tuned.safetensors"), 64, true);
+    extract_delta(d);
+    let o = sotu(
+        d,
+        [
+            "merge",
+            "-q",
+            "--base",
+            "base.safetensors",
+            "d.safetensors",
+            "-o",
+            "real",
+        ],
+    );
+    o.success();
+    let before = std::fs::read(d.join("real/model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("real", d.join("link")).unwrap();
+    std::os::unix::fs::symlink("nowhere", d.join("dangling")).unwrap();
+    for out in ["link", "dangling"] {
+        let o = sotu(
+            d,
+            [
+                "merge",
+                "--base",
+                "base.safetensors",
+                "d.safetensors",
+                "-o",
+                out,
+            ],
+        );
+        o.error(&[out, "symbolic link"]);
+        assert!(
+            std::fs::symlink_metadata(d.join(out))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    assert_eq!(
+        std::fs::read(d.join("real/model.safetensors")).unwrap(),
+        before
+    );
+    assert!(partial_files(d).is_empty());
+}

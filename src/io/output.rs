@@ -614,8 +614,20 @@ impl Drop for Output {
 
 /// Refuses to replace an existing folder at `dest` unless it is empty or a model folder (it
 /// holds `model.safetensors` or an index): `-o ~/models` by mistake must not delete a folder of
-/// other things.
+/// other things. Refuses a symbolic link there too, before anything is computed: replacing it
+/// would put a real folder where the link was and leave the folder it points to as it was,
+/// which is neither of the two things the link's owner may have meant.
 fn refuse_to_replace(dest: &Path) -> Result<()> {
+    if let Ok(m) = std::fs::symlink_metadata(dest)
+        && m.file_type().is_symlink()
+    {
+        let to = std::fs::read_link(dest).unwrap_or_default();
+        bail!(
+            "{}: is a symbolic link (to {}); refusing to replace it with a model folder. Give the folder it points to as the output, or remove the link",
+            dest.display(),
+            to.display()
+        );
+    }
     let Ok(mut entries) = std::fs::read_dir(dest) else {
         return Ok(()); // nothing there, or not a folder (found out when placing it)
     };
