@@ -146,6 +146,8 @@ impl Float {
     /// comparisons, branch-free, so that it folds into the loops that round (kernels/merge.cu
     /// `sotu_becomes_nonfinite` counts the same).
     #[inline(always)]
+    // `!(|x| < limit)`: one comparison, true for NaN as for anything at or past the limit.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn becomes_nonfinite(self, b: f64, x: f64) -> bool {
         (b.abs() < f64::INFINITY) & !(x.abs() < self.overflow_limit())
     }

@@ -1,7 +1,10 @@
 //! Operational faults (docs/RELIABILITY.md): a full disk, a read-only output folder, a process
 //! killed mid-merge, an input truncated or rewritten while it is read, and overflow of the
 //! output dtype. After each: exit status 1 (or a warning), no file at the output path, inputs
-//! untouched, and a rerun that succeeds.
+//! untouched, and a rerun that succeeds. Then the cases of issue 17: inputs that are FIFOs or
+//! devices, folder outputs of more shards than open files, outputs that would break an input
+//! folder, a delta header over the safetensors limit, non-finite results in every dtype, an
+//! unbounded `--threads`, and the decisions on the questionable cases.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

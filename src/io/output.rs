@@ -302,7 +302,7 @@ fn header(
         }
     }
     bytes.push(b'}');
-    while bytes.len() % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     let n = bytes.len() as u64 - 8;
@@ -821,7 +821,7 @@ mod tests {
             pos += t.len;
         }
         let mut bytes = serde_json::to_vec(&header).unwrap();
-        while (bytes.len() + 8) % 8 != 0 {
+        while !(bytes.len() + 8).is_multiple_of(8) {
             bytes.push(b' ');
         }
         let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
