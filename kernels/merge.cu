@@ -151,6 +151,15 @@ SOTU_DEV bool sotu_overflows(double x) {
     return false;
 }
 
+// Whether the result x of an element whose base value is b counts as overflowed (src/dtype.rs
+// Float::becomes_nonfinite): b finite, and x infinite or NaN once rounded to dtype D.
+template <int D>
+SOTU_DEV bool sotu_becomes_nonfinite(double b, double x) {
+    if ((SOTU_F64_BITS(b) & 0x7fffffffffffffffull) >= 0x7ff0000000000000ull) return false;
+    if ((SOTU_F64_BITS(x) & 0x7fffffffffffffffull) >= 0x7ff0000000000000ull) return true;
+    return sotu_overflows<D>(x);
+}
+
 template <int D>
 SOTU_DEV void sotu_store(unsigned char* p, u64 i, u64 bits) {
     if (D == SOTU_F16 || D == SOTU_BF16) ((u16*)p)[i] = (u16)bits;
@@ -329,14 +338,14 @@ SOTU_DEV void sotu_merge_body(const unsigned char* base, unsigned char* out, u64
                 // Untouched elements keep the base's bits, NaN payloads included.
                 if ((touched >> k) & 1u) {
                     const double x = SOTU_ADD(b[k], acc[k]);
-                    overflows += sotu_overflows<T>(x);
+                    overflows += sotu_becomes_nonfinite<T>(b[k], x);
                     sotu_store<T>(out, i0 + k, sotu_round_bits<T>(x));
                 } else {
                     sotu_store<T>(out, i0 + k, sotu_raw<F>(base, i0 + k));
                 }
             } else {
                 const double x = SOTU_ADD(acc[k], b[k]);
-                overflows += sotu_overflows<T>(x);
+                overflows += sotu_becomes_nonfinite<T>(b[k], x);
                 sotu_store<T>(out, i0 + k, sotu_round_bits<T>(x));
             }
         }

@@ -30,6 +30,10 @@ fn emit(s: &str) -> Result<()> {
     }
 }
 
+/// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
+/// the cost of starting them (docs/RELIABILITY.md).
+pub const MAX_THREADS: usize = 1024;
+
 /// A mistake in the arguments: exit code 2.
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -53,7 +57,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify"
 )]
 struct Cli {
-    /// Worker threads (default: one per core).
+    /// Worker threads, 1 to 1024 (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Print nothing but errors and warnings.
@@ -237,9 +241,24 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             return emit(&e.to_string());
         }
     };
+    if cli.threads.is_none()
+        && let Some(n) = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u128>().ok())
+            .filter(|&n| n > MAX_THREADS as u128)
+    {
+        return Err(usage(format!(
+            "RAYON_NUM_THREADS={n}: at most {MAX_THREADS} worker threads"
+        )));
+    }
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(usage("--threads must be at least 1"));
+        }
+        if n > MAX_THREADS {
+            return Err(usage(format!(
+                "--threads {n}: at most {MAX_THREADS} worker threads"
+            )));
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -295,17 +314,29 @@ fn target(path: &Path, shard_size: &str, flags: &Flags) -> Result<Target> {
     Ok(t)
 }
 
+/// `K/N` in decimal digits and nothing else: no sign, no spaces (docs/RELIABILITY.md).
 fn parse_slot(s: &str) -> Result<(u64, u64)> {
+    let num = |t: &str| {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
     let parsed = s
         .split_once('/')
-        .and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
-    parsed.ok_or_else(|| usage(format!("--slot {s:?}: expected K/N, e.g. 0/3")))
+        .and_then(|(k, n)| Some((num(k)?, num(n)?)));
+    parsed.ok_or_else(|| {
+        usage(format!(
+            "--slot {s:?}: expected K/N in decimal digits, e.g. 0/3"
+        ))
+    })
 }
 
 fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
+    let mut slot = None;
     let interval = match &a.slot {
         Some(s) => {
             let (k, n) = parse_slot(s)?;
+            slot = Some(format!("{k}/{n}"));
             Interval::from_slot(k, n, a.density).map_err(|e| usage(format!("--slot {s}: {e}")))?
         }
         None => Interval::from_density(a.density.unwrap_or(0.1))
@@ -318,7 +349,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
-        slot: a.slot.clone(),
+        slot: slot.clone(),
         selector,
         allow_nonfinite: a.allow_nonfinite,
         fingerprint_output: a.json,
@@ -342,7 +373,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
             interval.density(),
             interval.lo(),
             interval.hi(),
-            a.slot.map(|s| format!(", slot {s}")).unwrap_or_default(),
+            slot.map(|s| format!(", slot {s}")).unwrap_or_default(),
             r.masked,
             r.whole,
             r.same,
@@ -391,6 +422,7 @@ fn run_merge(
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
+    warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }
@@ -426,7 +458,7 @@ fn run_merge(
     }
     for (name, n) in &r.overflowed {
         eprintln!(
-            "sotu-delta: warning: {}: tensor {name}: {n} element(s) overflowed the output dtype and are now infinite",
+            "sotu-delta: warning: {}: tensor {name}: {n} element(s) are infinite or NaN where the base is finite (an overflow of the output dtype or of the arithmetic, or a non-finite value in a delta)",
             output.display()
         );
     }
@@ -454,6 +486,26 @@ fn run_merge(
         );
     }
     Ok(())
+}
+
+/// Warns of a delta given twice (the same file, under any path): its changes are added twice,
+/// which is seldom meant (`--weights` scales a delta).
+fn warn_of_repeated_deltas(deltas: &[Delta]) {
+    use std::os::unix::fs::MetadataExt;
+    let id = |d: &Delta| {
+        let m = std::fs::metadata(d.path()).ok()?;
+        Some((m.dev(), m.ino()))
+    };
+    let ids: Vec<_> = deltas.iter().map(id).collect();
+    for (j, d) in deltas.iter().enumerate() {
+        if let Some(i) = (0..j).find(|&i| ids[i].is_some() && ids[i] == ids[j]) {
+            eprintln!(
+                "sotu-delta: warning: {}: the same delta as {}, given twice: its changes are added twice (--weights scales a delta)",
+                d.path().display(),
+                deltas[i].path().display()
+            );
+        }
+    }
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {

@@ -120,17 +120,36 @@ impl Float {
         }
     }
 
-    /// Whether a finite `x` becomes ±infinity when rounded to this dtype: `|x|` at or above
-    /// the largest finite value plus half an ulp (ties go to even, which is infinity).
+    /// The smallest magnitude that rounds to ±infinity in this dtype: the largest finite value
+    /// plus half an ulp (ties go to even, which is infinity); infinity itself for f64.
     #[inline(always)]
-    pub fn overflows(self, x: f64) -> bool {
-        let limit = match self {
+    fn overflow_limit(self) -> f64 {
+        match self {
             Float::F16 => 65520.0,
             Float::BF16 => (2.0 - 2f64.powi(-8)) * 2f64.powi(127),
             Float::F32 => (2.0 - 2f64.powi(-24)) * 2f64.powi(127),
             Float::F64 => f64::INFINITY,
-        };
-        x.is_finite() && x.abs() >= limit
+        }
+    }
+
+    /// Whether a finite `x` becomes ±infinity when rounded to this dtype.
+    #[inline(always)]
+    pub fn overflows(self, x: f64) -> bool {
+        x.is_finite() && x.abs() >= self.overflow_limit()
+    }
+
+    /// Whether the merge result `x` of an element whose base value is `b` is counted as
+    /// overflowed: `b` is finite and `x` is not once rounded to this dtype. That is ±infinity
+    /// from an overflow of this dtype or of the f64 arithmetic itself (a huge weight), NaN from
+    /// infinities of opposite signs, and a non-finite value stored in a delta (`extract
+    /// --allow-nonfinite`), which the result alone cannot tell from the others. Two
+    /// comparisons, branch-free, so that it folds into the loops that round (kernels/merge.cu
+    /// `sotu_becomes_nonfinite` counts the same).
+    #[inline(always)]
+    // `!(|x| < limit)`: one comparison, true for NaN as for anything at or past the limit.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    pub fn becomes_nonfinite(self, b: f64, x: f64) -> bool {
+        (b.abs() < f64::INFINITY) & !(x.abs() < self.overflow_limit())
     }
 
     /// The raw bits of element `i` of little-endian `bytes`.
@@ -481,6 +500,35 @@ mod tests {
             }
         }
         assert!(!Float::F16.overflows(f64::INFINITY));
+    }
+
+    #[test]
+    fn nonfinite_results_of_finite_bases_are_counted_in_every_dtype() {
+        let (inf, nan) = (f64::INFINITY, f64::NAN);
+        for f in [Float::F16, Float::BF16, Float::F32, Float::F64] {
+            for (b, x, counted) in [
+                (1.0, 2.0, false),
+                (1.0, inf, true),
+                (1.0, -inf, true),
+                (1.0, nan, true),
+                (-0.0, nan, true),
+                (inf, inf, false),
+                (-inf, nan, false),
+                (nan, nan, false),
+                (nan, 1.0, false),
+                (1.0, 1e300, f != Float::F64),
+                (1.0, f64::MAX, f != Float::F64),
+            ] {
+                assert_eq!(f.becomes_nonfinite(b, x), counted, "{f:?} b {b} x {x}");
+            }
+            // Where the base is finite, the count is the overflow count plus the non-finite.
+            for x in [1.0, 65519.0, 65520.0, 3.3e38, 3.5e38, 1e300, inf, -inf, nan] {
+                assert_eq!(
+                    f.becomes_nonfinite(0.5, x),
+                    f.overflows(x) || !x.is_finite()
+                );
+            }
+        }
     }
 
     #[test]

@@ -51,12 +51,17 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         );
     }
     let version = get("format_version")?;
-    let major: u64 = version
-        .split('.')
-        .next()
-        .and_then(|m| m.parse().ok())
+    // Exactly two decimal integers: "1", "1.0.0" or "+1.0" are not versions of this format.
+    let num = |t: &str| {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse::<u64>().ok())
+            .flatten()
+    };
+    let (major, _minor) = version
+        .split_once('.')
+        .and_then(|(major, minor)| Some((num(major)?, num(minor)?)))
         .with_context(|| {
-            format!("{file}: __metadata__.format_version {version:?} is not MAJOR.MINOR")
+            format!("{file}: __metadata__.format_version {version:?} is not MAJOR.MINOR (two decimal integers, as 1.0)")
         })?;
     if major != FORMAT_MAJOR {
         bail!(

@@ -65,12 +65,15 @@ impl Checkpoint {
         if !meta.is_dir() {
             return Self::open_single(path, path);
         }
+        // Present even as a dangling link or something other than a file: opening it then
+        // says what is wrong with it, rather than reading another file in its place.
+        let present = |p: &Path| std::fs::symlink_metadata(p).is_ok();
         let index = path.join(INDEX_NAME);
-        if index.exists() {
+        if present(&index) {
             return Self::open_index(path, &index);
         }
         let single = path.join(SINGLE_NAME);
-        if single.exists() {
+        if present(&single) {
             return Self::open_single(path, &single);
         }
         bail!(
@@ -94,13 +97,17 @@ impl Checkpoint {
     /// exactly: every tensor in exactly one shard, the one the index names.
     fn open_index(dir: &Path, index: &Path) -> Result<Self> {
         let at = index.display();
-        let len = std::fs::metadata(index)
-            .with_context(|| format!("{at}: cannot read"))?
-            .len();
+        let (file, meta) = open_regular(index)?;
+        let len = meta.len();
         if len > MAX_INDEX_BYTES {
             bail!("{at}: {len} bytes is too large for an index");
         }
-        let text = std::fs::read(index).with_context(|| format!("{at}: cannot read"))?;
+        // Bounded even where the size reported is wrong (0 for many files of /proc).
+        let text = read_capped(file, MAX_INDEX_BYTES)
+            .with_context(|| format!("{at}: cannot read"))?
+            .with_context(|| {
+                format!("{at}: more than {MAX_INDEX_BYTES} bytes is too large for an index")
+            })?;
         let value: serde_json::Value =
             serde_json::from_slice(&text).with_context(|| format!("{at}: not valid JSON"))?;
         match value.get("weight_map") {
@@ -146,9 +153,14 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for (k, file) in files.iter().enumerate() {
             let path = dir.join(file);
-            if !path.is_file() {
+            let problem = match std::fs::metadata(&path) {
+                Err(_) => Some("does not exist".to_string()),
+                Ok(m) if !m.is_file() => Some(format!("is not a regular file ({})", kind(&m))),
+                Ok(_) => None,
+            };
+            if let Some(problem) = problem {
                 let name = map.iter().find(|(_, f)| f == file).unwrap().0;
-                bail!("{at}: weight_map entry {name:?}: shard {file:?} does not exist");
+                bail!("{at}: weight_map entry {name:?}: shard {file:?} {problem}");
             }
             let shard = Shard::open(&path)?;
             for (name, info) in shard_tensors(&shard, k)? {
@@ -282,8 +294,7 @@ impl<'de> serde::Deserialize<'de> for Pairs {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let meta = file.metadata()?;
+        let (file, meta) = open_regular(path)?;
         let stamp = (meta.len(), meta.modified().ok());
         // SAFETY: the map is read-only. A file truncated by another process while mapped makes
         // reads fault with SIGBUS, which [`process::install_handlers`] turns into exit status 1.
@@ -355,6 +366,61 @@ impl Drop for Shard {
     }
 }
 
+/// What a file that is not a regular file is, for messages.
+fn kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "an unknown kind of file"
+    }
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (a link to one is followed):
+/// a FIFO would block the open until a writer came, a device would never end. Checked before
+/// opening, and again on the file opened (without blocking), in case the path changed between.
+fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot_open = || format!("{}: cannot open", path.display());
+    let refuse = |meta: &std::fs::Metadata| -> Result<()> {
+        if meta.is_file() {
+            return Ok(());
+        }
+        bail!(
+            "{}: not a regular file ({}); refusing to read it",
+            path.display(),
+            kind(meta)
+        )
+    };
+    refuse(&std::fs::metadata(path).with_context(cannot_open)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(cannot_open)?;
+    let meta = file.metadata().with_context(cannot_open)?;
+    refuse(&meta)?;
+    Ok((file, meta))
+}
+
+/// Reads at most `cap` bytes from `from`: `None` if there is more (at most `cap + 1` bytes are
+/// read to find out).
+fn read_capped(from: impl std::io::Read, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    from.take(cap.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= cap).then_some(buf))
+}
+
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
 pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -369,4 +435,21 @@ pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
 /// The base fingerprint (docs/FORMAT.md section 7) of per-tensor hashes given in name order.
 pub fn fingerprint(hashes: &[[u8; 32]]) -> String {
     blake3::hash(hashes.as_flattened()).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn capped_reads_stop_one_byte_past_the_cap() {
+        // An endless reader: the read stops at the cap plus one byte.
+        assert_eq!(read_capped(std::io::repeat(7), 1000).unwrap(), None);
+        let mut counted = std::io::repeat(7).take(u64::MAX);
+        assert_eq!(read_capped(&mut counted, 10).unwrap(), None);
+        assert_eq!(counted.limit(), u64::MAX - 11);
+        assert_eq!(read_capped(&b"abc"[..], 3).unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(read_capped(&b"abcd"[..], 3).unwrap(), None);
+    }
 }

@@ -3,10 +3,11 @@
 //! appears at the output path until everything is written: a file is written as a temporary
 //! sibling and renamed, a folder is built in a temporary sibling folder and renamed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -18,6 +19,11 @@ use super::process;
 
 /// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// The most shard files of an output open at once. Writes go through the shards in order, so a
+/// few are open at a time in practice; a file closed here is opened again if it is written
+/// again. A folder of thousands of shards thus never runs out of file descriptors.
+const MAX_OPEN_SHARDS: usize = 8;
 
 /// A tensor to be written: name, dtype, shape and byte length.
 #[derive(Clone, Debug)]
@@ -182,15 +188,17 @@ fn progress_bar(bytes: u64) -> ProgressBar {
     bar
 }
 
-/// One file of the output.
+/// One file of the output, open only while it is being written (see [`MAX_OPEN_SHARDS`]).
 struct Shard {
-    file: File,
+    /// Where it is written until the commit: in the temporary folder, or the temporary file.
+    staged: PathBuf,
     /// Final path.
     path: PathBuf,
-    /// Held for each write. Concurrent writes to one file serialize on the kernel's inode lock
-    /// anyway, and a thread waiting there spins (measured: 7–13% of a merge's CPU time, and a
-    /// slower copy for the thread that holds it); waiting here sleeps.
-    writing: std::sync::Mutex<()>,
+    /// The file, while it is open. Held for each write: concurrent writes to one file
+    /// serialize on the kernel's inode lock anyway, and a thread waiting there spins (measured:
+    /// 7–13% of a merge's CPU time, and a slower copy for the thread that holds it); waiting
+    /// here sleeps.
+    file: Mutex<Option<File>>,
 }
 
 /// An output checkpoint being written: headers are final from the start, data goes in by
@@ -201,6 +209,8 @@ pub struct Output {
     staging: Option<Staging>,
     target: Target,
     shards: Vec<Shard>,
+    /// The shards whose file is open, in the order they were opened.
+    open: Mutex<VecDeque<usize>>,
     /// Tensor name → (shard, absolute offset of its data in the shard file, length).
     place: HashMap<String, (usize, u64, u64)>,
     /// The index JSON of a sharded folder.
@@ -236,32 +246,73 @@ fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
     shards
 }
 
+/// The largest header that safetensors readers accept, this tool's among them (the
+/// `MAX_HEADER_SIZE` of the safetensors crate): a larger one would be written and then refused.
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
 /// The safetensors header of `tensors` laid out without gaps, padded with spaces so the data
-/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset.
+/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset, and
+/// the length of the `__metadata__` JSON in it.
+///
+/// Written as it goes, with no JSON tree of the whole header: for hundreds of thousands of
+/// tensors that tree took several times the memory of the header itself. The bytes are those
+/// of serde_json's map, which wrote it before: keys in byte order, `__metadata__` among them.
 fn header(
     tensors: &[OutTensor],
     metadata: &BTreeMap<String, String>,
-) -> Result<(Vec<u8>, Vec<u64>)> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!(metadata));
+) -> Result<(Vec<u8>, Vec<u64>, usize)> {
+    const METADATA: &str = "__metadata__";
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut pos = 0u64;
     for t in tensors {
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
-        );
         offsets.push(pos);
         pos += t.len;
     }
-    let mut bytes = serde_json::to_vec(&header)?;
-    while (bytes.len() + 8) % 8 != 0 {
+    let key = |k: &Option<usize>| k.map_or(METADATA, |i| tensors[i].name.as_str());
+    let mut keys: Vec<Option<usize>> = (0..tensors.len()).map(Some).chain([None]).collect();
+    keys.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    if let Some(w) = keys.windows(2).find(|w| key(&w[0]) == key(&w[1])) {
+        bail!("tensor {} appears twice in the output", key(&w[0]));
+    }
+    let mut bytes = vec![0u8; 8];
+    let mut metadata_len = 0;
+    bytes.push(b'{');
+    for (n, k) in keys.iter().enumerate() {
+        if n > 0 {
+            bytes.push(b',');
+        }
+        serde_json::to_writer(&mut bytes, key(k))?;
+        bytes.push(b':');
+        match *k {
+            None => {
+                let at = bytes.len();
+                serde_json::to_writer(&mut bytes, metadata)?;
+                metadata_len = bytes.len() - at;
+            }
+            Some(i) => {
+                let t = &tensors[i];
+                bytes.extend_from_slice(b"{\"data_offsets\":");
+                serde_json::to_writer(&mut bytes, &[offsets[i], offsets[i] + t.len])?;
+                bytes.extend_from_slice(b",\"dtype\":");
+                serde_json::to_writer(&mut bytes, &t.dtype)?;
+                bytes.extend_from_slice(b",\"shape\":");
+                serde_json::to_writer(&mut bytes, &t.shape)?;
+                bytes.push(b'}');
+            }
+        }
+    }
+    bytes.push(b'}');
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
-    let start = 8 + bytes.len() as u64;
-    let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&bytes);
-    Ok((out, offsets.into_iter().map(|o| o + start).collect()))
+    let n = bytes.len() as u64 - 8;
+    bytes[..8].copy_from_slice(&n.to_le_bytes());
+    let start = bytes.len() as u64;
+    Ok((
+        bytes,
+        offsets.into_iter().map(|o| o + start).collect(),
+        metadata_len,
+    ))
 }
 
 impl Output {
@@ -289,6 +340,7 @@ impl Output {
             staging: Some(staging),
             target: target.clone(),
             shards: Vec::new(),
+            open: Mutex::default(),
             place: HashMap::new(),
             index: None,
             total: 0,
@@ -297,29 +349,36 @@ impl Output {
         let mut weight_map = BTreeMap::new();
         let mut data_bytes = 0u64;
         for (k, group) in groups.into_iter().enumerate() {
-            let (file, path) = match out.staging.as_ref().unwrap() {
+            let (file, staged, path) = match out.staging.as_ref().unwrap() {
                 Staging::File(tmp) => (
                     tmp.as_file().try_clone().with_context(cannot_create)?,
+                    tmp.path().to_path_buf(),
                     dest.clone(),
                 ),
                 Staging::Folder(tmp) => {
                     let staged = tmp.path().join(&names[k]);
-                    // Readable too: `fingerprint` reads the data back.
                     let file = std::fs::OpenOptions::new()
-                        .read(true)
                         .write(true)
                         .create_new(true)
                         .open(&staged)
                         .with_context(cannot_create)?;
                     process::track_file(&staged);
-                    (file, dest.join(&names[k]))
+                    (file, staged, dest.join(&names[k]))
                 }
             };
             let io = |r: std::io::Result<()>| {
                 r.with_context(|| format!("{}: cannot write", path.display()))
             };
             let ts = &tensors[group];
-            let (head, offsets) = header(ts, metadata)?;
+            let (head, offsets, metadata_len) = header(ts, metadata)?;
+            if head.len() - 8 > MAX_HEADER_BYTES {
+                bail!(
+                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
+                    path.display(),
+                    head.len() - 8,
+                    ts.len()
+                );
+            }
             let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
             io(file.set_len(len))?;
             io(file.write_all_at(&head, 0))?;
@@ -331,10 +390,13 @@ impl Output {
                 data_bytes += t.len;
             }
             out.total += len;
+            // The one file of a file output stays open; a folder's shard is opened again
+            // when it is written.
+            let single = matches!(out.staging, Some(Staging::File(_)));
             out.shards.push(Shard {
-                file,
+                staged,
                 path,
-                writing: Default::default(),
+                file: Mutex::new(single.then_some(file)),
             });
         }
         if out.shards.len() > 1 {
@@ -350,13 +412,67 @@ impl Output {
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
     pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
         let (k, base, _) = self.place[name];
-        let shard = &self.shards[k];
-        let _turn = shard.writing.lock().unwrap_or_else(|e| e.into_inner());
-        shard
-            .file
-            .write_all_at(bytes, base + at)
-            .with_context(|| format!("{}: cannot write tensor {name}", shard.path.display()))?;
+        self.with_file(k, |f| f.write_all_at(bytes, base + at))
+            .with_context(|| {
+                format!(
+                    "{}: cannot write tensor {name}",
+                    self.shards[k].path.display()
+                )
+            })?;
         self.progress.inc(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Runs `op` on shard `k`'s file, holding it (writers of the shard wait their turn), and
+    /// opening it first if it is closed.
+    fn with_file<T>(
+        &self,
+        k: usize,
+        op: impl FnOnce(&File) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let shard = &self.shards[k];
+        let mut file = shard.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            // Readable too: `fingerprint` reads the data back.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&shard.staged)?;
+            *file = Some(f);
+            self.opened(k);
+        }
+        op(file.as_ref().unwrap())
+    }
+
+    /// Records that shard `k` was opened, and closes the shards opened longest ago beyond
+    /// [`MAX_OPEN_SHARDS`], except those being written this moment (they are only tried, so
+    /// two threads never wait for each other here).
+    fn opened(&self, k: usize) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.push_back(k);
+        let mut tries = open.len();
+        while open.len() > MAX_OPEN_SHARDS && tries > 0 {
+            tries -= 1;
+            let j = open.pop_front().expect("longer than the limit");
+            match self.shards[j].file.try_lock() {
+                Ok(mut f) if j != k => *f = None,
+                Err(std::sync::TryLockError::Poisoned(e)) if j != k => *e.into_inner() = None,
+                _ => open.push_back(j),
+            }
+        }
+    }
+
+    /// Closes every shard file, after an fsync when `sync`: at most one descriptor more is open
+    /// meanwhile.
+    fn close_all(&self, sync: bool) -> Result<()> {
+        for (k, s) in self.shards.iter().enumerate() {
+            if sync {
+                self.with_file(k, File::sync_all)
+                    .with_context(|| format!("{}: cannot flush", s.path.display()))?;
+            }
+            *s.file.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
@@ -376,9 +492,7 @@ impl Output {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(buf.len() as u64) as usize;
-                    shard
-                        .file
-                        .read_exact_at(&mut buf[..n], at + done)
+                    self.with_file(k, |f| f.read_exact_at(&mut buf[..n], at + done))
                         .with_context(|| format!("{}: cannot read back", shard.path.display()))?;
                     h.update_rayon(&buf[..n]);
                     done += n as u64;
@@ -453,13 +567,7 @@ impl Output {
                 }
             }
         }
-        if durable {
-            for s in &self.shards {
-                s.file
-                    .sync_all()
-                    .with_context(|| format!("{}: cannot flush", s.path.display()))?;
-            }
-        }
+        self.close_all(durable)?;
         match self.staging.take().expect("not yet committed") {
             Staging::File(tmp) => {
                 let path = tmp.path().to_path_buf();
@@ -492,6 +600,9 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
+        // Closed before the staging folder goes: its removal needs descriptors of its own,
+        // which a process out of them would not have.
+        let _ = self.close_all(false);
         // Uncommitted: the staging file or folder deletes itself as it drops.
         match &self.staging {
             Some(Staging::File(tmp)) => process::untrack_file(tmp.path()),
@@ -503,8 +614,20 @@ impl Drop for Output {
 
 /// Refuses to replace an existing folder at `dest` unless it is empty or a model folder (it
 /// holds `model.safetensors` or an index): `-o ~/models` by mistake must not delete a folder of
-/// other things.
+/// other things. Refuses a symbolic link there too, before anything is computed: replacing it
+/// would put a real folder where the link was and leave the folder it points to as it was,
+/// which is neither of the two things the link's owner may have meant.
 fn refuse_to_replace(dest: &Path) -> Result<()> {
+    if let Ok(m) = std::fs::symlink_metadata(dest)
+        && m.file_type().is_symlink()
+    {
+        let to = std::fs::read_link(dest).unwrap_or_default();
+        bail!(
+            "{}: is a symbolic link (to {}); refusing to replace it with a model folder. Give the folder it points to as the output, or remove the link",
+            dest.display(),
+            to.display()
+        );
+    }
     let Ok(mut entries) = std::fs::read_dir(dest) else {
         return Ok(()); // nothing there, or not a folder (found out when placing it)
     };
@@ -683,6 +806,74 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    /// The header as serde_json's map wrote it before [`header`] wrote it as it goes.
+    fn header_by_map(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!(metadata));
+        let mut pos = 0u64;
+        for t in tensors {
+            header.insert(
+                t.name.clone(),
+                json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
+            );
+            pos += t.len;
+        }
+        let mut bytes = serde_json::to_vec(&header).unwrap();
+        while !(bytes.len() + 8).is_multiple_of(8) {
+            bytes.push(b' ');
+        }
+        let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&bytes);
+        out
+    }
+
+    #[test]
+    fn headers_are_the_bytes_serde_json_map_wrote() {
+        let t = |name: &str, dtype, shape: Vec<usize>, len| OutTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            len,
+        };
+        let names = [
+            "model.embed_tokens.weight",
+            "A.upper",
+            "_under",
+            "__metadata_",
+            "__metadata__x",
+            "Zeta",
+            "é\u{1F600}",
+            "quote\"back\\slash\ttab\u{1}",
+            "",
+        ];
+        let dtypes = [Dtype::BF16, Dtype::F32, Dtype::U64, Dtype::I64, Dtype::F16];
+        let tensors: Vec<OutTensor> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| t(n, dtypes[i % dtypes.len()], vec![i, 3], (7 * i) as u64))
+            .collect();
+        let mut md = BTreeMap::new();
+        md.insert("format".to_string(), "pt".to_string());
+        md.insert("tensors".to_string(), "{\"a\":[1,2]}\n\u{e9}".to_string());
+        for n in [0, 1, 4, tensors.len()] {
+            for md in [BTreeMap::new(), md.clone()] {
+                let (got, offsets, _) = header(&tensors[..n], &md).unwrap();
+                assert_eq!(got, header_by_map(&tensors[..n], &md), "{n} tensors");
+                assert_eq!(got.len() % 8, 0);
+                let mut at = got.len() as u64;
+                for (o, t) in offsets.iter().zip(&tensors) {
+                    assert_eq!(*o, at);
+                    at += t.len;
+                }
+            }
+        }
+        let twice = [
+            t("x", Dtype::F32, vec![1], 4),
+            t("x", Dtype::F32, vec![1], 4),
+        ];
+        assert!(header(&twice, &md).is_err());
     }
 
     #[test]

@@ -29,9 +29,9 @@ const TASK: u64 = 16 * TILE;
 /// Bytes per unit of parallel work when a tensor is copied unchanged.
 const COPY_PIECE: usize = 64 << 20;
 
-/// Writes one output tensor; returns how many finite results overflowed its dtype. A
-/// [`Source::Combine`] tensor is computed whole on this thread ([`super::methods`]); the others
-/// are spread over the threads.
+/// Writes one output tensor; returns how many of its results are infinite or NaN where the
+/// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
+/// on this thread ([`super::methods`]); the others are spread over the threads.
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
@@ -190,7 +190,7 @@ fn compute<E: Elem>(
         } else {
             for (a, &b) in s.acc.iter_mut().zip(&s.base) {
                 *a += b;
-                overflows += to.overflows(*a) as u64;
+                overflows += to.becomes_nonfinite(b, *a) as u64;
             }
             to.store_all(&s.acc, &mut s.sub);
             out.copy_from_slice(&s.sub);
@@ -203,8 +203,9 @@ fn compute<E: Elem>(
 crate::simd::multiversioned! {
     /// One tile's output in the base's own dtype: each touched element is `round(b + acc)`, each
     /// untouched one keeps the base's bits unchanged (docs/FORMAT.md section 8). Returns how many
-    /// finite results overflowed to infinity. A select per element rather than a branch, so that
-    /// it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run time.
+    /// results are infinite or NaN where the base is finite. A select per element rather than a
+    /// branch, so that it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run
+    /// time.
     fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8]) -> u64 {
         let mut overflows = 0u64;
         let words = tile
@@ -220,9 +221,10 @@ crate::simd::multiversioned! {
                 .enumerate()
             {
                 let bits = E::bits(b);
-                let x = E::value(bits) + a;
+                let base = E::value(bits);
+                let x = base + a;
                 let hit = (word >> k) & 1 != 0;
-                overflows += (hit & E::FLOAT.overflows(x)) as u64;
+                overflows += (hit & E::FLOAT.becomes_nonfinite(base, x)) as u64;
                 E::put(o, if hit { E::round(x) } else { bits });
             }
         }
@@ -249,7 +251,8 @@ fn union_if_disjoint(words: &[Vec<u64>], n: usize, union: &mut Vec<u64>) -> bool
 /// the base's bits where nothing was placed, and where something was, the result
 /// [`Elem::replaces`] gives, or for the few elements it cannot decide (non-finite, or exponents
 /// too far apart) the arithmetic of docs/FORMAT.md section 8 with their one term. Returns how
-/// many finite results overflowed.
+/// many results are infinite or NaN where the base is finite (only undecided elements can be:
+/// a decided one is the kept value itself, finite).
 ///
 /// [`place`]: crate::simd::place
 fn settle<E: Elem>(
@@ -274,7 +277,7 @@ fn settle<E: Elem>(
             let at = k * E::SIZE..(k + 1) * E::SIZE;
             let (b, v) = (E::load(&b[at.clone()], 0), E::load(&v[at.clone()], 0));
             let x = b + (-0.0 + 1.0 * (v - b));
-            overflows += E::FLOAT.overflows(x) as u64;
+            overflows += E::FLOAT.becomes_nonfinite(b, x) as u64;
             E::put(&mut o[at], E::round(x));
         }
     }

@@ -20,8 +20,8 @@ use crate::linalg::{mul_transposed, polar, thin_svd, view};
 /// Elements rounded and written at a time: bounds the output buffer.
 const WRITE_PIECE: usize = 1 << 20;
 
-/// Computes and writes a tensor planned as [`Source::Combine`]; returns how many finite
-/// results overflowed its dtype.
+/// Computes and writes a tensor planned as [`Source::Combine`]; returns how many of its results
+/// are infinite or NaN where the base is finite.
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
     let Source::Combine {
         from,
@@ -252,7 +252,8 @@ struct Combined<'a> {
 }
 
 impl Combined<'_> {
-    /// Rounds and writes the tensor in pieces; returns how many finite results overflowed.
+    /// Rounds and writes the tensor in pieces; returns how many results are infinite or NaN
+    /// where the base is finite.
     fn write(&self, name: &str, out: &Output) -> Result<u64> {
         let (from, to) = (self.from, self.to);
         let size = to.size();
@@ -264,7 +265,7 @@ impl Combined<'_> {
             for i in start..end {
                 let bits = if self.written.is_none_or(|w| w[i]) {
                     let x = self.b[i] + self.r.at(i);
-                    overflows += to.overflows(x) as u64;
+                    overflows += to.becomes_nonfinite(self.b[i], x) as u64;
                     to.round_bits(x)
                 } else if from == to {
                     from.bits(self.base, i)

@@ -92,7 +92,9 @@ pub struct MergeReport {
     /// The fingerprint of the output (docs/FORMAT.md section 7), when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_fingerprint: Option<String>,
-    /// Tensors where finite results became ±infinity in the output dtype, with counts.
+    /// Tensors with results that are ±infinity or NaN in the output dtype where the base is
+    /// finite (an overflow of the dtype or of the arithmetic, inf − inf, or a non-finite value
+    /// stored in a delta), with counts.
     pub overflowed: Vec<(String, u64)>,
     /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
     pub device: String,
