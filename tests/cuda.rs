@@ -15,11 +15,11 @@ use sotu_delta::io::Checkpoint;
 use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
 use sotu_delta::merge::cuda;
-use sotu_delta::merge::{Device, MergeOptions, merge};
+use sotu_delta::merge::{Device, MergeOptions, Method, merge};
 
 #[path = "cuda_host/data.rs"]
 mod data;
-use data::{KATS, iv, make};
+use data::{KATS, iv, make, make_finite};
 
 /// The repository root: `SOTU_ROOT`, else where this test was built (a GPU machine runs the
 /// test binary built elsewhere, docs/CUDA.md).
@@ -60,28 +60,45 @@ fn kernels_compile_with_nvrtc_for_sm90_and_sm80() {
                 "{arch}: PTX lacks the entry point {entry}"
             );
         }
-        // FORMAT.md section 8: no fused multiply-add in the merge arithmetic.
-        for fused in ["fma.rn.f64", "fma.rn.f32"] {
-            assert!(!ptx.contains(fused), "{arch}: PTX contains {fused}");
+        // FORMAT.md section 8: no fused multiply-add in the merge arithmetic; and the per-item
+        // arrays stay in registers (no local memory).
+        for bad in ["fma.rn.f64", "fma.rn.f32", "ld.local", "st.local"] {
+            assert!(!ptx.contains(bad), "{arch}: PTX contains {bad}");
         }
         println!("{arch}: {} bytes of PTX", ptx.len());
-        // What the GPU path compiles at run time: the helpers at setup, one pair at a time.
+        // What the GPU path compiles at run time: the helpers at setup, one entry at a time.
         let helpers = cuda::compile_helpers_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
         assert!(helpers.contains(".entry sotu_u_kernel("));
-        assert!(!helpers.contains(".entry sotu_merge_"));
+        assert!(!helpers.contains(".entry sotu_merge_") && !helpers.contains(".entry sotu_ties_"));
         let all = [Float::F16, Float::BF16, Float::F32, Float::F64];
-        for (from, to) in [(Float::BF16, Float::BF16), (Float::F32, Float::F16)] {
-            let one = cuda::compile_merge_ptx(arch, from, to).unwrap_or_else(|e| panic!("{e}"));
-            for f in all {
-                for t in all {
-                    let entry = format!(".entry {}(", cuda::merge_entry(f, t));
-                    assert_eq!(
-                        one.contains(&entry),
-                        (f, t) == (from, to),
-                        "{arch}: {entry}"
-                    );
+        let compiled = [
+            (cuda::Family::Merge, Float::BF16, Float::BF16),
+            (cuda::Family::Merge, Float::F32, Float::F16),
+            (cuda::Family::Ties, Float::BF16, Float::BF16),
+            (cuda::Family::Ties, Float::F16, Float::F32),
+        ];
+        for (family, from, to) in compiled {
+            let one = match family {
+                cuda::Family::Merge => cuda::compile_merge_ptx(arch, from, to),
+                cuda::Family::Ties => cuda::compile_ties_ptx(arch, from, to),
+            }
+            .unwrap_or_else(|e| panic!("{e}"));
+            for k in cuda::Family::ALL {
+                for f in all {
+                    for t in all {
+                        let entry = format!(".entry {}(", k.entry(f, t));
+                        assert_eq!(
+                            one.contains(&entry),
+                            (k, f, t) == (family, from, to),
+                            "{arch}: {entry}"
+                        );
+                    }
                 }
             }
+            assert_eq!(
+                cuda::ties_entry(from, to),
+                cuda::Family::Ties.entry(from, to)
+            );
         }
     }
 }
@@ -421,5 +438,147 @@ fn gpu_reports_corrupt_fixture_chunks_like_the_cpu() {
             String::from_utf8_lossy(&g.stderr),
             "{name}"
         );
+    }
+}
+
+/// `--method ties` on the GPU (the ties kernel; the thresholds computed on the CPU) against the
+/// CPU, byte for byte: the fixtures in three dtypes, sparse deltas under independent seeds and
+/// dense ones, with weights, α, trim and `--dtype`.
+#[test]
+fn gpu_merges_ties_fixtures_like_the_cpu() {
+    let _gpu = gpu_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for dtype in ["bf16", "f16", "f32"] {
+        let base = fixture(&format!("base-{dtype}.safetensors"));
+        for (layout, mask) in [("sparse", "0.33"), ("dense", "1")] {
+            let deltas: Vec<String> = (0..3)
+                .map(|k| {
+                    let out = format!("{layout}{k}-{dtype}.safetensors");
+                    let o = sotu(
+                        d,
+                        &[
+                            "extract",
+                            "--base",
+                            &base,
+                            "--tuned",
+                            &fixture(&format!("task{}-{dtype}.safetensors", k + 1)),
+                            "--density",
+                            mask,
+                            "--seed",
+                            &(10 + k).to_string(),
+                            "-o",
+                            &out,
+                        ],
+                    );
+                    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                    out
+                })
+                .collect();
+            for extra in [
+                &[][..],
+                &["--weights", "1,-0.5,2", "--alpha", "1.5", "--trim", "0.3"][..],
+                &["--trim", "1", "--dtype", "f16"][..],
+            ] {
+                let mut outs = Vec::new();
+                for device in ["cpu", "cuda"] {
+                    let out = format!("ties-{dtype}-{device}.safetensors");
+                    let mut a = vec!["merge", "--base", &base, "--method", "ties"];
+                    a.extend(["--device", device, "--json", "-o", &out]);
+                    a.extend(deltas.iter().map(String::as_str));
+                    a.extend_from_slice(extra);
+                    let o = sotu(d, &a);
+                    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                    let on = json["device"].as_str().unwrap_or_default().to_string();
+                    assert!(on.starts_with(device), "{on}");
+                    outs.push((
+                        std::fs::read(d.join(&out)).unwrap(),
+                        json["overflowed"].clone(),
+                    ));
+                }
+                assert!(
+                    outs[0] == outs[1],
+                    "{dtype} {layout} {extra:?}: GPU and CPU ties outputs differ"
+                );
+            }
+        }
+    }
+}
+
+/// `ties` on generated tensors, several slices' worth of blocks, against the CPU: sparse deltas
+/// under independent seeds (overlapping), dense deltas (elections on sums of zero), overflows.
+#[test]
+fn gpu_merges_ties_generated_tensors_like_the_cpu() {
+    let _gpu = gpu_or_skip!();
+    let third = iv(1.0 / 3.0);
+    type Layout = (Vec<(Interval, u64)>, Vec<f64>, f64, f64);
+    let layouts: Vec<Layout> = vec![
+        (vec![(third, 7), (third, 8), (third, 9)], vec![], 1.0, 0.2),
+        (
+            vec![(third, 17), (third, 18), (third, 19)],
+            vec![1.0, -0.75, 1.5],
+            1.7,
+            0.35,
+        ),
+        (vec![(iv(1.0), 1), (iv(1.0), 2)], vec![], 2.0, 1.0),
+    ];
+    for f in [Float::BF16, Float::F16, Float::F32] {
+        for (k, &numel) in [1usize, 65537, 3 * 65536 + 5, 5_000_011].iter().enumerate() {
+            for (j, (ivs, weights, alpha, trim)) in layouts.iter().enumerate() {
+                let dir = tempfile::tempdir().unwrap();
+                let d = dir.path();
+                let (base, tuned) = make_finite(f, numel, ivs.len(), (k * 10 + j) as u64);
+                let put = |p: &Path, data: Vec<u8>| {
+                    write_file(
+                        p,
+                        &[("w".into(), f.dtype(), vec![numel], data)],
+                        &BTreeMap::new(),
+                    )
+                    .unwrap()
+                };
+                put(&d.join("base.safetensors"), base);
+                let base_ck = Checkpoint::open(&d.join("base.safetensors")).unwrap();
+                let mut deltas = Vec::new();
+                for (t, (interval, seed)) in ivs.iter().enumerate() {
+                    let tp = d.join(format!("t{t}.safetensors"));
+                    put(&tp, tuned[t].clone());
+                    let opts = ExtractOptions {
+                        seed: *seed,
+                        interval: *interval,
+                        slot: None,
+                        selector: Selector::default(),
+                        allow_nonfinite: false,
+                        fingerprint_output: false,
+                    };
+                    let out = d.join(format!("d{t}.safetensors"));
+                    let tuned_ck = Checkpoint::open(&tp).unwrap();
+                    extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
+                    deltas.push(Delta::open(&out).unwrap());
+                }
+                for dtype in [None, Some(Float::F32)] {
+                    let mut outs = Vec::new();
+                    for device in [Device::Cpu, Device::Cuda] {
+                        let opts = MergeOptions {
+                            weights: weights.clone(),
+                            dtype,
+                            device,
+                            method: Method::Ties,
+                            alpha: *alpha,
+                            trim: *trim,
+                            ..MergeOptions::default()
+                        };
+                        let out = d.join(format!("{device:?}.safetensors"));
+                        let r = merge(&base_ck, &deltas, &Target::new(&out), &opts).unwrap();
+                        assert_eq!(r.device.starts_with("cuda"), device == Device::Cuda);
+                        outs.push((std::fs::read(&out).unwrap(), r.overflowed));
+                    }
+                    assert!(
+                        outs[0] == outs[1],
+                        "{f:?} numel {numel} layout {j} dtype {dtype:?}: GPU and CPU ties differ"
+                    );
+                }
+            }
+        }
     }
 }

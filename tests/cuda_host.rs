@@ -3,7 +3,8 @@
 //! inputs that the GPU path prepares (`sotu_delta::merge::cuda::launches` and `stage`), and compared
 //! byte for byte with the CPU merge. This is the evidence that the kernel matches the CPU path
 //! on a machine without a GPU; tests/cuda.rs runs the same comparisons on a GPU when there is
-//! one.
+//! one. tests/cuda_host/emu.rs is the emulated device (one launch, the pipeline's two slots);
+//! tests/cuda_host/ties.rs holds the ties kernel's tests against `merge --method ties`.
 //!
 //! Needs `c++` or `g++` (set `CXX` to choose); without one, each test says it was skipped.
 
@@ -21,11 +22,14 @@ use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
 use sotu_delta::merge::cuda::{self, Launch};
 use sotu_delta::merge::plan::TILE;
-use sotu_delta::merge::{Device, MergeOptions, Origin, Source, merge, plan};
+use sotu_delta::merge::{Device, Job, MergeOptions, MergeReport, Origin, Source, merge, plan};
 
 #[path = "cuda_host/data.rs"]
 mod data;
+#[path = "cuda_host/emu.rs"]
+mod emu;
 use data::{KATS, iv, make};
+use emu::{Emu, emulate, pipeline_matches_the_cpu};
 
 /// Threads per emulated block: two warps, so that the cross-warp half of the block scan runs.
 const EMU_BLOCK: u64 = 64;
@@ -86,6 +90,9 @@ macro_rules! harness_or_skip {
         }
     };
 }
+
+#[path = "cuda_host/ties.rs"]
+mod ties;
 
 fn run(h: &Path, args: &[&str], input: &[u8]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
@@ -346,25 +353,16 @@ fn compare(
     let cpu = Checkpoint::open(&d.join("cpu.safetensors")).unwrap();
     let weight = |k: usize| opts.weights.get(k).copied().unwrap_or(1.0);
     for p in plan(base_ck, deltas, opts, &weight).unwrap() {
-        let Source::Compute {
-            origin,
-            from,
-            to,
-            terms,
-        } = &p.source
-        else {
+        let Some(job) = p.job(base_ck, deltas) else {
             continue;
         };
-        let data = match origin {
-            Origin::Base => base_ck.data(base_ck.info(&p.name).unwrap()),
-            Origin::Delta(k) => deltas[*k].data(&p.name),
-        };
+        let to = job.to;
         let want = cpu.data(cpu.info(&p.name).unwrap());
         let mut got = vec![0u8; p.numel as usize * to.size()];
         let mut overflows = 0;
-        for l in cuda::launches(deltas, &p.name, p.numel, *from, terms, slice).unwrap() {
-            let (status, bytes) = emulate(h, &l, deltas, terms, &p.name, data, *from, *to, p.numel);
-            overflows += cuda::check_status(deltas, &p.name, terms, status).unwrap();
+        for l in cuda::launches(deltas, &job, slice).unwrap() {
+            let (status, bytes) = emulate(h, &l, deltas, &job);
+            overflows += cuda::check_status(deltas, &p.name, job.terms, status).unwrap();
             let at = l.first as usize * to.size();
             got[at..at + bytes.len()].copy_from_slice(&bytes);
         }
@@ -377,7 +375,7 @@ fn compare(
                 .unwrap();
             panic!(
                 "{:?}->{:?} numel {} deltas {:?}: element {k} differs: kernel {:02x?}, cpu {:02x?}",
-                from,
+                job.from,
                 to,
                 p.numel,
                 deltas
@@ -395,55 +393,6 @@ fn compare(
             .map_or(0, |x| x.1);
         assert_eq!(overflows, cpu_overflows, "overflow count of {}", p.name);
     }
-}
-
-/// Runs one launch through the emulated kernel: (status words, output bytes).
-#[allow(clippy::too_many_arguments)]
-fn emulate(
-    h: &Path,
-    l: &Launch,
-    deltas: &[Delta],
-    terms: &[sotu_delta::merge::Term],
-    name: &str,
-    base: &[u8],
-    from: Float,
-    to: Float,
-    numel: u64,
-) -> ([u64; 2], Vec<u8>) {
-    // Stage exactly as the GPU path does, then cut the staged buffer into the harness's blocks.
-    let [o_terms, o_values, o_offsets, o_ranks, o_base, end] = cuda::stage_offsets(l, from);
-    let mut buf = vec![0u8; end];
-    cuda::stage(l, deltas, terms, name, base, from, &mut buf);
-    let mut input = Vec::new();
-    for w in [
-        cuda::dtype_code(from),
-        cuda::dtype_code(to),
-        l.first,
-        l.n,
-        numel,
-        TILE,
-        EMU_BLOCK,
-        terms.len() as u64,
-    ] {
-        input.extend_from_slice(&w.to_le_bytes());
-    }
-    for r in [
-        o_terms..o_terms + l.terms.len() * 8,
-        o_values..o_values + l.values_len,
-        o_offsets..o_offsets + l.offsets.len() * 8,
-        o_ranks..o_ranks + l.ranks.len() * 8,
-        o_base..end,
-    ] {
-        input.extend_from_slice(&(r.len() as u64).to_le_bytes());
-        input.extend_from_slice(&buf[r.clone()]);
-        input.resize(input.len().next_multiple_of(8), 0);
-    }
-    let out = run(h, &["merge"], &input);
-    let status = [
-        u64::from_le_bytes(out[0..8].try_into().unwrap()),
-        u64::from_le_bytes(out[8..16].try_into().unwrap()),
-    ];
-    (status, out[16..].to_vec())
 }
 
 fn slot(k: u64, n: u64) -> Interval {
@@ -636,10 +585,18 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
         coeff: 1.0,
         masked: true,
     }];
-    let data = base_ck.data(base_ck.info("w").unwrap());
+    let job = Job {
+        name: "w",
+        numel: numel as u64,
+        base: base_ck.data(base_ck.info("w").unwrap()),
+        from: f,
+        to: f,
+        terms: &terms,
+        ties: None,
+    };
     let mut gpu_err = None;
-    for l in cuda::launches(&deltas, "w", numel as u64, f, &terms, TILE).unwrap() {
-        let (status, _) = emulate(h, &l, &deltas, &terms, "w", data, f, f, numel as u64);
+    for l in cuda::launches(&deltas, &job, TILE).unwrap() {
+        let (status, _) = emulate(h, &l, &deltas, &job);
         if let Err(e) = cuda::check_status(&deltas, "w", &terms, status) {
             gpu_err = Some(e.to_string());
             break;
@@ -733,103 +690,6 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
     }
 }
 
-/// The host emulation as the pipeline's device: each slot's staged slice is run through the
-/// harness when started, its result kept in the slot's output staging until finished.
-struct Emu<'a> {
-    h: &'a Path,
-    jobs: &'a [sotu_delta::merge::Job<'a>],
-    input: [Vec<u8>; 2],
-    output: [Vec<u8>; 2],
-    busy: [bool; 2],
-}
-
-impl cuda::SlotDevice for Emu<'_> {
-    fn reserve(&mut self, need: usize) -> anyhow::Result<()> {
-        for b in self.input.iter_mut().chain(self.output.iter_mut()) {
-            b.resize(need, 0xEE);
-        }
-        Ok(())
-    }
-
-    fn input(&mut self, slot: usize) -> anyhow::Result<&mut [u8]> {
-        assert!(!self.busy[slot], "slot {slot} restaged while in flight");
-        Ok(&mut self.input[slot])
-    }
-
-    fn start(
-        &mut self,
-        slot: usize,
-        job: usize,
-        l: &Launch,
-        lay: &cuda::Layout,
-    ) -> anyhow::Result<()> {
-        assert!(!self.busy[slot], "slot {slot} started while in flight");
-        let j = &self.jobs[job];
-        let res = run_staged(
-            self.h,
-            &self.input[slot],
-            lay,
-            l,
-            j.from,
-            j.to,
-            j.numel,
-            j.terms.len(),
-        );
-        let out = &mut self.output[slot];
-        out[..16].copy_from_slice(&res[..16]);
-        out[lay.out..lay.out + res.len() - 16].copy_from_slice(&res[16..]);
-        // Poison the input: the pipeline must stage again before the next start.
-        self.input[slot].fill(0xEE);
-        self.busy[slot] = true;
-        Ok(())
-    }
-
-    fn finish(&mut self, slot: usize) -> anyhow::Result<&[u8]> {
-        assert!(self.busy[slot], "slot {slot} finished twice");
-        self.busy[slot] = false;
-        Ok(&self.output[slot])
-    }
-}
-
-/// Runs a staged buffer (laid out by `lay`) through the harness: status words, then output.
-#[allow(clippy::too_many_arguments)]
-fn run_staged(
-    h: &Path,
-    buf: &[u8],
-    lay: &cuda::Layout,
-    l: &Launch,
-    from: Float,
-    to: Float,
-    numel: u64,
-    nterms: usize,
-) -> Vec<u8> {
-    let mut input = Vec::new();
-    for w in [
-        cuda::dtype_code(from),
-        cuda::dtype_code(to),
-        l.first,
-        l.n,
-        numel,
-        TILE,
-        EMU_BLOCK,
-        nterms as u64,
-    ] {
-        input.extend_from_slice(&w.to_le_bytes());
-    }
-    for r in [
-        lay.terms..lay.terms + l.terms.len() * 8,
-        lay.values..lay.values + l.values_len,
-        lay.offsets..lay.offsets + l.offsets.len() * 8,
-        lay.ranks..lay.ranks + l.ranks.len() * 8,
-        lay.base..lay.input_end,
-    ] {
-        input.extend_from_slice(&(r.len() as u64).to_le_bytes());
-        input.extend_from_slice(&buf[r.clone()]);
-        input.resize(input.len().next_multiple_of(8), 0);
-    }
-    run(h, &["merge"], &input)
-}
-
 /// The GPU path's pipeline (`cuda::run_pipeline`: two slots, staging, status, writes at the
 /// right offsets, across tensors) with the emulated kernel as its device, on a checkpoint of
 /// several tensors and dtypes, against the CPU merge.
@@ -901,49 +761,14 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         let cpu = Checkpoint::open(&d.join("cpu.safetensors")).unwrap();
         let weight = |k: usize| opts.weights.get(k).copied().unwrap_or(1.0);
         let plans = plan(&base_ck, &deltas, &opts, &weight).unwrap();
-        let jobs: Vec<sotu_delta::merge::Job> = plans
+        let jobs: Vec<Job> = plans
             .iter()
             .filter_map(|p| p.job(&base_ck, &deltas))
             .collect();
         assert!(jobs.len() >= 4);
         // One block per slice: many slices, so both slots are reused within and across tensors.
-        let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(TILE)).unwrap();
-        let got = std::sync::Mutex::new(BTreeMap::<String, Vec<u8>>::new());
-        let mut emu = Emu {
-            h,
-            jobs: &jobs,
-            input: [Vec::new(), Vec::new()],
-            output: [Vec::new(), Vec::new()],
-            busy: [false; 2],
-        };
-        let overflows = cuda::run_pipeline(&mut emu, &deltas, &jobs, &all, &|name, at, bytes| {
-            let mut g = got.lock().unwrap();
-            let v = g.entry(name.to_string()).or_default();
-            let end = at as usize + bytes.len();
-            if v.len() < end {
-                v.resize(end, 0);
-            }
-            v[at as usize..end].copy_from_slice(bytes);
-            Ok(())
-        })
-        .unwrap();
-        let got = got.into_inner().unwrap();
-        for (k, j) in jobs.iter().enumerate() {
-            let want = cpu.data(cpu.info(j.name).unwrap());
-            let empty = Vec::new();
-            let have = got.get(j.name).unwrap_or(&empty);
-            assert!(
-                have == want,
-                "{} ({dtype:?}): pipeline output differs",
-                j.name
-            );
-            let cpu_overflows = report
-                .overflowed
-                .iter()
-                .find(|(n, _)| n == j.name)
-                .map_or(0, |x| x.1);
-            assert_eq!(overflows[k], cpu_overflows, "{}", j.name);
-        }
+        let what = format!("{dtype:?}");
+        pipeline_matches_the_cpu(h, &deltas, &jobs, TILE, &cpu, &report, &what);
     }
 }
 
@@ -979,7 +804,7 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
         .to_string();
         assert!(cpu_err.contains("the file is corrupt"), "{cpu_err}");
         let plans = plan(&base_ck, &deltas, &opts, &|_| 1.0).unwrap();
-        let jobs: Vec<sotu_delta::merge::Job> = plans
+        let jobs: Vec<Job> = plans
             .iter()
             .filter(|p| {
                 matches!(
@@ -993,13 +818,7 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
             .filter_map(|p| p.job(&base_ck, &deltas))
             .collect();
         let all = cuda::plan_slices(&deltas, &jobs, |_| Ok(2 * TILE)).unwrap();
-        let mut emu = Emu {
-            h,
-            jobs: &jobs,
-            input: [Vec::new(), Vec::new()],
-            output: [Vec::new(), Vec::new()],
-            busy: [false; 2],
-        };
+        let mut emu = Emu::new(h, &jobs);
         let gpu_err = cuda::run_pipeline(&mut emu, &deltas, &jobs, &all, &|_, _, _| Ok(()))
             .map(|_| ())
             .unwrap_err()

@@ -11,7 +11,7 @@
 use anyhow::Result;
 use faer::Mat;
 
-use super::plan::{Combine, Method, Source, TensorPlan, Term};
+use super::plan::{Combine, Method, Source, TensorPlan, Term, TiesParams};
 use crate::dtype::Float;
 use crate::format::Delta;
 use crate::io::{Checkpoint, Output};
@@ -82,13 +82,19 @@ struct Estimates<'a> {
 }
 
 impl Estimates<'_> {
+    /// `s_t` of `term`: 2^32 / (hi − lo).
+    fn scale(&self, term: &Term) -> f64 {
+        self.deltas[term.delta].params().rescale()
+    }
+
     /// τ of `term` into `tau` ([`crate::format::Chunks::estimate`]).
     fn of(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
-        let delta = &self.deltas[term.delta];
-        let s = delta.params().rescale();
-        delta
-            .chunks(self.name)
-            .estimate(self.from, self.base, s, tau)
+        self.deltas[term.delta].chunks(self.name).estimate(
+            self.from,
+            self.base,
+            self.scale(term),
+            tau,
+        )
     }
 
     /// `w_t · τ_t` of `term` into `tau`.
@@ -114,19 +120,79 @@ impl Estimates<'_> {
     }
 }
 
+/// The trim threshold `θ` of `ties` for one task's estimate `tau` (not empty): the `k`-th
+/// largest of `|τ|`, counting repeats, with `k = max(1, round_half_even(trim · n))`. Every
+/// element at or above it is kept. `scratch` is reused from call to call. The CPU's `ties` and
+/// the parameters of an engine's elementwise `ties` ([`ties_params`]) both take it from here.
+pub fn ties_threshold(tau: &[f64], trim: f64, scratch: &mut Vec<f64>) -> f64 {
+    let n = tau.len();
+    let k = ((trim * n as f64).round_ties_even() as usize).clamp(1, n);
+    scratch.clear();
+    scratch.extend(tau.iter().map(|x| x.abs()));
+    let (_, &mut theta, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    theta
+}
+
+/// What an engine that runs the elementwise half of `ties` itself needs of tensor `p` (a
+/// [`Source::Combine`] with [`Method::Ties`]): per term `s_t` and `θ_t`, computed from each
+/// task's whole estimate exactly as [`execute`] computes them, and `α`. Fails as [`execute`]
+/// would on an estimate that is not finite or a corrupt chunk. Holds two copies of the tensor in
+/// f64 besides the base.
+pub fn ties_params(base: &Checkpoint, deltas: &[Delta], p: &TensorPlan) -> Result<TiesParams> {
+    let Source::Combine {
+        from,
+        combine,
+        terms,
+        ..
+    } = &p.source
+    else {
+        anyhow::bail!("tensor {}: not planned as a merge method", p.name)
+    };
+    if combine.method != Method::Ties {
+        anyhow::bail!(
+            "tensor {}: planned for {:?}, not ties",
+            p.name,
+            combine.method
+        );
+    }
+    let mut b = Vec::new();
+    from.load_all(
+        base.data(base.info(&p.name).expect("planned from the base")),
+        &mut b,
+    );
+    let est = Estimates {
+        deltas,
+        name: &p.name,
+        from: *from,
+        base: &b,
+        terms,
+    };
+    let mut theta = Vec::with_capacity(terms.len());
+    if !b.is_empty() {
+        let (mut tau, mut scratch) = (Vec::new(), Vec::new());
+        for term in terms {
+            est.of(term, &mut tau)?;
+            theta.push(ties_threshold(&tau, combine.trim, &mut scratch));
+        }
+    } else {
+        theta.resize(terms.len(), 0.0);
+    }
+    Ok(TiesParams {
+        alpha: combine.alpha,
+        scale: terms.iter().map(|t| est.scale(t)).collect(),
+        theta,
+    })
+}
+
 /// `ties`: the merged delta `α · m` at each element, and whether any task qualified there.
 fn ties(est: &Estimates, c: &Combine) -> Result<(Vec<f64>, Vec<bool>)> {
     let n = est.base.len();
-    let k = ((c.trim * n as f64).round_ties_even() as usize).clamp(1, n);
     let mut scratch = Vec::with_capacity(n);
     let mut trimmed = Vec::with_capacity(est.terms.len());
     for term in est.terms {
         let mut tau = Vec::new();
         est.of(term, &mut tau)?;
-        // The k-th largest magnitude; every element at or above it is kept.
-        scratch.clear();
-        scratch.extend(tau.iter().map(|x| x.abs()));
-        let (_, &mut theta, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let theta = ties_threshold(&tau, c.trim, &mut scratch);
         for x in tau.iter_mut().filter(|x| x.abs() < theta) {
             *x = 0.0;
         }

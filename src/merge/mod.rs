@@ -152,12 +152,15 @@ impl Engine {
         }
     }
 
-    /// Whether this engine computes `p` itself (else the CPU does).
+    /// Whether this engine computes `p` itself (else the CPU does). CUDA takes `sum` tensors
+    /// and the elementwise half of `ties` (its thresholds are computed on the CPU), each with at
+    /// most [`cuda::MAX_TERMS`] terms; `iso` and `tsv` stay on the CPU.
     fn computes(&self, p: &TensorPlan) -> bool {
-        match self {
-            Engine::Cpu => false,
-            Engine::Cuda(_) => {
-                matches!(&p.source, Source::Compute { terms, .. } if terms.len() <= cuda::MAX_TERMS)
+        match (self, &p.source) {
+            (Engine::Cpu, _) | (Engine::Cuda(_), Source::Copy(_)) => false,
+            (Engine::Cuda(_), Source::Compute { terms, .. }) => terms.len() <= cuda::MAX_TERMS,
+            (Engine::Cuda(_), Source::Combine { combine, terms, .. }) => {
+                combine.method == Method::Ties && terms.len() <= cuda::MAX_TERMS
             }
         }
     }
@@ -357,10 +360,26 @@ fn execute(
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {
-            let jobs: Vec<Job> = plans
+            let mine: Vec<&TensorPlan> = plans.iter().filter(|p| engine.computes(p)).collect();
+            // The thresholds of `ties` need each task's whole estimate: the CPU computes them,
+            // tensors in parallel, before the engine starts.
+            let ties = mine
+                .par_iter()
+                .map(|p| {
+                    combined(p)
+                        .then(|| methods::ties_params(base, deltas, p))
+                        .transpose()
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
+            let jobs: Vec<Job> = mine
                 .iter()
-                .filter(|p| engine.computes(p))
-                .filter_map(|p| p.job(base, deltas))
+                .zip(&ties)
+                .filter_map(|(p, t)| match t {
+                    Some(t) => p.ties_job(base, deltas, t),
+                    None => p.job(base, deltas),
+                })
                 .collect();
             if jobs.is_empty() {
                 return Ok(Vec::new());
@@ -400,7 +419,7 @@ fn execute(
     let from_methods: Vec<(usize, Result<u64>)> = plans
         .par_iter()
         .enumerate()
-        .filter(|(_, p)| combined(p))
+        .filter(|(_, p)| combined(p) && !engine.computes(p))
         .map(|(i, p)| (i, cpu::execute(base, deltas, output, p)))
         .collect();
     for (i, r) in from_methods {

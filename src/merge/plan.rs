@@ -142,6 +142,36 @@ impl TensorPlan {
             from: *from,
             to: *to,
             terms,
+            ties: None,
+        })
+    }
+
+    /// A `ties` tensor ([`Source::Combine`] with [`Method::Ties`]) as a [`Job`] for an engine
+    /// that runs its elementwise half, with the parameters the CPU computed
+    /// ([`super::methods::ties_params`]).
+    pub fn ties_job<'a>(
+        &'a self,
+        base: &'a Checkpoint,
+        deltas: &'a [Delta],
+        ties: &'a TiesParams,
+    ) -> Option<Job<'a>> {
+        let Source::Combine {
+            from,
+            to,
+            combine,
+            terms,
+        } = &self.source
+        else {
+            return None;
+        };
+        (combine.method == Method::Ties).then(|| Job {
+            name: &self.name,
+            numel: self.numel,
+            base: self.origin_data(Origin::Base, base, deltas),
+            from: *from,
+            to: *to,
+            terms,
+            ties: Some(ties),
         })
     }
 
@@ -157,7 +187,7 @@ impl TensorPlan {
 }
 
 /// One tensor to compute, as an engine sees it: `round_to(base + Σ terms)` over `numel`
-/// elements.
+/// elements, or the elementwise half of `ties` when `ties` is given.
 #[derive(Clone, Copy, Debug)]
 pub struct Job<'a> {
     /// Tensor name.
@@ -170,8 +200,24 @@ pub struct Job<'a> {
     pub from: Float,
     /// The output dtype.
     pub to: Float,
-    /// The deltas' contributions, in command-line order.
+    /// The deltas' contributions, in command-line order (for `ties`, each `coeff` is the
+    /// weight `w_t`).
     pub terms: &'a [Term],
+    /// `ties`: what the elementwise half needs besides the terms.
+    pub ties: Option<&'a TiesParams>,
+}
+
+/// What the elementwise half of `ties` needs besides the terms (docs/METHODS.md): computed on
+/// the CPU, which holds each task's whole estimate for its order statistic, by
+/// [`super::methods::ties_params`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TiesParams {
+    /// Scales the merged delta.
+    pub alpha: f64,
+    /// Per term: `s_t`, the rescale of its unbiased estimate.
+    pub scale: Vec<f64>,
+    /// Per term: `θ_t`, its trim threshold.
+    pub theta: Vec<f64>,
 }
 
 /// Decides, for every output tensor, where it comes from and what each delta contributes.

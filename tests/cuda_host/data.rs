@@ -156,6 +156,57 @@ pub fn make(f: Float, numel: usize, tunes: usize, seed: u64) -> (Vec<u8>, Vec<Ve
     (base_bytes, tuned)
 }
 
+/// For the merge methods: a finite base (they refuse a non-finite estimate) with awkward values
+/// up front (±0, a subnormal, values near the dtype's largest), zeros where the fine-tunes put
+/// small multiples of 1/16 (repeated magnitudes, so elements equal to a threshold, and opposite
+/// signs, so elected sums of exactly zero), and `tunes` fine-tunes of it.
+pub fn make_finite(f: Float, numel: usize, tunes: usize, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut rng = Rng(seed);
+    let big = match f {
+        Float::F16 => 30000.0,
+        Float::BF16 | Float::F32 => 1.5e38,
+        Float::F64 => 1e307,
+    };
+    let specials = [-0.0, 0.0, big, -big, 1e-40, 6e-8, 1.0];
+    let grid = |i: usize| i >= specials.len() && i.is_multiple_of(5);
+    let base: Vec<f64> = (0..numel)
+        .map(|i| match i {
+            _ if i < specials.len() => specials[i],
+            _ if grid(i) => 0.0,
+            _ => rng.unit() * 0.1,
+        })
+        .collect();
+    let base_bytes = encode(f, &base);
+    let mut b = Vec::new();
+    f.load_all(&base_bytes, &mut b);
+    let tuned = (0..tunes)
+        .map(|k| {
+            let t: Vec<f64> = b
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| match i {
+                    0 if k == 1 => 0.0,  // +0 over -0
+                    1 if k == 1 => -0.0, // -0 over +0: an estimate of -0
+                    2 | 3 => -x,         // a large estimate: b + α·m overflows
+                    // ±j/16: task k's sign alternates, so equal weights elect on a zero sum.
+                    _ if grid(i) => {
+                        let j = (i / 5 % 4) as f64 / 16.0;
+                        if (k + i / 20).is_multiple_of(2) {
+                            j
+                        } else {
+                            -j
+                        }
+                    }
+                    _ if rng.next().is_multiple_of(7) => x, // unchanged
+                    _ => x + rng.unit() * 0.01 * (k + 1) as f64,
+                })
+                .collect();
+            encode(f, &t)
+        })
+        .collect();
+    (base_bytes, tuned)
+}
+
 /// `Interval::from_density(d)`, which the tests know to be valid.
 pub fn iv(d: f64) -> Interval {
     Interval::from_density(d).unwrap()

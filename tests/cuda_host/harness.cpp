@@ -1,6 +1,7 @@
 // Runs kernels/merge.cu on the CPU through shim.h, for tests/cuda_host.rs.
 //
-//   harness merge IN OUT   IN: one launch (layout in read_merge below), OUT: status[2] + bytes
+//   harness merge IN OUT   IN: one launch of a merge-family kernel (layout in main below),
+//                          OUT: status[2] + bytes
 //   harness mix32 IN OUT   u32 in, u32 out
 //   harness u K0 K1 IN OUT u64 indices in, u32 out
 //   harness round IN OUT   f64 bits in; 4 rounded words per input, then overflow flags
@@ -57,22 +58,21 @@ struct Reader {
 };
 
 typedef void (*MergeFn)(const unsigned char*, unsigned char*, u64, u64, u64, u64, const u64*,
-                        int, const unsigned char*, const u64*, const u64*, u64*);
+                        int, const unsigned char*, const u64*, const u64*, u64*, double);
 
-static MergeFn pick(u64 from, u64 to) {
-#define P(FN, TN) sotu_merge_##FN##_##TN
-    static const MergeFn table[4][4] = {
-        {P(f16, f16), P(f16, bf16), P(f16, f32), P(f16, f64)},
-        {P(bf16, f16), P(bf16, bf16), P(bf16, f32), P(bf16, f64)},
-        {P(f32, f16), P(f32, bf16), P(f32, f32), P(f32, f64)},
-        {P(f64, f16), P(f64, bf16), P(f64, f32), P(f64, f64)},
+// The entry point of `family` (0 merge, 1 ties) from dtype `from` to `to`.
+static MergeFn pick(u64 family, u64 from, u64 to) {
+#define P(K, FN) {K##_##FN##_f16, K##_##FN##_bf16, K##_##FN##_f32, K##_##FN##_f64}
+    static const MergeFn table[2][4][4] = {
+        {P(sotu_merge, f16), P(sotu_merge, bf16), P(sotu_merge, f32), P(sotu_merge, f64)},
+        {P(sotu_ties, f16), P(sotu_ties, bf16), P(sotu_ties, f32), P(sotu_ties, f64)},
     };
 #undef P
-    if (from > 3 || to > 3) {
-        std::fprintf(stderr, "bad dtype\n");
+    if (family > 1 || from > 3 || to > 3) {
+        std::fprintf(stderr, "bad kernel or dtype\n");
         std::exit(2);
     }
-    return table[from][to];
+    return table[family][from][to];
 }
 
 static const int SIZE[4] = {2, 2, 4, 8};
@@ -84,22 +84,25 @@ int main(int argc, char** argv) {
     }
     const std::string mode = argv[1];
     if (mode == "merge") {
-        // Layout (u64 little endian): from, to, first, n, numel, tile, block, nterms, then
-        // blocks (u64 length + bytes, padded to 8): terms, values, offsets, ranks, base.
+        // Layout (u64 little endian): family (0 merge, 1 ties), from, to, alpha (f64 bits),
+        // first, n, numel, tile, block, nterms, then blocks (u64 length + bytes, padded to 8):
+        // terms, values, offsets, ranks, base.
         const auto in = slurp(argv[2]);
         Reader r{in};
-        const u64 from = r.word(), to = r.word(), first = r.word(), n = r.word(),
-                  numel = r.word(), tile = r.word(), block = r.word(), nterms = r.word();
+        const u64 family = r.word(), from = r.word(), to = r.word();
+        const double alpha = sotu_host_f64(r.word());
+        const u64 first = r.word(), n = r.word(), numel = r.word(), tile = r.word(),
+                  block = r.word(), nterms = r.word();
         const auto terms = r.block(), values = r.block(), offsets = r.block(),
                    ranks = r.block(), base = r.block();
         std::vector<unsigned char> out(n * SIZE[to] + 8, 0xAB);
         u64 status[2] = {~0ull, 0};
         const unsigned grid = (unsigned)((n + tile - 1) / tile);
-        const MergeFn f = pick(from, to);
+        const MergeFn f = pick(family, from, to);
         sotu_launch(grid, (unsigned)block, [&] {
             f(base.data(), out.data(), first, n, numel, tile, (const u64*)terms.data(),
               (int)nterms, values.data(), (const u64*)offsets.data(), (const u64*)ranks.data(),
-              status);
+              status, alpha);
         });
         std::vector<unsigned char> res(16 + n * SIZE[to]);
         std::memcpy(res.data(), status, 16);

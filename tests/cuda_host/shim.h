@@ -62,6 +62,7 @@ static inline float sotu_host_f32(u32 x) {
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline double __dsub_rn(double a, double b) { return a - b; }
 static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
 
 // ---- fibers ----
 static std::vector<ucontext_t> sotu_ctx;

@@ -4,6 +4,7 @@
 use anyhow::{Result, anyhow, bail};
 
 use super::MAX_TERMS;
+use super::compile::Family;
 use super::driver::{Backend, MergeArgs, launch_merge};
 use super::launch::{Launch, Layout, MaskDesc, TermDesc, put_words};
 use crate::dtype::Float;
@@ -65,7 +66,7 @@ impl Backend {
             .map_err(cuda)?;
         s.synchronize().map_err(cuda)?;
         let (q, _h) = copy_dst.device_ptr(s);
-        let func = self.merge_function(dtype, dtype)?;
+        let func = self.merge_function(Family::Merge, dtype, dtype)?;
         let block = self.block_for(&func);
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let median = |mut v: Vec<f64>| {
@@ -87,7 +88,7 @@ impl Backend {
             }
             .map_err(cuda)?;
             let b = s.record_event(timing).map_err(cuda)?;
-            let args = MergeArgs::new(p, &lay, &l, numel, terms);
+            let args = MergeArgs::new(p, &lay, &l, numel, terms, 0.0);
             // SAFETY: `dev` holds `lay.end` bytes laid out by `lay`, its inputs uploaded and
             // synchronized above.
             unsafe { launch_merge(s, &func, block, l.blocks(), &args) }?;

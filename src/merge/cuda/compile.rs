@@ -1,5 +1,5 @@
 //! Compiling the kernels of `kernels/` with NVRTC, loaded at run time: the whole source for
-//! the tests, or one merge entry point at a time, as the GPU path does on first use.
+//! the tests, or one entry point at a time, as the GPU path does on first use.
 
 use crate::dtype::Float;
 
@@ -33,18 +33,60 @@ fn dtype_name(f: Float) -> &'static str {
     }
 }
 
+/// A family of merge kernels, one entry point per `(from, to)` pair; all take the same
+/// arguments ([`super::driver::launch_merge`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `round(base + Σ terms)` (docs/FORMAT.md section 8): `sotu_merge_<from>_<to>`.
+    Merge,
+    /// The elementwise half of `ties` (docs/METHODS.md): `sotu_ties_<from>_<to>`.
+    Ties,
+}
+
+impl Family {
+    /// Both families.
+    pub const ALL: [Family; 2] = [Family::Merge, Family::Ties];
+
+    /// The entry point from stored dtype `from` to output dtype `to`.
+    pub fn entry(self, from: Float, to: Float) -> String {
+        format!("{}_{}_{}", self.prefix(), dtype_name(from), dtype_name(to))
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Family::Merge => "sotu_merge",
+            Family::Ties => "sotu_ties",
+        }
+    }
+
+    /// The macro of kernels/merge.cu that defines one entry point.
+    fn entry_macro(self) -> &'static str {
+        match self {
+            Family::Merge => "SOTU_MERGE_ENTRY",
+            Family::Ties => "SOTU_TIES_ENTRY",
+        }
+    }
+}
+
 /// The entry point of the merge kernel from stored dtype `from` to output dtype `to`.
 pub fn merge_entry(from: Float, to: Float) -> String {
-    format!("sotu_merge_{}_{}", dtype_name(from), dtype_name(to))
+    Family::Merge.entry(from, to)
+}
+
+/// The entry point of the ties kernel from stored dtype `from` to output dtype `to`.
+pub fn ties_entry(from: Float, to: Float) -> String {
+    Family::Ties.entry(from, to)
 }
 
 /// Every kernel entry point of [`SOURCES`].
 pub fn kernel_entries() -> Vec<String> {
     let all = [Float::F16, Float::BF16, Float::F32, Float::F64];
-    let mut v: Vec<String> = all
-        .iter()
-        .flat_map(|&f| all.iter().map(move |&t| merge_entry(f, t)))
-        .collect();
+    let mut v = Vec::new();
+    for k in Family::ALL {
+        for f in all {
+            v.extend(all.map(|t| k.entry(f, t)));
+        }
+    }
     v.extend(["sotu_mix32_kernel", "sotu_u_kernel", "sotu_round_kernel"].map(String::from));
     v
 }
@@ -94,8 +136,24 @@ pub fn compile_ptx(arch: &'static str) -> Result<String, String> {
 
 /// Compiles only the merge kernel from `from` to `to`, as the GPU path does on first use.
 pub fn compile_merge_ptx(arch: &'static str, from: Float, to: Float) -> Result<String, String> {
+    compile_entry_ptx(arch, Family::Merge, from, to)
+}
+
+/// Compiles only the ties kernel from `from` to `to`, as the GPU path does on first use.
+pub fn compile_ties_ptx(arch: &'static str, from: Float, to: Float) -> Result<String, String> {
+    compile_entry_ptx(arch, Family::Ties, from, to)
+}
+
+/// Compiles only the entry point of `family` from `from` to `to`.
+pub fn compile_entry_ptx(
+    arch: &'static str,
+    family: Family,
+    from: Float,
+    to: Float,
+) -> Result<String, String> {
     let tail = format!(
-        "SOTU_MERGE_ENTRY({}, {}, {}, {})",
+        "{}({}, {}, {}, {})",
+        family.entry_macro(),
         dtype_name(from),
         dtype_name(to),
         dtype_code(from),

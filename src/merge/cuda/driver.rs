@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Result, anyhow, bail};
 
 use super::compile::{
-    compile_helpers_ptx, compile_merge_ptx, dtype_code, guarded, merge_entry, nvrtc_available,
+    Family, compile_entry_ptx, compile_helpers_ptx, dtype_code, guarded, nvrtc_available,
 };
 use super::launch::{Launch, Layout, SlotDevice, WriteFn, plan_slices, run_pipeline};
 use super::{BLOCK, MAX_SLICE};
@@ -22,8 +22,9 @@ pub struct Backend {
     pub(super) ctx: Arc<cudarc::driver::CudaContext>,
     /// The small helper kernels, compiled and loaded at setup: proof that NVRTC's PTX loads.
     helpers: Arc<cudarc::driver::CudaModule>,
-    /// Merge kernels by `(from, to)`, each compiled the first time a tensor needs it.
-    merges: Mutex<std::collections::HashMap<(u64, u64), cudarc::driver::CudaFunction>>,
+    /// Merge and ties kernels by `(family, from, to)`, each compiled the first time a tensor
+    /// needs it.
+    merges: Mutex<std::collections::HashMap<(Family, u64, u64), cudarc::driver::CudaFunction>>,
     pub(super) streams: [Arc<cudarc::driver::CudaStream>; 2],
     slots: Mutex<Vec<Slot>>,
 }
@@ -101,25 +102,27 @@ impl Backend {
         &self.name
     }
 
-    /// The merge kernel from `from` to `to`, compiled and loaded on first use (one pair compiles
-    /// in a fraction of the time of all sixteen).
+    /// The kernel of `family` from `from` to `to`, compiled and loaded on first use (one entry
+    /// point compiles in a fraction of the time of all thirty-two).
     pub(super) fn merge_function(
         &self,
+        family: Family,
         from: Float,
         to: Float,
     ) -> Result<cudarc::driver::CudaFunction> {
-        let key = (dtype_code(from), dtype_code(to));
+        let key = (family, dtype_code(from), dtype_code(to));
         let mut m = self.merges.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = m.get(&key) {
             return Ok(f.clone());
         }
-        let ptx = compile_merge_ptx(self.arch, from, to).map_err(|e| anyhow!("CUDA: {e}"))?;
+        let ptx =
+            compile_entry_ptx(self.arch, family, from, to).map_err(|e| anyhow!("CUDA: {e}"))?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| anyhow!("CUDA: cannot load the merge kernel: {e}"))?;
         let f = module
-            .load_function(&merge_entry(from, to))
+            .load_function(&family.entry(from, to))
             .map_err(|e| anyhow!("CUDA: {e}"))?;
         m.insert(key, f.clone());
         Ok(f)
@@ -193,7 +196,12 @@ impl Backend {
         let funcs = jobs
             .iter()
             .map(|j| {
-                let f = self.merge_function(j.from, j.to)?;
+                let family = if j.ties.is_some() {
+                    Family::Ties
+                } else {
+                    Family::Merge
+                };
+                let f = self.merge_function(family, j.from, j.to)?;
                 let block = self.block_for(&f);
                 Ok((f, block))
             })
@@ -275,7 +283,8 @@ impl SlotDevice for GpuSlots<'_> {
             )
         }
         .map_err(cuda_err("copy to the device"))?;
-        let args = MergeArgs::new(dev, lay, l, j.numel, j.terms.len());
+        let alpha = j.ties.map_or(0.0, |t| t.alpha);
+        let args = MergeArgs::new(dev, lay, l, j.numel, j.terms.len(), alpha);
         // SAFETY: `dev` holds `lay.end` bytes laid out by `lay` (`reserve`), and the upload
         // above fills its inputs before the kernel runs on the same stream.
         unsafe { launch_merge(stream, func, *block, l.blocks(), &args) }?;
@@ -350,8 +359,9 @@ impl Backend {
     }
 }
 
-/// The merge kernel's argument list (the signature of `sotu_merge_*` in kernels/merge.cu):
-/// device addresses within one staging buffer laid out by a [`Layout`], and the slice.
+/// The argument list of every merge-family kernel (the signature `SOTU_ENTRY_PARAMS` of
+/// `sotu_merge_*` and `sotu_ties_*` in kernels/merge.cu): device addresses within one staging
+/// buffer laid out by a [`Layout`], the slice, and `ties`' α (ignored by the merge kernel).
 pub(super) struct MergeArgs {
     base: u64,
     out: u64,
@@ -364,12 +374,20 @@ pub(super) struct MergeArgs {
     offsets: u64,
     ranks: u64,
     status: u64,
+    alpha: f64,
 }
 
 impl MergeArgs {
     /// The arguments for launch `l` of a tensor of `numel` elements with `nterms` terms, staged
-    /// at device address `dev` as `lay` lays it out.
-    pub(super) fn new(dev: u64, lay: &Layout, l: &Launch, numel: u64, nterms: usize) -> MergeArgs {
+    /// at device address `dev` as `lay` lays it out; `alpha` for the ties kernel.
+    pub(super) fn new(
+        dev: u64,
+        lay: &Layout,
+        l: &Launch,
+        numel: u64,
+        nterms: usize,
+        alpha: f64,
+    ) -> MergeArgs {
         let p = |off: usize| dev + off as u64;
         MergeArgs {
             base: p(lay.base),
@@ -383,12 +401,13 @@ impl MergeArgs {
             offsets: p(lay.offsets),
             ranks: p(lay.ranks),
             status: p(0),
+            alpha,
         }
     }
 }
 
-/// Launches merge kernel `func` on `stream`: `blocks` blocks of `block` threads, one
-/// [`TILE`] of elements each.
+/// Launches merge-family kernel `func` (merge or ties) on `stream`: `blocks` blocks of `block`
+/// threads, one [`TILE`] of elements each.
 ///
 /// # Safety
 /// `args` must point into one live device buffer whose inputs are staged, as [`MergeArgs::new`]
@@ -414,7 +433,8 @@ pub(super) unsafe fn launch_merge(
         .arg(&args.values)
         .arg(&args.offsets)
         .arg(&args.ranks)
-        .arg(&args.status);
+        .arg(&args.status)
+        .arg(&args.alpha);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (block, 1, 1),

@@ -14,11 +14,12 @@ use crate::format::Delta;
 use crate::merge::plan::{Job, TILE, Term};
 
 /// One term's descriptor: the kernel's calling convention for a term (`SOTU_TERM_WORDS` u64
-/// words, laid out in the comment above `sotu_merge_body` in kernels/merge.cu). Written here
-/// only, for a launch and for the kernel bench alike.
+/// words, laid out in the comment above `sotu_walk_start` in kernels/merge.cu). Written here
+/// only, for a launch and for the kernel bench alike; the merge and ties kernels read the same
+/// words.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TermDesc {
-    /// `w_t · s_t`.
+    /// `w_t · s_t` for the merge kernel, `w_t` for the ties kernel (word 0).
     pub coeff: f64,
     /// The term's mask (key words, `lo`, width, chunk size), when it is masked; a whole float
     /// term has every element kept.
@@ -35,6 +36,10 @@ pub struct TermDesc {
     pub j0: u64,
     /// Where block 0's start rank is in the ranks buffer (word 11).
     pub rpos: u64,
+    /// Ties: `s_t`, the rescale of the term's unbiased estimate (word 12; 0 for merge).
+    pub scale: f64,
+    /// Ties: `θ_t`, the term's trim threshold (word 13; 0 for merge).
+    pub theta: f64,
 }
 
 /// The mask part of a [`TermDesc`].
@@ -68,6 +73,8 @@ impl TermDesc {
         w[9] = self.opos;
         w[10] = self.j0;
         w[11] = self.rpos;
+        w[12] = self.scale.to_bits();
+        w[13] = self.theta.to_bits();
         w
     }
 }
@@ -128,16 +135,20 @@ impl Launch {
     }
 }
 
-/// Cuts tensor `name` (`numel` elements, stored dtype `from`) into slices of at most `slice`
-/// elements (a multiple of [`TILE`]) and prepares each slice's kernel inputs.
-pub fn launches(
-    deltas: &[Delta],
-    name: &str,
-    numel: u64,
-    from: Float,
-    terms: &[Term],
-    slice: u64,
-) -> Result<Vec<Launch>> {
+/// Cuts the tensor of `job` into slices of at most `slice` elements (a multiple of [`TILE`])
+/// and prepares each slice's kernel inputs.
+pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> {
+    let &Job {
+        name,
+        numel,
+        from,
+        terms,
+        ties,
+        ..
+    } = job;
+    if ties.is_some_and(|t| t.scale.len() != terms.len() || t.theta.len() != terms.len()) {
+        bail!("tensor {name}: ties parameters for another number of terms");
+    }
     if slice == 0 || !slice.is_multiple_of(TILE) {
         bail!("slice of {slice} elements: must be a positive multiple of {TILE}");
     }
@@ -162,10 +173,12 @@ pub fn launches(
         let end = numel.min(first + slice);
         let mut l = Launch::new(first, end - first);
         let blocks = l.blocks();
-        for ((term, c), ranker) in terms.iter().zip(&chunks).zip(rankers.iter_mut()) {
+        for (t, ((term, c), ranker)) in terms.iter().zip(&chunks).zip(&mut rankers).enumerate() {
             let mut desc = TermDesc {
                 coeff: term.coeff,
                 rpos: l.ranks.len() as u64,
+                scale: ties.map_or(0.0, |p| p.scale[t]),
+                theta: ties.map_or(0.0, |p| p.theta[t]),
                 ..TermDesc::default()
             };
             let (Some(c), Some(rk)) = (c, ranker) else {
@@ -300,20 +313,6 @@ pub fn stage(
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
-/// The byte offsets of a launch's staged inputs, for [`stage`]'s buffer: `(terms, values,
-/// offsets, ranks, base, input end)`.
-pub fn stage_offsets(l: &Launch, from: Float) -> [usize; 6] {
-    let lay = Layout::of(l, from, from);
-    [
-        lay.terms,
-        lay.values,
-        lay.offsets,
-        lay.ranks,
-        lay.base,
-        lay.input_end,
-    ]
-}
-
 /// Where [`run_pipeline`] puts output bytes: `(tensor, byte offset, bytes)`.
 pub type WriteFn<'a> = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync + 'a;
 /// Every slice of every job, in order, `(job index, launch)`; `slice(job)` gives the job's
@@ -325,7 +324,7 @@ pub fn plan_slices(
 ) -> Result<Vec<(usize, Launch)>> {
     let mut all = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
-        let l = launches(deltas, j.name, j.numel, j.from, j.terms, slice(j)?)?;
+        let l = launches(deltas, j, slice(j)?)?;
         all.extend(l.into_iter().map(|l| (ji, l)));
     }
     Ok(all)

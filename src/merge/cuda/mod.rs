@@ -7,7 +7,8 @@
 //! - [`launch`]: host-only launch planning, staging and the two-slot pipeline; most of the GPU
 //!   path is here, so that tests/cuda_host.rs can run it without a GPU (kernels/merge.cu on the
 //!   CPU, through a small emulation header) and compare with the CPU engine, byte for byte.
-//! - [`driver`]: the device, its streams and pinned staging, and the one kernel launch.
+//! - [`driver`]: the device, its streams and pinned staging, and the one kernel launch (merge
+//!   and ties kernels alike).
 //! - [`bench`]: the kernel against a device-to-device copy (`make bench-gpu`).
 
 pub mod bench;
@@ -17,17 +18,16 @@ pub mod launch;
 
 pub use bench::KernelBench;
 pub use compile::{
-    SOURCES, compile_helpers_ptx, compile_merge_ptx, compile_ptx, dtype_code, kernel_entries,
-    merge_entry, nvrtc_available,
+    Family, SOURCES, compile_entry_ptx, compile_helpers_ptx, compile_merge_ptx, compile_ptx,
+    compile_ties_ptx, dtype_code, kernel_entries, merge_entry, nvrtc_available, ties_entry,
 };
 pub use driver::{Backend, backend};
 pub use launch::{
     Launch, Layout, SlotDevice, WriteFn, check_status, launches, plan_slices, run_pipeline, stage,
-    stage_offsets,
 };
 
 /// u64 words per term descriptor (`SOTU_TERM_WORDS` in kernels/merge.cu).
-pub const TERM_WORDS: usize = 12;
+pub const TERM_WORDS: usize = 14;
 /// Most terms (deltas contributing to one tensor) one launch takes (`SOTU_MAX_TERMS`); a tensor
 /// with more is merged on the CPU.
 pub const MAX_TERMS: usize = 64;
