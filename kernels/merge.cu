@@ -476,7 +476,7 @@ SOTU_DEV void sotu_ties_body(const unsigned char* base, unsigned char* out, u64 
             if ((any >> k) & 1u) {
                 const double m = den[k] != 0.0 ? SOTU_DIV(acc[k], den[k]) : 0.0;
                 const double x = SOTU_ADD(b[k], SOTU_MUL(alpha, m));
-                overflows += sotu_overflows<T>(x);
+                overflows += sotu_becomes_nonfinite<T>(b[k], x);
                 sotu_store<T>(out, i0 + k, sotu_round_bits<T>(x));
             } else if (F == T) {
                 sotu_store<T>(out, i0 + k, sotu_raw<F>(base, i0 + k));

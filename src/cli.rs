@@ -434,9 +434,9 @@ fn run_merge(
         ..opts
     };
     let r = merge(&base, &deltas, &target, &opts)?;
-    if flags.verbose && opts.method != Method::Sum && r.device != "cpu" {
+    if flags.verbose && matches!(opts.method, Method::Iso | Method::Tsv) && r.device != "cpu" {
         eprintln!(
-            "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum)",
+            "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum and ties)",
             opts.method.name()
         );
     }
