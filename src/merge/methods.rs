@@ -124,13 +124,27 @@ impl Estimates<'_> {
 /// largest of `|τ|`, counting repeats, with `k = max(1, round_half_even(trim · n))`. Every
 /// element at or above it is kept. `scratch` is reused from call to call. The CPU's `ties` and
 /// the parameters of an engine's elementwise `ties` ([`ties_params`]) both take it from here.
-pub fn ties_threshold(tau: &[f64], trim: f64, scratch: &mut Vec<f64>) -> f64 {
+pub fn ties_threshold(tau: &[f64], trim: f64, scratch: &mut Vec<u64>) -> f64 {
     let n = tau.len();
     let k = ((trim * n as f64).round_ties_even() as usize).clamp(1, n);
+    // A radix select: |τ| is finite and non-negative, so it orders as its bits. Count the top
+    // 16 bits (sign, exponent, 4 mantissa bits), find the bin that holds the k-th largest,
+    // and select within it alone: two passes over τ and a sort of a small part, instead of a
+    // comparison select over all of it (3.6× faster on 65M elements, docs/NOTES.md).
+    let bits = |x: &f64| x.abs().to_bits();
+    let mut hist = vec![0usize; 1 << 16];
+    for x in tau {
+        hist[(bits(x) >> 48) as usize] += 1;
+    }
+    let (mut above, mut bin) = (0, hist.len() - 1);
+    while above + hist[bin] < k {
+        above += hist[bin];
+        bin -= 1;
+    }
     scratch.clear();
-    scratch.extend(tau.iter().map(|x| x.abs()));
-    let (_, &mut theta, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    theta
+    scratch.extend(tau.iter().map(bits).filter(|b| (b >> 48) as usize == bin));
+    let (_, &mut theta, _) = scratch.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a));
+    f64::from_bits(theta)
 }
 
 /// What an engine that runs the elementwise half of `ties` itself needs of tensor `p` (a
@@ -187,7 +201,7 @@ pub fn ties_params(base: &Checkpoint, deltas: &[Delta], p: &TensorPlan) -> Resul
 /// `ties`: the merged delta `α · m` at each element, and whether any task qualified there.
 fn ties(est: &Estimates, c: &Combine) -> Result<(Vec<f64>, Vec<bool>)> {
     let n = est.base.len();
-    let mut scratch = Vec::with_capacity(n);
+    let mut scratch = Vec::new();
     let mut trimmed = Vec::with_capacity(est.terms.len());
     for term in est.terms {
         let mut tau = Vec::new();
