@@ -227,8 +227,12 @@ def main():
                                  "-o", out], both, [base, tunes[0]], cat, rm_out),
         Job("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out], base_bytes,
             [base, *deltas], cp, rm_out),
+        # apply rescales by default (README); --no-rescale is the exact-placement path that
+        # earlier versions measured as "apply".
         Job("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out], base_bytes,
             [base, deltas[0]], cp, rm_out),
+        Job("apply 1/3, --no-rescale", sd + ["apply", "--no-rescale", "--base", base, deltas[0],
+                                             "-o", out], base_bytes, [base, deltas[0]], cp, rm_out),
         # Last in the round: deleting a file that reached the disk slowed the writes that
         # followed (the cp paired with apply took 1.4-2.6 s after this job, 0.6-0.75 s elsewhere).
         Job("merge 3 x 1/3, fsync", durable + ["merge", "--base", base, *deltas, "-o", out],
