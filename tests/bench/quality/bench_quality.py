@@ -207,15 +207,14 @@ def main():
                     cmd = ["apply", "-q", "--no-sync", "--base", base, d, "-o", out]
                     if not rescale:
                         cmd.insert(1, "--no-rescale")
-                elif rescale:  # this binary's apply does not rescale: a merge of one delta does
-                    cmd = ["merge", "-q", "--no-sync", "--rescale", "--base", base, d, "-o", out]
-                else:
-                    cmd = ["apply", "-q", "--no-sync", "--base", base, d, "-o", out]
+                else:  # a binary whose apply has no choice: the merge of one delta (FORMAT.md 8)
+                    cmd = ["merge", "-q", "--no-sync", *(["--rescale"] if rescale else []), "--base", base, d, "-o", out]
                 tool.run(cmd)
                 acc.update(score(out, [n]))
                 out.unlink()
                 cmds.append(" ".join(map(str, ["sotu-delta", *cmd])))
             label = f"apply, density {density}, {'rescaled' if rescale else 'not rescaled'}"
+            label += "" if tool.no_rescale else " (as a merge of one delta)"
             apply_rows.append({"id": f"apply-{density}-{'rescale' if rescale else 'exact'}", "label": label,
                                "accuracy": acc, "commands": cmds})
             log(f"  {label}: " + "  ".join(f"{n} {a:.4f}" for n, a in acc.items()))
