@@ -155,6 +155,16 @@ FLOORS = {"cp base (floor)", "cp base + sync (floor)", "cat base+tuned (floor)"}
 PRIME = None
 
 
+def bench_data(size):
+    """The bench's base and three fine-tunes of `size`, generated once under target/bench/data."""
+    data = ROOT / "target" / "bench" / "data" / f"{size}-bf16"
+    if not (data / "tune3.safetensors").exists():
+        print(f"generating {data} (once) ...", flush=True)
+        subprocess.run([BIN / "sotu-synth", "--preset", size, "--dtype", "bf16", "--tunes", "3",
+                        "-o", data], check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
 def mergekit_folders(work, size, base, tunes):
     """Model folders for mergekit, which needs a config.json: links to the bench's files."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -191,11 +201,7 @@ def main():
                     help="runs of each mergekit merge (they take tens of seconds each)")
     args = ap.parse_args()
 
-    data = ROOT / "target" / "bench" / "data" / f"{args.size}-bf16"
-    if not (data / "tune3.safetensors").exists():
-        print(f"generating {data} (once) ...", flush=True)
-        subprocess.run([BIN / "sotu-synth", "--preset", args.size, "--dtype", "bf16", "--tunes", "3",
-                        "-o", data], check=True, stdout=subprocess.DEVNULL)
+    data = bench_data(args.size)
     work = ROOT / "target" / "bench" / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

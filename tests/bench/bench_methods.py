@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BIN, ROOT, timed, warm  # noqa: E402
+from bench import BIN, ROOT, bench_data, timed, warm  # noqa: E402
 
 
 def svd_flops(m, n):
@@ -65,11 +65,7 @@ def main():
     ap.add_argument("--methods", default="sum,ties,iso,tsv")
     args = ap.parse_args()
 
-    data = ROOT / "target" / "bench" / "data" / f"{args.size}-bf16"
-    if not (data / "tune3.safetensors").exists():
-        print(f"generating {data} (once) ...", flush=True)
-        subprocess.run([BIN / "sotu-synth", "--preset", args.size, "--dtype", "bf16", "--tunes", "3",
-                        "-o", data], check=True, stdout=subprocess.DEVNULL)
+    data = bench_data(args.size)
     work = ROOT / "target" / "bench" / "methods" / args.size
     work.mkdir(parents=True, exist_ok=True)
     base = data / "base.safetensors"
