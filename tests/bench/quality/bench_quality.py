@@ -112,8 +112,8 @@ def finetunes(model, tasks, retrain):
     return out
 
 
-def load_head(path, n_classes):
-    head = torch.nn.Linear(384, n_classes)
+def load_head(path, hidden, n_classes):
+    head = torch.nn.Linear(hidden, n_classes)
     head.load_state_dict(load_file(str(path)))
     head.eval()
     return head
@@ -135,7 +135,7 @@ def main():
         log(f"task {name}: {len(tasks[name]['classes'])} classes, train {len(tasks[name]['train'])}, "
             f"test {len(tasks[name]['test'])}")
     fts = finetunes(model, tasks, args.retrain)
-    heads = {n: load_head(fts[n][1], len(tasks[n]["classes"])) for n in TASKS}
+    heads = {n: load_head(fts[n][1], model.cfg["hidden_size"], len(tasks[n]["classes"])) for n in TASKS}
     scorers = {n: M.Scorer(model, tasks[n]) for n in TASKS}
 
     work = OUT / "work"
