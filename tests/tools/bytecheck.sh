@@ -46,6 +46,9 @@ for dt in bf16 f16 f32; do
   run mind-$dt.safetensors merge --base $B $I -o OUT
   run mw-$dt.safetensors merge --base $B $I --weights 0.5,1,-2 -o OUT
   run mr-$dt.safetensors merge --base $B $I --rescale -o OUT
+  run msw-$dt.safetensors merge --base $B $S --weights 0.5,-1,3 -o OUT
+  run msr-$dt.safetensors merge --base $B $S --rescale -o OUT
+  run apn-$dt.safetensors apply --no-rescale --base $B DIR/ind1-$dt.safetensors -o OUT
   run m32-$dt.safetensors merge --base $B $S --dtype f32 -o OUT
   run m64-$dt.safetensors merge --base $B $I --dtype f64 -o OUT
   run mcpu-$dt.safetensors merge --device cpu --base $B $I -o OUT
