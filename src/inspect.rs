@@ -190,17 +190,9 @@ pub fn decode_chunk(d: &Delta, name: &str, c: u64, base: &[f64]) -> Result<Vec<f
     let mut out = vec![0.0; base.len()];
     match e.kind {
         Kind::Masked => {
-            let size = float.size();
             let range = lo..lo + base.len() as u64;
             d.chunks(name)
-                .for_each_kept_word(size, range, None, |k0, word, kept| {
-                    let mut bits = word;
-                    for j in 0..kept.len() / size {
-                        let k = k0 + bits.trailing_zeros() as usize;
-                        out[k] = float.load(kept, j) - base[k];
-                        bits &= bits - 1;
-                    }
-                })?;
+                .for_each_kept(float, range, |k, v| out[k] = v - base[k])?;
         }
         Kind::Whole => {
             for (k, o) in out.iter_mut().enumerate() {

@@ -64,6 +64,26 @@ impl Chunks<'_> {
         self.corrupt(ci, kept)
     }
 
+    /// Calls `visit(k, v)` for each kept element of `range`, in order: `k` its index from
+    /// `range.start`, `v` its kept value read as `from`, in f64. The element-by-element form of
+    /// [`Chunks::for_each_kept_word`], for readers off the hot path.
+    pub fn for_each_kept(
+        &self,
+        from: Float,
+        range: Range<u64>,
+        mut visit: impl FnMut(usize, f64),
+    ) -> Result<()> {
+        self.for_each_kept_word(from.size(), range, None, |k0, word, values| {
+            let mut bits = word;
+            let mut j = 0;
+            while bits != 0 {
+                visit(k0 + bits.trailing_zeros() as usize, from.load(values, j));
+                j += 1;
+                bits &= bits - 1;
+            }
+        })
+    }
+
     /// The tensor's unbiased estimate (docs/METHODS.md) into `tau`: `s · (v − b)` at kept
     /// elements (`v` the kept value, `b` the base element of `base`, read as `from`), `+0.0`
     /// elsewhere. Fails, naming the file and the tensor, where it is not finite.
@@ -71,25 +91,13 @@ impl Chunks<'_> {
         tau.clear();
         tau.resize(base.len(), 0.0);
         let mut bad: Option<usize> = None;
-        self.for_each_kept_word(
-            from.size(),
-            0..base.len() as u64,
-            None,
-            |k0, word, values| {
-                let mut bits = word;
-                let mut j = 0;
-                while bits != 0 {
-                    let k = k0 + bits.trailing_zeros() as usize;
-                    let t = s * (from.load(values, j) - base[k]);
-                    if !t.is_finite() && bad.is_none() {
-                        bad = Some(k);
-                    }
-                    tau[k] = t;
-                    j += 1;
-                    bits &= bits - 1;
-                }
-            },
-        )?;
+        self.for_each_kept(from, 0..base.len() as u64, |k, v| {
+            let t = s * (v - base[k]);
+            if !t.is_finite() && bad.is_none() {
+                bad = Some(k);
+            }
+            tau[k] = t;
+        })?;
         if let Some(k) = bad {
             bail!(
                 "{}: tensor {}: element {k}: the unbiased estimate (kept value − base) / density is {}; ties, iso and tsv need finite differences (merge with --method sum instead)",

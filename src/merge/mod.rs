@@ -370,6 +370,8 @@ fn execute(
                         .then(|| methods::ties_params(base, deltas, p))
                         .transpose()
                 })
+                // Collected whole, then the first error in file order: the same message for
+                // any thread count (rayon's own Result collect returns whichever fails first).
                 .collect::<Vec<_>>()
                 .into_iter()
                 .collect::<Result<Vec<_>>>()?;
