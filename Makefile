@@ -31,10 +31,12 @@ NVRTC_LIB = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python*/site-packages/n
 # Rust unit, property and CLI tests, then the independent numpy reference against the binary.
 # The CUDA kernels must compile with the wheel's NVRTC (SOTU_REQUIRE_NVRTC=1: a missing NVRTC
 # fails instead of skipping); the GPU tests run only where a CUDA device is present.
+# The tests keep their base hashes out of the user's cache (docs/RELIABILITY.md, "The hash cache").
+TEST_CACHE := $(CURDIR)/target/test-hash-cache
 test: build venv
 	LD_LIBRARY_PATH="$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" SOTU_REQUIRE_NVRTC=1 \
-	  $(CARGO) test --release --locked
-	SOTU_BIN=$(BIN) $(PY) -m pytest -q tests/reference
+	  SOTU_DELTA_CACHE=$(TEST_CACHE) $(CARGO) test --release --locked
+	SOTU_DELTA_CACHE=$(TEST_CACHE) SOTU_BIN=$(BIN) $(PY) -m pytest -q tests/reference
 
 lint:
 	$(CARGO) fmt --check

@@ -10,7 +10,7 @@ use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
-use crate::io::Checkpoint;
+use crate::io::{Checkpoint, HashCache};
 use crate::io::{Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{Device, MergeOptions, Method, check_method, merge};
@@ -70,6 +70,11 @@ struct Cli {
     /// leave an incomplete file at the output path, a crash of the process still does not).
     #[arg(long, global = true)]
     no_sync: bool,
+    /// Hash the base again instead of taking its tensor hashes from the hash cache
+    /// ($SOTU_DELTA_CACHE, else ~/.cache/sotu-delta; `SOTU_DELTA_CACHE=off` turns it off). See
+    /// docs/RELIABILITY.md, "The hash cache".
+    #[arg(long, global = true)]
+    rehash: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -270,6 +275,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         quiet: cli.quiet,
         verbose: cli.verbose,
         no_sync: cli.no_sync,
+        rehash: cli.rehash,
     };
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
@@ -293,8 +299,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             let deltas = std::slice::from_ref(&a.delta);
             run_merge(&a.base, deltas, &a.output, opts, a.common, &flags)
         }
-        Command::Inspect(a) => run_inspect(a),
-        Command::Verify(a) => run_verify(a),
+        Command::Inspect(a) => run_inspect(a, &flags),
+        Command::Verify(a) => run_verify(a, &flags),
     }
 }
 
@@ -303,6 +309,16 @@ struct Flags {
     quiet: bool,
     verbose: bool,
     no_sync: bool,
+    rehash: bool,
+}
+
+/// Opens a base checkpoint with the hash cache attached, unless it is turned off.
+fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
+    let base = Checkpoint::open(path)?;
+    Ok(match HashCache::from_env(flags.rehash) {
+        Some(cache) => base.with_hash_cache(cache),
+        None => base,
+    })
 }
 
 /// The output target of `-o path` with `--shard-size size`.
@@ -344,7 +360,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     };
     let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
     let target = target(&a.output, &a.shard_size, flags)?;
-    let base = Checkpoint::open(&a.base)?;
+    let base = open_base(&a.base, flags)?;
     let tuned = Checkpoint::open(&a.tuned)?;
     let opts = ExtractOptions {
         seed: a.seed,
@@ -355,6 +371,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
         fingerprint_output: a.json,
     };
     let r = extract(&base, &tuned, &target, &opts)?;
+    base.save_hashes();
     for (name, n) in &r.inexact {
         eprintln!(
             "sotu-delta: warning: {}: tensor {name}: {n} kept element(s) cannot be reproduced exactly by the merge arithmetic (base far larger than the fine-tuned value, or -0.0); see docs/FORMAT.md section 8",
@@ -417,7 +434,7 @@ fn run_merge(
         .transpose()
         .map_err(|e| usage(format!("--dtype: {e}")))?;
     let mut target = target(output, &common.shard_size, flags)?;
-    let base = Checkpoint::open(base_path)?;
+    let base = open_base(base_path, flags)?;
     let deltas = delta_paths
         .iter()
         .map(|p| Delta::open(p))
@@ -434,6 +451,7 @@ fn run_merge(
         ..opts
     };
     let r = merge(&base, &deltas, &target, &opts)?;
+    base.save_hashes();
     if flags.verbose && matches!(opts.method, Method::Iso | Method::Tsv) && r.device != "cpu" {
         eprintln!(
             "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum and ties)",
@@ -508,14 +526,15 @@ fn warn_of_repeated_deltas(deltas: &[Delta]) {
     }
 }
 
-fn run_inspect(a: InspectArgs) -> Result<()> {
+fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {
     let deltas = a
         .deltas
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
-    let base = a.base.as_deref().map(Checkpoint::open).transpose()?;
+    let base = a.base.as_deref().map(|b| open_base(b, flags)).transpose()?;
     let r = inspect(&deltas, base.as_ref(), a.subspaces)?;
+    base.iter().for_each(Checkpoint::save_hashes);
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else {
@@ -524,14 +543,15 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_verify(a: VerifyArgs) -> Result<()> {
-    let base = Checkpoint::open(&a.base)?;
+fn run_verify(a: VerifyArgs, flags: &Flags) -> Result<()> {
+    let base = open_base(&a.base, flags)?;
     let deltas = a
         .deltas
         .iter()
         .map(|p| Delta::open(p))
         .collect::<Result<Vec<_>>>()?;
     let verdicts = verify(&base, &deltas);
+    base.save_hashes();
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&verdicts)?))?;
     } else {

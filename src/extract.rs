@@ -20,7 +20,7 @@ use crate::format::{
     BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, Kind, RESERVED_PREFIX, STATS, STATS_COLS,
     offsets_key,
 };
-use crate::io::{Checkpoint, tensor_hash};
+use crate::io::Checkpoint;
 use crate::io::{OutTensor, Output, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::simd::Kept;
@@ -151,10 +151,10 @@ pub fn extract(
     let mut stats = Vec::with_capacity(plan.len());
     for p in &plan {
         let (hash, row) = rayon::join(
-            || match (p.base_hash, base.info(&p.name)) {
-                (Some(h), _) => h,
-                (None, Some(i)) => tensor_hash(base.data(i)),
-                (None, None) => [0u8; 32],
+            || {
+                p.base_hash
+                    .or_else(|| base.hash_of(&p.name))
+                    .unwrap_or([0u8; 32])
             },
             || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
         );
@@ -353,7 +353,7 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
         };
         // The comparison above read an equal tensor whole (a changed one only to its first
         // difference): hash it now, for a model larger than the page cache.
-        let base_hash = (kind == Kind::Same).then(|| tensor_hash(base.data(b.unwrap())));
+        let base_hash = (kind == Kind::Same).then(|| base.hash_of(name)).flatten();
         plan.push(Planned {
             name: name.clone(),
             entry: Entry {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::dtype::Float;
 use crate::format::{Delta, Kind};
-use crate::io::{Checkpoint, tensor_hash};
+use crate::io::Checkpoint;
 use crate::mask::SPAN;
 
 /// One tensor of a delta.
@@ -402,7 +402,9 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
                 ea.shape
             );
         }
-        let hash = tensor_hash(base.data(info));
+        let hash = base
+            .hash_of(name)
+            .expect("the base has the tensor: its entry was read above");
         for (d, e) in [(a, ea), (b, eb)] {
             if e.in_base && d.base_hash(e.row) != hash {
                 bail!(
@@ -567,7 +569,7 @@ pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Vec<Verdict> {
     let names: Vec<&String> = base.tensors().keys().collect();
     let hashes: std::collections::BTreeMap<&str, [u8; 32]> = names
         .par_iter()
-        .map(|n| (n.as_str(), tensor_hash(base.data(base.info(n).unwrap()))))
+        .map(|n| (n.as_str(), base.hash_of(n).expect("a tensor of the base")))
         .collect();
     deltas
         .iter()

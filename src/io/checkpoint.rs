@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::hash_cache::{FileKey, HashCache};
 use super::header::{diagnose_header, duplicate_key, header_span};
 use super::process;
 
@@ -45,6 +46,8 @@ struct Shard {
     path: PathBuf,
     /// Size and modification time when opened, to notice a file changed while it was read.
     stamp: (u64, Option<std::time::SystemTime>),
+    /// The file's identity for the hash cache, when opened.
+    key: FileKey,
     mmap: Mmap,
     metadata: HashMap<String, String>,
 }
@@ -54,6 +57,18 @@ pub struct Checkpoint {
     path: PathBuf,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// Tensor hashes from and for the hash cache, once one is attached.
+    hashes: Option<CachedHashes>,
+}
+
+/// The hash cache attached to a checkpoint, and per shard the hashes it had and those computed
+/// since.
+struct CachedHashes {
+    cache: HashCache,
+    /// When the cache was attached: no hashing of this checkpoint began earlier.
+    attached: std::time::SystemTime,
+    known: Vec<HashMap<String, [u8; 32]>>,
+    fresh: Vec<std::sync::Mutex<HashMap<String, [u8; 32]>>>,
 }
 
 impl Checkpoint {
@@ -90,6 +105,7 @@ impl Checkpoint {
             path: path.to_path_buf(),
             shards: vec![shard],
             tensors,
+            hashes: None,
         })
     }
 
@@ -184,6 +200,7 @@ impl Checkpoint {
             path: dir.to_path_buf(),
             shards,
             tensors,
+            hashes: None,
         })
     }
 
@@ -254,6 +271,72 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Looks tensor hashes up in `cache` from now on, and lets [`Self::save_hashes`] store the
+    /// ones computed. A shard's cached hashes count only if the cache lists exactly its tensors.
+    pub fn with_hash_cache(mut self, cache: HashCache) -> Self {
+        let attached = std::time::SystemTime::now();
+        let known = (0..self.shards.len())
+            .map(|k| {
+                let names = self.shard_tensor_names(k);
+                cache
+                    .lookup(&self.shards[k].key, &names)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let fresh = self.shards.iter().map(|_| Default::default()).collect();
+        self.hashes = Some(CachedHashes {
+            cache,
+            attached,
+            known,
+            fresh,
+        });
+        self
+    }
+
+    fn shard_tensor_names(&self, k: usize) -> Vec<&str> {
+        self.tensors
+            .iter()
+            .filter(|(_, i)| i.shard == k)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// The BLAKE3 digest of tensor `name`'s bytes (docs/FORMAT.md section 7), from the hash
+    /// cache where it has it; `None` if the checkpoint has no such tensor.
+    pub fn hash_of(&self, name: &str) -> Option<[u8; 32]> {
+        let info = self.info(name)?;
+        let cached = self.hashes.as_ref();
+        if let Some(h) = cached.and_then(|c| c.known[info.shard].get(name)) {
+            return Some(*h);
+        }
+        let h = tensor_hash(self.data(info));
+        if let Some(c) = cached {
+            let mut fresh = c.fresh[info.shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            fresh.insert(name.to_string(), h);
+        }
+        Some(h)
+    }
+
+    /// Stores in the hash cache the hashes of each file whose every tensor was hashed or found,
+    /// if the file is still the one opened. Does nothing without a cache; never fails.
+    pub fn save_hashes(&self) {
+        let Some(c) = &self.hashes else { return };
+        for (k, s) in self.shards.iter().enumerate() {
+            let fresh = c.fresh[k].lock().unwrap_or_else(|e| e.into_inner());
+            if fresh.is_empty() {
+                continue;
+            }
+            let mut all = c.known[k].clone();
+            all.extend(fresh.iter().map(|(n, h)| (n.clone(), *h)));
+            let unchanged = std::fs::metadata(&s.path).is_ok_and(|m| FileKey::of(&m) == s.key);
+            if unchanged && all.len() == self.shard_tensor_names(k).len() {
+                c.cache.store(&s.key, c.attached, &all);
+            }
+        }
+    }
+
     /// Asks the kernel to read ahead: the inputs are walked front to back.
     pub fn advise_sequential(&self) {
         for s in &self.shards {
@@ -296,6 +379,7 @@ impl Shard {
     fn open(path: &Path) -> Result<Self> {
         let (file, meta) = open_regular(path)?;
         let stamp = (meta.len(), meta.modified().ok());
+        let key = FileKey::of(&meta);
         // SAFETY: the map is read-only. A file truncated by another process while mapped makes
         // reads fault with SIGBUS, which [`process::install_handlers`] turns into exit status 1.
         let mmap = unsafe { Mmap::map(&file) }
@@ -321,6 +405,7 @@ impl Shard {
         Ok(Shard {
             path: path.to_path_buf(),
             stamp,
+            key,
             mmap,
             metadata,
         })

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::dtype::Float;
 use crate::format::Delta;
-use crate::io::{Checkpoint, OutTensor, Output, Target, tensor_hash};
+use crate::io::{Checkpoint, OutTensor, Output, Target};
 
 pub use plan::{Combine, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
@@ -395,7 +395,7 @@ fn execute(
             let mut counts = Vec::with_capacity(plans.len());
             for p in plans {
                 let (hash, written) = rayon::join(
-                    || base.info(&p.name).map(|i| tensor_hash(base.data(i))),
+                    || base.hash_of(&p.name),
                     || {
                         if engine.computes(p) || combined(p) {
                             Ok(0)

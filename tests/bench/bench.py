@@ -8,8 +8,15 @@ warm, times the floors and the operations, each run several times:
   cp of the base             the floor of merge and apply (read the input once, write once); the
                              tool runs with --no-sync here, as cp does not fsync
   cp + sync                  the floor of a durable write, for the default merge (fsync)
-  cat of base + fine-tune    the floor of extract (read both once)
-  extract at density 1/3, merge of the three slot deltas, apply of one
+  cat of base + fine-tune,   the floor of extract (read both once, write the delta once)
+  then cp of a delta
+  extract at density 1/3; merges of three deltas at 1/3, in disjoint slots of one seed and with
+  independent seeds 1, 2, 3 (a real SoTU release: masks overlap on 1/9 of the elements per pair),
+  the latter also with --rehash (the base hashed again instead of its hashes taken from the hash
+  cache); apply of one delta, rescaled (the default) and not
+
+The fine-tunes change about 96% of the elements by about 5% of their scale (sotu-synth's
+default), as real fine-tunes change almost every element.
 
 Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergekit-yaml), it
 also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
@@ -150,7 +157,7 @@ def measure(jobs, runs):
 
 
 LAYERS = {"small": 4, "tinyllama": 22}
-FLOORS = {"cp base (floor)", "cp base + sync (floor)", "cat base+tuned (floor)"}
+FLOORS = {"cp base (floor)", "cp base + sync (floor)", "cat base+tuned, cp delta (floor)"}
 # What a writing job copies and deletes just before it runs (see Job.run), set in main.
 PRIME = None
 
@@ -213,10 +220,13 @@ def main():
     # Like for like: cp leaves its output in the page cache, so the rows against cp use
     # --no-sync; the default (fsync before rename) is measured against cp + sync.
     sd = durable + ["--no-sync"]
-    deltas = [work / f"d{k}.safetensors" for k in range(3)]
+    slots = [work / f"slot{k}.safetensors" for k in range(3)]
+    seeds = [work / f"seed{k + 1}.safetensors" for k in range(3)]
     for k in range(3):
         subprocess.run(sd + ["extract", "--base", base, "--tuned", tunes[k], "--slot", f"{k}/3",
-                             "-o", deltas[k]], check=True)
+                             "-o", slots[k]], check=True)
+        subprocess.run(sd + ["extract", "--base", base, "--tuned", tunes[k], "--seed", str(k + 1),
+                             "--density", str(1 / 3), "-o", seeds[k]], check=True)
     base_bytes = base.stat().st_size
     both = base_bytes + tunes[0].stat().st_size
     out = work / "out.safetensors"
@@ -225,30 +235,37 @@ def main():
     cp = Job("cp base (floor)", ["cp", base, out], base_bytes, [base], after=rm_out)
     cp_sync = Job("cp base + sync (floor)", ["sh", "-c", f"cp '{base}' '{out}' && sync"],
                   base_bytes, [base], after=rm_out)
-    cat = Job("cat base+tuned (floor)", ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null"], both,
-              [base, tunes[0]])
+    cat = Job("cat base+tuned, cp delta (floor)",
+              ["sh", "-c", f"cat '{base}' '{tunes[0]}' > /dev/null && cp '{seeds[0]}' '{out}'"],
+              both, [base, tunes[0], seeds[0]], after=rm_out)
+    merge = sd + ["merge", "--base", base]
     jobs = [
         cp, cp_sync, cat,
-        Job("extract 1/3", sd + ["extract", "--base", base, "--tuned", tunes[0], "--slot", "0/3",
-                                 "-o", out], both, [base, tunes[0]], cat, rm_out),
-        Job("merge 3 x 1/3", sd + ["merge", "--base", base, *deltas, "-o", out], base_bytes,
-            [base, *deltas], cp, rm_out),
+        Job("extract 1/3", sd + ["extract", "--base", base, "--tuned", tunes[0], "--seed", "1",
+                                 "--density", str(1 / 3), "-o", out], both, [base, tunes[0]], cat,
+            rm_out),
+        Job("merge 3 x 1/3, slots", merge + [*slots, "-o", out], base_bytes, [base, *slots], cp,
+            rm_out),
+        Job("merge 3 x 1/3, seeds", merge + [*seeds, "-o", out], base_bytes, [base, *seeds], cp,
+            rm_out),
+        Job("merge seeds, --rehash", sd + ["--rehash"] + merge[len(sd):] + [*seeds, "-o", out],
+            base_bytes, [base, *seeds], cp, rm_out),
         # apply rescales by default (README); --no-rescale is the exact-placement path that
         # earlier versions measured as "apply".
-        Job("apply 1/3", sd + ["apply", "--base", base, deltas[0], "-o", out], base_bytes,
-            [base, deltas[0]], cp, rm_out),
-        Job("apply 1/3, --no-rescale", sd + ["apply", "--no-rescale", "--base", base, deltas[0],
-                                             "-o", out], base_bytes, [base, deltas[0]], cp, rm_out),
+        Job("apply 1/3", sd + ["apply", "--base", base, seeds[0], "-o", out], base_bytes,
+            [base, seeds[0]], cp, rm_out),
+        Job("apply 1/3, --no-rescale", sd + ["apply", "--no-rescale", "--base", base, seeds[0],
+                                             "-o", out], base_bytes, [base, seeds[0]], cp, rm_out),
         # Last in the round: deleting a file that reached the disk slowed the writes that
         # followed (the cp paired with apply took 1.4-2.6 s after this job, 0.6-0.75 s elsewhere).
-        Job("merge 3 x 1/3, fsync", durable + ["merge", "--base", base, *deltas, "-o", out],
-            base_bytes, [base, *deltas], cp_sync, rm_out),
+        Job("merge seeds, fsync", durable + ["merge", "--base", base, *seeds, "-o", out],
+            base_bytes, [base, *seeds], cp_sync, rm_out),
     ]
     rows = measure(jobs, args.runs)
 
     mask = subprocess.run([BIN / "sotu-maskbench"], check=True, capture_output=True, text=True)
     mask = json.loads(mask.stdout)
-    sizes = {"dense_bytes": base_bytes, "delta_bytes": [d.stat().st_size for d in deltas]}
+    sizes = {"dense_bytes": base_bytes, "delta_bytes": [d.stat().st_size for d in seeds]}
     mergekit = os.environ.get("MERGEKIT") or shutil.which("mergekit-yaml")
     mk_rows = []
     if mergekit:
@@ -269,22 +286,22 @@ def main():
     print("x floor: the median over rounds of (time / the time of its floor run just before), "
           "with min-max")
     print("cpu s: median user + system seconds, all threads")
-    print(f"{'operation':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>6} "
+    print(f"{'operation':<33} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>6} "
           f"{'x floor':>8} {'(min-max)':>11} {'cpu s':>6} {'peak RssAnon':>13}")
     for r in rows:
         spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if r["name"] not in FLOORS else ""
-        print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
+        print(f"{r['name']:<33} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
               f"{r['gb_per_s']:>6.2f} {r['ratio']:>8.2f} {spread:>11} {r['cpu_s']:>6.2f} "
               f"{r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
     for r in mk_rows:
-        print(f"{r['name']:<24} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
+        print(f"{r['name']:<33} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} "
               f"{r['gb_per_s']:>6.2f} {'':>8} {'':>11} {r['cpu_s']:>6.2f} "
               f"{r['peak_rss_anon_bytes'] / 2**20:>9.1f} MiB")
     print(f"mask function: {mask['elements_per_second_per_core'] / 1e9:.2f} G elements/s/core "
           f"({mask['isa']})")
     for k, b in enumerate(sizes["delta_bytes"]):
-        print(f"delta {k}/3: {b / 1e6:.1f} MB = {100 * b / base_bytes:.2f}% of dense")
-    merge_s = next(r["median_s"] for r in rows if r["name"] == "merge 3 x 1/3")
+        print(f"delta, seed {k + 1}: {b / 1e6:.1f} MB = {100 * b / base_bytes:.2f}% of dense")
+    merge_s = next(r["median_s"] for r in rows if r["name"] == "merge 3 x 1/3, seeds")
     for r in mk_rows:
         print(f"{r['name']}: {r['median_s'] / merge_s:.1f}x the time of sotu-delta's merge "
               f"(both without fsync)")
