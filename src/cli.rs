@@ -125,6 +125,10 @@ struct ExtractArgs {
     /// Store NaN and infinite differences instead of refusing the fine-tune.
     #[arg(long)]
     allow_nonfinite: bool,
+    /// Do not store the fine-tune folder's own files (config, tokenizer, chat template) that
+    /// differ from the base's.
+    #[arg(long)]
+    no_files: bool,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -157,6 +161,10 @@ struct MergeArgs {
     /// ties: the fraction of each task's elements kept by magnitude, in (0, 1].
     #[arg(long, value_name = "K")]
     trim: Option<f64>,
+    /// Take the config and tokenizer files of delta K (0 for the first) over the base's
+    /// (default: the base's).
+    #[arg(long, value_name = "K")]
+    files_from: Option<usize>,
     #[command(flatten)]
     common: OutputArgs,
 }
@@ -286,14 +294,17 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                 method: a.method,
                 alpha: a.alpha.unwrap_or(1.0),
                 trim: a.trim.unwrap_or(0.2),
+                files_from: a.files_from,
                 ..MergeOptions::default()
             };
             run_merge(&a.base, &a.deltas, &a.output, opts, a.common, &flags)
         }
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
+            // The fine-tune's own files replace the base's (docs/FORMAT.md section 13).
             let opts = MergeOptions {
                 rescale: !a.no_rescale,
+                files_from: Some(0),
                 ..MergeOptions::default()
             };
             let deltas = std::slice::from_ref(&a.delta);
@@ -369,6 +380,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
         selector,
         allow_nonfinite: a.allow_nonfinite,
         fingerprint_output: a.json,
+        own_files: !a.no_files,
     };
     let r = extract(&base, &tuned, &target, &opts)?;
     base.save_hashes();
@@ -403,6 +415,12 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
             r.seconds,
             r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
         );
+        for g in &r.grown {
+            out!("  grown: {} {:?} -> {:?}", g.name, g.base_shape, g.shape);
+        }
+        if !r.files.is_empty() {
+            out!("  own files: {}", r.files.join(", "));
+        }
     }
     Ok(())
 }
@@ -427,6 +445,12 @@ fn run_merge(
         return Err(usage(format!("--weights: {w} is not a finite number")));
     }
     check_method(&opts, delta_paths.len()).map_err(|e| usage(format!("{e:#}")))?;
+    if let Some(k) = opts.files_from.filter(|&k| k >= delta_paths.len()) {
+        return Err(usage(format!(
+            "--files-from {k}: there are {} deltas, numbered from 0",
+            delta_paths.len()
+        )));
+    }
     let dtype = common
         .dtype
         .as_deref()
@@ -474,6 +498,7 @@ fn run_merge(
             r.mismatches[0]
         );
     }
+    report_own_files(&deltas, output, &opts, &r, flags);
     for (name, n) in &r.overflowed {
         eprintln!(
             "sotu-delta: warning: {}: tensor {name}: {n} element(s) are infinite or NaN where the base is finite (an overflow of the output dtype or of the arithmetic, or a non-finite value in a delta)",
@@ -504,6 +529,61 @@ fn run_merge(
         );
     }
     Ok(())
+}
+
+/// Says what became of the deltas' own files (docs/FORMAT.md section 13): left out of a
+/// single-file output, or not taken (a note, or a warning where the output has a delta's
+/// grown vocabulary but not its tokenizer and config).
+fn report_own_files(
+    deltas: &[Delta],
+    output: &Path,
+    opts: &MergeOptions,
+    r: &crate::merge::MergeReport,
+    flags: &Flags,
+) {
+    if let Some(k) = opts.files_from
+        && !r.files_left_out.is_empty()
+    {
+        eprintln!(
+            "sotu-delta: warning: {}: a single-file output holds no files: the own files of {} ({}) were left out; write to a folder to have them",
+            output.display(),
+            deltas[k].path().display(),
+            r.files_left_out.join(", ")
+        );
+    }
+    if !crate::io::is_folder_path(output) {
+        return;
+    }
+    if opts.files_from.is_none() && !flags.quiet {
+        for (k, d) in deltas.iter().enumerate() {
+            if !d.own_files().is_empty() {
+                let names: Vec<&str> = d.own_files().keys().map(String::as_str).collect();
+                eprintln!(
+                    "sotu-delta: note: {} carries its fine-tune's own files ({}); the output keeps the base's. Pass --files-from {k} to take them",
+                    d.path().display(),
+                    names.join(", ")
+                );
+            }
+        }
+    }
+    let mut by_delta: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+    for (name, k) in &r.grown {
+        by_delta.entry(*k).or_default().push(name);
+    }
+    for (k, names) in by_delta {
+        let (delta, names) = (deltas[k].path().display(), names.join(", "));
+        if opts.files_from != Some(k) {
+            eprintln!(
+                "sotu-delta: warning: {}: {names} hold the rows that {delta} adds for new tokens, but the output's config and tokenizer files are not that fine-tune's and do not know them. Pass --files-from {k}",
+                output.display(),
+            );
+        } else if deltas[k].own_files().is_empty() {
+            eprintln!(
+                "sotu-delta: warning: {}: {names} hold the rows that {delta} adds for new tokens, but that delta carries no config or tokenizer files (extracted from a single file, or with --no-files): the output's are the base's, which do not know them",
+                output.display(),
+            );
+        }
+    }
 }
 
 /// Warns of a delta given twice (the same file, under any path): its changes are added twice,

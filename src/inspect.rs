@@ -33,6 +33,21 @@ pub struct TensorSummary {
     pub kept_norm: f64,
     /// Kept elements the merge arithmetic cannot reproduce exactly.
     pub inexact: u64,
+    /// A grown tensor's shape in the fine-tune (`shape` is the base's): docs/FORMAT.md
+    /// section 12.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grown_shape: Option<Vec<usize>>,
+}
+
+/// One of the fine-tune's own files a delta carries (docs/FORMAT.md section 13).
+#[derive(Serialize, Clone, Debug)]
+pub struct OwnFileSummary {
+    /// File name.
+    pub name: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// BLAKE3 of its bytes, in hex.
+    pub blake3: String,
 }
 
 /// One delta.
@@ -66,6 +81,8 @@ pub struct DeltaSummary {
     pub dense_bytes: u64,
     /// ‖mask ⊙ δ‖₂ over the whole delta.
     pub kept_norm: f64,
+    /// The fine-tune's own files it carries, in name order.
+    pub files: Vec<OwnFileSummary>,
     /// Per-tensor detail.
     pub tensors: Vec<TensorSummary>,
 }
@@ -146,7 +163,8 @@ fn summarize(d: &Delta) -> DeltaSummary {
     for (name, e) in d.entries() {
         let s = d.stats(e.row);
         kept_sq += s[1];
-        dense += (e.numel().saturating_mul(e.dtype.bitsize() as u64)).div_ceil(8);
+        let numel = e.tuned_shape().iter().map(|&d| d as u64).product::<u64>();
+        dense += (numel.saturating_mul(e.dtype.bitsize() as u64)).div_ceil(8);
         tensors.push(TensorSummary {
             name: name.clone(),
             kind: e.kind,
@@ -157,6 +175,7 @@ fn summarize(d: &Delta) -> DeltaSummary {
             delta_norm: s[0].sqrt(),
             kept_norm: s[1].sqrt(),
             inexact: s[2] as u64,
+            grown_shape: e.grown_shape.clone(),
         });
     }
     let count = |k: Kind| d.entries().values().filter(|e| e.kind == k).count();
@@ -175,6 +194,18 @@ fn summarize(d: &Delta) -> DeltaSummary {
         stored_bytes: d.file_len(),
         dense_bytes: dense,
         kept_norm: kept_sq.sqrt(),
+        files: d
+            .own_files()
+            .iter()
+            .map(|(name, bytes)| {
+                let rec = crate::format::FileRecord::of(bytes);
+                OwnFileSummary {
+                    name: name.clone(),
+                    bytes: rec.len,
+                    blake3: rec.blake3,
+                }
+            })
+            .collect(),
         tensors,
     }
 }
@@ -473,6 +504,23 @@ impl InspectReport {
                 d.kept_norm,
                 d.tool
             );
+            for t in d.tensors.iter().filter(|t| t.grown_shape.is_some()) {
+                let _ = writeln!(
+                    s,
+                    "  grown: {} {:?} -> {:?}",
+                    t.name,
+                    t.shape,
+                    t.grown_shape.as_ref().unwrap()
+                );
+            }
+            if !d.files.is_empty() {
+                let list: Vec<String> = d
+                    .files
+                    .iter()
+                    .map(|f| format!("{} ({})", f.name, human_bytes(f.bytes)))
+                    .collect();
+                let _ = writeln!(s, "  own files: {}", list.join(", "));
+            }
             if verbose_tensors {
                 let _ = writeln!(
                     s,

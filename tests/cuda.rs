@@ -360,6 +360,7 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
                             },
                             allow_nonfinite: true,
                             fingerprint_output: false,
+                            own_files: false,
                         };
                         let out = d.join(format!("d{t}.safetensors"));
                         extract(
@@ -550,6 +551,7 @@ fn gpu_merges_ties_generated_tensors_like_the_cpu() {
                         selector: Selector::default(),
                         allow_nonfinite: false,
                         fingerprint_output: false,
+                        own_files: false,
                     };
                     let out = d.join(format!("d{t}.safetensors"));
                     let tuned_ck = Checkpoint::open(&tp).unwrap();

@@ -315,6 +315,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
             selector,
             allow_nonfinite: true,
             fingerprint_output: false,
+            own_files: false,
         };
         let out = d.join(format!("d{k}.safetensors"));
         extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
@@ -543,6 +544,7 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
         selector: Selector::default(),
         allow_nonfinite: true,
         fingerprint_output: false,
+        own_files: false,
     };
     extract(
         &base_ck,
@@ -640,6 +642,7 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
                 selector: Selector::default(),
                 allow_nonfinite: true,
                 fingerprint_output: false,
+                own_files: false,
             };
             let good = d.join(format!("good{t}.safetensors"));
             extract(
@@ -732,6 +735,7 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
             },
             allow_nonfinite: true,
             fingerprint_output: false,
+            own_files: false,
         };
         let out = d.join(format!("d{i}.safetensors"));
         extract(

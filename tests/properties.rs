@@ -112,6 +112,7 @@ fn extract_with(
         selector,
         allow_nonfinite: false,
         fingerprint_output: false,
+        own_files: false,
     };
     extract(&base, &tuned, &Target::new(&dir.join(out)), &opts).unwrap();
     Delta::open(&dir.join(out)).unwrap()
@@ -479,6 +480,7 @@ fn merge_into_the_base_folder_is_refused_by_the_library() {
         selector: Selector::default(),
         allow_nonfinite: false,
         fingerprint_output: false,
+        own_files: false,
     };
     let tuned = Checkpoint::open(&d.join("t.safetensors")).unwrap();
     extract(

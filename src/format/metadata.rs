@@ -1,8 +1,9 @@
 //! Reading a delta's metadata in the order safetensors reads a header: parse it
 //! ([`read_metadata`]), then check that it is consistent ([`Metadata::validate`]) and that the
 //! stored tensors are the ones it implies ([`check_stored`]), then read the chunk offsets
-//! ([`read_offsets`]). [`super::Delta::open`] composes them; each fails with a message that
-//! names the file and, where there is one, the tensor.
+//! ([`read_offsets`]) and the fine-tune's own files ([`read_own_files`]).
+//! [`super::Delta::open`] composes them; each fails with a message that names the file and,
+//! where there is one, the tensor or the own file.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,8 +11,9 @@ use anyhow::{Context, Result, bail};
 use safetensors::Dtype;
 
 use super::{
-    BASE_HASHES, Entry, FORMAT_MAJOR, FORMAT_NAME, Kind, Params, RESERVED_PREFIX, STATS,
-    STATS_COLS, offsets_key,
+    BASE_HASHES, Entry, FILES_PREFIX, FORMAT_MAJOR, FORMAT_NAME, FileRecord, GROWN_PREFIX, Kind,
+    MAX_FILES_BYTES, OFFSETS_PREFIX, Params, RESERVED_PREFIX, STATS, STATS_COLS, file_key,
+    grown_key, is_own_file_name, offsets_key,
 };
 use crate::dtype::Float;
 use crate::io::Checkpoint;
@@ -25,6 +27,8 @@ pub struct Metadata {
     pub tool: String,
     /// The tensor entries, in name order.
     pub entries: BTreeMap<String, Entry>,
+    /// The records of the fine-tune's own files, by name (empty when `files` is absent).
+    pub files: BTreeMap<String, FileRecord>,
 }
 
 /// The dtype and shape of each tensor a delta must store, by key.
@@ -86,18 +90,11 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
     if chunk == 0 {
         bail!("{file}: __metadata__.chunk is 0");
     }
-    let tensors_json = get("tensors")?;
-    if let Some(dup) = crate::io::header::duplicate_key(tensors_json.as_bytes()) {
-        bail!("{file}: __metadata__.tensors: tensor {dup} appears twice");
-    }
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(tensors_json)
-        .with_context(|| format!("{file}: __metadata__.tensors is not a JSON object"))?;
-    let mut entries = BTreeMap::new();
-    for (name, v) in raw {
-        let e: Entry = serde_json::from_value(v)
-            .with_context(|| format!("{file}: __metadata__.tensors: tensor {name}"))?;
-        entries.insert(name, e);
-    }
+    let entries = json_table(get("tensors")?, "tensors", "tensor", file)?;
+    let files = match md.get("files") {
+        Some(text) => json_table(text, "files", "own file", file)?,
+        None => BTreeMap::new(),
+    };
     let params = Params {
         seed,
         interval,
@@ -109,13 +106,37 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         params,
         tool,
         entries,
+        files,
     })
 }
 
+/// Parses `__metadata__[key]`, a JSON object of `what`s by name, each read as a `T`; a name
+/// given twice is refused (serde would keep the last).
+fn json_table<T: serde::de::DeserializeOwned>(
+    text: &str,
+    key: &str,
+    what: &str,
+    file: &str,
+) -> Result<BTreeMap<String, T>> {
+    if let Some(dup) = crate::io::header::duplicate_key(text.as_bytes()) {
+        bail!("{file}: __metadata__.{key}: {what} {dup} appears twice");
+    }
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
+        .with_context(|| format!("{file}: __metadata__.{key} is not a JSON object"))?;
+    raw.into_iter()
+        .map(|(name, v)| {
+            let parsed = serde_json::from_value(v)
+                .with_context(|| format!("{file}: __metadata__.{key}: {what} {name}"))?;
+            Ok((name, parsed))
+        })
+        .collect()
+}
+
 impl Metadata {
-    /// Checks the entries against each other and the format's rules; returns the tensors the
-    /// file must store.
-    pub fn validate(&self, file: &str) -> Result<Layout> {
+    /// Checks the entries and the own files' records against each other and the format's
+    /// rules; returns the tensors the file must store. A `single_file` delta stores its own
+    /// files as tensors, a folder delta as files (docs/FORMAT.md section 13).
+    pub fn validate(&self, file: &str, single_file: bool) -> Result<Layout> {
         let (entries, chunk) = (&self.entries, self.params.chunk);
         let rows = entries.len();
         let mut expected: BTreeMap<String, (Dtype, Vec<usize>)> = BTreeMap::new();
@@ -178,20 +199,91 @@ impl Metadata {
             if e.kind != Kind::Masked && e.kept.is_some() {
                 bail!("{}: only masked tensors have a kept count", at());
             }
+            if let Some(grown) = &e.grown_shape {
+                let extends = !e.shape.is_empty()
+                    && grown.len() == e.shape.len()
+                    && grown[1..] == e.shape[1..]
+                    && grown[0] > e.shape[0];
+                if !extends {
+                    bail!(
+                        "{}: grown_shape {grown:?} does not extend its shape {:?} along dimension 0 only",
+                        at(),
+                        e.shape
+                    );
+                }
+                if !e.in_base {
+                    bail!("{}: grown, but marked as not in the base", at());
+                }
+                if !e.dtype.bitsize().is_multiple_of(8) {
+                    bail!(
+                        "{}: grown, but its dtype {:?} packs elements into bytes",
+                        at(),
+                        e.dtype
+                    );
+                }
+                grown
+                    .iter()
+                    .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+                    .with_context(|| format!("{}: grown_shape {grown:?} overflows", at()))?;
+                let rows = e.new_rows_shape().expect("checked to extend the shape");
+                expected.insert(grown_key(name), (e.dtype, rows));
+            }
+        }
+        let mut total = 0u64;
+        for (name, rec) in &self.files {
+            let at = || format!("{file}: own file {name:?}");
+            if !is_own_file_name(name) {
+                bail!(
+                    "{}: not a valid own file name (1 to 255 of A-Z a-z 0-9 . _ -, not beginning with a dot, not a .safetensors or .index.json name)",
+                    at()
+                );
+            }
+            let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+            if rec.blake3.len() != 64 || !rec.blake3.bytes().all(hex) {
+                bail!(
+                    "{}: blake3 {:?} is not 64 lowercase hex digits",
+                    at(),
+                    rec.blake3
+                );
+            }
+            total = total
+                .checked_add(rec.len)
+                .filter(|&t| t <= MAX_FILES_BYTES)
+                .with_context(|| {
+                    format!(
+                        "{}: the own files recorded come to more than the {MAX_FILES_BYTES} bytes a delta may carry",
+                        at()
+                    )
+                })?;
+            if single_file {
+                let len = usize::try_from(rec.len).expect("at most MAX_FILES_BYTES");
+                expected.insert(file_key(name), (Dtype::U8, vec![len]));
+            }
         }
         Ok(expected)
     }
 }
 
 /// Checks that `ckpt` stores exactly the tensors of `expected`, with their dtypes and shapes.
-/// Reserved names it does not know are let through: a later minor version added them.
+/// Reserved names under a prefix this version does not define are let through: a later minor
+/// version added them (docs/FORMAT.md section 11).
 pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<()> {
     for (key, info) in ckpt.tensors() {
         let Some((dtype, shape)) = expected.get(key) else {
-            if key.starts_with(RESERVED_PREFIX) {
-                continue; // added by a later minor version (docs/FORMAT.md section 10)
+            let known = [OFFSETS_PREFIX, GROWN_PREFIX, FILES_PREFIX];
+            if key.starts_with(RESERVED_PREFIX) && !known.iter().any(|p| key.starts_with(p)) {
+                continue;
             }
-            bail!("{file}: tensor {key} is stored but not described by __metadata__.tensors");
+            let by = if key.starts_with(FILES_PREFIX) {
+                if ckpt.is_folder() {
+                    "__metadata__.files (a folder delta carries its own files as files)"
+                } else {
+                    "__metadata__.files"
+                }
+            } else {
+                "__metadata__.tensors"
+            };
+            bail!("{file}: tensor {key} is stored but not described by {by}");
         };
         if info.dtype != *dtype || &info.shape != shape {
             bail!(
@@ -247,4 +339,38 @@ pub fn read_offsets(
         offsets.insert(name.clone(), offs);
     }
     Ok(offsets)
+}
+
+/// Reads the fine-tune's own files of `files` and checks each against its record: from the
+/// `sotu/files/` tensors of a single file, or from the files of a folder delta (docs/FORMAT.md
+/// section 13).
+pub fn read_own_files(
+    ckpt: &Checkpoint,
+    files: &BTreeMap<String, FileRecord>,
+    file: &str,
+) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for (name, rec) in files {
+        let bytes = if ckpt.is_folder() {
+            let path = ckpt.path().join(name);
+            crate::io::read_small_file(&path, rec.len).with_context(|| {
+                format!("{file}: own file {name}, which __metadata__.files records")
+            })?
+        } else {
+            let info = ckpt.info(&file_key(name)).expect("checked by check_stored");
+            ckpt.data(info).to_vec()
+        };
+        let got = FileRecord::of(&bytes);
+        if got != *rec {
+            bail!(
+                "{file}: own file {name} is {} bytes with BLAKE3 {}, but __metadata__.files records {} bytes with BLAKE3 {}; the file was changed after extract",
+                got.len,
+                got.blake3,
+                rec.len,
+                rec.blake3
+            );
+        }
+        out.insert(name.clone(), bytes);
+    }
+    Ok(out)
 }

@@ -8,7 +8,7 @@ pub mod chunks;
 pub mod metadata;
 
 pub use chunks::{Chunks, Ranker};
-pub use metadata::{Metadata, check_stored, read_metadata, read_offsets};
+pub use metadata::{Metadata, check_stored, read_metadata, read_offsets, read_own_files};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -23,7 +23,7 @@ use crate::mask::{Interval, Mask};
 /// `__metadata__["format"]`.
 pub const FORMAT_NAME: &str = "sotu-delta";
 /// `__metadata__["format_version"]` written by this tool.
-pub const FORMAT_VERSION: &str = "1.0";
+pub const FORMAT_VERSION: &str = "1.1";
 /// The major version this reader understands.
 pub const FORMAT_MAJOR: u64 = 1;
 /// Tensor names reserved for the format's own tensors.
@@ -34,10 +34,42 @@ pub const BASE_HASHES: &str = "sotu/base_hashes";
 pub const STATS: &str = "sotu/stats";
 /// Columns of `sotu/stats`.
 pub const STATS_COLS: usize = 3;
+/// Prefix of the chunk offsets of masked tensors.
+pub const OFFSETS_PREFIX: &str = "sotu/offsets/";
+/// Prefix of the new rows of grown tensors (docs/FORMAT.md section 12).
+pub const GROWN_PREFIX: &str = "sotu/grown/";
+/// Prefix of the fine-tune's own files in a single-file delta (docs/FORMAT.md section 13).
+pub const FILES_PREFIX: &str = "sotu/files/";
+/// The most bytes of own files a delta carries, all files together (docs/FORMAT.md section 13).
+pub const MAX_FILES_BYTES: u64 = 64 << 20;
 
 /// Key of the chunk offsets of tensor `name`.
 pub fn offsets_key(name: &str) -> String {
-    format!("sotu/offsets/{name}")
+    format!("{OFFSETS_PREFIX}{name}")
+}
+
+/// Key of the new rows of grown tensor `name`.
+pub fn grown_key(name: &str) -> String {
+    format!("{GROWN_PREFIX}{name}")
+}
+
+/// Key of own file `name` in a single-file delta.
+pub fn file_key(name: &str) -> String {
+    format!("{FILES_PREFIX}{name}")
+}
+
+/// Whether `name` may name one of the fine-tune's own files (docs/FORMAT.md section 13): 1 to
+/// 255 bytes of `A–Z a–z 0–9 . _ -`, not beginning with `.`, not ending in `.safetensors` or
+/// `.index.json`. Such a name stays inside the folder it is written into and is never taken for
+/// a shard or an index.
+pub fn is_own_file_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('.')
+        && !name.ends_with(".safetensors")
+        && !name.ends_with(".index.json")
 }
 
 /// How a tensor is carried by a delta.
@@ -68,12 +100,49 @@ pub struct Entry {
     pub kept: Option<u64>,
     /// Whether the base has this tensor.
     pub in_base: bool,
+    /// A grown tensor's shape in the fine-tune: `shape` with more rows (docs/FORMAT.md
+    /// section 12). `shape` is then the base's.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grown_shape: Option<Vec<usize>>,
 }
 
 impl Entry {
-    /// Number of elements.
+    /// Number of elements of `shape`: for a grown tensor, of the part the base has.
     pub fn numel(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    /// The tensor's shape in the fine-tune (and in a merge's output): `grown_shape` or `shape`.
+    pub fn tuned_shape(&self) -> &[usize] {
+        self.grown_shape.as_deref().unwrap_or(&self.shape)
+    }
+
+    /// The shape of a grown tensor's new rows: `[grown rows − base rows, …]`.
+    pub fn new_rows_shape(&self) -> Option<Vec<usize>> {
+        let g = self.grown_shape.as_ref()?;
+        let mut rows = g.clone();
+        rows[0] = g[0].checked_sub(self.shape[0])?;
+        Some(rows)
+    }
+}
+
+/// The record of one of the fine-tune's own files in `__metadata__["files"]` (docs/FORMAT.md
+/// section 13).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Its size in bytes.
+    pub len: u64,
+    /// The BLAKE3 digest of its bytes, in lowercase hex.
+    pub blake3: String,
+}
+
+impl FileRecord {
+    /// The record of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        FileRecord {
+            len: bytes.len() as u64,
+            blake3: blake3::hash(bytes).to_hex().to_string(),
+        }
     }
 }
 
@@ -110,6 +179,7 @@ pub struct Delta {
     tool: String,
     entries: BTreeMap<String, Entry>,
     offsets: HashMap<String, Vec<u64>>,
+    own_files: BTreeMap<String, Vec<u8>>,
 }
 
 impl Delta {
@@ -119,15 +189,17 @@ impl Delta {
         let ckpt = Checkpoint::open(path)?;
         let file = path.display().to_string();
         let meta = read_metadata(&ckpt, &file)?;
-        let expected = meta.validate(&file)?;
+        let expected = meta.validate(&file, !ckpt.is_folder())?;
         check_stored(&ckpt, &expected, &file)?;
         let offsets = read_offsets(&ckpt, &meta.entries, meta.params.chunk, &file)?;
+        let own_files = read_own_files(&ckpt, &meta.files, &file)?;
         Ok(Delta {
             ckpt,
             params: meta.params,
             tool: meta.tool,
             entries: meta.entries,
             offsets,
+            own_files,
         })
     }
 
@@ -160,6 +232,19 @@ impl Delta {
     pub fn data(&self, name: &str) -> &[u8] {
         self.ckpt
             .data(self.ckpt.info(name).expect("validated at open"))
+    }
+
+    /// The new rows of grown tensor `name` (docs/FORMAT.md section 12), `None` for a tensor that
+    /// did not grow.
+    pub fn grown_rows(&self, name: &str) -> Option<&[u8]> {
+        self.entries.get(name)?.grown_shape.as_ref()?;
+        Some(self.data(&grown_key(name)))
+    }
+
+    /// The fine-tune's own files the delta carries, by name (docs/FORMAT.md section 13),
+    /// checked against their records.
+    pub fn own_files(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.own_files
     }
 
     /// The chunk offsets of masked tensor `name`.

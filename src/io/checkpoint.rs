@@ -506,6 +506,15 @@ fn read_capped(from: impl std::io::Read, cap: u64) -> std::io::Result<Option<Vec
     Ok((buf.len() as u64 <= cap).then_some(buf))
 }
 
+/// Reads the regular file `path` (a link to one is followed) whole, refusing anything else and a
+/// file of more than `cap` bytes: for the small files of a model folder (config, tokenizer).
+pub fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let (file, _) = open_regular(path)?;
+    read_capped(file, cap)
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .with_context(|| format!("{}: more than {cap} bytes", path.display()))
+}
+
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
 pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();

@@ -16,7 +16,9 @@ pub mod output;
 pub mod overwrite;
 pub mod process;
 
-pub use checkpoint::{Checkpoint, INDEX_NAME, SINGLE_NAME, TensorInfo, fingerprint, tensor_hash};
+pub use checkpoint::{
+    Checkpoint, INDEX_NAME, SINGLE_NAME, TensorInfo, fingerprint, read_small_file, tensor_hash,
+};
 pub use hash_cache::HashCache;
 pub use output::{
     DEFAULT_SHARD_SIZE, OutTensor, Output, Target, Written, companion_files, is_folder_path,

@@ -215,6 +215,9 @@ pub struct Output {
     place: HashMap<String, (usize, u64, u64)>,
     /// The index JSON of a sharded folder.
     index: Option<Vec<u8>>,
+    /// Files written into a folder output beside the shards, over any copied file of the same
+    /// name ([`Output::add_file`]).
+    own_files: BTreeMap<String, Vec<u8>>,
     total: u64,
     progress: ProgressBar,
 }
@@ -343,6 +346,7 @@ impl Output {
             open: Mutex::default(),
             place: HashMap::new(),
             index: None,
+            own_files: BTreeMap::new(),
             total: 0,
             progress: ProgressBar::hidden(),
         };
@@ -407,6 +411,25 @@ impl Output {
             out.progress = progress_bar(data_bytes);
         }
         Ok(out)
+    }
+
+    /// Adds the file `name` (a plain file name) with `bytes` to a folder output, written at the
+    /// commit beside the shards and over a file of that name copied from `Target::copy_from`:
+    /// the fine-tune's own files of a delta (docs/FORMAT.md section 13).
+    pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let dest = self.target.path.display();
+        if !self.target.is_folder() {
+            bail!("{dest}: a single-file output cannot hold the file {name}");
+        }
+        let plain = matches!(
+            Path::new(name).components().collect::<Vec<_>>()[..],
+            [std::path::Component::Normal(_)]
+        );
+        if !plain || is_weight_file(name) || name.starts_with(".sotu-delta-partial-") {
+            bail!("{dest}: {name:?} is not a file name an output folder may be given");
+        }
+        self.own_files.insert(name.to_string(), bytes);
+        Ok(())
     }
 
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
@@ -515,17 +538,27 @@ impl Output {
         if self.index.is_some() {
             files.push(self.target.path.join(INDEX_NAME));
         }
-        if self.target.is_folder()
-            && let Some(src) = &self.target.copy_from
-        {
+        if self.target.is_folder() {
             files.extend(
-                companion_files(src)
+                self.companion_names()
                     .unwrap_or_default()
                     .iter()
+                    .chain(self.own_files.keys())
                     .map(|f| self.target.path.join(f)),
             );
         }
         files
+    }
+
+    /// The files copied from `Target::copy_from`: its companion files but those that
+    /// [`Output::add_file`] replaces.
+    fn companion_names(&self) -> Result<Vec<String>> {
+        let Some(src) = &self.target.copy_from else {
+            return Ok(Vec::new());
+        };
+        let mut names = companion_files(src)?;
+        names.retain(|n| !self.own_files.contains_key(n));
+        Ok(names)
     }
 
     /// Flushes everything to disk and renames the output into place; with `fingerprint`, first
@@ -554,7 +587,7 @@ impl Output {
                 })?;
             }
             if let Some(src) = &self.target.copy_from {
-                for name in companion_files(src)? {
+                for name in self.companion_names()? {
                     let to = dir.join(&name);
                     process::track_file(&to);
                     std::fs::copy(src.join(&name), &to).with_context(|| {
@@ -565,6 +598,12 @@ impl Output {
                         )
                     })?;
                 }
+            }
+            for (name, bytes) in &self.own_files {
+                let to = dir.join(name);
+                process::track_file(&to);
+                std::fs::write(&to, bytes)
+                    .with_context(|| format!("{}: cannot write", dest.join(name).display()))?;
             }
         }
         self.close_all(durable)?;

@@ -57,6 +57,37 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan
         .sum()
 }
 
+/// Writes the new rows of a grown tensor (docs/FORMAT.md section 12) after the part its source
+/// makes: the growing delta's stored rows as they are, or each value rounded once to the output
+/// dtype under `--dtype`. Returns how many of them become infinite or NaN in that rounding
+/// ([`Float::becomes_nonfinite`] of the value itself). Nothing for a tensor that did not grow.
+pub fn write_grown(deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+    let Some(g) = &p.grown else {
+        return Ok(0);
+    };
+    let rows = deltas[g.delta]
+        .grown_rows(&p.name)
+        .expect("planned from a grown entry");
+    let at = p.source_len();
+    let Some((from, to)) = g.cast else {
+        out.write(&p.name, at, rows)?;
+        return Ok(0);
+    };
+    let (mut values, mut bytes) = (Vec::new(), Vec::new());
+    let piece = COPY_PIECE / from.size();
+    let mut overflows = 0;
+    for (k, part) in rows.chunks(piece * from.size()).enumerate() {
+        from.load_all(part, &mut values);
+        overflows += values
+            .iter()
+            .filter(|&&x| to.becomes_nonfinite(x, x))
+            .count() as u64;
+        to.store_all(&values, &mut bytes);
+        out.write(&p.name, at + (k * piece * to.size()) as u64, &bytes)?;
+    }
+    Ok(overflows)
+}
+
 thread_local! {
     /// Each worker's buffers, kept for the whole run: buffers this large come from mmap, and
     /// allocating them per task cost more in page faults than the arithmetic.

@@ -27,7 +27,7 @@ use crate::dtype::Float;
 use crate::format::Delta;
 use crate::io::{Checkpoint, OutTensor, Output, Target};
 
-pub use plan::{Combine, Job, Method, Origin, Source, TensorPlan, Term, plan};
+pub use plan::{Combine, Grown, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
 /// What `merge` is asked to do.
 #[derive(Clone, Debug)]
@@ -50,6 +50,9 @@ pub struct MergeOptions {
     pub alpha: f64,
     /// `ties`: the fraction of each task's elements kept by magnitude (0.2 by default).
     pub trim: f64,
+    /// The delta (index into the deltas) whose own files a folder output takes over the base's
+    /// (docs/FORMAT.md section 13): `merge --files-from K`, and always 0 for `apply`.
+    pub files_from: Option<usize>,
 }
 
 impl Default for MergeOptions {
@@ -64,6 +67,7 @@ impl Default for MergeOptions {
             method: Method::Sum,
             alpha: 1.0,
             trim: 0.2,
+            files_from: None,
         }
     }
 }
@@ -101,6 +105,13 @@ pub struct MergeReport {
     /// With `--device auto` on the CPU: why not CUDA.
     #[serde(skip)]
     pub cpu_because: Option<String>,
+    /// The grown tensors of the output (docs/FORMAT.md section 12), each with the delta (index)
+    /// whose new rows it has.
+    pub grown: Vec<(String, usize)>,
+    /// The own files written into the output folder from delta `files_from`.
+    pub own_files: Vec<String>,
+    /// The own files of delta `files_from` that a single-file output left out.
+    pub files_left_out: Vec<String>,
 }
 
 /// Which engine the user asks for.
@@ -192,6 +203,12 @@ pub fn merge(
         );
     }
     check_method(opts, deltas.len())?;
+    if let Some(k) = opts.files_from.filter(|&k| k >= deltas.len()) {
+        bail!(
+            "--files-from {k}: there are {} deltas, numbered from 0",
+            deltas.len()
+        );
+    }
     let mut inputs = vec![base];
     inputs.extend(deltas.iter().map(Delta::checkpoint));
     crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
@@ -204,12 +221,21 @@ pub fn merge(
         .map(|p| OutTensor {
             name: p.name.clone(),
             dtype: p.dtype,
-            shape: p.shape.clone(),
+            shape: p.out_shape().to_vec(),
             len: p.out_len(),
         })
         .collect();
-    let md = output_metadata(base, deltas, opts, &weight);
-    let output = Output::create(out, &layout, &md)?;
+    let files = opts.files_from.map(|k| deltas[k].own_files());
+    let (own_files, files_left_out): (Vec<String>, Vec<String>) = match files {
+        Some(f) if out.is_folder() => (f.keys().cloned().collect(), Vec::new()),
+        Some(f) => (Vec::new(), f.keys().cloned().collect()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let md = output_metadata(base, deltas, opts, &weight, out.is_folder());
+    let mut output = Output::create(out, &layout, &md)?;
+    for name in &own_files {
+        output.add_file(name, files.expect("files taken")[name].clone())?;
+    }
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
     let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
@@ -259,6 +285,12 @@ pub fn merge(
             .collect(),
         device: engine.name(),
         cpu_because,
+        grown: plans
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.grown.as_ref()?.delta)))
+            .collect(),
+        own_files,
+        files_left_out,
     })
 }
 
@@ -310,6 +342,7 @@ fn output_metadata(
     deltas: &[Delta],
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
+    folder: bool,
 ) -> BTreeMap<String, String> {
     let mut md: BTreeMap<String, String> = base
         .metadata()
@@ -335,6 +368,9 @@ fn output_metadata(
         "deltas": record,
         "method": opts.method,
     });
+    if let Some(k) = opts.files_from.filter(|_| folder) {
+        record["files_from"] = json!(k);
+    }
     if opts.method != Method::Sum {
         record["alpha"] = json!(opts.alpha);
         if opts.method == Method::Ties {
@@ -390,17 +426,18 @@ fn execute(
                 output.write(name, at, bytes)
             })
         },
-        || -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+        || -> Result<(Vec<[u8; 32]>, Vec<(u64, u64)>)> {
             let mut hashes = Vec::with_capacity(base.tensors().len());
             let mut counts = Vec::with_capacity(plans.len());
             for p in plans {
                 let (hash, written) = rayon::join(
                     || base.hash_of(&p.name),
-                    || {
+                    || -> Result<(u64, u64)> {
+                        let rows = cpu::write_grown(deltas, output, p)?;
                         if engine.computes(p) || combined(p) {
-                            Ok(0)
+                            Ok((0, rows))
                         } else {
-                            cpu::execute(base, deltas, output, p)
+                            Ok((cpu::execute(base, deltas, output, p)?, rows))
                         }
                     },
                 );
@@ -410,7 +447,9 @@ fn execute(
             Ok((hashes, counts))
         },
     );
-    let (base_hashes, mut overflows) = by_cpu?;
+    let (base_hashes, counts) = by_cpu?;
+    // The new rows of grown tensors are the CPU's whichever engine computes the rest.
+    let (mut overflows, in_rows): (Vec<u64>, Vec<u64>) = counts.into_iter().unzip();
     let mut from_engine = by_engine?.into_iter();
     for (c, p) in overflows.iter_mut().zip(plans) {
         if engine.computes(p) {
@@ -426,6 +465,9 @@ fn execute(
         .collect();
     for (i, r) in from_methods {
         overflows[i] = r?;
+    }
+    for (c, rows) in overflows.iter_mut().zip(in_rows) {
+        *c += rows;
     }
     Ok((base_hashes, overflows))
 }

@@ -95,6 +95,20 @@ pub enum Source {
     },
 }
 
+/// The rows a delta adds to a grown tensor (docs/FORMAT.md section 12), written after the part
+/// the base has: the delta's stored rows as they are, or rounded once under `--dtype`.
+#[derive(Clone, Debug)]
+pub struct Grown {
+    /// The output tensor's shape, with the new rows.
+    pub shape: Vec<usize>,
+    /// The delta whose `sotu/grown/<name>` holds the rows.
+    pub delta: usize,
+    /// Elements of the new rows.
+    pub numel: u64,
+    /// The stored and the output dtype, where they differ (`--dtype`).
+    pub cast: Option<(Float, Float)>,
+}
+
 /// One output tensor and how it is made.
 #[derive(Clone, Debug)]
 pub struct TensorPlan {
@@ -102,12 +116,14 @@ pub struct TensorPlan {
     pub name: String,
     /// Output dtype.
     pub dtype: Dtype,
-    /// Shape.
+    /// Shape of the part `source` makes: the base's.
     pub shape: Vec<usize>,
-    /// Elements.
+    /// Elements of that part.
     pub numel: u64,
     /// Where the bytes come from.
     pub source: Source,
+    /// The new rows of a grown tensor, after that part.
+    pub grown: Option<Grown>,
 }
 
 impl TensorPlan {
@@ -175,14 +191,28 @@ impl TensorPlan {
         })
     }
 
-    /// Bytes of the tensor in the output.
-    pub fn out_len(&self) -> u64 {
+    /// Bytes of the part `source` makes: where the new rows of a grown tensor begin.
+    pub fn source_len(&self) -> u64 {
         match &self.source {
             Source::Compute { to, .. } | Source::Combine { to, .. } => {
                 self.numel * to.size() as u64
             }
             Source::Copy(_) => (self.numel * self.dtype.bitsize() as u64).div_ceil(8),
         }
+    }
+
+    /// Bytes of the tensor in the output.
+    pub fn out_len(&self) -> u64 {
+        let rows = self
+            .grown
+            .as_ref()
+            .map_or(0, |g| g.numel * self.dtype.bitsize() as u64 / 8);
+        self.source_len() + rows
+    }
+
+    /// The output tensor's shape: with the new rows of a grown tensor.
+    pub fn out_shape(&self) -> &[usize] {
+        self.grown.as_ref().map_or(&self.shape, |g| &g.shape)
     }
 }
 
@@ -233,10 +263,17 @@ pub fn plan(
     for (name, info) in base.tensors() {
         let mut terms = Vec::new();
         let mut replace: Option<usize> = None;
+        let mut grower: Option<usize> = None;
         for (d, delta) in deltas.iter().enumerate() {
             let Some(e) = delta.entries().get(name) else {
                 continue;
             };
+            if e.grown_shape.is_some() {
+                match grower {
+                    Some(first) => same_growth(deltas, first, d, name)?,
+                    None => grower = Some(d),
+                }
+            }
             let rescale = if opts.rescale {
                 delta.params().rescale()
             } else {
@@ -303,12 +340,25 @@ pub fn plan(
             }
             (None, None) => (info.dtype, Source::Copy(Origin::Base)),
         };
+        let grown = grower.map(|d| {
+            let e = &deltas[d].entries()[name];
+            let shape = e.grown_shape.clone().expect("a grower has a grown shape");
+            let all: u64 = shape.iter().map(|&s| s as u64).product();
+            let stored = Float::of(e.dtype).filter(|f| f.dtype() != dtype);
+            Grown {
+                shape,
+                delta: d,
+                numel: all - numel,
+                cast: stored.map(|f| (f, Float::of(dtype).expect("cast to a float dtype"))),
+            }
+        });
         plans.push(TensorPlan {
             name: name.clone(),
             dtype,
             shape: info.shape.clone(),
             numel,
             source,
+            grown,
         });
     }
     plan_new_tensors(deltas, &out_float, &mut plans)?;
@@ -345,6 +395,7 @@ fn plan_new_tensors(
                         shape: e.shape.clone(),
                         numel: e.numel(),
                         source,
+                        grown: None,
                     });
                 }
             }
@@ -380,6 +431,25 @@ fn check_against_base(base: &Checkpoint, deltas: &[Delta]) -> Result<()> {
                 _ => {}
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses two deltas that grow one tensor differently (docs/FORMAT.md section 12): to another
+/// shape, or with other new rows.
+fn same_growth(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
+    let (ea, eb) = (&deltas[a].entries()[name], &deltas[b].entries()[name]);
+    let (da, db) = (deltas[a].path().display(), deltas[b].path().display());
+    let (ga, gb) = (ea.tuned_shape(), eb.tuned_shape());
+    if ga != gb {
+        bail!(
+            "tensor {name}: {da} grows it to {ga:?} and {db} to {gb:?}; merge cannot choose the output's vocabulary (docs/FORMAT.md section 12)"
+        );
+    }
+    if deltas[a].grown_rows(name) != deltas[b].grown_rows(name) {
+        bail!(
+            "tensor {name}: {da} and {db} both grow it to {ga:?}, with different new rows; merge cannot choose between them (docs/FORMAT.md section 12)"
+        );
     }
     Ok(())
 }

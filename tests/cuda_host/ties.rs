@@ -50,6 +50,7 @@ fn check_ties(h: &Path, c: &TiesCase, seed: u64) {
             selector: Selector::default(),
             allow_nonfinite: false,
             fingerprint_output: false,
+            own_files: false,
         };
         let out = d.join(format!("d{i}.safetensors"));
         let tuned_ck = Checkpoint::open(&tp).unwrap();

@@ -1,4 +1,4 @@
-"""Independent numpy reference of the sotu-delta file format (docs/FORMAT.md, version 1.0) and
+"""Independent numpy reference of the sotu-delta file format (docs/FORMAT.md, version 1.1) and
 of the merge methods (docs/METHODS.md).
 
 Written from docs/FORMAT.md and docs/METHODS.md alone, without looking at the Rust code, so that
@@ -11,6 +11,8 @@ Only numpy and blake3 are used.
 
 import json
 import math
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -20,12 +22,25 @@ import numpy as np
 TWO32 = 1 << 32
 FORMAT = "sotu-delta"
 FORMAT_MAJOR = 1
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MASK_NAME = "sotu-mix32-v1"
 DEFAULT_SEED = 2411
 DEFAULT_CHUNK = 65536
 KEY_DOMAIN = b"sotu-delta/mask/v1"
 RESERVED_PREFIX = "sotu/"
+GROWN_PREFIX = "sotu/grown/"   # §12: the new rows of a grown tensor
+FILES_PREFIX = "sotu/files/"   # §13: the fine-tune's own files in a single-file delta
+MAX_FILES_BYTES = 64 * 1024 * 1024
+# §13: the files extract stores when the fine-tune changes or adds them.
+OWN_FILE_NAMES = (
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.json", "chat_template.jinja",
+)
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
 class FormatError(ValueError):
@@ -132,6 +147,46 @@ def read_safetensors(path):
     if end != len(data):
         raise FormatError(f"{path}: data section has {len(data)} bytes, tensors cover {end}")
     return metadata, tensors
+
+
+def read_checkpoint(path):
+    """(metadata, {name: Tensor}, files) of a safetensors file or a model folder (§10): the
+    index's shards, or model.safetensors, read as the union of their tensors, with the metadata
+    of the first shard (a delta's shards must all carry the same). files: {name: bytes} of the
+    regular files at the folder's top level, None for a single file."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        meta, tensors = read_safetensors(path)
+        return meta, tensors, None
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            if os.path.isabs(s) or ".." in s.split("/"):
+                raise FormatError(f"{path}: shard {s!r} leaves the folder")
+    else:
+        weight_map, shards = None, [SINGLE]
+    metas, tensors = [], {}
+    for s in shards:
+        meta, part = read_safetensors(os.path.join(path, s))
+        metas.append(meta)
+        for k, t in part.items():
+            if k in tensors or (weight_map is not None and weight_map.get(k) != s):
+                raise FormatError(f"{path}: tensor {k!r} is not stored once, where the index says")
+            tensors[k] = t
+    if weight_map is not None and sorted(weight_map) != sorted(tensors):
+        raise FormatError(f"{path}: the index and the shards list other tensors")
+    if any(m != metas[0] for m in metas):
+        raise FormatError(f"{path}: the shards carry different __metadata__")
+    files = {}
+    for name in sorted(os.listdir(path)):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                files[name] = f.read()
+    return metas[0], tensors, files
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -344,6 +399,8 @@ class Entry:
     values: np.ndarray = None      # masked: kept fine-tuned values (DTYPES representation)
     offsets: np.ndarray = None     # masked: chunk offsets (uint64)
     whole: Tensor = None           # whole: the stored tensor
+    grown_shape: tuple = None      # §12: a grown tensor's shape in the fine-tune (shape: the base's)
+    grown: Tensor = None           # §12: its new rows
 
 
 @dataclass
@@ -356,6 +413,7 @@ class Delta:
     base_hashes: np.ndarray        # [rows, 32] uint8
     stats: np.ndarray              # [rows, 3] float64
     metadata: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # §13: the fine-tune's own files, name -> bytes
 
     def rows(self):
         """Names in row order."""
@@ -387,27 +445,65 @@ def _chunked_sum(x, chunk):
     return _seq_sum(chunks)
 
 
-def extract(base, tuned, seed=DEFAULT_SEED, lo=0, hi=TWO32, chunk=DEFAULT_CHUNK):
-    """The logical delta that `extract` must write for these checkpoints (§3, §6, §7).
+def grows(b, t):
+    """§12: whether tensor t is tensor b with rows added along dimension 0 (same dtype, same
+    dimensions after the first, more rows)."""
+    return (b.dtype == t.dtype and len(b.shape) >= 1 and len(t.shape) == len(b.shape)
+            and tuple(t.shape[1:]) == tuple(b.shape[1:]) and t.shape[0] > b.shape[0])
 
-    base, tuned: paths or {name: Tensor}. No --include/--exclude: every maskable tensor is
-    selected. Returns a Delta.
+
+def split_rows(t, base_shape):
+    """§12: (the part that a base of base_shape has, the new rows) of grown tensor t: its first
+    numel(base_shape) elements in row-major order, and the rest."""
+    cut = numel(base_shape) * DTYPES[t.dtype][0]
+    rows = (t.shape[0] - base_shape[0],) + tuple(t.shape[1:])
+    return Tensor(t.dtype, tuple(base_shape), t.data[:cut]), Tensor(t.dtype, rows, t.data[cut:])
+
+
+def own_files(base_files, tuned_files):
+    """§13: the fine-tune's own files a delta carries: those of OWN_FILE_NAMES in the fine-tune
+    folder whose bytes differ from the base folder's file of that name, or that the base lacks.
+    base_files / tuned_files: {name: bytes} of the folders' top-level files, None for a single
+    file (a base given as a file lacks every one; a fine-tune given as a file has none)."""
+    if tuned_files is None:
+        return {}
+    base_files = base_files or {}
+    out = {n: tuned_files[n] for n in OWN_FILE_NAMES
+           if n in tuned_files and base_files.get(n) != tuned_files[n]}
+    total = sum(len(v) for v in out.values())
+    if total > MAX_FILES_BYTES:
+        raise FormatError(f"the own files come to {total} bytes, over {MAX_FILES_BYTES}")
+    return out
+
+
+def extract(base, tuned, seed=DEFAULT_SEED, lo=0, hi=TWO32, chunk=DEFAULT_CHUNK, files=True):
+    """The logical delta that `extract` must write for these checkpoints (§3, §6, §7, §12, §13).
+
+    base, tuned: paths (files or model folders) or {name: Tensor}. No --include/--exclude: every
+    maskable tensor is selected. files=False is `--no-files`. Returns a Delta.
     """
+    base_files = tuned_files = None
     if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
-        base = read_safetensors(base)[1]
+        _, base, base_files = read_checkpoint(base)
     if isinstance(tuned, (str, bytes)) or hasattr(tuned, "__fspath__"):
-        tuned = read_safetensors(tuned)[1]
+        _, tuned, tuned_files = read_checkpoint(tuned)
     if not (0 <= lo <= hi <= TWO32) or chunk < 1:
         raise ValueError("bad interval or chunk")
     for name in list(base) + list(tuned):
         if name.startswith(RESERVED_PREFIX):
             raise FormatError(f"tensor name {name!r} uses the reserved prefix sotu/")
+    grown = {}
     for name, b in base.items():
         t = tuned.get(name)
         if t is None:
             raise FormatError(f"{name!r} is in the base but not in the fine-tune")
         if (t.dtype, t.shape) != (b.dtype, b.shape):
-            raise FormatError(f"{name!r} changes dtype or shape")
+            if not grows(b, t):
+                raise FormatError(f"{name!r} changes dtype or shape")
+            # §12: the entry describes the part the base has; the new rows are stored whole.
+            tuned = dict(tuned)
+            tuned[name], rows = split_rows(t, b.shape)
+            grown[name] = (tuple(t.shape), rows)
 
     names = sorted(set(base) | set(tuned))
     entries = {}
@@ -439,7 +535,10 @@ def extract(base, tuned, seed=DEFAULT_SEED, lo=0, hi=TWO32, chunk=DEFAULT_CHUNK)
         back = round_from_f64(bv[mask] + (tv[mask] - bv[mask]), t.dtype)
         bad = np.count_nonzero(back.view(_BITS[t.dtype]) != values.view(_BITS[t.dtype]))
         stats[row] = (_chunked_sum(d2, chunk), _chunked_sum(kept_d2, chunk), float(bad))
-    return Delta(seed, lo, hi, chunk, entries, hashes, stats)
+    for name, (shape, rows) in grown.items():
+        entries[name].grown_shape, entries[name].grown = shape, rows
+    return Delta(seed, lo, hi, chunk, entries, hashes, stats,
+                 files=own_files(base_files, tuned_files) if files else {})
 
 
 def write_delta(path, delta, slot=None, tool="sotu_ref (python reference)"):
@@ -454,6 +553,9 @@ def write_delta(path, delta, slot=None, tool="sotu_ref (python reference)"):
         elif e.kind == "whole":
             tensors[name] = e.whole
         entry["in_base"] = e.in_base
+        if e.grown_shape is not None:
+            entry["grown_shape"] = list(e.grown_shape)
+            tensors[GROWN_PREFIX + name] = e.grown
         table[name] = entry
     tensors["sotu/base_hashes"] = Tensor("U8", delta.base_hashes.shape, delta.base_hashes.astype(np.uint8).tobytes())
     # FORMAT.md section 7: a NaN sum is stored as the canonical quiet NaN.
@@ -468,6 +570,11 @@ def write_delta(path, delta, slot=None, tool="sotu_ref (python reference)"):
     }
     if slot is not None:
         meta["slot"] = slot
+    if delta.files:  # §13: a single file carries them as U8 tensors
+        meta["files"] = json.dumps({n: {"len": len(b), "blake3": blake3.blake3(b).hexdigest()}
+                                    for n, b in sorted(delta.files.items())}, separators=(",", ":"))
+        for n, b in delta.files.items():
+            tensors[FILES_PREFIX + n] = Tensor("U8", (len(b),), bytes(b))
     write_safetensors(path, tensors, meta)
 
 
@@ -480,10 +587,55 @@ def _decimal(meta, k, path):
     return int(s)
 
 
+_OWN_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def _own_files(path, meta, tensors, folder_files):
+    """§13: {name: bytes} of the own files a delta records, each checked against its record;
+    from the sotu/files/ tensors of a single file, or from the files of a folder
+    (folder_files, None for a single file)."""
+    text = meta.get("files")
+    records = {}
+    if text is not None:
+        try:
+            records = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: metadata 'files' is not JSON: {e}") from None
+        if not isinstance(records, dict):
+            raise FormatError(f"{path}: metadata 'files' is not a JSON object")
+    total, out = 0, {}
+    for name, rec in records.items():
+        if (not _OWN_FILE_NAME.fullmatch(name) or len(name.encode()) > 255 or name.startswith(".")
+                or name.endswith(".safetensors") or name.endswith(".index.json")):
+            raise FormatError(f"{path}: own file {name!r}: not a valid name")
+        if not (isinstance(rec, dict) and _is_uint(rec.get("len")) and isinstance(rec.get("blake3"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", rec["blake3"])):
+            raise FormatError(f"{path}: own file {name!r}: bad record {rec!r}")
+        total += rec["len"]
+        if total > MAX_FILES_BYTES:
+            raise FormatError(f"{path}: the own files recorded come to more than {MAX_FILES_BYTES} bytes")
+        if folder_files is None:
+            t = tensors.get(FILES_PREFIX + name)
+            if t is None or t.dtype != "U8" or t.shape != (rec["len"],):
+                raise FormatError(f"{path}: {FILES_PREFIX + name} must be a U8 tensor of shape [{rec['len']}]")
+            data = t.data
+        else:
+            if name not in folder_files:
+                raise FormatError(f"{path}: own file {name!r} is missing from the folder")
+            data = folder_files[name]
+        if len(data) != rec["len"] or blake3.blake3(data).hexdigest() != rec["blake3"]:
+            raise FormatError(f"{path}: own file {name!r} differs from its record")
+        out[name] = data
+    for k in tensors:
+        if k.startswith(FILES_PREFIX) and (folder_files is not None or k[len(FILES_PREFIX):] not in records):
+            raise FormatError(f"{path}: tensor {k!r} is not an own file the metadata records")
+    return out
+
+
 def decode_delta(path):
-    """Parse and validate a delta file (§1-§7). Returns a Delta; raises FormatError on any
-    violation a reader must refuse."""
-    meta, tensors = read_safetensors(path)
+    """Parse and validate a delta, a file or a folder (§1-§7, §10, §12, §13). Returns a Delta;
+    raises FormatError on any violation a reader must refuse."""
+    meta, tensors, folder_files = read_checkpoint(path)
     if meta is None:
         raise FormatError(f"{path}: no __metadata__")
     if meta.get("format") != FORMAT:
@@ -545,6 +697,17 @@ def decode_delta(path):
         e = Entry(kind, dtype, shape, info["row"], in_base)
         if not in_base and (kind != "whole" or np.any(hashes[e.row])):
             raise FormatError(f"{path}: {name!r} is not in the base, so it must be whole with a zero hash")
+        grown_shape = info.get("grown_shape")
+        if grown_shape is not None:  # §12
+            if not isinstance(grown_shape, list) or not all(_is_uint(d) for d in grown_shape):
+                raise FormatError(f"{path}: {name!r} has a bad grown_shape")
+            grown_shape = tuple(grown_shape)
+            if not (in_base and len(shape) >= 1 and len(grown_shape) == len(shape)
+                    and grown_shape[1:] == shape[1:] and grown_shape[0] > shape[0]):
+                raise FormatError(f"{path}: {name!r}: grown_shape {list(grown_shape)} does not extend "
+                                  f"{list(shape)} along dimension 0, or the tensor is not in the base")
+            e.grown_shape = grown_shape
+            e.grown = fixed(GROWN_PREFIX + name, dtype, (grown_shape[0] - shape[0],) + shape[1:])
         if kind == "whole":
             e.whole = fixed(name, dtype, shape)
         elif kind == "masked":
@@ -571,7 +734,13 @@ def decode_delta(path):
             e.kept, e.values, e.offsets = kept, values, offsets
             e.indices = np.flatnonzero(mask).astype(np.uint64)
         entries[name] = e
-    return Delta(seed, lo, hi, chunk, entries, hashes, stats, meta)
+    for k in tensors:
+        if k.startswith(GROWN_PREFIX):
+            e = entries.get(k[len(GROWN_PREFIX):])
+            if e is None or e.grown_shape is None:
+                raise FormatError(f"{path}: tensor {k!r}: no entry grows {k[len(GROWN_PREFIX):]!r}")
+    files = _own_files(path, meta, tensors, folder_files)
+    return Delta(seed, lo, hi, chunk, entries, hashes, stats, meta, files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,6 +828,10 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
             rounded = raw.tobytes()
         out[name] = (dt, b.shape, rounded)
 
+    # §12: the new rows of grown tensors, after the part the base has.
+    for name in base:
+        out[name] = with_grown_rows(name, deltas, out[name])
+
     # Tensors new in the fine-tunes: not in the base, stored whole.
     new = {}
     for d in deltas:
@@ -675,6 +848,27 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
         else:
             out[name] = (t.dtype, t.shape, t.data)
     return out
+
+
+def with_grown_rows(name, deltas, part):
+    """§12: the output tensor `name` from `part` = (dtype, base shape, bytes), the part the base
+    has as §8 (or a method) made it, followed by the new rows of the deltas that grow it: the
+    stored rows as they are (weights and rescale do not apply), rounded once to the output dtype
+    when it differs. Several growing deltas must record the same grown_shape and the same rows."""
+    growing = [(t, d.entries[name]) for t, d in enumerate(deltas) if d.entries[name].grown_shape is not None]
+    if not growing:
+        return part
+    t0, first = growing[0]
+    for t, e in growing[1:]:
+        if e.grown_shape != first.grown_shape or e.grown.data != first.grown.data:
+            raise FormatError(f"deltas {t0} and {t} grow {name!r} differently")
+    dt, _, data = part
+    rows = first.grown
+    if dt != rows.dtype:  # --dtype: the single rounding of the value as f64
+        extra = round_to_bytes(to_f64(rows.dtype, rows.data), dt)
+    else:
+        extra = rows.data
+    return (dt, first.grown_shape, data + extra)
 
 
 def _single_replacement(name, tensors):
@@ -935,7 +1129,7 @@ def merge_method(base_path, delta_paths, method="sum", weights=None, alpha=None,
             f = iso_delta if method == "iso" else tsv_delta
             R = f(taus, ws, b.shape, alpha)
             data = round_to_bytes(bv + R, dt)  # every element
-        out[name] = (dt, b.shape, data)
+        out[name] = with_grown_rows(name, deltas, (dt, b.shape, data))
         if residuals is not None:
             residuals[name] = R
     return out

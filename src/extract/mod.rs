@@ -4,6 +4,10 @@
 //! Each input is read once. The chunk offsets depend on the mask alone, so they are counted
 //! before any data is read; the header is then final, and the one pass over the data fills in
 //! the kept values, the provenance hashes and the statistics.
+//!
+//! - [`files`]: which of a fine-tune folder's own files (config, tokenizer) the delta carries.
+
+pub mod files;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,8 +21,8 @@ use safetensors::Dtype;
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
-    BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, Kind, RESERVED_PREFIX, STATS, STATS_COLS,
-    offsets_key,
+    BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, RESERVED_PREFIX, STATS,
+    STATS_COLS, file_key, grown_key, offsets_key,
 };
 use crate::io::Checkpoint;
 use crate::io::{OutTensor, Output, Target};
@@ -74,6 +78,9 @@ pub struct ExtractOptions {
     pub allow_nonfinite: bool,
     /// Read the delta back once to report its fingerprint (`--json`).
     pub fingerprint_output: bool,
+    /// Store the fine-tune folder's own files that differ from the base's (docs/FORMAT.md
+    /// section 13); `--no-files` clears it.
+    pub own_files: bool,
 }
 
 /// What `extract` did.
@@ -108,6 +115,21 @@ pub struct ExtractReport {
     /// The fingerprint of the delta's own tensors (docs/FORMAT.md section 7), when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_fingerprint: Option<String>,
+    /// The tensors that gained rows in the fine-tune (docs/FORMAT.md section 12).
+    pub grown: Vec<GrownTensor>,
+    /// The fine-tune's own files the delta carries, by name (docs/FORMAT.md section 13).
+    pub files: Vec<String>,
+}
+
+/// A tensor that gained rows in the fine-tune.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GrownTensor {
+    /// Its name.
+    pub name: String,
+    /// Its shape in the base.
+    pub base_shape: Vec<usize>,
+    /// Its shape in the fine-tune.
+    pub shape: Vec<usize>,
 }
 
 // The statistics kernel computes the columns of `sotu/stats`.
@@ -133,11 +155,30 @@ pub fn extract(
     let start = Instant::now();
     crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
     let plan = plan(base, tuned, opts)?;
+    let own_files = if opts.own_files {
+        files::own_files(base, tuned)?
+    } else {
+        BTreeMap::new()
+    };
 
-    let layout = layout(&plan, tuned);
-    let md = delta_metadata(&plan, opts)?;
+    // A single file carries the own files as tensors, a folder as files.
+    let file_tensors = if out.is_folder() {
+        BTreeMap::new()
+    } else {
+        own_files.clone()
+    };
+    let layout = layout(&plan, &file_tensors);
+    let md = delta_metadata(&plan, &own_files, opts)?;
 
-    let output = Output::create(out, &layout, &md)?;
+    let mut output = Output::create(out, &layout, &md)?;
+    for (name, bytes) in &file_tensors {
+        output.write(&file_key(name), 0, bytes)?;
+    }
+    if out.is_folder() {
+        for (name, bytes) in &own_files {
+            output.add_file(name, bytes.clone())?;
+        }
+    }
     base.advise_sequential();
     tuned.advise_sequential();
 
@@ -223,6 +264,17 @@ pub fn extract(
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),
         inexact,
+        grown: plan
+            .iter()
+            .filter_map(|p| {
+                Some(GrownTensor {
+                    name: p.name.clone(),
+                    base_shape: p.entry.shape.clone(),
+                    shape: p.entry.grown_shape.clone()?,
+                })
+            })
+            .collect(),
+        files: own_files.keys().cloned().collect(),
         base_fingerprint: crate::io::fingerprint(
             &plan
                 .iter()
@@ -235,11 +287,21 @@ pub fn extract(
 }
 
 /// The tensors of the delta file, in name order: kept values and offsets of each masked
-/// tensor, whole tensors, and the format's own tensors.
-fn layout(plan: &[Planned], tuned: &Checkpoint) -> Vec<OutTensor> {
+/// tensor, whole tensors, the new rows of grown tensors, the own files of a single-file delta,
+/// and the format's own tensors.
+fn layout(plan: &[Planned], file_tensors: &BTreeMap<String, Vec<u8>>) -> Vec<OutTensor> {
     let mut layout = Vec::new();
     for p in plan {
         let e = &p.entry;
+        if let Some(rows) = e.new_rows_shape() {
+            let n: u64 = rows.iter().map(|&d| d as u64).product();
+            layout.push(OutTensor {
+                name: grown_key(&p.name),
+                dtype: e.dtype,
+                len: n * e.dtype.bitsize() as u64 / 8,
+                shape: rows,
+            });
+        }
         match e.kind {
             Kind::Masked => {
                 let size = Float::of(e.dtype).unwrap().size() as u64;
@@ -257,17 +319,22 @@ fn layout(plan: &[Planned], tuned: &Checkpoint) -> Vec<OutTensor> {
                     len: 8 * p.offsets.len() as u64,
                 });
             }
-            Kind::Whole => {
-                let info = tuned.info(&p.name).unwrap();
-                layout.push(OutTensor {
-                    name: p.name.clone(),
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    len: info.range.len() as u64,
-                });
-            }
+            Kind::Whole => layout.push(OutTensor {
+                name: p.name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                len: p.base_part_len(),
+            }),
             Kind::Same => {}
         }
+    }
+    for (name, bytes) in file_tensors {
+        layout.push(OutTensor {
+            name: file_key(name),
+            dtype: Dtype::U8,
+            shape: vec![bytes.len()],
+            len: bytes.len() as u64,
+        });
     }
     let rows = plan.len();
     layout.push(OutTensor {
@@ -286,8 +353,12 @@ fn layout(plan: &[Planned], tuned: &Checkpoint) -> Vec<OutTensor> {
     layout
 }
 
-/// The delta's `__metadata__` (docs/FORMAT.md sections 2 and 3).
-fn delta_metadata(plan: &[Planned], opts: &ExtractOptions) -> Result<BTreeMap<String, String>> {
+/// The delta's `__metadata__` (docs/FORMAT.md sections 2, 3 and 13).
+fn delta_metadata(
+    plan: &[Planned],
+    own_files: &BTreeMap<String, Vec<u8>>,
+    opts: &ExtractOptions,
+) -> Result<BTreeMap<String, String>> {
     let entries: BTreeMap<&str, &Entry> =
         plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
     let mut md = BTreeMap::new();
@@ -304,6 +375,13 @@ fn delta_metadata(plan: &[Planned], opts: &ExtractOptions) -> Result<BTreeMap<St
     md.insert("chunk".into(), CHUNK_ELEMS.to_string());
     md.insert("tool".into(), crate::TOOL.into());
     md.insert("tensors".into(), serde_json::to_string(&entries)?);
+    if !own_files.is_empty() {
+        let records: BTreeMap<&str, FileRecord> = own_files
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), FileRecord::of(bytes)))
+            .collect();
+        md.insert("files".into(), serde_json::to_string(&records)?);
+    }
     Ok(md)
 }
 
@@ -327,11 +405,13 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
     let mut plan = Vec::with_capacity(tuned.tensors().len());
     for (row, (name, t)) in tuned.tensors().iter().enumerate() {
         let b = base.info(name);
+        // Rows added along dimension 0 (docs/FORMAT.md section 12); any other change refused.
+        let grown = b.is_some_and(|b| grows(b, t));
         if let Some(b) = b
-            && (b.dtype != t.dtype || b.shape != t.shape)
+            && (b.dtype != t.dtype || (b.shape != t.shape && !grown))
         {
             bail!(
-                "{}: tensor {name} is {:?} {:?}, but the base {} has {:?} {:?}",
+                "{}: tensor {name} is {:?} {:?}, but the base {} has {:?} {:?}; only rows added along dimension 0 (a vocabulary grown for added tokens) may differ",
                 tuned.path().display(),
                 t.dtype,
                 t.shape,
@@ -340,14 +420,18 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
                 b.shape
             );
         }
+        // The part of the tuned tensor the base has: all of it, unless it grew.
+        let shape = b.map_or(&t.shape, |b| &b.shape);
+        let part = &tuned.data(t)[..b.map_or(t.range.len(), |b| b.range.len())];
         let kind = match b {
             None => Kind::Whole,
-            Some(b) if base.data(b) == tuned.data(t) => Kind::Same,
+            Some(b) if base.data(b) == part => Kind::Same,
             Some(_) if Float::of(t.dtype).is_some() && opts.selector.selects(name) => Kind::Masked,
             Some(_) => Kind::Whole,
         };
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
         let offsets = if kind == Kind::Masked {
-            chunk_offsets(&Mask::new(opts.seed, name, opts.interval), t.numel())
+            chunk_offsets(&Mask::new(opts.seed, name, opts.interval), numel)
         } else {
             Vec::new()
         };
@@ -359,16 +443,35 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
             entry: Entry {
                 kind,
                 dtype: t.dtype,
-                shape: t.shape.clone(),
+                shape: shape.clone(),
                 row,
                 kept: (kind == Kind::Masked).then(|| *offsets.last().unwrap()),
                 in_base: b.is_some(),
+                grown_shape: grown.then(|| t.shape.clone()),
             },
             offsets,
             base_hash,
         });
     }
     Ok(plan)
+}
+
+/// Whether tuned tensor `t` is base tensor `b` grown (docs/FORMAT.md section 12): the same dtype
+/// (of whole bytes per element), the same dimensions but the first, and more rows.
+fn grows(b: &crate::io::TensorInfo, t: &crate::io::TensorInfo) -> bool {
+    b.dtype == t.dtype
+        && t.dtype.bitsize().is_multiple_of(8)
+        && !b.shape.is_empty()
+        && b.shape.len() == t.shape.len()
+        && b.shape[1..] == t.shape[1..]
+        && t.shape[0] > b.shape[0]
+}
+
+impl Planned {
+    /// Bytes of the part of the tensor the base has (all of it, unless it grew).
+    fn base_part_len(&self) -> u64 {
+        self.entry.numel() * self.entry.dtype.bitsize() as u64 / 8
+    }
 }
 
 /// The chunk offsets of a tensor of `numel` elements: kept counts before each chunk, then the
@@ -399,23 +502,32 @@ fn write_tensor(
     interval: Interval,
 ) -> Result<([f64; STATS_COLS], u64)> {
     let e = &p.entry;
-    let t_data = tuned.data(tuned.info(&p.name).unwrap());
-    if e.kind == Kind::Whole {
-        out.write(&p.name, 0, t_data)?;
-    }
-    let (Some(float), Kind::Masked | Kind::Whole) = (Float::of(e.dtype), e.kind) else {
-        return Ok(([0.0; STATS_COLS], 0));
-    };
-    let Some(b_info) = base.info(&p.name) else {
-        // New in the fine-tune: its values are what the delta carries.
-        let nonfinite = t_data
-            .par_chunks(CHUNK_ELEMS as usize * float.size())
+    let (t_data, new_rows) = tuned
+        .data(tuned.info(&p.name).unwrap())
+        .split_at(p.base_part_len() as usize);
+    // Values that no base value is subtracted from: counted where not finite.
+    let nonfinite_in = |data: &[u8], float: Float| -> u64 {
+        data.par_chunks(CHUNK_ELEMS as usize * float.size())
             .map_init(Vec::new, |v, piece| {
                 float.load_all(piece, v);
                 v.iter().filter(|x| !x.is_finite()).count() as u64
             })
-            .sum();
-        return Ok(([0.0; STATS_COLS], nonfinite));
+            .sum()
+    };
+    let mut new_nonfinite = 0;
+    if e.grown_shape.is_some() {
+        out.write(&grown_key(&p.name), 0, new_rows)?;
+        new_nonfinite = Float::of(e.dtype).map_or(0, |f| nonfinite_in(new_rows, f));
+    }
+    if e.kind == Kind::Whole {
+        out.write(&p.name, 0, t_data)?;
+    }
+    let (Some(float), Kind::Masked | Kind::Whole) = (Float::of(e.dtype), e.kind) else {
+        return Ok(([0.0; STATS_COLS], new_nonfinite));
+    };
+    let Some(b_info) = base.info(&p.name) else {
+        // New in the fine-tune: its values are what the delta carries.
+        return Ok(([0.0; STATS_COLS], nonfinite_in(t_data, float)));
     };
     let b_data = base.data(b_info);
     let numel = e.numel();
@@ -437,7 +549,7 @@ fn write_tensor(
         .collect::<Result<_>>()?;
     // Chunk partials are summed in chunk order, so the file does not depend on the thread count.
     let mut total = [0.0; STATS_COLS];
-    let mut nonfinite = 0;
+    let mut nonfinite = new_nonfinite;
     for (s, nf) in partials {
         for (a, x) in total.iter_mut().zip(s) {
             *a += x;
