@@ -328,6 +328,11 @@ fn merge_keeps_the_base_files_unless_files_from_names_a_delta() {
         m.stderr.contains("warning") && m.stderr.contains(EMBED),
         "{m}"
     );
+    let record = |out: &str| -> Value {
+        let ck = Checkpoint::open(&d.join(out)).unwrap();
+        serde_json::from_str(&ck.metadata()["sotu_delta"]).unwrap()
+    };
+    assert!(record("m0").get("files_from").is_none(), "{}", record("m0"));
     let q = ok(d, "-q merge --base base a.safetensors b.safetensors -o m0q");
     assert!(!q.stderr.contains("note"), "{q}");
 
@@ -347,9 +352,7 @@ fn merge_keeps_the_base_files_unless_files_from_names_a_delta() {
     for name in NOT_CARRIED {
         assert_eq!(got[name], base_files[name], "--files-from 0: {name}");
     }
-    let ck = Checkpoint::open(&d.join("m1")).unwrap();
-    let record: Value = serde_json::from_str(&ck.metadata()["sotu_delta"]).unwrap();
-    assert_eq!(record["files_from"], json!(0));
+    assert_eq!(record("m1")["files_from"], json!(0));
 
     let m = ok(
         d,
@@ -363,6 +366,7 @@ fn merge_keeps_the_base_files_unless_files_from_names_a_delta() {
         m.stderr.contains("warning") && m.stderr.contains(EMBED),
         "{m}"
     );
+    assert_eq!(record("m2")["files_from"], json!(1));
     // The tensors do not depend on where the files come from.
     assert_same(&tensors(&d.join("m1")), &tensors(&d.join("m0")), "m1 vs m0");
     assert_same(&tensors(&d.join("m2")), &tensors(&d.join("m0")), "m2 vs m0");

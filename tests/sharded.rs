@@ -746,8 +746,25 @@ fn extract_from_folders_equals_extract_from_files() {
             &format!("extract --base {base} --tuned {tuned} -o {out} --slot 0/3"),
             &out,
         );
-        let (got, meta) = read_st(&d.join(&out));
+        let (mut got, mut meta) = read_st(&d.join(&out));
         let what = format!("extract --base {base} --tuned {tuned}");
+        if (base, tuned) == ("base.safetensors", "t1") {
+            // A base given as a file has no config.json: the fine-tune folder's is carried
+            // (docs/FORMAT.md section 13), the one difference from the delta of the files.
+            let file = got
+                .remove("sotu/files/config.json")
+                .expect("config.json carried");
+            assert_eq!(
+                (file.dtype.as_str(), &file.data[..]),
+                ("U8", CONFIG),
+                "{what}"
+            );
+            let files: Value = serde_json::from_str(&meta.remove("files").unwrap()).unwrap();
+            assert_eq!(
+                files.as_object().unwrap().keys().collect::<Vec<_>>(),
+                ["config.json"]
+            );
+        }
         assert_same_tensors(&got, &want, &what);
         assert_same_metadata(
             &meta,

@@ -231,7 +231,7 @@ pub fn merge(
         Some(f) => (Vec::new(), f.keys().cloned().collect()),
         None => (Vec::new(), Vec::new()),
     };
-    let md = output_metadata(base, deltas, opts, &weight, out.is_folder());
+    let md = output_metadata(base, deltas, opts, &weight);
     let mut output = Output::create(out, &layout, &md)?;
     for name in &own_files {
         output.add_file(name, files.expect("files taken")[name].clone())?;
@@ -342,7 +342,6 @@ fn output_metadata(
     deltas: &[Delta],
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
-    folder: bool,
 ) -> BTreeMap<String, String> {
     let mut md: BTreeMap<String, String> = base
         .metadata()
@@ -368,7 +367,10 @@ fn output_metadata(
         "deltas": record,
         "method": opts.method,
     });
-    if let Some(k) = opts.files_from.filter(|_| folder) {
+    if let Some(k) = opts
+        .files_from
+        .filter(|&k| !deltas[k].own_files().is_empty())
+    {
         record["files_from"] = json!(k);
     }
     if opts.method != Method::Sum {

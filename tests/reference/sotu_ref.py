@@ -754,7 +754,7 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
     "F32"/"F16"/"BF16"/"F64" (lower case accepted too). force: accept base hash mismatches.
     Output metadata (§9) is not produced here.
     """
-    base = base_path if isinstance(base_path, dict) else read_safetensors(base_path)[1]
+    base = base_path if isinstance(base_path, dict) else read_checkpoint(base_path)[1]
     deltas = [d if isinstance(d, Delta) else decode_delta(d) for d in delta_paths]
     if weights is None:
         weights = [1.0] * len(deltas)
@@ -888,7 +888,7 @@ def apply(base_path, delta_path, out_dtype=None, force=False, rescale=True):
 
 def read_tensors(path):
     """{name: (dtype, shape, raw bytes)} of a checkpoint, the shape merge() returns."""
-    return {k: (t.dtype, t.shape, t.data) for k, t in read_safetensors(path)[1].items()}
+    return {k: (t.dtype, t.shape, t.data) for k, t in read_checkpoint(path)[1].items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,7 +923,7 @@ def method_tensors(base, deltas):
     (the computed ones of FORMAT.md §8) to which at least one delta contributes, and to which
     every contributing delta brings a `masked` term. A `same` entry contributes nothing (§8).
     Empty tensors are left out: they are written empty whatever the method."""
-    base = base if isinstance(base, dict) else read_safetensors(base)[1]
+    base = base if isinstance(base, dict) else read_checkpoint(base)[1]
     deltas = [_as_delta(d) for d in deltas]
     out = {}
     for name, b in base.items():
@@ -1105,7 +1105,7 @@ def merge_method(base_path, delta_paths, method="sum", weights=None, alpha=None,
     # Everything sum does (checks, non-float, new and non-applicable tensors) first; the tensors
     # the method applies to are then replaced.
     out = merge(base_path, deltas, weights=weights, rescale=False, out_dtype=out_dtype, force=force)
-    base = base_path if isinstance(base_path, dict) else read_safetensors(base_path)[1]
+    base = base_path if isinstance(base_path, dict) else read_checkpoint(base_path)[1]
     for name, contributing in method_tensors(base, deltas).items():
         b = base[name]
         dt = out[name][0]

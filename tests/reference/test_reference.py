@@ -70,7 +70,12 @@ def assert_same_delta(got, want, what):
                 f"{label}: kept values differ"
         if w.kind == "whole":
             assert (g.whole.dtype, g.whole.shape, g.whole.data) == (w.whole.dtype, w.whole.shape, w.whole.data), label
+        assert g.grown_shape == w.grown_shape, f"{label}: grown_shape"
+        if w.grown_shape is not None:
+            assert (g.grown.dtype, g.grown.shape, g.grown.data) == (w.grown.dtype, w.grown.shape, w.grown.data), \
+                f"{label}: the new rows differ"
     assert np.array_equal(got.base_hashes, want.base_hashes), f"{what}: sotu/base_hashes differ"
+    assert got.files == want.files, f"{what}: own files differ: {sorted(got.files)} vs {sorted(want.files)}"
 
 
 # =============================================================================================
@@ -315,6 +320,12 @@ def test_fixtures_are_reproducible_and_small(tmp_path):
     assert len(made) == 12
     for name in made:
         assert (tmp_path / name).read_bytes() == fixture(*name.split(".")[0].split("-")).read_bytes(), name
+    # The added-tokens folders (docs/FORMAT.md sections 12 and 13), file for file.
+    folders = sorted(p.relative_to(tmp_path) for p in (tmp_path / "added-tokens").rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(FIXTURES) for p in (FIXTURES / "added-tokens").rglob("*") if p.is_file())
+    assert folders == committed and len(folders) == 14
+    for rel in folders:
+        assert (tmp_path / rel).read_bytes() == (FIXTURES / rel).read_bytes(), rel
     # The model fixtures (fixtures/bad/ holds the separate bad-input corpus).
     total = sum(p.stat().st_size for p in (REPO / "fixtures" / "tiny").rglob("*") if p.is_file())
     assert total < 4 * 1024 * 1024
@@ -560,7 +571,7 @@ class TestBinary:
             got = ref.decode_delta(path)
             lo, hi = ref.interval(slot=f"{k - 1}/3")
             assert (got.seed, got.lo, got.hi, got.chunk) == (7, lo, hi, 65536)
-            assert got.metadata.get("format_version") == "1.0"
+            assert got.metadata.get("format_version") == "1.1"
             assert got.metadata.get("slot") == f"{k - 1}/3"
             want = ref.extract(base, fixture(f"task{k}", variant), 7, lo, hi, got.chunk)
             assert_same_delta(got, want, f"binary delta task{k}")
