@@ -12,6 +12,8 @@ densities so that each seed stays a few KiB) and the independent Python referenc
 fuzzer starts from files whose tensors span several chunks. A few tiny hand-made deltas cover
 what the fixtures lack: F64, a 0-d tensor, an empty tensor, BOOL/I64 whole tensors, NaN and
 infinite values, a later minor version with an extra `sotu/` tensor, and a delta with no tensors.
+Version 1.1's grown tensors and own files (docs/FORMAT.md sections 12 and 13) come from the
+added-tokens fixture folders, through both writers.
 Files named regress-* are the inputs of fixed findings (copied from fuzz/artifacts-found/ when
 the fix landed, so that every run replays them first); this script leaves them alone.
 """
@@ -131,6 +133,29 @@ def hand_made():
     ref.write_delta(os.path.join(READER, "ref-empty.delta.safetensors"), d)
 
 
+def grown_and_files():
+    """Deltas with grown tensors and own files: the binary's from the added-tokens folders, and
+    the reference's with small chunks (reader's target only: the merge target's base is another
+    model)."""
+    fx = os.path.join(FIX, "added-tokens")
+    subprocess.run([BIN, "extract", "-q", "--no-sync", "--base", os.path.join(fx, "base"), "--tuned",
+                    os.path.join(fx, "tuned"), "-o",
+                    os.path.join(READER, "bin-bf16-added-tokens-d0.01.delta.safetensors"),
+                    "--density", "0.01"], check=True)
+    base = ref.read_checkpoint(os.path.join(fx, "base"))[1]
+    tuned = ref.read_checkpoint(os.path.join(fx, "tuned"))[1]
+    # The first 8 rows of each tensor the base has, and 2 new rows: a few KiB.
+    small = lambda t, rows: ref.Tensor(t.dtype, (rows,) + t.shape[1:],
+                                       t.data[:rows * ref.numel(t.shape[1:]) * 2])
+    b = {k: small(v, 8) if len(v.shape) == 2 else v for k, v in base.items()}
+    t = {k: ref.Tensor(v.dtype, (10,) + v.shape[1:],
+                       small(v, 8).data + v.data[2051 * 64:2053 * 64]) if len(v.shape) == 2 else v
+         for k, v in tuned.items()}
+    d = ref.extract(b, t, seed=4, lo=0, hi=ref.TWO32 // 3, chunk=64)
+    d.files = {"config.json": b'{"vocab_size": 10}', "added_tokens.json": b'{"[PAD]": 8}'}
+    ref.write_delta(os.path.join(READER, "ref-bf16-grown-files-chunk64.delta.safetensors"), d)
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} not found: run `cargo build --release` first")
@@ -167,6 +192,7 @@ def main():
               3 * ref.TWO32 // 4 + round(0.005 * ref.TWO32), 2048, seed=5)
 
     hand_made()
+    grown_and_files()
     base, tuned = bf16_subset()
     for d in (READER, MERGE):
         ref_delta(os.path.join(d, "ref-bf16-subset-chunk5.delta.safetensors"), base, tuned,

@@ -1,7 +1,8 @@
 //! The fuzz input is the bytes of a delta file. It is opened with the validating reader
 //! (`Delta::open`); when that accepts it, everything a reader of an opened delta may do is done:
-//! every chunk of every masked and float `whole` tensor is decoded, every stats and base-hash row
-//! is read, the fingerprint is taken and `inspect` summarizes it. An `Err` anywhere is a correct
+//! every chunk of every masked and float `whole` tensor is decoded, every stats and base-hash row,
+//! grown tensor's new rows and own file is read, the fingerprint is taken and `inspect`
+//! summarizes it. An `Err` anywhere is a correct
 //! answer; a panic, abort, out-of-memory or timeout is a finding.
 #![no_main]
 
@@ -28,12 +29,14 @@ fuzz_target!(|data: &[u8]| {
 
     let _ = delta.fingerprint();
     let _ = (delta.params(), delta.tool(), delta.file_len(), delta.path());
+    let _ = delta.own_files().values().map(Vec::len).sum::<usize>();
     let mut budget = MAX_DECODE_TOTAL;
     let chunk = delta.params().chunk;
     for (name, e) in delta.entries() {
         let _ = delta.stats(e.row);
         let _ = delta.base_hash(e.row);
         let _ = delta.mask(name);
+        let _ = (delta.grown_rows(name), e.tuned_shape(), e.new_rows_shape());
         match e.kind {
             Kind::Masked => {
                 let _ = delta.offsets(name);
