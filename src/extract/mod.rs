@@ -161,22 +161,24 @@ pub fn extract(
         BTreeMap::new()
     };
 
-    // A single file carries the own files as tensors, a folder as files.
+    // A single file carries the own files as tensors, a folder as files (docs/FORMAT.md
+    // section 13).
+    let no_files = BTreeMap::new();
     let file_tensors = if out.is_folder() {
-        BTreeMap::new()
+        &no_files
     } else {
-        own_files.clone()
+        &own_files
     };
-    let layout = layout(&plan, &file_tensors);
+    let layout = layout(&plan, file_tensors);
     let md = delta_metadata(&plan, &own_files, opts)?;
 
     let mut output = Output::create(out, &layout, &md)?;
-    for (name, bytes) in &file_tensors {
-        output.write(&file_key(name), 0, bytes)?;
-    }
-    if out.is_folder() {
-        for (name, bytes) in &own_files {
-            output.add_file(name, bytes.clone())?;
+    let file_names: Vec<String> = own_files.keys().cloned().collect();
+    for (name, bytes) in own_files {
+        if out.is_folder() {
+            output.add_file(&name, bytes)?;
+        } else {
+            output.write(&file_key(&name), 0, &bytes)?;
         }
     }
     base.advise_sequential();
@@ -274,7 +276,7 @@ pub fn extract(
                 })
             })
             .collect(),
-        files: own_files.keys().cloned().collect(),
+        files: file_names,
         base_fingerprint: crate::io::fingerprint(
             &plan
                 .iter()

@@ -225,16 +225,18 @@ pub fn merge(
             len: p.out_len(),
         })
         .collect();
-    let files = opts.files_from.map(|k| deltas[k].own_files());
-    let (own_files, files_left_out): (Vec<String>, Vec<String>) = match files {
-        Some(f) if out.is_folder() => (f.keys().cloned().collect(), Vec::new()),
-        Some(f) => (Vec::new(), f.keys().cloned().collect()),
-        None => (Vec::new(), Vec::new()),
+    // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
+    let taken = opts.files_from.map(|k| deltas[k].own_files());
+    let names: Vec<String> = taken.into_iter().flat_map(|f| f.keys().cloned()).collect();
+    let (own_files, files_left_out) = if out.is_folder() {
+        (names, Vec::new())
+    } else {
+        (Vec::new(), names)
     };
     let md = output_metadata(base, deltas, opts, &weight);
     let mut output = Output::create(out, &layout, &md)?;
-    for name in &own_files {
-        output.add_file(name, files.expect("files taken")[name].clone())?;
+    for (name, bytes) in taken.into_iter().flatten().filter(|_| out.is_folder()) {
+        output.add_file(name, bytes.clone())?;
     }
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
@@ -428,18 +430,19 @@ fn execute(
                 output.write(name, at, bytes)
             })
         },
-        || -> Result<(Vec<[u8; 32]>, Vec<(u64, u64)>)> {
+        || -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
             let mut hashes = Vec::with_capacity(base.tensors().len());
             let mut counts = Vec::with_capacity(plans.len());
             for p in plans {
                 let (hash, written) = rayon::join(
                     || base.hash_of(&p.name),
-                    || -> Result<(u64, u64)> {
+                    || -> Result<u64> {
+                        // The new rows of a grown tensor are the CPU's whoever computes the rest.
                         let rows = cpu::write_grown(deltas, output, p)?;
                         if engine.computes(p) || combined(p) {
-                            Ok((0, rows))
+                            Ok(rows)
                         } else {
-                            Ok((cpu::execute(base, deltas, output, p)?, rows))
+                            Ok(rows + cpu::execute(base, deltas, output, p)?)
                         }
                     },
                 );
@@ -449,13 +452,11 @@ fn execute(
             Ok((hashes, counts))
         },
     );
-    let (base_hashes, counts) = by_cpu?;
-    // The new rows of grown tensors are the CPU's whichever engine computes the rest.
-    let (mut overflows, in_rows): (Vec<u64>, Vec<u64>) = counts.into_iter().unzip();
+    let (base_hashes, mut overflows) = by_cpu?;
     let mut from_engine = by_engine?.into_iter();
     for (c, p) in overflows.iter_mut().zip(plans) {
         if engine.computes(p) {
-            *c = from_engine.next().unwrap_or(0);
+            *c += from_engine.next().unwrap_or(0);
         }
     }
     // The merge methods: a tensor on each thread, each computed whole (docs/METHODS.md).
@@ -466,10 +467,7 @@ fn execute(
         .map(|(i, p)| (i, cpu::execute(base, deltas, output, p)))
         .collect();
     for (i, r) in from_methods {
-        overflows[i] = r?;
-    }
-    for (c, rows) in overflows.iter_mut().zip(in_rows) {
-        *c += rows;
+        overflows[i] += r?;
     }
     Ok((base_hashes, overflows))
 }
