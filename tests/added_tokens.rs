@@ -713,6 +713,24 @@ fn shrinking_or_another_dimension_stays_refused() {
     )
     .json();
     assert_eq!(r["grown"][0]["name"], json!(NORM));
+    // Its base part is unchanged: `same`, and only its new row is stored.
+    let j = ok(d, "inspect --json x.safetensors").json();
+    let norm = j["deltas"][0]["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == NORM)
+        .unwrap()
+        .clone();
+    assert_eq!(norm["kind"], json!("same"), "{norm}");
+    assert_eq!(norm["grown_shape"], json!([HIDDEN + 1]), "{norm}");
+    ok(d, "verify --base base x.safetensors");
+    ok(d, "apply --base base x.safetensors -o x");
+    assert_same(
+        &tensors(&d.join("x")),
+        &wider,
+        "apply of a grown `same` tensor",
+    );
     assert!(partial_files(d).is_empty());
 }
 
