@@ -6,14 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::dtype::Float;
-use crate::extract::{ExtractOptions, Selector, extract};
-use crate::format::Delta;
-use crate::inspect::{human_bytes, inspect, verify};
-use crate::io::{Checkpoint, HashCache};
-use crate::io::{Target, parse_size};
-use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{Device, MergeOptions, Method, check_method, merge};
+use crate::inspect::human_bytes;
+use crate::mask::DEFAULT_SEED;
+use crate::merge::{Device, Method};
+use crate::ops::{ExtractSpec, Flags, MergeSpec, Outcome, usage};
+
+pub use crate::ops::{MAX_THREADS, UsageError};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -28,26 +26,6 @@ fn emit(s: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r.context("cannot write to standard output")?),
     }
-}
-
-/// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
-/// the cost of starting them (docs/RELIABILITY.md).
-pub const MAX_THREADS: usize = 1024;
-
-/// A mistake in the arguments: exit code 2.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    UsageError(msg.into()).into()
 }
 
 #[derive(Parser)]
@@ -254,25 +232,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             return emit(&e.to_string());
         }
     };
-    if cli.threads.is_none()
-        && let Some(n) = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<u128>().ok())
-            .filter(|&n| n > MAX_THREADS as u128)
-    {
-        return Err(usage(format!(
-            "RAYON_NUM_THREADS={n}: at most {MAX_THREADS} worker threads"
-        )));
-    }
+    crate::ops::check_threads(cli.threads)?;
     if let Some(n) = cli.threads {
-        if n == 0 {
-            return Err(usage("--threads must be at least 1"));
-        }
-        if n > MAX_THREADS {
-            return Err(usage(format!(
-                "--threads {n}: at most {MAX_THREADS} worker threads"
-            )));
-        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()?;
@@ -284,114 +245,95 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         verbose: cli.verbose,
         no_sync: cli.no_sync,
         rehash: cli.rehash,
+        ..Flags::default()
     };
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => {
-            let opts = MergeOptions {
+            let spec = MergeSpec {
                 weights: a.weights,
                 rescale: a.rescale,
                 method: a.method,
-                alpha: a.alpha.unwrap_or(1.0),
-                trim: a.trim.unwrap_or(0.2),
+                alpha: a.alpha,
+                trim: a.trim,
                 files_from: a.files_from,
-                ..MergeOptions::default()
+                ..a.common.spec(&a.base, &a.deltas)
             };
-            run_merge(&a.base, &a.deltas, &a.output, opts, a.common, &flags)
+            run_merge(&spec, &a.output, &a.common, &flags)
         }
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
             // The fine-tune's own files replace the base's (docs/FORMAT.md section 13).
-            let opts = MergeOptions {
+            let spec = MergeSpec {
                 rescale: !a.no_rescale,
                 files_from: Some(0),
-                ..MergeOptions::default()
+                ..a.common.spec(&a.base, std::slice::from_ref(&a.delta))
             };
-            let deltas = std::slice::from_ref(&a.delta);
-            run_merge(&a.base, deltas, &a.output, opts, a.common, &flags)
+            run_merge(&spec, &a.output, &a.common, &flags)
         }
         Command::Inspect(a) => run_inspect(a, &flags),
         Command::Verify(a) => run_verify(a, &flags),
     }
 }
 
-/// The global flags that shape how a subcommand reports and writes.
-struct Flags {
-    quiet: bool,
-    verbose: bool,
-    no_sync: bool,
-    rehash: bool,
+/// Runs the command line `args` (the program name first) and says how it ended, as the
+/// `sotu-delta` binary and the Python package's `sotu-delta` command both exit: 0, 1 when the
+/// operation failed (the message printed on standard error), 2 on bad usage.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> u8 {
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(usage) = e.downcast_ref::<UsageError>() {
+                eprintln!("sotu-delta: usage error: {usage}");
+                return 2;
+            }
+            eprintln!("sotu-delta: error: {e:#}");
+            1
+        }
+    }
 }
 
-/// Opens a base checkpoint with the hash cache attached, unless it is turned off.
-fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
-    let base = Checkpoint::open(path)?;
-    Ok(match HashCache::from_env(flags.rehash) {
-        Some(cache) => base.with_hash_cache(cache),
-        None => base,
-    })
+/// Prints an outcome's notes and warnings on standard error.
+fn warn<R>(outcome: &Outcome<R>) {
+    for n in &outcome.notes {
+        eprintln!("sotu-delta: {n}");
+    }
+    for w in &outcome.warnings {
+        eprintln!("sotu-delta: warning: {w}");
+    }
 }
 
-/// The output target of `-o path` with `--shard-size size`.
-fn target(path: &Path, shard_size: &str, flags: &Flags) -> Result<Target> {
-    let mut t = Target::new(path);
-    t.durable = !flags.no_sync;
-    t.progress = !flags.quiet;
-    t.shard_size = parse_size(shard_size).map_err(|e| usage(format!("--shard-size: {e:#}")))?;
-    Ok(t)
-}
-
-/// `K/N` in decimal digits and nothing else: no sign, no spaces (docs/RELIABILITY.md).
-fn parse_slot(s: &str) -> Result<(u64, u64)> {
-    let num = |t: &str| {
-        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| t.parse().ok())
-            .flatten()
-    };
-    let parsed = s
-        .split_once('/')
-        .and_then(|(k, n)| Some((num(k)?, num(n)?)));
-    parsed.ok_or_else(|| {
-        usage(format!(
-            "--slot {s:?}: expected K/N in decimal digits, e.g. 0/3"
-        ))
-    })
+impl OutputArgs {
+    /// The merge of `deltas` onto `base` with these output flags and the defaults otherwise.
+    fn spec(&self, base: &Path, deltas: &[PathBuf]) -> MergeSpec {
+        MergeSpec {
+            dtype: self.dtype.clone(),
+            force: self.force,
+            device: self.device,
+            ..MergeSpec::new(base, deltas)
+        }
+    }
 }
 
 fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
-    let mut slot = None;
-    let interval = match &a.slot {
-        Some(s) => {
-            let (k, n) = parse_slot(s)?;
-            slot = Some(format!("{k}/{n}"));
-            Interval::from_slot(k, n, a.density).map_err(|e| usage(format!("--slot {s}: {e}")))?
-        }
-        None => Interval::from_density(a.density.unwrap_or(0.1))
-            .map_err(|e| usage(format!("--density: {e}")))?,
-    };
-    let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
-    let target = target(&a.output, &a.shard_size, flags)?;
-    let base = open_base(&a.base, flags)?;
-    let tuned = Checkpoint::open(&a.tuned)?;
-    let opts = ExtractOptions {
+    let spec = ExtractSpec {
+        shard_size: a.shard_size,
+        density: a.density,
         seed: a.seed,
-        interval,
-        slot: slot.clone(),
-        selector,
+        slot: a.slot,
+        include: a.include,
+        exclude: a.exclude,
         allow_nonfinite: a.allow_nonfinite,
         fingerprint_output: a.json,
         own_files: !a.no_files,
+        ..ExtractSpec::new(&a.base, &a.tuned, &a.output)
     };
-    let r = extract(&base, &tuned, &target, &opts)?;
-    base.save_hashes();
-    for (name, n) in &r.inexact {
-        eprintln!(
-            "sotu-delta: warning: {}: tensor {name}: {n} kept element(s) cannot be reproduced exactly by the merge arithmetic (base far larger than the fine-tuned value, or -0.0); see docs/FORMAT.md section 8",
-            a.tuned.display()
-        );
-    }
+    let (interval, slot) = spec.interval()?;
+    let outcome = crate::ops::extract(&spec, None, flags)?;
+    warn(&outcome);
+    let r = &outcome.report;
     if a.json {
-        emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+        emit(&format!("{}\n", serde_json::to_string_pretty(r)?))?;
     } else if !flags.quiet {
         out!(
             "extract: {} vs {} -> {}\n  seed {}  density {:.6}  interval [{}, {}){}\n  tensors: {} masked, {} whole, {} same as base\n  kept {} of {} masked elements ({:.4})\n  wrote {} of dense {} ({:.2}%) in {:.3} s ({:.1} MB/s read)",
@@ -425,88 +367,13 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     Ok(())
 }
 
-fn run_merge(
-    base_path: &Path,
-    delta_paths: &[PathBuf],
-    output: &Path,
-    opts: MergeOptions,
-    common: OutputArgs,
-    flags: &Flags,
-) -> Result<()> {
-    let weights = &opts.weights;
-    if !weights.is_empty() && weights.len() != delta_paths.len() {
-        return Err(usage(format!(
-            "--weights has {} values for {} deltas; give one per delta",
-            weights.len(),
-            delta_paths.len()
-        )));
-    }
-    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-        return Err(usage(format!("--weights: {w} is not a finite number")));
-    }
-    check_method(&opts, delta_paths.len()).map_err(|e| usage(format!("{e:#}")))?;
-    if let Some(k) = opts.files_from.filter(|&k| k >= delta_paths.len()) {
-        return Err(usage(format!(
-            "--files-from {k}: there are {} deltas, numbered from 0",
-            delta_paths.len()
-        )));
-    }
-    let dtype = common
-        .dtype
-        .as_deref()
-        .map(Float::parse)
-        .transpose()
-        .map_err(|e| usage(format!("--dtype: {e}")))?;
-    let mut target = target(output, &common.shard_size, flags)?;
-    let base = open_base(base_path, flags)?;
-    let deltas = delta_paths
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    warn_of_repeated_deltas(&deltas);
-    if base.is_folder() {
-        target.copy_from = Some(base_path.to_path_buf());
-    }
-    let opts = MergeOptions {
-        dtype,
-        force: common.force,
-        device: common.device,
-        fingerprint_output: common.json,
-        ..opts
-    };
-    let r = merge(&base, &deltas, &target, &opts)?;
-    base.save_hashes();
-    if flags.verbose && matches!(opts.method, Method::Iso | Method::Tsv) && r.device != "cpu" {
-        eprintln!(
-            "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum and ties)",
-            opts.method.name()
-        );
-    }
-    if flags.verbose && common.device == Device::Auto {
-        match &r.cpu_because {
-            None => eprintln!(
-                "sotu-delta: --device auto: merging on CUDA ({})",
-                r.device.trim_start_matches("cuda: ")
-            ),
-            Some(why) => eprintln!("sotu-delta: --device auto: merging on the CPU: {why}"),
-        }
-    }
-    if !r.mismatches.is_empty() {
-        eprintln!(
-            "sotu-delta: warning: --force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",
-            r.mismatches.len(),
-            r.mismatches[0]
-        );
-    }
-    report_own_files(&deltas, output, &opts, &r, flags);
-    for (name, n) in &r.overflowed {
-        eprintln!(
-            "sotu-delta: warning: {}: tensor {name}: {n} element(s) are infinite or NaN where the base is finite (an overflow of the output dtype or of the arithmetic, or a non-finite value in a delta)",
-            output.display()
-        );
-    }
+fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags) -> Result<()> {
+    let outcome = crate::ops::merge(spec, output, &common.shard_size, common.json, flags)?;
+    warn(&outcome);
+    let r = &outcome.report;
+    let (base_path, delta_paths) = (&spec.base, &spec.deltas);
     if common.json {
-        emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+        emit(&format!("{}\n", serde_json::to_string_pretty(r)?))?;
     } else if !flags.quiet {
         out!(
             "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
@@ -531,90 +398,8 @@ fn run_merge(
     Ok(())
 }
 
-/// Says what became of the deltas' own files (docs/FORMAT.md section 13): left out of a
-/// single-file output, or not taken (a note, or a warning where the output has a delta's
-/// grown vocabulary but not its tokenizer and config).
-fn report_own_files(
-    deltas: &[Delta],
-    output: &Path,
-    opts: &MergeOptions,
-    r: &crate::merge::MergeReport,
-    flags: &Flags,
-) {
-    if let Some(k) = opts.files_from
-        && !r.files_left_out.is_empty()
-    {
-        eprintln!(
-            "sotu-delta: warning: {}: a single-file output holds no files: the own files of {} ({}) were left out; write to a folder to have them",
-            output.display(),
-            deltas[k].path().display(),
-            r.files_left_out.join(", ")
-        );
-    }
-    if !crate::io::is_folder_path(output) {
-        return;
-    }
-    if opts.files_from.is_none() && !flags.quiet {
-        for (k, d) in deltas.iter().enumerate() {
-            if !d.own_files().is_empty() {
-                let names: Vec<&str> = d.own_files().keys().map(String::as_str).collect();
-                eprintln!(
-                    "sotu-delta: note: {} carries its fine-tune's own files ({}); the output keeps the base's. Pass --files-from {k} to take them",
-                    d.path().display(),
-                    names.join(", ")
-                );
-            }
-        }
-    }
-    let mut by_delta: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
-    for (name, k) in &r.grown {
-        by_delta.entry(*k).or_default().push(name);
-    }
-    for (k, names) in by_delta {
-        let (delta, names) = (deltas[k].path().display(), names.join(", "));
-        if opts.files_from != Some(k) {
-            eprintln!(
-                "sotu-delta: warning: {}: {names} hold the rows that {delta} adds for new tokens, but the output's config and tokenizer files are not that fine-tune's and do not know them. Pass --files-from {k}",
-                output.display(),
-            );
-        } else if deltas[k].own_files().is_empty() {
-            eprintln!(
-                "sotu-delta: warning: {}: {names} hold the rows that {delta} adds for new tokens, but that delta carries no config or tokenizer files (extracted from a single file, or with --no-files): the output's are the base's, which do not know them",
-                output.display(),
-            );
-        }
-    }
-}
-
-/// Warns of a delta given twice (the same file, under any path): its changes are added twice,
-/// which is seldom meant (`--weights` scales a delta).
-fn warn_of_repeated_deltas(deltas: &[Delta]) {
-    use std::os::unix::fs::MetadataExt;
-    let id = |d: &Delta| {
-        let m = std::fs::metadata(d.path()).ok()?;
-        Some((m.dev(), m.ino()))
-    };
-    let ids: Vec<_> = deltas.iter().map(id).collect();
-    for (j, d) in deltas.iter().enumerate() {
-        if let Some(i) = (0..j).find(|&i| ids[i].is_some() && ids[i] == ids[j]) {
-            eprintln!(
-                "sotu-delta: warning: {}: the same delta as {}, given twice: its changes are added twice (--weights scales a delta)",
-                d.path().display(),
-                deltas[i].path().display()
-            );
-        }
-    }
-}
-
 fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {
-    let deltas = a
-        .deltas
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let base = a.base.as_deref().map(|b| open_base(b, flags)).transpose()?;
-    let r = inspect(&deltas, base.as_ref(), a.subspaces)?;
-    base.iter().for_each(Checkpoint::save_hashes);
+    let r = crate::ops::inspect(&a.deltas, a.base.as_deref(), a.subspaces, flags)?;
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else {
@@ -624,14 +409,7 @@ fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {
 }
 
 fn run_verify(a: VerifyArgs, flags: &Flags) -> Result<()> {
-    let base = open_base(&a.base, flags)?;
-    let deltas = a
-        .deltas
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let verdicts = verify(&base, &deltas);
-    base.save_hashes();
+    let verdicts = crate::ops::verify(&a.base, &a.deltas, flags)?;
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&verdicts)?))?;
     } else {

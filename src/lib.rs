@@ -10,6 +10,8 @@
 //! - [`linalg`]: dense f64 linear algebra on tensors (faer), for the SVD merge methods.
 //! - [`simd`]: the AVX-512 kernels of the mask, merge and extract, each beside its portable twin,
 //!   chosen at run time (one detection), and the target list of the multiversioned loops.
+//! - [`ops`]: the operations from the values a user gives to reports and warnings, shared by
+//!   the command line and the Python package (bindings/python).
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -21,6 +23,7 @@ pub mod io;
 pub mod linalg;
 pub mod mask;
 pub mod merge;
+pub mod ops;
 pub mod simd;
 
 /// The writer string recorded in every file this build writes.

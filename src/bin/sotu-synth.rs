@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::Parser;
 use rayon::prelude::*;
 use sotu_delta::dtype::Float;
-use sotu_delta::io::{OutTensor, Output, Target};
+use sotu_delta::io::{OutTensor, Output, Sink, Target};
 
 #[derive(Parser)]
 #[command(about = "Write a synthetic Llama-shaped base checkpoint and fine-tunes of it")]

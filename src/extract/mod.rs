@@ -25,7 +25,7 @@ use crate::format::{
     STATS_COLS, file_key, grown_key, offsets_key,
 };
 use crate::io::Checkpoint;
-use crate::io::{OutTensor, Output, Target};
+use crate::io::{OutTensor, Output, Sink, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::simd::Kept;
 

@@ -12,6 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::hash_cache::{FileKey, HashCache};
 use super::header::{diagnose_header, duplicate_key, header_span};
+use super::memory::{AlignedBytes, MemoryImage};
 use super::process;
 
 /// The index of a sharded Hugging Face checkpoint folder.
@@ -41,22 +42,42 @@ impl TensorInfo {
     }
 }
 
-/// One safetensors file, memory-mapped and validated.
+/// One safetensors file, memory-mapped (or built in memory) and validated.
 struct Shard {
     path: PathBuf,
-    /// Size and modification time when opened, to notice a file changed while it was read.
-    stamp: (u64, Option<std::time::SystemTime>),
-    /// The file's identity for the hash cache, when opened.
-    key: FileKey,
-    mmap: Mmap,
+    /// Size and modification time when opened, to notice a file changed while it was read;
+    /// `None` for an image in memory, which nothing else can change.
+    stamp: Option<(u64, Option<std::time::SystemTime>)>,
+    /// The file's identity for the hash cache, when opened; `None` for an image in memory,
+    /// which the cache never holds.
+    key: Option<FileKey>,
+    bytes: Bytes,
     metadata: HashMap<String, String>,
 }
 
-/// A checkpoint: one safetensors file or a model folder of shards, memory-mapped and validated.
+/// A shard's bytes: a file's read-only mapping, or an image built in memory.
+enum Bytes {
+    Mapped(Mmap),
+    Memory(AlignedBytes),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Memory(b) => b.as_bytes(),
+        }
+    }
+}
+
+/// A checkpoint: one safetensors file or a model folder of shards, memory-mapped and validated
+/// (or one image of in-memory tensors, [`Checkpoint::from_image`]).
 pub struct Checkpoint {
     path: PathBuf,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, TensorInfo>,
+    folder: bool,
     /// Tensor hashes from and for the hash cache, once one is attached.
     hashes: Option<CachedHashes>,
 }
@@ -99,10 +120,31 @@ impl Checkpoint {
 
     /// Opens the one safetensors `file` of the checkpoint given as `path`.
     fn open_single(path: &Path, file: &Path) -> Result<Self> {
-        let shard = Shard::open(file)?;
+        Self::single(path, Shard::open(file)?)
+    }
+
+    /// Reads an image of in-memory tensors as a checkpoint, validated as a file is; `label`
+    /// stands for its path in messages (e.g. "tuned state dict").
+    pub fn from_image(label: &Path, image: MemoryImage) -> Result<Self> {
+        let bytes = Bytes::Memory(image.bytes);
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid set of tensors: {e}", label.display()))?;
+        let shard = Shard {
+            path: label.to_path_buf(),
+            stamp: None,
+            key: None,
+            metadata: header.metadata().clone().unwrap_or_default(),
+            bytes,
+        };
+        Self::single(label, shard)
+    }
+
+    /// The checkpoint `path` of one validated shard.
+    fn single(path: &Path, shard: Shard) -> Result<Self> {
         let tensors = shard_tensors(&shard, 0)?.into_iter().collect();
         Ok(Checkpoint {
             path: path.to_path_buf(),
+            folder: shard.path != path,
             shards: vec![shard],
             tensors,
             hashes: None,
@@ -200,6 +242,7 @@ impl Checkpoint {
             path: dir.to_path_buf(),
             shards,
             tensors,
+            folder: true,
             hashes: None,
         })
     }
@@ -216,7 +259,7 @@ impl Checkpoint {
 
     /// Whether the checkpoint is a model folder (its other files can be carried over).
     pub fn is_folder(&self) -> bool {
-        self.path.is_dir()
+        self.folder
     }
 
     /// The tensors, in name order.
@@ -231,7 +274,7 @@ impl Checkpoint {
 
     /// A tensor's raw little-endian bytes.
     pub fn data(&self, info: &TensorInfo) -> &[u8] {
-        &self.shards[info.shard].mmap[info.range.clone()]
+        &self.shards[info.shard].bytes[info.range.clone()]
     }
 
     /// The `__metadata__` map of the first file (empty when absent).
@@ -251,17 +294,18 @@ impl Checkpoint {
 
     /// The total size of the checkpoint's safetensors files in bytes.
     pub fn file_len(&self) -> u64 {
-        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
+        self.shards.iter().map(|s| s.bytes.len() as u64).sum()
     }
 
     /// Fails if a file's size or modification time changed since it was opened: what was read
     /// may mix old and new contents, so an output built from it must not be committed.
     pub fn check_unchanged(&self) -> Result<()> {
         for s in &self.shards {
+            let Some(stamp) = s.stamp else { continue };
             let meta = std::fs::metadata(&s.path).with_context(|| {
                 format!("{}: input disappeared while being read", s.path.display())
             })?;
-            if (meta.len(), meta.modified().ok()) != s.stamp {
+            if (meta.len(), meta.modified().ok()) != stamp {
                 bail!(
                     "{}: the file changed while it was being read; nothing was written. Run again on a stable file",
                     s.path.display()
@@ -278,8 +322,10 @@ impl Checkpoint {
         let known = (0..self.shards.len())
             .map(|k| {
                 let names = self.shard_tensor_names(k);
-                cache
-                    .lookup(&self.shards[k].key, &names)
+                self.shards[k]
+                    .key
+                    .as_ref()
+                    .and_then(|key| cache.lookup(key, &names))
                     .unwrap_or_default()
             })
             .collect();
@@ -330,9 +376,10 @@ impl Checkpoint {
             }
             let mut all = c.known[k].clone();
             all.extend(fresh.iter().map(|(n, h)| (n.clone(), *h)));
-            let unchanged = std::fs::metadata(&s.path).is_ok_and(|m| FileKey::of(&m) == s.key);
+            let Some(key) = &s.key else { continue };
+            let unchanged = std::fs::metadata(&s.path).is_ok_and(|m| FileKey::of(&m) == *key);
             if unchanged && all.len() == self.shard_tensor_names(k).len() {
-                c.cache.store(&s.key, c.attached, &all);
+                c.cache.store(key, c.attached, &all);
             }
         }
     }
@@ -340,7 +387,9 @@ impl Checkpoint {
     /// Asks the kernel to read ahead: the inputs are walked front to back.
     pub fn advise_sequential(&self) {
         for s in &self.shards {
-            let _ = s.mmap.advise(memmap2::Advice::Sequential);
+            if let Bytes::Mapped(m) = &s.bytes {
+                let _ = m.advise(memmap2::Advice::Sequential);
+            }
         }
     }
 }
@@ -378,8 +427,8 @@ impl<'de> serde::Deserialize<'de> for Pairs {
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
         let (file, meta) = open_regular(path)?;
-        let stamp = (meta.len(), meta.modified().ok());
-        let key = FileKey::of(&meta);
+        let stamp = Some((meta.len(), meta.modified().ok()));
+        let key = Some(FileKey::of(&meta));
         // SAFETY: the map is read-only. A file truncated by another process while mapped makes
         // reads fault with SIGBUS, which [`process::install_handlers`] turns into exit status 1.
         let mmap = unsafe { Mmap::map(&file) }
@@ -406,7 +455,7 @@ impl Shard {
             path: path.to_path_buf(),
             stamp,
             key,
-            mmap,
+            bytes: Bytes::Mapped(mmap),
             metadata,
         })
     }
@@ -417,9 +466,9 @@ impl Shard {
 /// leaves no entry behind (the entry goes when the shard drops).
 fn shard_tensors(shard: &Shard, k: usize) -> Result<Vec<(String, TensorInfo)>> {
     let path = &shard.path;
-    let (n, header) = SafeTensors::read_metadata(&shard.mmap)
+    let (n, header) = SafeTensors::read_metadata(&shard.bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    if let Some(dup) = duplicate_key(&shard.mmap[8..8 + n]) {
+    if let Some(dup) = duplicate_key(&shard.bytes[8..8 + n]) {
         bail!(
             "{}: not a valid safetensors file: {dup} appears twice in the header",
             path.display()
@@ -440,14 +489,18 @@ fn shard_tensors(shard: &Shard, k: usize) -> Result<Vec<(String, TensorInfo)>> {
             (name, entry)
         })
         .collect();
-    process::register_mapping(shard.mmap.as_ptr() as usize, shard.mmap.len(), path);
+    if let Bytes::Mapped(m) = &shard.bytes {
+        process::register_mapping(m.as_ptr() as usize, m.len(), path);
+    }
     Ok(tensors)
 }
 
 impl Drop for Shard {
     fn drop(&mut self) {
         // The mapping goes away: the SIGBUS handler must forget it.
-        process::forget_mapping(self.mmap.as_ptr() as usize);
+        if let Bytes::Mapped(m) = &self.bytes {
+            process::forget_mapping(m.as_ptr() as usize);
+        }
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`hash_cache`]: base tensor hashes remembered per file, keyed as git's index keys files.
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
+//! - [`memory`]: tensors in memory instead of files: a merge's output as buffers, and a
+//!   checkpoint built from in-memory tensors.
 //! - [`overwrite`]: refusing an output that would overwrite or delete an input.
 //! - [`process`]: the one owner of process-wide state: mapped inputs, partial outputs, and the
 //!   SIGBUS, SIGINT and SIGTERM handlers.
@@ -12,6 +14,7 @@
 pub mod checkpoint;
 pub mod hash_cache;
 pub mod header;
+pub mod memory;
 pub mod output;
 pub mod overwrite;
 pub mod process;
@@ -20,8 +23,9 @@ pub use checkpoint::{
     Checkpoint, INDEX_NAME, SINGLE_NAME, TensorInfo, fingerprint, read_small_file, tensor_hash,
 };
 pub use hash_cache::HashCache;
+pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
 pub use output::{
-    DEFAULT_SHARD_SIZE, OutTensor, Output, Target, Written, companion_files, is_folder_path,
-    parse_size, write_file, write_tensors,
+    Cancel, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, companion_files,
+    is_folder_path, parse_size, write_file, write_tensors,
 };
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};

@@ -53,6 +53,44 @@ pub struct Target {
     pub durable: bool,
     /// Show a progress bar while writing; drawn only when stderr is a terminal.
     pub progress: bool,
+    /// Stops the writing when set: every write fails from then on, and the output is never
+    /// committed.
+    pub cancel: Cancel,
+}
+
+/// An operation's stop request: a flag that another thread sets (the Python package sets it on
+/// a KeyboardInterrupt) and that every output write checks, so a long merge or extract ends
+/// within one write and leaves nothing behind. The command line never sets it: its signal
+/// handler removes the partial outputs and exits instead.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// Asks the operation to stop.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fails once a stop was asked for.
+    pub fn check(&self) -> Result<()> {
+        if self.is_set() {
+            bail!("interrupted; nothing was written");
+        }
+        Ok(())
+    }
+}
+
+/// Where an operation puts its output bytes: positional writes into named tensors, from any
+/// thread, each tensor's length fixed by the layout given when the sink was made. [`Output`]
+/// writes files; [`MemoryOutput`](super::memory::MemoryOutput) keeps the tensors in memory.
+pub trait Sink: Sync {
+    /// Writes `bytes` at byte `at` of tensor `name`'s data.
+    fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()>;
 }
 
 impl Target {
@@ -65,6 +103,7 @@ impl Target {
             copy_from: None,
             durable: true,
             progress: false,
+            cancel: Cancel::default(),
         }
     }
 
@@ -260,7 +299,7 @@ pub const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Written as it goes, with no JSON tree of the whole header: for hundreds of thousands of
 /// tensors that tree took several times the memory of the header itself. The bytes are those
 /// of serde_json's map, which wrote it before: keys in byte order, `__metadata__` among them.
-fn header(
+pub(super) fn header(
     tensors: &[OutTensor],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(Vec<u8>, Vec<u64>, usize)> {
@@ -429,20 +468,6 @@ impl Output {
             bail!("{dest}: {name:?} is not a file name an output folder may be given");
         }
         self.own_files.insert(name.to_string(), bytes);
-        Ok(())
-    }
-
-    /// Writes `bytes` at byte `at` of tensor `name`'s data.
-    pub fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
-        let (k, base, _) = self.place[name];
-        self.with_file(k, |f| f.write_all_at(bytes, base + at))
-            .with_context(|| {
-                format!(
-                    "{}: cannot write tensor {name}",
-                    self.shards[k].path.display()
-                )
-            })?;
-        self.progress.inc(bytes.len() as u64);
         Ok(())
     }
 
@@ -633,6 +658,25 @@ impl Output {
         if durable && let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             let _ = sync_folder(parent);
         }
+        Ok(())
+    }
+}
+
+impl Sink for Output {
+    fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()> {
+        self.target
+            .cancel
+            .check()
+            .with_context(|| self.target.path.display().to_string())?;
+        let (k, base, _) = self.place[name];
+        self.with_file(k, |f| f.write_all_at(bytes, base + at))
+            .with_context(|| {
+                format!(
+                    "{}: cannot write tensor {name}",
+                    self.shards[k].path.display()
+                )
+            })?;
+        self.progress.inc(bytes.len() as u64);
         Ok(())
     }
 }

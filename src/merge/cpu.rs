@@ -18,7 +18,7 @@ use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::Delta;
 use crate::io::Checkpoint;
-use crate::io::Output;
+use crate::io::Sink;
 use crate::mask::Mask;
 use crate::simd::Kept;
 
@@ -32,7 +32,7 @@ const COPY_PIECE: usize = 64 << 20;
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
 /// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
 /// on this thread ([`super::methods`]); the others are spread over the threads.
-pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
             let data = p.origin_data(*o, base, deltas);
@@ -61,7 +61,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan
 /// makes: the growing delta's stored rows as they are, or each value rounded once to the output
 /// dtype under `--dtype`. Returns how many of them become infinite or NaN in that rounding
 /// ([`Float::becomes_nonfinite`] of the value itself). Nothing for a tensor that did not grow.
-pub fn write_grown(deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+pub fn write_grown(deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let Some(g) = &p.grown else {
         return Ok(0);
     };

@@ -14,7 +14,7 @@ use faer::Mat;
 use super::plan::{Combine, Method, Source, TensorPlan, Term, TiesParams};
 use crate::dtype::Float;
 use crate::format::Delta;
-use crate::io::{Checkpoint, Output};
+use crate::io::{Checkpoint, Sink};
 use crate::linalg::{mul_transposed, polar, thin_svd, view};
 
 /// Elements rounded and written at a time: bounds the output buffer.
@@ -22,7 +22,7 @@ const WRITE_PIECE: usize = 1 << 20;
 
 /// Computes and writes a tensor planned as [`Source::Combine`]; returns how many of its results
 /// are infinite or NaN where the base is finite.
-pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let Source::Combine {
         from,
         to,
@@ -334,7 +334,7 @@ struct Combined<'a> {
 impl Combined<'_> {
     /// Rounds and writes the tensor in pieces; returns how many results are infinite or NaN
     /// where the base is finite.
-    fn write(&self, name: &str, out: &Output) -> Result<u64> {
+    fn write(&self, name: &str, out: &dyn Sink) -> Result<u64> {
         let (from, to) = (self.from, self.to);
         let size = to.size();
         let mut bytes = Vec::with_capacity(WRITE_PIECE.min(self.b.len()) * size);

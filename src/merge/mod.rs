@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::dtype::Float;
 use crate::format::Delta;
-use crate::io::{Checkpoint, OutTensor, Output, Target};
+use crate::io::{Cancel, Checkpoint, MemoryOutput, MemoryTensor, OutTensor, Output, Sink, Target};
 
 pub use plan::{Combine, Grown, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
@@ -195,6 +195,78 @@ pub fn merge(
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let start = Instant::now();
+    check_inputs(deltas, opts)?;
+    let mut inputs = vec![base];
+    inputs.extend(deltas.iter().map(Delta::checkpoint));
+    crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
+    let planned = Planned::new(base, deltas, opts)?;
+    // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
+    let taken = opts.files_from.map(|k| deltas[k].own_files());
+    let names: Vec<String> = taken.into_iter().flat_map(|f| f.keys().cloned()).collect();
+    let (own_files, files_left_out) = if out.is_folder() {
+        (names, Vec::new())
+    } else {
+        (Vec::new(), names)
+    };
+    let mut output = Output::create(out, &planned.layout, &planned.metadata)?;
+    for (name, bytes) in taken.into_iter().flatten().filter(|_| out.is_folder()) {
+        output.add_file(name, bytes.clone())?;
+    }
+    let run = planned.run(base, deltas, opts, &output)?;
+    let written = output.commit(opts.fingerprint_output)?;
+    let display = |p: &Path| p.display().to_string();
+    Ok(MergeReport {
+        outputs: written.files.iter().map(|p| display(p)).collect(),
+        output_bytes: written.bytes,
+        output_fingerprint: written.fingerprint,
+        own_files,
+        files_left_out,
+        ..planned.report(base, deltas, run, start)
+    })
+}
+
+/// A merge's output held in memory ([`merge_in_memory`]).
+pub struct MergedInMemory {
+    /// The tensors, in name order: each one's bytes are those the file output would hold.
+    pub tensors: Vec<MemoryTensor>,
+    /// The `__metadata__` the file output would have.
+    pub metadata: BTreeMap<String, String>,
+    /// What the merge did; it lists no output files, `output_bytes` counts the tensors' data,
+    /// and the own files of `files_from` are all left out.
+    pub report: MergeReport,
+}
+
+/// Merges `deltas` onto `base` into memory: the same plan, engines and arithmetic as
+/// [`merge`], with the tensors kept in buffers instead of written to a file. `cancel` stops it
+/// (every write checks it).
+pub fn merge_in_memory(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    opts: &MergeOptions,
+    cancel: Cancel,
+) -> Result<MergedInMemory> {
+    let start = Instant::now();
+    check_inputs(deltas, opts)?;
+    let planned = Planned::new(base, deltas, opts)?;
+    let output = MemoryOutput::create(&planned.layout, cancel)?;
+    let run = planned.run(base, deltas, opts, &output)?;
+    let report = MergeReport {
+        output_bytes: planned.layout.iter().map(|t| t.len).sum(),
+        files_left_out: opts
+            .files_from
+            .map(|k| deltas[k].own_files().keys().cloned().collect())
+            .unwrap_or_default(),
+        ..planned.report(base, deltas, run, start)
+    };
+    Ok(MergedInMemory {
+        tensors: output.into_tensors(),
+        metadata: planned.metadata,
+        report,
+    })
+}
+
+/// Refuses options that do not fit these deltas.
+fn check_inputs(deltas: &[Delta], opts: &MergeOptions) -> Result<()> {
     if !opts.weights.is_empty() && opts.weights.len() != deltas.len() {
         bail!(
             "{} weights for {} deltas: give one weight per delta",
@@ -209,91 +281,125 @@ pub fn merge(
             deltas.len()
         );
     }
-    let mut inputs = vec![base];
-    inputs.extend(deltas.iter().map(Delta::checkpoint));
-    crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
-    let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
-    let plans = plan(base, deltas, opts, &weight)?;
-    // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
-    let (engine, cpu_because) = Engine::select(opts.device)?;
-    let layout: Vec<OutTensor> = plans
-        .iter()
-        .map(|p| OutTensor {
-            name: p.name.clone(),
-            dtype: p.dtype,
-            shape: p.out_shape().to_vec(),
-            len: p.out_len(),
+    Ok(())
+}
+
+/// A merge planned, before any output exists: the tensors, the engine, and the output's layout
+/// and metadata.
+struct Planned {
+    plans: Vec<TensorPlan>,
+    engine: Engine,
+    cpu_because: Option<String>,
+    layout: Vec<OutTensor>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// What executing a plan found.
+struct Ran {
+    base_fingerprint: String,
+    mismatches: Vec<String>,
+    overflows: Vec<u64>,
+}
+
+impl Planned {
+    fn new(base: &Checkpoint, deltas: &[Delta], opts: &MergeOptions) -> Result<Self> {
+        let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
+        let plans = plan(base, deltas, opts, &weight)?;
+        // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
+        let (engine, cpu_because) = Engine::select(opts.device)?;
+        let layout = plans
+            .iter()
+            .map(|p| OutTensor {
+                name: p.name.clone(),
+                dtype: p.dtype,
+                shape: p.out_shape().to_vec(),
+                len: p.out_len(),
+            })
+            .collect();
+        let metadata = output_metadata(base, deltas, opts, &weight);
+        Ok(Planned {
+            plans,
+            engine,
+            cpu_because,
+            layout,
+            metadata,
         })
-        .collect();
-    // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
-    let taken = opts.files_from.map(|k| deltas[k].own_files());
-    let names: Vec<String> = taken.into_iter().flat_map(|f| f.keys().cloned()).collect();
-    let (own_files, files_left_out) = if out.is_folder() {
-        (names, Vec::new())
-    } else {
-        (Vec::new(), names)
-    };
-    let md = output_metadata(base, deltas, opts, &weight);
-    let mut output = Output::create(out, &layout, &md)?;
-    for (name, bytes) in taken.into_iter().flatten().filter(|_| out.is_folder()) {
-        output.add_file(name, bytes.clone())?;
     }
-    base.advise_sequential();
-    deltas.iter().for_each(Delta::advise_sequential);
-    let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
 
-    let base_names: Vec<&String> = base.tensors().keys().collect();
-    let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
-    if !mismatches.is_empty() && !opts.force {
-        let shown: Vec<&str> = mismatches.iter().take(5).map(String::as_str).collect();
-        bail!(
-            "{}: this base is not the one the deltas were taken against ({} tensor(s) differ: {}{}); nothing was written. Pass --force to merge anyway",
-            base.path().display(),
-            mismatches.len(),
-            shown.join(", "),
-            if mismatches.len() > 5 { ", …" } else { "" }
-        );
+    /// Computes every tensor into `sink`, then checks the provenance and that no input
+    /// changed meanwhile: the sink's contents may be used only if this succeeds.
+    fn run(
+        &self,
+        base: &Checkpoint,
+        deltas: &[Delta],
+        opts: &MergeOptions,
+        sink: &dyn Sink,
+    ) -> Result<Ran> {
+        base.advise_sequential();
+        deltas.iter().for_each(Delta::advise_sequential);
+        let (base_hashes, overflows) = execute(self.engine, base, deltas, &self.plans, sink)?;
+        let base_names: Vec<&String> = base.tensors().keys().collect();
+        let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
+        if !mismatches.is_empty() && !opts.force {
+            let shown: Vec<&str> = mismatches.iter().take(5).map(String::as_str).collect();
+            bail!(
+                "{}: this base is not the one the deltas were taken against ({} tensor(s) differ: {}{}); nothing was written. Pass --force to merge anyway",
+                base.path().display(),
+                mismatches.len(),
+                shown.join(", "),
+                if mismatches.len() > 5 { ", …" } else { "" }
+            );
+        }
+        base.check_unchanged()?;
+        deltas.iter().try_for_each(Delta::check_unchanged)?;
+        Ok(Ran {
+            base_fingerprint: crate::io::fingerprint(&base_hashes),
+            mismatches,
+            overflows,
+        })
     }
-    base.check_unchanged()?;
-    deltas.iter().try_for_each(Delta::check_unchanged)?;
-    let written = output.commit(opts.fingerprint_output)?;
-    let display = |p: &Path| p.display().to_string();
 
-    let fingerprint = crate::io::fingerprint(&base_hashes);
-    Ok(MergeReport {
-        inputs: base
-            .files()
-            .into_iter()
-            .chain(deltas.iter().flat_map(Delta::files))
-            .map(display)
-            .collect(),
-        outputs: written.files.iter().map(|p| display(p)).collect(),
-        tensors: plans.len(),
-        changed: plans
-            .iter()
-            .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
-            .count(),
-        output_bytes: written.bytes,
-        input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
-        seconds: start.elapsed().as_secs_f64(),
-        mismatches,
-        base_fingerprint: fingerprint,
-        output_fingerprint: written.fingerprint,
-        overflowed: plans
-            .iter()
-            .zip(overflows)
-            .filter(|(_, n)| *n > 0)
-            .map(|(p, n)| (p.name.clone(), n))
-            .collect(),
-        device: engine.name(),
-        cpu_because,
-        grown: plans
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), p.grown.as_ref()?.delta)))
-            .collect(),
-        own_files,
-        files_left_out,
-    })
+    /// The report of a run, without its output files.
+    fn report(&self, base: &Checkpoint, deltas: &[Delta], run: Ran, start: Instant) -> MergeReport {
+        let display = |p: &Path| p.display().to_string();
+        MergeReport {
+            inputs: base
+                .files()
+                .into_iter()
+                .chain(deltas.iter().flat_map(Delta::files))
+                .map(display)
+                .collect(),
+            outputs: Vec::new(),
+            tensors: self.plans.len(),
+            changed: self
+                .plans
+                .iter()
+                .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
+                .count(),
+            output_bytes: 0,
+            input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
+            seconds: start.elapsed().as_secs_f64(),
+            mismatches: run.mismatches,
+            base_fingerprint: run.base_fingerprint,
+            output_fingerprint: None,
+            overflowed: self
+                .plans
+                .iter()
+                .zip(run.overflows)
+                .filter(|(_, n)| *n > 0)
+                .map(|(p, n)| (p.name.clone(), n))
+                .collect(),
+            device: self.engine.name(),
+            cpu_because: self.cpu_because.clone(),
+            grown: self
+                .plans
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.grown.as_ref()?.delta)))
+                .collect(),
+            own_files: Vec::new(),
+            files_left_out: Vec::new(),
+        }
+    }
 }
 
 impl Method {
@@ -395,7 +501,7 @@ fn execute(
     base: &Checkpoint,
     deltas: &[Delta],
     plans: &[TensorPlan],
-    output: &Output,
+    output: &dyn Sink,
 ) -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(

@@ -1,0 +1,558 @@
+//! The operations as a user states them, shared by the command line ([`crate::cli`]) and the
+//! Python package (bindings/python): from paths and option values to a report and the warnings
+//! to show. Here the values are checked (a mistake is a [`UsageError`]), the inputs opened, the
+//! operation run and its warnings worded; nothing is printed. The command line prints what it
+//! gets back; the Python package returns the reports as dicts and the warnings as Python
+//! warnings, so both say the same things.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::dtype::Float;
+use crate::extract::{ExtractOptions, ExtractReport, Selector};
+use crate::format::Delta;
+use crate::inspect::{InspectReport, Verdict};
+use crate::io::{Cancel, Checkpoint, HashCache, Target, parse_size};
+use crate::mask::{DEFAULT_SEED, Interval};
+use crate::merge::{Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method};
+
+/// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
+/// the cost of starting them (docs/RELIABILITY.md).
+pub const MAX_THREADS: usize = 1024;
+
+/// A mistake in the arguments: exit code 2 on the command line.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A [`UsageError`] as an error.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// Checks a thread count asked for (`--threads`), or else `RAYON_NUM_THREADS`.
+pub fn check_threads(threads: Option<usize>) -> Result<()> {
+    match threads {
+        Some(0) => Err(usage("--threads must be at least 1")),
+        Some(n) if n > MAX_THREADS => Err(usage(format!(
+            "--threads {n}: at most {MAX_THREADS} worker threads"
+        ))),
+        Some(_) => Ok(()),
+        None => match std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u128>().ok())
+            .filter(|&n| n > MAX_THREADS as u128)
+        {
+            Some(n) => Err(usage(format!(
+                "RAYON_NUM_THREADS={n}: at most {MAX_THREADS} worker threads"
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Parses one of a flag's named values (`--method tsv`, `--device cpu`).
+pub fn parse_choice<T: clap::ValueEnum>(flag: &str, value: &str) -> Result<T> {
+    T::from_str(value, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        usage(format!(
+            "{flag} {value:?}: expected one of {}",
+            names.join(", ")
+        ))
+    })
+}
+
+/// How an operation runs, beyond what it computes.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    /// No progress bar.
+    pub quiet: bool,
+    /// Say more: fills [`Outcome::notes`].
+    pub verbose: bool,
+    /// Do not fsync outputs before renaming them into place.
+    pub no_sync: bool,
+    /// Hash the base again instead of taking its tensor hashes from the hash cache
+    /// (docs/RELIABILITY.md, "The hash cache").
+    pub rehash: bool,
+    /// Stops the operation at its next write when set (the Python package's KeyboardInterrupt).
+    pub cancel: Cancel,
+}
+
+/// What an operation returns: its report, the warnings to show, and with
+/// [`Flags::verbose`] the notes to show.
+#[derive(Debug)]
+pub struct Outcome<R> {
+    /// The report (`--json` prints it).
+    pub report: R,
+    /// One paragraph each, without a `warning:` prefix.
+    pub warnings: Vec<String>,
+    /// `--verbose` lines, without a prefix.
+    pub notes: Vec<String>,
+}
+
+/// Opens a base checkpoint with the hash cache attached, unless it is turned off.
+fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
+    let base = Checkpoint::open(path)?;
+    Ok(match HashCache::from_env(flags.rehash) {
+        Some(cache) => base.with_hash_cache(cache),
+        None => base,
+    })
+}
+
+/// The output target of `path` with shard size `shard_size` (`--shard-size`).
+fn target(path: &Path, shard_size: &str, flags: &Flags) -> Result<Target> {
+    let mut t = Target::new(path);
+    t.durable = !flags.no_sync;
+    t.progress = !flags.quiet;
+    t.cancel = flags.cancel.clone();
+    t.shard_size = parse_size(shard_size).map_err(|e| usage(format!("--shard-size: {e:#}")))?;
+    Ok(t)
+}
+
+/// An extract as stated: the command line's `extract` flags, the Python `extract` arguments.
+#[derive(Clone, Debug)]
+pub struct ExtractSpec {
+    /// The base checkpoint.
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint; with a fine-tune given in memory, what stands for it in
+    /// messages.
+    pub tuned: PathBuf,
+    /// The delta to write.
+    pub output: PathBuf,
+    /// Largest shard of a folder output (`5GB`).
+    pub shard_size: String,
+    /// Fraction of elements kept (0.1, or the whole slot with `slot`).
+    pub density: Option<f64>,
+    /// Mask seed.
+    pub seed: u64,
+    /// `K/N`: keep slot K of N.
+    pub slot: Option<String>,
+    /// Globs of the tensors masked (all float tensors when empty).
+    pub include: Vec<String>,
+    /// Globs of tensors not masked.
+    pub exclude: Vec<String>,
+    /// Store NaN and infinite differences.
+    pub allow_nonfinite: bool,
+    /// Read the delta back once for its fingerprint (what `--json` reports).
+    pub fingerprint_output: bool,
+    /// Store the fine-tune folder's own files that differ from the base's (not `--no-files`).
+    pub own_files: bool,
+}
+
+impl ExtractSpec {
+    /// The defaults of the command line for these three paths.
+    pub fn new(base: &Path, tuned: &Path, output: &Path) -> Self {
+        ExtractSpec {
+            base: base.into(),
+            tuned: tuned.into(),
+            output: output.into(),
+            shard_size: "5GB".into(),
+            density: None,
+            seed: DEFAULT_SEED,
+            slot: None,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            allow_nonfinite: false,
+            fingerprint_output: false,
+            own_files: true,
+        }
+    }
+
+    /// The keep interval, and the slot as `K/N` when one was given.
+    pub fn interval(&self) -> Result<(Interval, Option<String>)> {
+        match &self.slot {
+            Some(s) => {
+                let (k, n) = parse_slot(s)?;
+                let interval = Interval::from_slot(k, n, self.density)
+                    .map_err(|e| usage(format!("--slot {s}: {e}")))?;
+                Ok((interval, Some(format!("{k}/{n}"))))
+            }
+            None => Ok((
+                Interval::from_density(self.density.unwrap_or(0.1))
+                    .map_err(|e| usage(format!("--density: {e}")))?,
+                None,
+            )),
+        }
+    }
+}
+
+/// `K/N` in decimal digits and nothing else: no sign, no spaces (docs/RELIABILITY.md).
+fn parse_slot(s: &str) -> Result<(u64, u64)> {
+    let num = |t: &str| {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let parsed = s
+        .split_once('/')
+        .and_then(|(k, n)| Some((num(k)?, num(n)?)));
+    parsed.ok_or_else(|| {
+        usage(format!(
+            "--slot {s:?}: expected K/N in decimal digits, e.g. 0/3"
+        ))
+    })
+}
+
+/// Extracts the delta `spec` asks for. `tuned`, when given, is the fine-tune already in memory
+/// ([`Checkpoint::from_image`]), used instead of opening `spec.tuned`.
+pub fn extract(
+    spec: &ExtractSpec,
+    tuned: Option<Checkpoint>,
+    flags: &Flags,
+) -> Result<Outcome<ExtractReport>> {
+    let (interval, slot) = spec.interval()?;
+    let selector =
+        Selector::new(&spec.include, &spec.exclude).map_err(|e| usage(format!("{e:#}")))?;
+    let target = target(&spec.output, &spec.shard_size, flags)?;
+    let base = open_base(&spec.base, flags)?;
+    let tuned = match tuned {
+        Some(t) => t,
+        None => Checkpoint::open(&spec.tuned)?,
+    };
+    let opts = ExtractOptions {
+        seed: spec.seed,
+        interval,
+        slot,
+        selector,
+        allow_nonfinite: spec.allow_nonfinite,
+        fingerprint_output: spec.fingerprint_output,
+        own_files: spec.own_files,
+    };
+    let report = crate::extract::extract(&base, &tuned, &target, &opts)?;
+    base.save_hashes();
+    let warnings = report
+        .inexact
+        .iter()
+        .map(|(name, n)| format!(
+            "{}: tensor {name}: {n} kept element(s) cannot be reproduced exactly by the merge arithmetic (base far larger than the fine-tuned value, or -0.0); see docs/FORMAT.md section 8",
+            spec.tuned.display()
+        ))
+        .collect();
+    Ok(Outcome {
+        report,
+        warnings,
+        notes: Vec::new(),
+    })
+}
+
+/// A merge as stated: the base, the deltas and how to combine them, whether it is written to a
+/// file ([`merge`]) or kept in memory ([`merge_in_memory`]). An `apply` is a merge of one
+/// delta with `rescale` (unless `--no-rescale`).
+#[derive(Clone, Debug)]
+pub struct MergeSpec {
+    /// The base checkpoint.
+    pub base: PathBuf,
+    /// The deltas, in order.
+    pub deltas: Vec<PathBuf>,
+    /// One weight per delta (all 1 when empty).
+    pub weights: Vec<f64>,
+    /// Scale kept values by 1/density (`sum` only).
+    pub rescale: bool,
+    /// The merge method.
+    pub method: Method,
+    /// `ties`, `iso`, `tsv`: scale of the merged delta (1).
+    pub alpha: Option<f64>,
+    /// `ties`: fraction of each task's elements kept by magnitude (0.2).
+    pub trim: Option<f64>,
+    /// Output dtype of float tensors (`f32`, `f16`, `bf16`, `f64`; the base's when `None`).
+    pub dtype: Option<String>,
+    /// Merge even if a delta was taken against another base.
+    pub force: bool,
+    /// Which backend computes the merge.
+    pub device: Device,
+    /// The delta whose own files (config, tokenizer) a folder output takes over the base's
+    /// (`--files-from`; 0 for `apply`).
+    pub files_from: Option<usize>,
+}
+
+impl MergeSpec {
+    /// The command line's defaults for this base and these deltas.
+    pub fn new(base: &Path, deltas: &[PathBuf]) -> Self {
+        MergeSpec {
+            base: base.into(),
+            deltas: deltas.to_vec(),
+            weights: Vec::new(),
+            rescale: false,
+            method: Method::Sum,
+            alpha: None,
+            trim: None,
+            dtype: None,
+            force: false,
+            device: Device::Auto,
+            files_from: None,
+        }
+    }
+
+    /// The merge options, checked (a mistake is a [`UsageError`]).
+    pub fn options(&self, fingerprint_output: bool) -> Result<MergeOptions> {
+        let weights = &self.weights;
+        if !weights.is_empty() && weights.len() != self.deltas.len() {
+            return Err(usage(format!(
+                "--weights has {} values for {} deltas; give one per delta",
+                weights.len(),
+                self.deltas.len()
+            )));
+        }
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(usage(format!("--weights: {w} is not a finite number")));
+        }
+        let dtype = self
+            .dtype
+            .as_deref()
+            .map(Float::parse)
+            .transpose()
+            .map_err(|e| usage(format!("--dtype: {e}")))?;
+        let opts = MergeOptions {
+            weights: weights.clone(),
+            rescale: self.rescale,
+            method: self.method,
+            alpha: self.alpha.unwrap_or(1.0),
+            trim: self.trim.unwrap_or(0.2),
+            dtype,
+            force: self.force,
+            device: self.device,
+            fingerprint_output,
+            files_from: self.files_from,
+        };
+        check_method(&opts, self.deltas.len()).map_err(|e| usage(format!("{e:#}")))?;
+        if let Some(k) = self.files_from.filter(|&k| k >= self.deltas.len()) {
+            return Err(usage(format!(
+                "--files-from {k}: there are {} deltas, numbered from 0",
+                self.deltas.len()
+            )));
+        }
+        Ok(opts)
+    }
+
+    /// Opens the base and the deltas; warns of a delta given twice.
+    fn open(&self, flags: &Flags) -> Result<(Checkpoint, Vec<Delta>, Vec<String>)> {
+        let base = open_base(&self.base, flags)?;
+        let deltas = self
+            .deltas
+            .iter()
+            .map(|p| Delta::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let warnings = repeated_deltas(&deltas);
+        Ok((base, deltas, warnings))
+    }
+
+    /// The warnings and notes of a merge of `deltas` and its `report`, written to `output`
+    /// (`None`: kept in memory, where there are no files to take or leave out).
+    fn messages(
+        &self,
+        deltas: &[Delta],
+        report: &MergeReport,
+        output: Option<&Path>,
+        flags: &Flags,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut warnings, mut notes) = (Vec::new(), Vec::new());
+        if flags.verbose
+            && matches!(self.method, Method::Iso | Method::Tsv)
+            && report.device != "cpu"
+        {
+            notes.push(format!(
+                "--method {}: computed on the CPU (the GPU kernels are for sum and ties)",
+                self.method.name()
+            ));
+        }
+        if flags.verbose && self.device == Device::Auto {
+            notes.push(match &report.cpu_because {
+                None => format!(
+                    "--device auto: merging on CUDA ({})",
+                    report.device.trim_start_matches("cuda: ")
+                ),
+                Some(why) => format!("--device auto: merging on the CPU: {why}"),
+            });
+        }
+        if !report.mismatches.is_empty() {
+            warnings.push(format!(
+                "--force: merged onto a base that differs from the deltas' base in {} tensor(s), e.g. {}",
+                report.mismatches.len(),
+                report.mismatches[0]
+            ));
+        }
+        if let Some(output) = output {
+            own_files_messages(
+                deltas,
+                report,
+                self.files_from,
+                output,
+                flags,
+                &mut warnings,
+                &mut notes,
+            );
+        }
+        let output = output.unwrap_or(Path::new("merged tensors"));
+        for (name, n) in &report.overflowed {
+            warnings.push(format!(
+                "{}: tensor {name}: {n} element(s) are infinite or NaN where the base is finite (an overflow of the output dtype or of the arithmetic, or a non-finite value in a delta)",
+                output.display()
+            ));
+        }
+        (warnings, notes)
+    }
+}
+
+/// Merges as `spec` says and writes the result to `output` (a `.safetensors` file, or else a
+/// model folder of shards of at most `shard_size`). A folder base's other files (config,
+/// tokenizer) are copied into a folder output.
+pub fn merge(
+    spec: &MergeSpec,
+    output: &Path,
+    shard_size: &str,
+    fingerprint_output: bool,
+    flags: &Flags,
+) -> Result<Outcome<MergeReport>> {
+    let opts = spec.options(fingerprint_output)?;
+    let mut target = target(output, shard_size, flags)?;
+    let (base, deltas, mut warnings) = spec.open(flags)?;
+    if base.is_folder() {
+        target.copy_from = Some(spec.base.clone());
+    }
+    let report = crate::merge::merge(&base, &deltas, &target, &opts)?;
+    base.save_hashes();
+    let (more, notes) = spec.messages(&deltas, &report, Some(output), flags);
+    warnings.extend(more);
+    Ok(Outcome {
+        report,
+        warnings,
+        notes,
+    })
+}
+
+/// Merges as `spec` says into memory: the tensors [`merge`] would write, bit for bit.
+pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<MergedInMemory>> {
+    let opts = spec.options(false)?;
+    let (base, deltas, mut warnings) = spec.open(flags)?;
+    let merged = crate::merge::merge_in_memory(&base, &deltas, &opts, flags.cancel.clone())?;
+    base.save_hashes();
+    let (more, notes) = spec.messages(&deltas, &merged.report, None, flags);
+    warnings.extend(more);
+    Ok(Outcome {
+        report: merged,
+        warnings,
+        notes,
+    })
+}
+
+/// Says what became of the deltas' own files (docs/FORMAT.md section 13): left out of a
+/// single-file output, or not taken (a note, or a warning where the output has a delta's
+/// grown vocabulary but not its tokenizer and config).
+fn own_files_messages(
+    deltas: &[Delta],
+    r: &MergeReport,
+    files_from: Option<usize>,
+    output: &Path,
+    flags: &Flags,
+    warnings: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) {
+    if let Some(k) = files_from
+        && !r.files_left_out.is_empty()
+    {
+        warnings.push(format!(
+            "{}: a single-file output holds no files: the own files of {} ({}) were left out; write to a folder to have them",
+            output.display(),
+            deltas[k].path().display(),
+            r.files_left_out.join(", ")
+        ));
+    }
+    if !crate::io::is_folder_path(output) {
+        return;
+    }
+    if files_from.is_none() && !flags.quiet {
+        for (k, d) in deltas.iter().enumerate() {
+            if !d.own_files().is_empty() {
+                let names: Vec<&str> = d.own_files().keys().map(String::as_str).collect();
+                notes.push(format!(
+                    "note: {} carries its fine-tune's own files ({}); the output keeps the base's. Pass --files-from {k} to take them",
+                    d.path().display(),
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    let mut by_delta: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+    for (name, k) in &r.grown {
+        by_delta.entry(*k).or_default().push(name);
+    }
+    for (k, names) in by_delta {
+        let (delta, names) = (deltas[k].path().display(), names.join(", "));
+        if files_from != Some(k) {
+            warnings.push(format!(
+                "{}: {names} hold the rows that {delta} adds for new tokens, but the output's config and tokenizer files are not that fine-tune's and do not know them. Pass --files-from {k}",
+                output.display(),
+            ));
+        } else if deltas[k].own_files().is_empty() {
+            warnings.push(format!(
+                "{}: {names} hold the rows that {delta} adds for new tokens, but that delta carries no config or tokenizer files (extracted from a single file, or with --no-files): the output's are the base's, which do not know them",
+                output.display(),
+            ));
+        }
+    }
+}
+
+/// Warns of a delta given twice (the same file, under any path): its changes are added twice,
+/// which is seldom meant (`--weights` scales a delta).
+fn repeated_deltas(deltas: &[Delta]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |d: &Delta| {
+        let m = std::fs::metadata(d.path()).ok()?;
+        Some((m.dev(), m.ino()))
+    };
+    let ids: Vec<_> = deltas.iter().map(id).collect();
+    let mut warnings = Vec::new();
+    for (j, d) in deltas.iter().enumerate() {
+        if let Some(i) = (0..j).find(|&i| ids[i].is_some() && ids[i] == ids[j]) {
+            warnings.push(format!(
+                "{}: the same delta as {}, given twice: its changes are added twice (--weights scales a delta)",
+                d.path().display(),
+                deltas[i].path().display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// Summarizes `deltas` and compares each pair; cosines need `base`, and so does `subspaces`.
+pub fn inspect(
+    deltas: &[PathBuf],
+    base: Option<&Path>,
+    subspaces: bool,
+    flags: &Flags,
+) -> Result<InspectReport> {
+    if subspaces && base.is_none() {
+        return Err(usage("--subspaces needs --base"));
+    }
+    let deltas = deltas
+        .iter()
+        .map(|p| Delta::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let base = base.map(|b| open_base(b, flags)).transpose()?;
+    let report = crate::inspect::inspect(&deltas, base.as_ref(), subspaces)?;
+    base.iter().for_each(Checkpoint::save_hashes);
+    Ok(report)
+}
+
+/// Checks each delta against `base`; a delta that does not match is a verdict, not an error.
+pub fn verify(base: &Path, deltas: &[PathBuf], flags: &Flags) -> Result<Vec<Verdict>> {
+    let base = open_base(base, flags)?;
+    let deltas = deltas
+        .iter()
+        .map(|p| Delta::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let verdicts = crate::inspect::verify(&base, &deltas);
+    base.save_hashes();
+    Ok(verdicts)
+}
