@@ -10,20 +10,35 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv test lint demo bench bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
+.PHONY: all build venv python test test-torch lint demo bench bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
 build:
 	$(CARGO) build --release --locked
 
-$(VENV)/.installed: tests/reference/requirements.txt tests/nvrtc-requirements.txt
+$(VENV)/.installed: tests/reference/requirements.txt tests/nvrtc-requirements.txt tests/python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt \
-	  -r tests/nvrtc-requirements.txt
+	  -r tests/nvrtc-requirements.txt -r tests/python/requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The Python package (bindings/python) installed into a venv by its one install command,
+# `pip install ./bindings/python`: maturin compiles the extension into this tree's target/ (the
+# workspace's), where `make build` left the library, so only the bindings crate and what changed
+# are compiled. --no-build-isolation uses the venv's pinned maturin (found on PATH) instead of
+# fetching one.
+PYPKG_SRC := Cargo.toml Cargo.lock $(shell find src bindings/python -type f \( -name '*.rs' -o -name '*.py' \
+  -o -name '*.pyi' -o -name '*.toml' -o -name py.typed \) 2>/dev/null)
+PIP_PKG = PATH="$(abspath $(1))/bin:$$PATH" $(1)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps ./bindings/python
+
+$(VENV)/.sotu_delta: $(VENV)/.installed $(PYPKG_SRC)
+	$(call PIP_PKG,$(VENV))
+	touch $@
+
+python: $(VENV)/.sotu_delta
 
 # The lib folder of the nvidia-cuda-nvrtc wheel in .venv (libnvrtc.so.13), found after `venv`.
 NVRTC_LIB = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python*/site-packages/nvidia/cu13/lib))
@@ -32,11 +47,26 @@ NVRTC_LIB = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python*/site-packages/n
 # The CUDA kernels must compile with the wheel's NVRTC (SOTU_REQUIRE_NVRTC=1: a missing NVRTC
 # fails instead of skipping); the GPU tests run only where a CUDA device is present.
 # The tests keep their base hashes out of the user's cache (docs/RELIABILITY.md, "The hash cache").
+# Then the Python package against the binary (tests/python; -rs prints why a test was skipped:
+# the torch ones, without torch in .venv).
 TEST_CACHE := $(CURDIR)/target/test-hash-cache
-test: build venv
+test: build venv python
 	LD_LIBRARY_PATH="$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" SOTU_REQUIRE_NVRTC=1 \
 	  SOTU_DELTA_CACHE=$(TEST_CACHE) $(CARGO) test --release --locked
-	SOTU_DELTA_CACHE=$(TEST_CACHE) SOTU_BIN=$(BIN) $(PY) -m pytest -q tests/reference
+	SOTU_DELTA_CACHE=$(TEST_CACHE) SOTU_BIN=$(BIN) $(PY) -m pytest -q -rs tests/reference tests/python
+
+# The Python package's torch and transformers tests (skipped by `make test`), in a venv of their
+# own: PyPI's torch is its CUDA build, whose nvidia-* wheels make the venv about 5.5 GB.
+TVENV := target/python-torch/venv
+$(TVENV)/.installed: tests/python/requirements-torch.txt
+	rm -rf $(TVENV)
+	$(PYTHON) -m venv $(TVENV)
+	$(TVENV)/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements-torch.txt
+	touch $@
+
+test-torch: build $(TVENV)/.installed
+	$(call PIP_PKG,$(TVENV))
+	SOTU_DELTA_CACHE=$(TEST_CACHE) SOTU_BIN=$(BIN) $(TVENV)/bin/python -m pytest -q -rs tests/python
 
 lint:
 	$(CARGO) fmt --check

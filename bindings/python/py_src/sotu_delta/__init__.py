@@ -1,0 +1,228 @@
+"""sotu-delta: sparse task deltas of model checkpoints (SoTU), from Python.
+
+The functions here are the command line's subcommands, run by the same Rust library (no
+subprocess): each takes the same arguments, returns what ``--json`` prints as a dict, and
+raises :class:`SotuDeltaError` with the command line's message, which names the file and the
+tensor at fault. Warnings the command line prints go to :mod:`warnings` as
+:class:`SotuDeltaWarning`; the ``--verbose`` notes go to the ``sotu_delta`` logger at INFO.
+
+While one runs, the GIL is released (other Python threads keep running); Ctrl-C stops it within
+a write, removes its partial output and raises :class:`KeyboardInterrupt`. ``threads`` is
+``--threads`` (one worker per core by default).
+
+In memory, with nothing written: :func:`sotu_delta.numpy.load_merged` and
+:func:`sotu_delta.torch.load_merged`. :func:`extract` also takes the fine-tune as a state dict
+(name -> numpy array or torch tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+
+from . import _sotu_delta
+
+__all__ = [
+    "SotuDeltaError",
+    "SotuDeltaUsageError",
+    "SotuDeltaWarning",
+    "apply",
+    "extract",
+    "inspect",
+    "merge",
+    "verify",
+    "__version__",
+]
+
+__version__ = _sotu_delta.__version__
+
+_log = logging.getLogger("sotu_delta")
+
+
+class SotuDeltaError(Exception):
+    """An operation failed (the command line's exit status 1). The message is the command
+    line's: it names the file, and the tensor where one is at fault."""
+
+
+class SotuDeltaUsageError(SotuDeltaError, ValueError):
+    """The arguments are wrong (the command line's exit status 2)."""
+
+
+class SotuDeltaWarning(UserWarning):
+    """What the command line prints as ``sotu-delta: warning: ...``."""
+
+
+def _paths(deltas):
+    """One path or a sequence of paths, as a list."""
+    if isinstance(deltas, (str, bytes, os.PathLike)):
+        return [deltas]
+    return list(deltas)
+
+
+def _finish(report_json, warns, notes):
+    """The report as a dict, after emitting the warnings and logging the notes."""
+    for n in notes:
+        _log.info("%s", n)
+    for w in warns:
+        warnings.warn(w, SotuDeltaWarning, stacklevel=3)
+    return json.loads(report_json)
+
+
+def _state_dict_tensors(state_dict):
+    """(name, safetensors dtype, shape, numpy array) for each tensor of a state dict."""
+    from ._convert import to_numpy
+
+    out = []
+    for name, value in state_dict.items():
+        dtype, array = to_numpy(name, value)
+        out.append((str(name), dtype, list(array.shape), array))
+    return out
+
+
+def extract(
+    base,
+    tuned,
+    out,
+    density=None,
+    seed=2411,
+    slot=None,
+    *,
+    include=(),
+    exclude=(),
+    allow_nonfinite=False,
+    shard_size="5GB",
+    quiet=False,
+    no_sync=False,
+    threads=None,
+):
+    """Diff a fine-tune against its base and write a sparse, seeded delta to ``out``
+    (``sotu-delta extract``). Returns the ``--json`` summary.
+
+    ``tuned`` is a checkpoint path (a ``.safetensors`` file or a model folder), or a state
+    dict: a mapping of tensor name to numpy array or torch tensor (a model fine-tuned in this
+    process, ``model.state_dict()``), called "tuned state dict" in messages. ``density`` is
+    0.1 by default, or the whole slot with ``slot="K/N"``.
+    """
+    if isinstance(tuned, Mapping):
+        tuned_path, tensors = None, _state_dict_tensors(tuned)
+    else:
+        tuned_path, tensors = tuned, None
+    return _finish(
+        *_sotu_delta.extract(
+            base,
+            tuned_path,
+            tensors,
+            out,
+            density,
+            seed,
+            slot,
+            list(include),
+            list(exclude),
+            allow_nonfinite,
+            shard_size,
+            quiet,
+            no_sync,
+            threads,
+        )
+    )
+
+
+def merge(
+    base,
+    deltas,
+    out,
+    method="sum",
+    weights=None,
+    *,
+    rescale=False,
+    alpha=None,
+    trim=None,
+    dtype=None,
+    force=False,
+    device="auto",
+    shard_size="5GB",
+    quiet=False,
+    no_sync=False,
+    threads=None,
+):
+    """Merge ``deltas`` onto ``base`` and write one checkpoint to ``out`` (``sotu-delta
+    merge``). Returns the ``--json`` summary.
+
+    ``method`` is ``sum`` (the SoTU sum), ``ties``, ``iso`` or ``tsv`` (docs/METHODS.md);
+    ``weights`` one weight per delta; ``rescale`` scales kept values by 1/density (``sum``
+    only); ``alpha`` and ``trim`` are the methods' parameters; ``dtype`` is the output dtype
+    of float tensors (``f32``, ``f16``, ``bf16``, ``f64``; the base's by default).
+    """
+    return _finish(
+        *_sotu_delta.merge(
+            base,
+            _paths(deltas),
+            out,
+            method,
+            weights,
+            rescale,
+            alpha,
+            trim,
+            dtype,
+            force,
+            device,
+            shard_size,
+            quiet,
+            no_sync,
+            threads,
+        )
+    )
+
+
+def apply(
+    base,
+    delta,
+    out,
+    *,
+    rescale=True,
+    dtype=None,
+    force=False,
+    device="auto",
+    shard_size="5GB",
+    quiet=False,
+    no_sync=False,
+    threads=None,
+):
+    """Add one delta onto its base and write the fine-tune to ``out`` (``sotu-delta apply``).
+    Returns the ``--json`` summary. ``rescale=False`` is ``--no-rescale``: kept values exact,
+    the base elsewhere."""
+    return _finish(
+        *_sotu_delta.merge(
+            base,
+            [delta],
+            out,
+            "sum",
+            None,
+            rescale,
+            None,
+            None,
+            dtype,
+            force,
+            device,
+            shard_size,
+            quiet,
+            no_sync,
+            threads,
+        )
+    )
+
+
+def inspect(deltas, base=None, *, subspaces=False, threads=None):
+    """What deltas hold, and how their masks collide and their values align (``sotu-delta
+    inspect --json``). Cosines of overlapping deltas need ``base``; so does ``subspaces``."""
+    return json.loads(_sotu_delta.inspect(_paths(deltas), base, subspaces, threads))
+
+
+def verify(base, deltas, *, threads=None):
+    """Check deltas against a base (``sotu-delta verify --json``): a list with one verdict
+    per delta. A delta that does not match has ``"ok": False`` (the command line exits 1);
+    only a file that cannot be read raises."""
+    return json.loads(_sotu_delta.verify(base, _paths(deltas), threads))

@@ -1,0 +1,44 @@
+"""Merges into memory as numpy arrays: no file written."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _finish, _paths, _sotu_delta
+from ._convert import array_of
+
+__all__ = ["load_merged"]
+
+
+def load_merged(
+    base,
+    deltas,
+    *,
+    method="sum",
+    weights=None,
+    rescale=False,
+    alpha=None,
+    trim=None,
+    dtype=None,
+    force=False,
+    device="auto",
+    threads=None,
+) -> dict[str, np.ndarray]:
+    """Merge ``deltas`` onto ``base`` in memory and return the merged checkpoint as a dict of
+    tensor name -> numpy array. Takes :func:`sotu_delta.merge`'s arguments (without the
+    output's) and runs the same merge: every array holds exactly the bytes that
+    ``sotu-delta merge`` writes for that tensor. For an apply, pass one delta and
+    ``rescale=True``.
+
+    numpy has no bfloat16 (nor float8): a BF16 tensor is an ``ml_dtypes.bfloat16`` array when
+    ml_dtypes is installed, and otherwise a uint16 array of its raw bits (the float8 types
+    likewise, as uint8). ``arr.view(ml_dtypes.bfloat16)`` turns raw bits into values.
+
+    Each array is a view of memory the merge filled (no copy); it stays alive as long as the
+    array does.
+    """
+    tensors, report, warns, notes = _sotu_delta.merge_in_memory(
+        base, _paths(deltas), method, weights, rescale, alpha, trim, dtype, force, device, threads
+    )
+    _finish(report, warns, notes)
+    return {t.name: array_of(t, extended=True) for t in tensors}
