@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv python test test-torch lint demo bench bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
+.PHONY: all build venv python test test-torch lint demo bench bench-python bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
@@ -85,6 +85,11 @@ demo: build
 # sotu-delta against the physical floor (cp of the same bytes); data cached under target/bench.
 bench: build
 	$(PYTHON) tests/bench/bench.py --size tinyllama
+
+# The Python package's in-memory merge (sotu_delta.numpy.load_merged) against `sotu-delta merge`
+# writing a file, on the small bench model (614 MB).
+bench-python: build python
+	$(PY) tests/bench/bench_python.py $(if $(BENCH_DATA),--data $(BENCH_DATA))
 
 bench-small: build
 	$(PYTHON) tests/bench/bench.py --size small
