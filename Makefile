@@ -69,8 +69,9 @@ test-torch: build $(TVENV)/.installed
 	SOTU_DELTA_CACHE=$(TEST_CACHE) SOTU_BIN=$(BIN) $(TVENV)/bin/python -m pytest -q -rs tests/python
 
 lint:
-	$(CARGO) fmt --check
+	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets --locked -- -D warnings
+	$(CARGO) clippy --release --locked -p sotu-delta-python -- -D warnings
 
 # Three task deltas in disjoint slots of one seed, inspected, merged and verified.
 demo: build
