@@ -136,7 +136,7 @@ fn flags(quiet: bool, no_sync: bool) -> Flags {
         quiet,
         verbose: true,
         no_sync,
-        cancel: Cancel::default(),
+        ..Flags::default()
     }
 }
 
@@ -398,8 +398,9 @@ fn inspect(
     subspaces: bool,
     threads: Option<usize>,
 ) -> PyResult<String> {
-    let report = run_detached(py, threads, &Cancel::default(), || {
-        ops::inspect(&deltas, base.as_deref(), subspaces)
+    let flags = flags(true, false);
+    let report = run_detached(py, threads, &flags.cancel, || {
+        ops::inspect(&deltas, base.as_deref(), subspaces, &flags)
     })?;
     serde_json::to_string(&report)
         .map_err(|e| PyRuntimeError::new_err(format!("cannot write the report: {e}")))
@@ -414,8 +415,9 @@ fn verify(
     deltas: Vec<PathBuf>,
     threads: Option<usize>,
 ) -> PyResult<String> {
-    let verdicts = run_detached(py, threads, &Cancel::default(), || {
-        ops::verify(&base, &deltas)
+    let flags = flags(true, false);
+    let verdicts = run_detached(py, threads, &flags.cancel, || {
+        ops::verify(&base, &deltas, &flags)
     })?;
     serde_json::to_string(&verdicts)
         .map_err(|e| PyRuntimeError::new_err(format!("cannot write the report: {e}")))
