@@ -232,3 +232,35 @@ def test_paths_may_be_str_or_pathlike(tmp_path, deltas):
     b = sotu_delta.merge(BASE, tuple(deltas), tmp_path / "b.safetensors", quiet=True)
     assert a["output_fingerprint"] == b["output_fingerprint"]
     assert os.path.exists(tmp_path / "a.safetensors")
+
+
+def test_folders_with_own_files_match_the_cli(tmp_path):
+    # A fine-tune that adds tokens: grown tensors and its own config and tokenizer files.
+    base, tuned = FIX / "added-tokens" / "base", FIX / "added-tokens" / "tuned"
+    for who in ("py", "cli"):
+        (tmp_path / who).mkdir()
+    py, c = tmp_path / "py", tmp_path / "cli"
+    for k in range(2):
+        sotu_delta.extract(base, tuned, py / f"h{k}.safetensors", slot=f"{k}/2", quiet=True)
+        cli("extract", "--base", base, "--tuned", tuned, "-o", c / f"h{k}.safetensors", "--slot", f"{k}/2", "-q")
+        same_files(py / f"h{k}.safetensors", c / f"h{k}.safetensors")
+    halves = lambda d: [d / "h0.safetensors", d / "h1.safetensors"]
+    sotu_delta.apply(base, py / "h0.safetensors", py / "rebuilt", quiet=True)
+    cli("apply", "--base", base, c / "h0.safetensors", "-o", c / "rebuilt", "-q")
+    with pytest.warns(sotu_delta.SotuDeltaWarning, match="--files-from 0"):
+        sotu_delta.merge(base, halves(py), py / "kept", quiet=True)
+    sotu_delta.merge(base, halves(py), py / "taken", files_from=0, quiet=True)
+    cli("merge", "--base", base, *halves(c), "-o", c / "kept", "-q")
+    cli("merge", "--base", base, *halves(c), "-o", c / "taken", "--files-from", "0", "-q")
+    for out in ("rebuilt", "kept", "taken"):
+        names = sorted(p.name for p in (c / out).iterdir())
+        assert names == sorted(p.name for p in (py / out).iterdir()), out
+        for n in names:
+            same_files(py / out / n, c / out / n)
+    assert (py / "taken" / "added_tokens.json").exists() and not (py / "kept" / "added_tokens.json").exists()
+    # In memory: the grown tensors as the file has them.
+    file_tensors, _ = read_tensors(c / "taken" / "model.safetensors")
+    mem = sdnp.load_merged(base, halves(py))
+    assert {n: (a.shape, a.tobytes()) for n, a in mem.items()} == {n: (t[1], t[2]) for n, t in file_tensors.items()}
+    with pytest.raises(sotu_delta.SotuDeltaUsageError, match="--files-from 5"):
+        sotu_delta.merge(base, halves(py), py / "x", files_from=5)

@@ -186,7 +186,7 @@ fn state_dict_checkpoint(label: &Path, tensors: &[StateTensor<'_>]) -> PyResult<
 /// `None` with `tensors` the fine-tune in memory (called "tuned state dict" in messages).
 #[pyfunction]
 #[pyo3(signature = (base, tuned, tensors, output, density, seed, slot, include, exclude,
-    allow_nonfinite, shard_size, quiet, no_sync, threads))]
+    allow_nonfinite, no_files, shard_size, quiet, no_sync, threads))]
 #[allow(clippy::too_many_arguments)]
 fn extract(
     py: Python<'_>,
@@ -200,6 +200,7 @@ fn extract(
     include: Vec<String>,
     exclude: Vec<String>,
     allow_nonfinite: bool,
+    no_files: bool,
     shard_size: String,
     quiet: bool,
     no_sync: bool,
@@ -227,6 +228,7 @@ fn extract(
         exclude,
         allow_nonfinite,
         fingerprint_output: true,
+        own_files: !no_files,
         ..ExtractSpec::new(&base, &tuned_path, &output)
     };
     let flags = flags(quiet, no_sync);
@@ -263,11 +265,11 @@ fn merge_spec(
     })
 }
 
-/// `merge` and `apply` (one delta, `rescale` its default): returns the `--json` report, the
-/// warnings and the notes.
+/// `merge` and `apply` (one delta, `rescale` its default, `files_from` 0): returns the `--json`
+/// report, the warnings and the notes.
 #[pyfunction]
 #[pyo3(signature = (base, deltas, output, method, weights, rescale, alpha, trim, dtype, force,
-    device, shard_size, quiet, no_sync, threads))]
+    device, files_from, shard_size, quiet, no_sync, threads))]
 #[allow(clippy::too_many_arguments)]
 fn merge(
     py: Python<'_>,
@@ -282,14 +284,18 @@ fn merge(
     dtype: Option<String>,
     force: bool,
     device: &str,
+    files_from: Option<usize>,
     shard_size: String,
     quiet: bool,
     no_sync: bool,
     threads: Option<usize>,
 ) -> PyResult<(String, Vec<String>, Vec<String>)> {
-    let spec = merge_spec(
-        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-    )?;
+    let spec = MergeSpec {
+        files_from,
+        ..merge_spec(
+            base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
+        )?
+    };
     let flags = flags(quiet, no_sync);
     let outcome = run_detached(py, threads, &flags.cancel, || {
         ops::merge(&spec, &output, &shard_size, true, &flags)

@@ -93,6 +93,7 @@ def extract(
     include=(),
     exclude=(),
     allow_nonfinite=False,
+    no_files=False,
     shard_size="5GB",
     quiet=False,
     no_sync=False,
@@ -122,6 +123,7 @@ def extract(
             list(include),
             list(exclude),
             allow_nonfinite,
+            no_files,
             shard_size,
             quiet,
             no_sync,
@@ -143,6 +145,7 @@ def merge(
     dtype=None,
     force=False,
     device="auto",
+    files_from=None,
     shard_size="5GB",
     quiet=False,
     no_sync=False,
@@ -154,7 +157,9 @@ def merge(
     ``method`` is ``sum`` (the SoTU sum), ``ties``, ``iso`` or ``tsv`` (docs/METHODS.md);
     ``weights`` one weight per delta; ``rescale`` scales kept values by 1/density (``sum``
     only); ``alpha`` and ``trim`` are the methods' parameters; ``dtype`` is the output dtype
-    of float tensors (``f32``, ``f16``, ``bf16``, ``f64``; the base's by default).
+    of float tensors (``f32``, ``f16``, ``bf16``, ``f64``; the base's by default);
+    ``files_from=K`` gives a folder output delta K's own files (config, tokenizer) instead of
+    the base's.
     """
     return _finish(
         *_sotu_delta.merge(
@@ -169,6 +174,7 @@ def merge(
             dtype,
             force,
             device,
+            files_from,
             shard_size,
             quiet,
             no_sync,
@@ -193,7 +199,7 @@ def apply(
 ):
     """Add one delta onto its base and write the fine-tune to ``out`` (``sotu-delta apply``).
     Returns the ``--json`` summary. ``rescale=False`` is ``--no-rescale``: kept values exact,
-    the base elsewhere."""
+    the base elsewhere. A folder output gets the delta's own files (config, tokenizer)."""
     return _finish(
         *_sotu_delta.merge(
             base,
@@ -207,6 +213,7 @@ def apply(
             dtype,
             force,
             device,
+            0,
             shard_size,
             quiet,
             no_sync,
