@@ -76,9 +76,9 @@ pub fn parse_choice<T: clap::ValueEnum>(flag: &str, value: &str) -> Result<T> {
 /// How an operation runs, beyond what it computes.
 #[derive(Clone, Debug, Default)]
 pub struct Flags {
-    /// No progress bar.
+    /// No progress bar, and no notes but the `--verbose` ones.
     pub quiet: bool,
-    /// Say more: fills [`Outcome::notes`].
+    /// Say more: adds the `--verbose` lines to [`Outcome::notes`].
     pub verbose: bool,
     /// Do not fsync outputs before renaming them into place.
     pub no_sync: bool,
@@ -89,15 +89,16 @@ pub struct Flags {
     pub cancel: Cancel,
 }
 
-/// What an operation returns: its report, the warnings to show, and with
-/// [`Flags::verbose`] the notes to show.
+/// What an operation returns: its report, the warnings to show, and the notes to show (the
+/// `--verbose` ones only with [`Flags::verbose`]).
 #[derive(Debug)]
 pub struct Outcome<R> {
     /// The report (`--json` prints it).
     pub report: R,
     /// One paragraph each, without a `warning:` prefix.
     pub warnings: Vec<String>,
-    /// `--verbose` lines, without a prefix.
+    /// Lines said on standard error without being warnings (`--verbose` ones, and a merge's
+    /// note of own files not taken unless `--quiet`), without the `sotu-delta: ` prefix.
     pub notes: Vec<String>,
 }
 
