@@ -101,7 +101,8 @@ struct ExtractArgs {
     /// The fine-tuned checkpoint (a .safetensors file or a model folder).
     #[arg(long)]
     tuned: PathBuf,
-    /// The delta to write: a .safetensors file, or else a folder (sharded by --shard-size).
+    /// The delta to write: a file when it ends in .safetensors or .st, else a folder (sharded by
+    /// --shard-size).
     #[arg(short, long)]
     output: PathBuf,
     /// Largest shard of a folder output, e.g. 500MB or 2GiB.
@@ -142,7 +143,7 @@ struct MergeArgs {
     /// Deltas (files or folders), applied in this order.
     #[arg(required = true, num_args = 1..)]
     deltas: Vec<PathBuf>,
-    /// The checkpoint to write: a .safetensors file, or else a model folder.
+    /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     /// One weight per delta, comma-separated (default all 1).
@@ -176,7 +177,7 @@ struct ApplyArgs {
     base: PathBuf,
     /// The delta (a file or a folder).
     delta: PathBuf,
-    /// The checkpoint to write: a .safetensors file, or else a model folder.
+    /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     /// Keep the kept values exact and the base elsewhere, instead of rescaling the kept

@@ -6,7 +6,8 @@
 //!   a `.safetensors` file or a folder holding `model.safetensors.index.json` (sharded; it wins
 //!   when both exist) or `model.safetensors`; a folder with neither is refused (exit 1);
 //! - a malformed index is refused with exit 1, naming the index file and the entry at fault;
-//! - `-o OUT` not ending in `.safetensors` writes a folder in Hugging Face layout: greedy shards
+//! - `-o OUT` ending in `.safetensors` or `.st` writes one file (issue #13); any other `-o OUT`
+//!   writes a folder in Hugging Face layout: greedy shards
 //!   of at most `--shard-size` tensor bytes in name order, `model-0000i-of-0000N.safetensors`
 //!   plus the index, or `model.safetensors` alone when everything fits; the base folder's other
 //!   files are copied by merge/apply; the folder appears only when complete;
@@ -22,8 +23,8 @@
 //! present) nor on Python.
 //!
 //! Readings of the contract where it is not explicit (each also noted where it is used):
-//! - "single file" output means OUT ends in `.safetensors`; so single-file outputs here are
-//!   always named `*.safetensors` (an output like `m.st` would be a folder).
+//! - "single file" output means OUT ends in `.safetensors` or `.st`; single-file outputs here are
+//!   named `*.safetensors` but in the test of that rule.
 //! - The shard limit counts tensor data bytes only (not the shard's header), as the packing rule
 //!   says ("the current shard's tensor bytes").
 //! - "Name order" is byte-wise order of the UTF-8 tensor names (Rust `String` order).
@@ -821,6 +822,61 @@ fn extract_to_a_folder_writes_the_delta_sharded_or_single() {
         &[],
         "extract -o dsingle",
     );
+}
+
+/// The rule of every subcommand (issue #13): an output path ending in `.safetensors` or `.st`
+/// is one file, any other a model folder. The file is the same bytes whatever its suffix.
+#[test]
+fn outputs_ending_in_st_are_files_and_others_are_folders() {
+    let dir = setup();
+    let d = dir.path();
+    let runs = [
+        (
+            "extract --base base.safetensors --tuned t1.safetensors --slot 0/3 -o",
+            "d1.safetensors",
+        ),
+        (
+            "merge --base base.safetensors d1.safetensors d2.safetensors -o",
+            "",
+        ),
+        ("apply --base base.safetensors d1.safetensors -o", ""),
+    ];
+    for (k, (line, reference)) in runs.iter().enumerate() {
+        let want = if reference.is_empty() {
+            let r = format!("ref{k}.safetensors");
+            ok_creating(d, &format!("{line} {r}"), &r);
+            r
+        } else {
+            reference.to_string()
+        };
+        let want_bytes = fs::read(d.join(&want)).unwrap();
+        // Suffix rules: `.st` and `.safetensors` are files, even inside a `.st`-looking folder
+        // name; the rest (`.delta`, `.st.d`, `st`, no suffix) are folders.
+        for out in [format!("task{k}.st"), format!("a.b{k}.st")] {
+            ok_creating(d, &format!("{line} {out}"), &out);
+            let p = d.join(&out);
+            assert!(p.is_file(), "{line} {out}: not a file");
+            assert_eq!(
+                fs::read(&p).unwrap(),
+                want_bytes,
+                "{line} {out}: not the bytes of {want}"
+            );
+        }
+        for out in [
+            format!("task{k}.delta"),
+            format!("task{k}.st.d"),
+            format!("st{k}"),
+        ] {
+            ok_creating(d, &format!("{line} {out}"), &out);
+            let p = d.join(&out);
+            assert!(p.is_dir(), "{line} {out}: not a folder");
+            assert_same_tensors(
+                &load_any(&p),
+                &tensors_of(&d.join(&want)),
+                &format!("{line} {out}"),
+            );
+        }
+    }
 }
 
 // ==========================================================================================

@@ -41,7 +41,8 @@ pub struct OutTensor {
 /// Where and how an output is written.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The output path: a file when it ends in `.safetensors`, else a folder.
+    /// The output path: a file when it ends in `.safetensors` or `.st`, else a folder
+    /// ([`is_folder_path`]).
     pub path: PathBuf,
     /// Largest tensor bytes per shard of a folder output.
     pub shard_size: u64,
@@ -74,11 +75,17 @@ impl Target {
     }
 }
 
-/// Whether an output path names a folder: everything but a name ending in `.safetensors`.
+/// The name endings of a single-file output: `.safetensors`, and the `.st` that users (and this
+/// tool's own usage) give deltas.
+pub const FILE_SUFFIXES: [&str; 2] = [".safetensors", ".st"];
+
+/// Whether an output path names a model folder: every path but a name ending in one of
+/// [`FILE_SUFFIXES`].
 pub fn is_folder_path(path: &Path) -> bool {
-    !path
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors"))
+    !path.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        FILE_SUFFIXES.iter().any(|s| n.ends_with(s))
+    })
 }
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000` (bytes): B, KB, MB, GB, TB are powers
