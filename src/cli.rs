@@ -10,8 +10,7 @@ use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
-use crate::io::{Checkpoint, HashCache};
-use crate::io::{Target, parse_size};
+use crate::io::{Checkpoint, HashCache, IoMode, Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{Device, MergeOptions, Method, check_method, merge};
 
@@ -75,6 +74,11 @@ struct Cli {
     /// docs/RELIABILITY.md, "The hash cache".
     #[arg(long, global = true)]
     rehash: bool,
+    /// How inputs are read: memory-mapped (mmap), or by positional reads into reused buffers
+    /// (read: much faster on network filesystems such as NFS and Lustre). The same bytes
+    /// either way.
+    #[arg(long, global = true, value_enum, default_value_t = IoMode::Mmap)]
+    io: IoMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -285,6 +289,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         verbose: cli.verbose,
         no_sync: cli.no_sync,
         rehash: cli.rehash,
+        io: cli.io,
     };
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
@@ -322,15 +327,30 @@ struct Flags {
     verbose: bool,
     no_sync: bool,
     rehash: bool,
+    /// How every input is read (`--io`).
+    io: IoMode,
 }
 
-/// Opens a base checkpoint with the hash cache attached, unless it is turned off.
-fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
-    let base = Checkpoint::open(path)?;
-    Ok(match HashCache::from_env(flags.rehash) {
-        Some(cache) => base.with_hash_cache(cache),
-        None => base,
-    })
+impl Flags {
+    /// Opens checkpoint `path` as `--io` says.
+    fn checkpoint(&self, path: &Path) -> Result<Checkpoint> {
+        Checkpoint::open_with(path, self.io)
+    }
+
+    /// Opens base checkpoint `path` as `--io` says, with the hash cache attached unless it
+    /// is turned off.
+    fn base(&self, path: &Path) -> Result<Checkpoint> {
+        let base = self.checkpoint(path)?;
+        Ok(match HashCache::from_env(self.rehash) {
+            Some(cache) => base.with_hash_cache(cache),
+            None => base,
+        })
+    }
+
+    /// Opens the deltas `paths` as `--io` says.
+    fn deltas(&self, paths: &[PathBuf]) -> Result<Vec<Delta>> {
+        paths.iter().map(|p| Delta::open_with(p, self.io)).collect()
+    }
 }
 
 /// The output target of `-o path` with `--shard-size size`.
@@ -372,8 +392,8 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     };
     let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
     let target = target(&a.output, &a.shard_size, flags)?;
-    let base = open_base(&a.base, flags)?;
-    let tuned = Checkpoint::open(&a.tuned)?;
+    let base = flags.base(&a.base)?;
+    let tuned = flags.checkpoint(&a.tuned)?;
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
@@ -459,11 +479,8 @@ fn run_merge(
         .transpose()
         .map_err(|e| usage(format!("--dtype: {e}")))?;
     let mut target = target(output, &common.shard_size, flags)?;
-    let base = open_base(base_path, flags)?;
-    let deltas = delta_paths
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
+    let base = flags.base(base_path)?;
+    let deltas = flags.deltas(delta_paths)?;
     warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
@@ -608,12 +625,8 @@ fn warn_of_repeated_deltas(deltas: &[Delta]) {
 }
 
 fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {
-    let deltas = a
-        .deltas
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let base = a.base.as_deref().map(|b| open_base(b, flags)).transpose()?;
+    let deltas = flags.deltas(&a.deltas)?;
+    let base = a.base.as_deref().map(|p| flags.base(p)).transpose()?;
     let r = inspect(&deltas, base.as_ref(), a.subspaces)?;
     base.iter().for_each(Checkpoint::save_hashes);
     if a.json {
@@ -625,13 +638,9 @@ fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {
 }
 
 fn run_verify(a: VerifyArgs, flags: &Flags) -> Result<()> {
-    let base = open_base(&a.base, flags)?;
-    let deltas = a
-        .deltas
-        .iter()
-        .map(|p| Delta::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let verdicts = verify(&base, &deltas);
+    let base = flags.base(&a.base)?;
+    let deltas = flags.deltas(&a.deltas)?;
+    let verdicts = verify(&base, &deltas)?;
     base.save_hashes();
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&verdicts)?))?;

@@ -57,7 +57,10 @@ fn tensors(path: &Path) -> Tensors {
     let ck = Checkpoint::open(path).unwrap_or_else(|e| panic!("open {}: {e:#}", path.display()));
     ck.tensors()
         .iter()
-        .map(|(n, i)| (n.clone(), (i.dtype, i.shape.clone(), ck.data(i).to_vec())))
+        .map(|(n, i)| {
+            let data = ck.tensor(n).unwrap().whole().unwrap().into_owned();
+            (n.clone(), (i.dtype, i.shape.clone(), data))
+        })
         .collect()
 }
 

@@ -2044,37 +2044,43 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             ),
         );
     }
-    let args = [
-        "merge",
-        "--base",
-        "base",
-        "d1.safetensors",
-        "d2.safetensors",
-        "d3.safetensors",
-        "-o",
-        "merged",
-        "--shard-size",
-        "20MB",
-    ];
-    let (code, err, peak) = run_sampling_rss(d, &args);
-    assert_eq!(code, Some(0), "merge failed: {err}");
-    let bound = 64 * MIB as u64 + 4 * largest as u64;
-    println!(
-        "merge of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB): peak RssAnon {:.1} MiB, bound {:.1} MiB",
-        total as f64 / MIB as f64,
-        largest as f64 / MIB as f64,
-        peak as f64 / MIB as f64,
-        bound as f64 / MIB as f64
-    );
-    assert!(
-        peak <= bound,
-        "peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
-    );
-    // And the result is complete: 20MB shards, every tensor present.
-    let index: Value =
-        serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
-    assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
-    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    // Maps are file-backed (not anonymous); positional reads go into buffers that are: the
+    // bound holds for both.
+    for io in ["mmap", "read"] {
+        let args = [
+            "--io",
+            io,
+            "merge",
+            "--base",
+            "base",
+            "d1.safetensors",
+            "d2.safetensors",
+            "d3.safetensors",
+            "-o",
+            "merged",
+            "--shard-size",
+            "20MB",
+        ];
+        let (code, err, peak) = run_sampling_rss(d, &args);
+        assert_eq!(code, Some(0), "merge --io {io} failed: {err}");
+        let bound = 64 * MIB as u64 + 4 * largest as u64;
+        println!(
+            "merge --io {io} of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB): peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            total as f64 / MIB as f64,
+            largest as f64 / MIB as f64,
+            peak as f64 / MIB as f64,
+            bound as f64 / MIB as f64
+        );
+        assert!(
+            peak <= bound,
+            "--io {io}: peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
+        );
+        // And the result is complete: 20MB shards, every tensor present.
+        let index: Value =
+            serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
+        assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
+        assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    }
 }
 
 #[test]
@@ -2114,10 +2120,15 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
         );
     }
     let largest_f64 = (rows * cols * 8) as u64;
-    for (method, copies) in [("ties", 3 + 3), ("iso", 4 + 7), ("tsv", 4 + 7)] {
+    let runs = [("ties", 3 + 3), ("iso", 4 + 7), ("tsv", 4 + 7)]
+        .into_iter()
+        .flat_map(|m| ["mmap", "read"].map(|io| (m, io)));
+    for ((method, copies), io) in runs {
         let bound = 64 * MIB + 2 * copies * largest_f64;
         let out = format!("{method}.safetensors");
         let args = [
+            "--io",
+            io,
             "--threads",
             "2",
             "merge",
@@ -2132,16 +2143,106 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
             &out,
         ];
         let (code, err, peak) = run_sampling_rss(d, &args);
-        assert_eq!(code, Some(0), "merge --method {method} failed: {err}");
+        assert_eq!(
+            code,
+            Some(0),
+            "merge --io {io} --method {method} failed: {err}"
+        );
         println!(
-            "merge --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            "merge --io {io} --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
             largest_f64 as f64 / MIB as f64,
             peak as f64 / MIB as f64,
             bound as f64 / MIB as f64
         );
         assert!(
             peak <= bound,
-            "{method}: peak RssAnon {peak} bytes > bound {bound} bytes"
+            "--io {io} --method {method}: peak RssAnon {peak} bytes > bound {bound} bytes"
         );
     }
+}
+
+// ==========================================================================================
+// 10. --io read: positional reads give the bytes of the memory maps
+// ==========================================================================================
+
+/// Every file under `root` by its path relative to `root` (`""` for a file), with its bytes.
+fn relative_snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    snapshot(root)
+        .into_iter()
+        .map(|(p, b)| (p.strip_prefix(root).unwrap().to_path_buf(), b))
+        .collect()
+}
+
+/// For every subcommand that reads checkpoints or deltas, on single files, single-file folders
+/// and sharded folders: `--io read` writes the files and prints the reports `--io mmap` does.
+#[test]
+fn io_read_gives_the_bytes_of_mmap_for_every_subcommand() {
+    let dir = setup();
+    let d = dir.path();
+    delta_folders(d);
+    let writes = [
+        (
+            "extract --base base --tuned t1 --slot 0/3 --shard-size 6KB -o",
+            "x",
+        ),
+        (
+            "extract --base base.safetensors --tuned t3 --density 0.3 --seed 9 -o",
+            "x.st",
+        ),
+        (
+            "merge --base base d1.safetensors d2dir d3dir --shard-size 40KiB -o",
+            "m",
+        ),
+        (
+            "merge --base base.safetensors d1.safetensors d2dir --weights 0.5,2 --rescale --dtype f32 -o",
+            "m.st",
+        ),
+        (
+            "merge --method ties --base base d1.safetensors d2dir d3dir -o",
+            "ties.st",
+        ),
+        (
+            "merge --method iso --base base.safetensors d1.safetensors d3dir -o",
+            "iso.st",
+        ),
+        ("merge --method tsv --base base d2dir d3dir -o", "tsv.st"),
+        ("apply --base base d2dir -o", "a"),
+        (
+            "apply --base base.safetensors d1.safetensors --no-rescale -o",
+            "a.st",
+        ),
+    ];
+    for (line, out) in writes {
+        let (mapped, read) = (format!("mmap-{out}"), format!("read-{out}"));
+        ok_creating(d, &format!("--io mmap {line} {mapped}"), &mapped);
+        ok_creating(d, &format!("--io read {line} {read}"), &read);
+        let (a, b) = (
+            relative_snapshot(&d.join(&mapped)),
+            relative_snapshot(&d.join(&read)),
+        );
+        assert!(!a.is_empty(), "{line}: wrote nothing");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{line}: --io read wrote other files"
+        );
+        for (k, v) in &a {
+            assert!(
+                b[k] == *v,
+                "{line}: --io read wrote other bytes in {}",
+                k.display()
+            );
+        }
+    }
+    for line in [
+        "inspect --json --base base d1.safetensors d2dir d3dir",
+        "inspect --json --subspaces --base base.safetensors d1.safetensors d2dir",
+        "verify --json --base base d1.safetensors d2dir d3dir",
+    ] {
+        let mapped = ok(d, &format!("--io mmap {line}"));
+        let read = ok(d, &format!("--io read {line}"));
+        assert_eq!(mapped.json(), read.json(), "{line}: the reports differ");
+    }
+    // Not mmap or read: a usage error.
+    run(d, "--io direct verify --base base d1.safetensors").usage_error(&["--io", "direct"]);
 }

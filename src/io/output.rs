@@ -14,8 +14,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::Dtype;
 use serde_json::json;
 
-use super::checkpoint::{INDEX_NAME, SINGLE_NAME};
+use super::checkpoint::{INDEX_NAME, SINGLE_NAME, Tensor};
 use super::process;
+use super::storage::{PIECE, with_buffer};
 
 /// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -451,6 +452,27 @@ impl Output {
             })?;
         self.progress.inc(bytes.len() as u64);
         Ok(())
+    }
+
+    /// Writes the whole of input tensor `src` as tensor `name`, unchanged: its pieces of
+    /// [`PIECE`] bytes read and written on all threads, each through a reused buffer.
+    pub fn copy_tensor(&self, name: &str, src: Tensor) -> Result<()> {
+        self.copy_from(name, src, 0..src.len())
+    }
+
+    /// Writes bytes `range` of input tensor `src` as tensor `name` (from its start), as
+    /// [`Output::copy_tensor`] does.
+    pub fn copy_from(&self, name: &str, src: Tensor, range: std::ops::Range<usize>) -> Result<()> {
+        use rayon::prelude::*;
+        (0..range.len().div_ceil(PIECE))
+            .into_par_iter()
+            .try_for_each(|k| {
+                with_buffer(|buf| {
+                    let at = range.start + k * PIECE;
+                    let bytes = src.read(at..range.end.min(at + PIECE), buf)?;
+                    self.write(name, (k * PIECE) as u64, bytes)
+                })
+            })
     }
 
     /// Runs `op` on shard `k`'s file, holding it (writers of the shard wait their turn), and

@@ -446,7 +446,7 @@ fn execute(
                         }
                     },
                 );
-                hashes.extend(hash);
+                hashes.extend(hash?);
                 counts.push(written?);
             }
             Ok((hashes, counts))
