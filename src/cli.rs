@@ -12,7 +12,8 @@ use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
 use crate::io::{Checkpoint, HashCache, IoMode, Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{Device, MergeOptions, Method, check_method, merge};
+use crate::merge::{Device, MergeOptions, Method, check_method, merge_with_files};
+use crate::release::{self, Operation, Recipe};
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -142,11 +143,18 @@ struct ExtractArgs {
 #[derive(Args)]
 struct MergeArgs {
     /// The base checkpoint the deltas were taken against (a .safetensors file or a model folder).
-    #[arg(long)]
-    base: PathBuf,
+    #[arg(long, required_unless_present = "recipe")]
+    base: Option<PathBuf>,
     /// Deltas (files or folders), applied in this order.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(required_unless_present = "recipe", num_args = 1..)]
     deltas: Vec<PathBuf>,
+    /// Make the merge a recipe records (the sotu-delta.json of a merged folder) again: its
+    /// inputs, refused if their fingerprints changed, and its parameters.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "base", "deltas", "weights", "rescale", "method", "alpha", "trim", "dtype", "force",
+        "shard_size", "files_from",
+    ])]
+    recipe: Option<PathBuf>,
     /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -247,6 +255,15 @@ struct VerifyArgs {
 
 /// Parses `args` and runs the subcommand.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    // As a recipe and a model card record it: the program by its name, then the arguments.
+    let command: Vec<String> = std::iter::once("sotu-delta".to_string())
+        .chain(
+            args.iter()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned()),
+        )
+        .collect();
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -285,6 +302,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     crate::io::process::install_handlers();
     crate::io::process::return_freed_memory();
     let flags = Flags {
+        command,
         quiet: cli.quiet,
         verbose: cli.verbose,
         no_sync: cli.no_sync,
@@ -294,27 +312,45 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => {
-            let opts = MergeOptions {
-                weights: a.weights,
-                rescale: a.rescale,
-                method: a.method,
-                alpha: a.alpha.unwrap_or(1.0),
-                trim: a.trim.unwrap_or(0.2),
-                files_from: a.files_from,
-                ..MergeOptions::default()
+            let job = match a.recipe {
+                Some(path) => MergeJob::replay(path, a.output, a.common)?,
+                None => MergeJob {
+                    operation: Operation::Merge,
+                    base: a.base.expect("required without --recipe"),
+                    deltas: a.deltas,
+                    output: a.output,
+                    opts: MergeOptions {
+                        weights: a.weights,
+                        rescale: a.rescale,
+                        method: a.method,
+                        alpha: a.alpha.unwrap_or(1.0),
+                        trim: a.trim.unwrap_or(0.2),
+                        files_from: a.files_from,
+                        ..MergeOptions::default()
+                    },
+                    common: a.common,
+                    replay: None,
+                },
             };
-            run_merge(&a.base, &a.deltas, &a.output, opts, a.common, &flags)
+            run_merge(job, &flags)
         }
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
             // The fine-tune's own files replace the base's (docs/FORMAT.md section 13).
-            let opts = MergeOptions {
-                rescale: !a.no_rescale,
-                files_from: Some(0),
-                ..MergeOptions::default()
+            let job = MergeJob {
+                operation: Operation::Apply,
+                base: a.base,
+                deltas: vec![a.delta],
+                output: a.output,
+                opts: MergeOptions {
+                    rescale: !a.no_rescale,
+                    files_from: Some(0),
+                    ..MergeOptions::default()
+                },
+                common: a.common,
+                replay: None,
             };
-            let deltas = std::slice::from_ref(&a.delta);
-            run_merge(&a.base, deltas, &a.output, opts, a.common, &flags)
+            run_merge(job, &flags)
         }
         Command::Inspect(a) => run_inspect(a, &flags),
         Command::Verify(a) => run_verify(a, &flags),
@@ -323,6 +359,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
 
 /// The global flags that shape how a subcommand reports and writes.
 struct Flags {
+    /// The command line, for the recipe and the model card.
+    command: Vec<String>,
     quiet: bool,
     verbose: bool,
     no_sync: bool,
@@ -446,14 +484,45 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     Ok(())
 }
 
-fn run_merge(
-    base_path: &Path,
-    delta_paths: &[PathBuf],
-    output: &Path,
+/// One merge or apply to run.
+struct MergeJob {
+    operation: Operation,
+    base: PathBuf,
+    deltas: Vec<PathBuf>,
+    output: PathBuf,
     opts: MergeOptions,
     common: OutputArgs,
-    flags: &Flags,
-) -> Result<()> {
+    /// The recipe replayed, and its path: its inputs must still match it.
+    replay: Option<(PathBuf, Recipe)>,
+}
+
+impl MergeJob {
+    /// The merge that recipe `path` records, into `output`.
+    fn replay(path: PathBuf, output: PathBuf, common: OutputArgs) -> Result<MergeJob> {
+        let recipe = Recipe::read(&path)?;
+        Ok(MergeJob {
+            operation: recipe.operation,
+            base: recipe.base.locate(),
+            deltas: recipe.deltas.iter().map(|d| d.input.locate()).collect(),
+            output,
+            opts: recipe.options(&path)?,
+            common,
+            replay: Some((path, recipe)),
+        })
+    }
+}
+
+fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
+    let MergeJob {
+        operation,
+        base: base_path,
+        deltas: delta_paths,
+        output,
+        opts,
+        common,
+        replay,
+    } = job;
+    let (base_path, output) = (base_path.as_path(), output.as_path());
     let weights = &opts.weights;
     if !weights.is_empty() && weights.len() != delta_paths.len() {
         return Err(usage(format!(
@@ -479,20 +548,66 @@ fn run_merge(
         .transpose()
         .map_err(|e| usage(format!("--dtype: {e}")))?;
     let mut target = target(output, &common.shard_size, flags)?;
+    if let Some((_, recipe)) = &replay {
+        target.shard_size = recipe.parameters.shard_size;
+    }
     let base = flags.base(base_path)?;
-    let deltas = flags.deltas(delta_paths)?;
+    let deltas = flags.deltas(&delta_paths)?;
     warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
     }
     let opts = MergeOptions {
-        dtype,
-        force: common.force,
+        dtype: dtype.or(opts.dtype),
+        force: common.force || opts.force,
         device: common.device,
         fingerprint_output: common.json,
         ..opts
     };
-    let r = merge(&base, &deltas, &target, &opts)?;
+    // A folder gets a recipe, which records each delta's fingerprint; a replay checks them
+    // before anything is merged.
+    let delta_fingerprints = if target.is_folder() || replay.is_some() {
+        use rayon::prelude::*;
+        let fps = deltas
+            .par_iter()
+            .map(|d| d.checkpoint().fingerprint())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((path, recipe)) = &replay {
+            for (d, fp) in recipe.deltas.iter().zip(&fps) {
+                d.input.check(fp, path)?;
+            }
+        }
+        fps
+    } else {
+        Vec::new()
+    };
+    let folder = target.is_folder();
+    let files = |base_fingerprint: &str| -> Result<Vec<(String, Vec<u8>)>> {
+        if let Some((path, recipe)) = &replay {
+            recipe.base.check(base_fingerprint, path)?;
+        }
+        if !folder {
+            return Ok(Vec::new());
+        }
+        let recipe = Recipe::new(
+            operation,
+            flags.command.clone(),
+            &base,
+            base_fingerprint,
+            &deltas,
+            &delta_fingerprints,
+            &opts,
+            target.shard_size,
+        );
+        let (files, warnings) = release::folder_files(&recipe, base_path);
+        for w in warnings {
+            eprintln!("sotu-delta: warning: {w}");
+        }
+        Ok(files)
+    };
+    let r = merge_with_files(&base, &deltas, &target, &opts, &files)?;
     base.save_hashes();
     if flags.verbose && matches!(opts.method, Method::Iso | Method::Tsv) && r.device != "cpu" {
         eprintln!(

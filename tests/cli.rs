@@ -2359,11 +2359,13 @@ fn folder_output_replaces_an_existing_folder_whole() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let names: Vec<String> = fs::read_dir(d.join("outdir"))
+    let mut names: Vec<String> = fs::read_dir(d.join("outdir"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["model.safetensors"]);
+    names.sort();
+    // The weights, and the model card and recipe every folder output gets (issue #13).
+    assert_eq!(names, ["README.md", "model.safetensors", "sotu-delta.json"]);
     ok(
         d,
         &format!("apply --base {base} d.safetensors -o m.safetensors"),

@@ -336,6 +336,21 @@ impl Checkpoint {
         Ok(Some(h))
     }
 
+    /// The fingerprint of every tensor (docs/FORMAT.md section 7: BLAKE3 of the BLAKE3 of each
+    /// tensor's bytes, in name order): a base's base fingerprint, a delta's
+    /// `output_fingerprint`. Tensors hash on all threads.
+    pub fn fingerprint(&self) -> Result<String> {
+        use rayon::prelude::*;
+        let hashes = self
+            .tensors
+            .par_iter()
+            .map(|(name, _)| Ok(self.hash_of(name)?.expect("listed")))
+            .collect::<Vec<Result<[u8; 32]>>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(fingerprint(&hashes))
+    }
+
     /// Stores in the hash cache the hashes of each file whose every tensor was hashed or found,
     /// if the file is still the one opened. Does nothing without a cache; never fails.
     pub fn save_hashes(&self) {

@@ -187,12 +187,29 @@ impl Engine {
     }
 }
 
+/// Files a folder output gets beside its weights, made once the base has been read: given the
+/// base fingerprint, `(name, bytes)` pairs ([`merge_with_files`]; ignored for a file output).
+/// An error fails the merge before anything is written.
+pub type FolderFiles<'a> = dyn Fn(&str) -> Result<Vec<(String, Vec<u8>)>> + 'a;
+
 /// Merges `deltas` onto `base` and writes the result to `out`.
 pub fn merge(
     base: &Checkpoint,
     deltas: &[Delta],
     out: &Target,
     opts: &MergeOptions,
+) -> Result<MergeReport> {
+    merge_with_files(base, deltas, out, opts, &|_| Ok(Vec::new()))
+}
+
+/// [`merge`], and into a folder output the files `files` makes (a model card and a recipe,
+/// [`crate::release`]) in place of the base's of the same names.
+pub fn merge_with_files(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &Target,
+    opts: &MergeOptions,
+    files: &FolderFiles,
 ) -> Result<MergeReport> {
     let start = Instant::now();
     if !opts.weights.is_empty() && opts.weights.len() != deltas.len() {
@@ -241,6 +258,8 @@ pub fn merge(
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
     let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
+    let fingerprint = crate::io::fingerprint(&base_hashes);
+    let extra = files(&fingerprint)?;
 
     let base_names: Vec<&String> = base.tensors().keys().collect();
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
@@ -256,10 +275,14 @@ pub fn merge(
     }
     base.check_unchanged()?;
     deltas.iter().try_for_each(Delta::check_unchanged)?;
+    if out.is_folder() {
+        for (name, bytes) in extra {
+            output.add_file(&name, bytes)?;
+        }
+    }
     let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
-    let fingerprint = crate::io::fingerprint(&base_hashes);
     Ok(MergeReport {
         inputs: base
             .files()

@@ -40,7 +40,17 @@ pub struct Term {
 }
 
 /// A merge method (docs/METHODS.md).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// `base + Σ w_t·s_t·(mask_t ⊙ δ_t)` (docs/FORMAT.md section 8).
