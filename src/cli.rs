@@ -10,7 +10,7 @@ use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
-use crate::io::{Checkpoint, HashCache, IoMode, Target, parse_size};
+use crate::io::{Checkpoint, HashCache, IoMode, Target, companions, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{Device, MergeOptions, Method, check_method, merge_with_files};
 use crate::release::{self, Operation, Recipe};
@@ -556,6 +556,14 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
     warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
         target.copy_from = Some(base_path.to_path_buf());
+        if target.is_folder() {
+            for sub in companions(base_path)?.checkpoints {
+                eprintln!(
+                    "sotu-delta: warning: {}: a checkpoint of its own, which the deltas do not cover: copied unchanged",
+                    base_path.join(sub).display()
+                );
+            }
+        }
     }
     let opts = MergeOptions {
         dtype: dtype.or(opts.dtype),

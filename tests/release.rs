@@ -98,8 +98,9 @@ fn recipe(dir: &Path) -> Value {
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
         .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_file())
         .map(|e| {
-            let e = e.unwrap();
             (
                 e.file_name().to_string_lossy().into_owned(),
                 fs::read(e.path()).unwrap(),
@@ -360,4 +361,64 @@ fn a_recipe_whose_inputs_changed_is_refused_naming_the_input() {
     refused(d, "merge --recipe m/sotu-delta.json -o r", "r", &["d1.st"]);
     fs::write(d.join("x.json"), r#"{"format": "other"}"#).unwrap();
     refused(d, "merge --recipe x.json -o r", "r", &["x.json", "recipe"]);
+}
+
+/// A sentence-transformers layout (all-MiniLM-L6-v2's, and a Dense layer): `modules.json`
+/// names `1_Pooling/` (a config), `2_Dense/` (a checkpoint of its own) and `2_Normalize/` (empty).
+/// `SentenceTransformer(folder)` needs them all; the Dense weights are not the deltas' and are
+/// copied as they are, with a warning. Hidden folders (a download's `.cache/`) stay behind.
+#[test]
+fn merge_copies_library_subfolders_and_says_which_hold_weights() {
+    let dir = setup();
+    let d = dir.path();
+    let b = d.join("base");
+    let modules = r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}, {"idx": 3, "name": "3", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#;
+    fs::write(b.join("modules.json"), modules).unwrap();
+    fs::create_dir_all(b.join("1_Pooling")).unwrap();
+    let pooling = r#"{"word_embedding_dimension": 384, "pooling_mode_mean_tokens": true}"#;
+    fs::write(b.join("1_Pooling/config.json"), pooling).unwrap();
+    fs::create_dir_all(b.join("2_Dense/nested")).unwrap();
+    fs::write(b.join("2_Dense/config.json"), r#"{"in_features": 384}"#).unwrap();
+    fs::copy(
+        root().join("fixtures/tiny/task1-bf16.safetensors"),
+        b.join("2_Dense/model.safetensors"),
+    )
+    .unwrap();
+    fs::write(b.join("2_Dense/nested/notes.txt"), "deeper").unwrap();
+    fs::create_dir_all(b.join("2_Normalize")).unwrap();
+    fs::create_dir_all(b.join(".cache/huggingface")).unwrap();
+    fs::write(b.join(".cache/huggingface/download.lock"), "").unwrap();
+    let o = ok(d, "merge --json --base base d1.st d2.st -o merged");
+    let m = d.join("merged");
+    for f in [
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "2_Dense/nested/notes.txt",
+    ] {
+        assert_eq!(
+            fs::read(m.join(f)).unwrap(),
+            fs::read(b.join(f)).unwrap(),
+            "{f} not copied as it was"
+        );
+    }
+    assert!(m.join("2_Normalize").is_dir());
+    assert_eq!(fs::read_dir(m.join("2_Normalize")).unwrap().count(), 0);
+    assert!(!m.join(".cache").exists(), "a hidden folder was copied");
+    let warning = o.message("warning");
+    assert!(
+        warning.contains("2_Dense") && warning.contains("copied unchanged"),
+        "{o}"
+    );
+    assert!(!o.stderr.contains("1_Pooling"), "{o}");
+    let outputs = o.json()["outputs"].to_string();
+    assert!(outputs.contains("1_Pooling/config.json"), "{outputs}");
+    // The top level still takes no weights from the base but its own merged ones.
+    let top: Vec<String> = files(&m).into_keys().collect();
+    assert_eq!(
+        top.iter().filter(|n| n.ends_with(".safetensors")).count(),
+        1,
+        "{top:?}"
+    );
 }

@@ -26,7 +26,7 @@ pub use checkpoint::{
 };
 pub use hash_cache::HashCache;
 pub use output::{
-    DEFAULT_SHARD_SIZE, OutTensor, Output, Target, Written, companion_files, is_folder_path,
+    Companions, DEFAULT_SHARD_SIZE, OutTensor, Output, Target, Written, companions, is_folder_path,
     parse_size, write_file, write_tensors,
 };
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};
