@@ -3,13 +3,14 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
 use crate::format::Delta;
 use crate::inspect::{human_bytes, inspect, verify};
+use crate::io::parts::Part;
 use crate::io::{Checkpoint, HashCache, IoMode, Target, companions, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{Device, MergeOptions, Method, check_method, merge_with_files};
@@ -96,6 +97,18 @@ enum Command {
     Inspect(InspectArgs),
     /// Check that deltas were taken against this base.
     Verify(VerifyArgs),
+    /// Put together the parts of a merge written with `merge --part K/N -o OUT`: check them,
+    /// write the index, model card and recipe, and move the folder into place.
+    Finalize(FinalizeArgs),
+}
+
+#[derive(Args)]
+struct FinalizeArgs {
+    /// The output folder the parts were written for (`-o OUT` of `merge --part`).
+    output: PathBuf,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +168,10 @@ struct MergeArgs {
         "shard_size", "files_from",
     ])]
     recipe: Option<PathBuf>,
+    /// Write only part K of N (0-based) of a folder output's shards, into OUT.parts/, for a
+    /// job array on a cluster; `sotu-delta finalize OUT` puts the parts together (docs/CLUSTER.md).
+    #[arg(long, value_name = "K/N", conflicts_with = "recipe")]
+    part: Option<String>,
     /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -330,9 +347,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                     },
                     common: a.common,
                     replay: None,
+                    part: None,
                 },
             };
-            run_merge(job, &flags)
+            let part = a.part.as_deref().map(parse_part).transpose()?;
+            run_merge(MergeJob { part, ..job }, &flags)
         }
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
@@ -349,11 +368,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                 },
                 common: a.common,
                 replay: None,
+                part: None,
             };
             run_merge(job, &flags)
         }
         Command::Inspect(a) => run_inspect(a, &flags),
         Command::Verify(a) => run_verify(a, &flags),
+        Command::Finalize(a) => run_finalize(a, &flags),
     }
 }
 
@@ -415,6 +436,94 @@ fn parse_slot(s: &str) -> Result<(u64, u64)> {
             "--slot {s:?}: expected K/N in decimal digits, e.g. 0/3"
         ))
     })
+}
+
+/// `--part K/N`: K below N, N at least 1.
+fn parse_part(s: &str) -> Result<Part> {
+    let (k, n) = parse_slot(s).map_err(|_| {
+        usage(format!(
+            "--part {s:?}: expected K/N in decimal digits, e.g. 0/3"
+        ))
+    })?;
+    if n == 0 || k >= n {
+        return Err(usage(format!(
+            "--part {s}: K must be below N (parts 0/{n} to {}/{n})",
+            n.saturating_sub(1)
+        )));
+    }
+    Ok(Part {
+        k: k as usize,
+        n: n as usize,
+    })
+}
+
+/// Where the parts of `output` are gathered.
+fn release_parts_dir(output: &Path) -> PathBuf {
+    crate::io::parts::parts_dir(output)
+}
+
+fn run_finalize(a: FinalizeArgs, flags: &Flags) -> Result<()> {
+    use crate::io::parts;
+    let start = std::time::Instant::now();
+    let out = a.output.as_path();
+    let manifests = parts::gather(out)?;
+    let dir = parts::parts_dir(out);
+    let base_fingerprint = parts::base_fingerprint(&manifests)?;
+    // Each part wrote the recipe as it saw it; the inputs and parameters must agree.
+    let recipe_of = |m: &parts::Manifest| -> Result<Recipe> {
+        let at = dir.join(m.part().manifest_name());
+        let text = m
+            .files
+            .get(release::RECIPE_NAME)
+            .with_context(|| format!("{}: records no recipe", at.display()))?;
+        serde_json::from_str(text)
+            .with_context(|| format!("{}: its recipe is not valid", at.display()))
+    };
+    let mut recipe = recipe_of(&manifests[0])?;
+    for m in &manifests[1..] {
+        if !recipe_of(m)?.same_merge(&recipe) {
+            bail!(
+                "{}: part {}/{} merged other inputs or parameters than part 0",
+                dir.join(m.part().manifest_name()).display(),
+                m.part,
+                m.parts
+            );
+        }
+    }
+    recipe.whole_command();
+    recipe.base.fingerprint = base_fingerprint;
+    for d in &mut recipe.deltas {
+        let delta = Delta::open_with(&d.input.locate(), flags.io)?;
+        d.input.fingerprint = delta.checkpoint().fingerprint()?;
+    }
+    let base = recipe.base.locate();
+    let (files, warnings) = release::folder_files(&recipe, &base);
+    for w in warnings {
+        eprintln!("sotu-delta: warning: {w}");
+    }
+    let placed = parts::finalize(out, &manifests, &files, !flags.no_sync)?;
+    let shards: usize = manifests.iter().map(|m| m.shards.len()).sum();
+    if a.json {
+        let files: Vec<String> = placed.iter().map(|p| p.display().to_string()).collect();
+        let summary = serde_json::json!({
+            "output": out.display().to_string(),
+            "parts": manifests.len(),
+            "shards": shards,
+            "outputs": files,
+            "base_fingerprint": recipe.base.fingerprint,
+            "seconds": start.elapsed().as_secs_f64(),
+        });
+        emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+    } else if !flags.quiet {
+        out!(
+            "finalize: {} parts, {} shards -> {}\n  base fingerprint {}",
+            manifests.len(),
+            shards,
+            out.display(),
+            recipe.base.fingerprint
+        );
+    }
+    Ok(())
 }
 
 fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
@@ -494,6 +603,8 @@ struct MergeJob {
     common: OutputArgs,
     /// The recipe replayed, and its path: its inputs must still match it.
     replay: Option<(PathBuf, Recipe)>,
+    /// `--part K/N`.
+    part: Option<Part>,
 }
 
 impl MergeJob {
@@ -508,6 +619,7 @@ impl MergeJob {
             opts: recipe.options(&path)?,
             common,
             replay: Some((path, recipe)),
+            part: None,
         })
     }
 }
@@ -521,6 +633,7 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
         opts,
         common,
         replay,
+        part,
     } = job;
     let (base_path, output) = (base_path.as_path(), output.as_path());
     let weights = &opts.weights;
@@ -551,6 +664,15 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
     if let Some((_, recipe)) = &replay {
         target.shard_size = recipe.parameters.shard_size;
     }
+    if let Some(p) = part {
+        if !target.is_folder() {
+            return Err(usage(format!(
+                "--part: {} is a single file; parts are of a model folder's shards",
+                output.display()
+            )));
+        }
+        target.part = Some(p);
+    }
     let base = flags.base(base_path)?;
     let deltas = flags.deltas(&delta_paths)?;
     warn_of_repeated_deltas(&deltas);
@@ -574,7 +696,8 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
     };
     // A folder gets a recipe, which records each delta's fingerprint; a replay checks them
     // before anything is merged.
-    let delta_fingerprints = if target.is_folder() || replay.is_some() {
+    // A part leaves them to `finalize`, which hashes each delta once.
+    let delta_fingerprints = if (target.is_folder() && part.is_none()) || replay.is_some() {
         use rayon::prelude::*;
         let fps = deltas
             .par_iter()
@@ -599,6 +722,8 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
         if !folder {
             return Ok(Vec::new());
         }
+        // A part read a part of the base: `finalize` records the whole base's fingerprint.
+        let base_fingerprint = if part.is_some() { "" } else { base_fingerprint };
         let recipe = Recipe::new(
             operation,
             flags.command.clone(),
@@ -616,6 +741,11 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
         Ok(files)
     };
     let r = merge_with_files(&base, &deltas, &target, &opts, &files)?;
+    let output = match part {
+        Some(_) => release_parts_dir(output),
+        None => output.to_path_buf(),
+    };
+    let output = output.as_path();
     base.save_hashes();
     if flags.verbose && matches!(opts.method, Method::Iso | Method::Tsv) && r.device != "cpu" {
         eprintln!(
@@ -651,10 +781,10 @@ fn run_merge(job: MergeJob, flags: &Flags) -> Result<()> {
     } else if !flags.quiet {
         out!(
             "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
-            if delta_paths.len() == 1 {
-                "apply"
-            } else {
-                "merge"
+            match part {
+                Some(p) => format!("merge part {}/{}", p.k, p.n),
+                None if delta_paths.len() == 1 => "apply".into(),
+                None => "merge".into(),
             },
             delta_paths.len(),
             base_path.display(),

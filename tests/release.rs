@@ -422,3 +422,176 @@ fn merge_copies_library_subfolders_and_says_which_hold_weights() {
         "{top:?}"
     );
 }
+
+// ==========================================================================================
+// Parts for a cluster: merge --part K/N, then finalize
+// ==========================================================================================
+
+const WHOLE: &str = "merge --base base d1.st d2.st d3.st --weights 1,0.5,2 --shard-size 12KB";
+
+/// Runs part k of n of the merge `WHOLE` for each k, each a process of its own, all at once
+/// (`env` names the scheduler's variable that gives k to the job array script, or `None` for
+/// `--part k/n` on the command line).
+fn run_parts(d: &Path, n: usize, out: &str, env: Option<&str>) {
+    let children: Vec<_> = (0..n)
+        .map(|k| {
+            let mut cmd = match env {
+                None => {
+                    let mut c = std::process::Command::new(common::BIN);
+                    c.args(WHOLE.split_whitespace()).args([
+                        "--part",
+                        &format!("{k}/{n}"),
+                        "-o",
+                        out,
+                    ]);
+                    c
+                }
+                Some(var) => {
+                    let mut c = std::process::Command::new("sh");
+                    c.arg(root().join("docs/cluster/merge-part.sh"))
+                        .args([&n.to_string(), out])
+                        .args(WHOLE.split_whitespace().skip(1))
+                        .env("SOTU_DELTA", common::BIN)
+                        .env_remove("SLURM_ARRAY_TASK_ID")
+                        .env_remove("JOB_COMPLETION_INDEX")
+                        .env(var, k.to_string());
+                    c
+                }
+            };
+            cmd.current_dir(d)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (k, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "part {k}/{n} failed");
+    }
+}
+
+/// The files of `dir` but the card and recipe, which record the command (and so the output's
+/// name).
+fn without_command(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    files(dir)
+        .into_iter()
+        .filter(|(n, _)| n != "README.md" && n != "sotu-delta.json")
+        .collect()
+}
+
+#[test]
+fn parts_as_separate_processes_then_finalize_equal_a_whole_merge() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, &format!("{WHOLE} -o whole"));
+    let want = without_command(&d.join("whole"));
+    let shards = want.keys().filter(|n| n.ends_with(".safetensors")).count();
+    assert!(shards >= 4, "test design: {shards} shards");
+    assert!(want.contains_key("model.safetensors.index.json"));
+    // 3 parts; and more parts than shards (some parts write none).
+    for (n, out) in [(3, "p3"), (shards + 2, "pmany")] {
+        run_parts(d, n, out, None);
+        assert!(!d.join(out).exists(), "{out} appeared before finalize");
+        let o = ok(d, &format!("finalize {out}"));
+        assert!(o.stdout.contains(&format!("{n} parts")), "{o}");
+        assert!(
+            without_command(&d.join(out)) == want,
+            "{n} parts: not the files of the whole merge"
+        );
+        assert!(!d.join(format!("{out}.parts")).exists());
+        assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
+        // The card and recipe are the whole merge's, its command aside.
+        let (r0, r1) = (recipe(&d.join("whole")), recipe(&d.join(out)));
+        for k in ["operation", "base", "deltas", "parameters"] {
+            assert_eq!(r0[k], r1[k], "{n} parts: recipe {k}");
+        }
+        let command: Vec<&str> = r1["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        assert!(!command.contains(&"--part"), "{command:?}");
+        assert_eq!(
+            card(&d.join(out).join("README.md")).0,
+            card(&d.join("whole/README.md")).0
+        );
+    }
+}
+
+#[test]
+fn the_job_array_script_runs_the_parts_under_slurm_and_kubernetes_variables() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, &format!("{WHOLE} -o whole"));
+    let want = without_command(&d.join("whole"));
+    for (var, out) in [
+        ("SLURM_ARRAY_TASK_ID", "slurm"),
+        ("JOB_COMPLETION_INDEX", "k8s"),
+    ] {
+        run_parts(d, 3, out, Some(var));
+        ok(d, &format!("finalize {out}"));
+        assert!(without_command(&d.join(out)) == want, "{var}");
+    }
+    // Without either variable the script says what it needs.
+    let o = Outcome::from_output(
+        std::process::Command::new("sh")
+            .arg(root().join("docs/cluster/merge-part.sh"))
+            .args(["3", "x", "--base", "base", "d1.st"])
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX")
+            .current_dir(d)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(o.code, Some(2), "{o}");
+    assert!(o.stderr.contains("SLURM_ARRAY_TASK_ID"), "{o}");
+}
+
+#[test]
+fn finalize_refuses_missing_or_foreign_parts_naming_them() {
+    let dir = setup();
+    let d = dir.path();
+    // Nothing yet.
+    refused(d, "finalize out", "out", &["out.parts"]);
+    // Parts 0 and 2 of 3: part 1 is missing.
+    for k in [0, 2] {
+        ok(d, &format!("{WHOLE} --part {k}/3 -o out"));
+    }
+    refused(d, "finalize out", "out", &["part-1-of-3.json", "missing"]);
+    // Part 1 from another merge (other weights): its shards do not belong.
+    ok(
+        d,
+        "merge --base base d1.st d2.st d3.st --weights 1,1,1 --shard-size 12KB --part 1/3 -o out",
+    );
+    refused(
+        d,
+        "finalize out",
+        "out",
+        &["part-1-of-3.json", "another merge"],
+    );
+    // The right part 1: finalize succeeds.
+    ok(d, &format!("{WHOLE} --part 1/3 -o out"));
+    // A shard lost after its part finished.
+    let parts = d.join("out.parts");
+    let shard = fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with(".safetensors"))
+        .unwrap();
+    let saved = fs::read(parts.join(&shard)).unwrap();
+    fs::remove_file(parts.join(&shard)).unwrap();
+    refused(d, "finalize out", "out", &[&shard, "missing"]);
+    fs::write(parts.join(&shard), saved).unwrap();
+    // A part of a merge in another number of parts.
+    fs::write(parts.join("part-0-of-2.json"), "{}").unwrap();
+    let o = run(d, "finalize out");
+    o.error(&["part-0-of-2.json"]);
+    fs::remove_file(parts.join("part-0-of-2.json")).unwrap();
+    ok(d, "finalize out");
+    assert!(d.join("out/model.safetensors.index.json").is_file());
+    // Usage: a part of a single file, K not below N.
+    run(d, &format!("{WHOLE} --part 0/2 -o one.st")).usage_error(&["--part", "single file"]);
+    run(d, &format!("{WHOLE} --part 3/3 -o x")).usage_error(&["--part"]);
+    run(d, &format!("{WHOLE} --part 1 -o x")).usage_error(&["--part"]);
+}

@@ -8,6 +8,8 @@
 //!   checkpoint.
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
+//! - [`parts`]: a folder output written in parts on many machines (`merge --part`), and put
+//!   together (`finalize`).
 //! - [`overwrite`]: refusing an output that would overwrite or delete an input.
 //! - [`process`]: the one owner of process-wide state: mapped inputs, partial outputs, and the
 //!   SIGBUS, SIGINT and SIGTERM handlers.
@@ -17,6 +19,7 @@ pub mod hash_cache;
 pub mod header;
 pub mod output;
 pub mod overwrite;
+pub mod parts;
 pub mod process;
 pub mod storage;
 

@@ -15,6 +15,7 @@ use safetensors::Dtype;
 use serde_json::json;
 
 use super::checkpoint::{INDEX_NAME, SINGLE_NAME, Tensor};
+use super::parts::Part;
 use super::process;
 use super::storage::{PIECE, with_buffer};
 
@@ -55,6 +56,8 @@ pub struct Target {
     pub durable: bool,
     /// Show a progress bar while writing; drawn only when stderr is a terminal.
     pub progress: bool,
+    /// Write only this part of a folder's shards (`merge --part K/N`, [`super::parts`]).
+    pub part: Option<Part>,
 }
 
 impl Target {
@@ -67,6 +70,7 @@ impl Target {
             copy_from: None,
             durable: true,
             progress: false,
+            part: None,
         }
     }
 
@@ -226,6 +230,10 @@ pub struct Output {
     /// Files written into a folder output beside the shards, over any copied file of the same
     /// name ([`Output::add_file`]).
     own_files: BTreeMap<String, Vec<u8>>,
+    /// BLAKE3 of every shard's name and header, for the whole output (all parts).
+    layout: String,
+    /// Shards of the whole output (all parts).
+    total_shards: usize,
     total: u64,
     progress: ProgressBar,
 }
@@ -355,17 +363,44 @@ impl Output {
             place: HashMap::new(),
             index: None,
             own_files: BTreeMap::new(),
+            layout: String::new(),
+            total_shards: 0,
             total: 0,
             progress: ProgressBar::hidden(),
         };
         let mut weight_map = BTreeMap::new();
         let mut data_bytes = 0u64;
+        let mut layout = blake3::Hasher::new();
+        let total_shards = groups.len();
         for (k, group) in groups.into_iter().enumerate() {
-            let (file, staged, path) = match out.staging.as_ref().unwrap() {
+            let ts = &tensors[group];
+            let (head, offsets, metadata_len) = header(ts, metadata)?;
+            let name = names.get(k).map(|n| n.to_string_lossy().into_owned());
+            let path = name.as_ref().map_or(dest.clone(), |n| dest.join(n));
+            if head.len() - 8 > MAX_HEADER_BYTES {
+                bail!(
+                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
+                    path.display(),
+                    head.len() - 8,
+                    ts.len()
+                );
+            }
+            // What every part of a merge must agree on: each shard's name and header.
+            layout.update(name.as_deref().unwrap_or_default().as_bytes());
+            layout.update(&head);
+            if let Some(n) = &name {
+                for t in ts {
+                    weight_map.insert(t.name.clone(), n.clone());
+                }
+            }
+            let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
+            if !target.part.is_none_or(|p| p.holds(k, total_shards)) {
+                continue;
+            }
+            let (file, staged) = match out.staging.as_ref().unwrap() {
                 Staging::File(tmp) => (
                     tmp.as_file().try_clone().with_context(cannot_create)?,
                     tmp.path().to_path_buf(),
-                    dest.clone(),
                 ),
                 Staging::Folder(tmp) => {
                     let staged = tmp.path().join(&names[k]);
@@ -375,30 +410,17 @@ impl Output {
                         .open(&staged)
                         .with_context(cannot_create)?;
                     process::track_file(&staged);
-                    (file, staged, dest.join(&names[k]))
+                    (file, staged)
                 }
             };
             let io = |r: std::io::Result<()>| {
                 r.with_context(|| format!("{}: cannot write", path.display()))
             };
-            let ts = &tensors[group];
-            let (head, offsets, metadata_len) = header(ts, metadata)?;
-            if head.len() - 8 > MAX_HEADER_BYTES {
-                bail!(
-                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
-                    path.display(),
-                    head.len() - 8,
-                    ts.len()
-                );
-            }
-            let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
             io(file.set_len(len))?;
             io(file.write_all_at(&head, 0))?;
             for (t, off) in ts.iter().zip(offsets) {
-                out.place.insert(t.name.clone(), (k, off, t.len));
-                if target.is_folder() {
-                    weight_map.insert(t.name.clone(), names[k].to_string_lossy().into_owned());
-                }
+                out.place
+                    .insert(t.name.clone(), (out.shards.len(), off, t.len));
                 data_bytes += t.len;
             }
             out.total += len;
@@ -411,8 +433,11 @@ impl Output {
                 file: Mutex::new(single.then_some(file)),
             });
         }
-        if out.shards.len() > 1 {
-            let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
+        out.layout = layout.finalize().to_hex().to_string();
+        out.total_shards = total_shards;
+        if total_shards > 1 {
+            let total: u64 = tensors.iter().map(|t| t.len).sum();
+            let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             out.index = Some(serde_json::to_vec_pretty(&index)?);
         }
         if target.progress {
@@ -438,6 +463,11 @@ impl Output {
         }
         self.own_files.insert(name.to_string(), bytes);
         Ok(())
+    }
+
+    /// Whether this output writes tensor `name` (all of them, but in a part of a merge).
+    pub fn holds(&self, name: &str) -> bool {
+        self.place.contains_key(name)
     }
 
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
@@ -607,6 +637,104 @@ impl Output {
         Ok(written)
     }
 
+    /// Commits part `target.part` of a folder output: its shards go into the parts folder
+    /// ([`super::parts::parts_dir`]) with a manifest recording `base_hashes` (the BLAKE3 of the
+    /// base tensors this part read, by name) and `files` (for `finalize` to complete), each
+    /// renamed into place; the folder itself appears at the output path only on `finalize`.
+    pub fn commit_part(
+        self,
+        base_hashes: BTreeMap<String, String>,
+        files: BTreeMap<String, String>,
+    ) -> Result<Written> {
+        use super::parts::{Manifest, PART_FORMAT, PART_VERSION, PartShard, parts_dir};
+        let part = self.target.part.expect("a part");
+        self.progress.finish_and_clear();
+        let dest = self.target.path.clone();
+        let dir = parts_dir(&dest);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("{}: cannot create", dir.display()));
+            }
+            _ => {}
+        }
+        self.close_all(self.target.durable)?;
+        let mut shards = Vec::new();
+        let mut placed = Vec::new();
+        for s in &self.shards {
+            let name = s.path.file_name().expect("a shard file name");
+            let to = dir.join(name);
+            std::fs::rename(&s.staged, &to)
+                .with_context(|| format!("{}: cannot rename into place", to.display()))?;
+            process::untrack_file(&s.staged);
+            let bytes = std::fs::metadata(&to)
+                .with_context(|| format!("{}: cannot read back", to.display()))?
+                .len();
+            shards.push(PartShard {
+                file: name.to_string_lossy().into_owned(),
+                bytes,
+            });
+            placed.push(to);
+        }
+        // The own files taken from a delta (docs/FORMAT.md section 13): the same in every part.
+        for (name, bytes) in &self.own_files {
+            let to = dir.join(name);
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                .tempfile_in(&dir)
+                .with_context(|| format!("{}: cannot create", to.display()))?;
+            std::io::Write::write_all(&mut tmp, bytes)
+                .with_context(|| format!("{}: cannot write", to.display()))?;
+            tmp.persist(&to).map_err(|e| {
+                anyhow::anyhow!("{}: cannot rename into place: {}", to.display(), e.error)
+            })?;
+            placed.push(to);
+        }
+        let manifest = Manifest {
+            format: PART_FORMAT.into(),
+            version: PART_VERSION,
+            part: part.k,
+            parts: part.n,
+            total_shards: self.total_shards,
+            layout: self.layout.clone(),
+            index: self
+                .index
+                .as_ref()
+                .map(|i| String::from_utf8_lossy(i).into_owned()),
+            shards,
+            base_hashes,
+            own_files: self.own_files.keys().cloned().collect(),
+            copy_from: self
+                .target
+                .copy_from
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            files,
+        };
+        // Written beside, then renamed: a manifest is there whole or not at all.
+        let path = dir.join(part.manifest_name());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".sotu-delta-partial-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        serde_json::to_writer_pretty(&mut tmp, &manifest)?;
+        if self.target.durable {
+            tmp.as_file().sync_all()?;
+        }
+        tmp.persist(&path).map_err(|e| {
+            anyhow::anyhow!("{}: cannot rename into place: {}", path.display(), e.error)
+        })?;
+        placed.push(path);
+        if self.target.durable {
+            sync_folder(&dir)?;
+        }
+        // The staging folder is empty now: dropped, it goes.
+        Ok(Written {
+            bytes: self.total,
+            files: placed,
+            fingerprint: None,
+        })
+    }
+
     fn place_files(mut self) -> Result<()> {
         self.progress.finish_and_clear();
         let dest = self.target.path.clone();
@@ -681,7 +809,7 @@ impl Drop for Output {
 /// other things. Refuses a symbolic link there too, before anything is computed: replacing it
 /// would put a real folder where the link was and leave the folder it points to as it was,
 /// which is neither of the two things the link's owner may have meant.
-fn refuse_to_replace(dest: &Path) -> Result<()> {
+pub(super) fn refuse_to_replace(dest: &Path) -> Result<()> {
     if let Ok(m) = std::fs::symlink_metadata(dest)
         && m.file_type().is_symlink()
     {
@@ -707,7 +835,7 @@ fn refuse_to_replace(dest: &Path) -> Result<()> {
     )
 }
 
-fn sync_folder(dir: &Path) -> Result<()> {
+pub(super) fn sync_folder(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("{}: cannot flush the folder", dir.display()))
@@ -716,7 +844,7 @@ fn sync_folder(dir: &Path) -> Result<()> {
 /// Moves the finished folder `staged` to `dest`. An existing folder at `dest` is swapped out
 /// atomically (Linux `renameat2(RENAME_EXCHANGE)`), then removed, so readers of `dest` see
 /// the old folder or the new one, never a mixture.
-fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
+pub(super) fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
     let fail =
         |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
     match std::fs::symlink_metadata(dest) {

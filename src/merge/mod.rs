@@ -255,13 +255,22 @@ pub fn merge_with_files(
     for (name, bytes) in taken.into_iter().flatten().filter(|_| out.is_folder()) {
         output.add_file(name, bytes.clone())?;
     }
+    // A part of a merge (`--part K/N`) computes the tensors of its own shards only.
+    let plans: Vec<TensorPlan> = plans
+        .into_iter()
+        .filter(|p| output.holds(&p.name))
+        .collect();
     base.advise_sequential();
     deltas.iter().for_each(Delta::advise_sequential);
     let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
     let fingerprint = crate::io::fingerprint(&base_hashes);
     let extra = files(&fingerprint)?;
 
-    let base_names: Vec<&String> = base.tensors().keys().collect();
+    let base_names: Vec<&String> = plans
+        .iter()
+        .map(|p| &p.name)
+        .filter(|n| base.info(n).is_some())
+        .collect();
     let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
     if !mismatches.is_empty() && !opts.force {
         let shown: Vec<&str> = mismatches.iter().take(5).map(String::as_str).collect();
@@ -275,12 +284,26 @@ pub fn merge_with_files(
     }
     base.check_unchanged()?;
     deltas.iter().try_for_each(Delta::check_unchanged)?;
-    if out.is_folder() {
-        for (name, bytes) in extra {
-            output.add_file(&name, bytes)?;
+    let written = if out.part.is_some() {
+        // The files are made whole by `finalize`, from every part's.
+        let hashes = base_names
+            .iter()
+            .zip(&base_hashes)
+            .map(|(n, h)| (n.to_string(), blake3::Hash::from(*h).to_hex().to_string()))
+            .collect();
+        let extra = extra
+            .into_iter()
+            .map(|(n, b)| (n, String::from_utf8_lossy(&b).into_owned()))
+            .collect();
+        output.commit_part(hashes, extra)?
+    } else {
+        if out.is_folder() {
+            for (name, bytes) in extra {
+                output.add_file(&name, bytes)?;
+            }
         }
-    }
-    let written = output.commit(opts.fingerprint_output)?;
+        output.commit(opts.fingerprint_output)?
+    };
     let display = |p: &Path| p.display().to_string();
 
     Ok(MergeReport {
@@ -506,10 +529,13 @@ fn check_provenance(
     let by_name: BTreeMap<&str, &[u8; 32]> =
         base_names.iter().map(|n| n.as_str()).zip(hashes).collect();
     let mut bad = Vec::new();
+    // A part of a merge hashed the base tensors of its own shards: the others are its peers'.
+    let whole = base_names.len() == base.tensors().len();
     for d in deltas {
         let file = d.path().display();
         for (name, e) in d.entries() {
-            if e.in_base && by_name.get(name.as_str()) != Some(&&d.base_hash(e.row)) {
+            let hashed = by_name.get(name.as_str());
+            if e.in_base && (whole || hashed.is_some()) && hashed != Some(&&d.base_hash(e.row)) {
                 bad.push(format!("{file}: {name}"));
             }
         }

@@ -122,7 +122,8 @@ fn absolute(path: &Path) -> String {
 impl Recipe {
     /// The recipe of a merge (or an apply) of `deltas` onto `base` with `opts`, written to
     /// folders of `shard_size` shards by `command`. `base_fingerprint` is the base's as read
-    /// by the merge; `delta_fingerprints` each delta's ([`Checkpoint::fingerprint`]).
+    /// by the merge; `delta_fingerprints` each delta's ([`Checkpoint::fingerprint`]), or none
+    /// yet (a part of a merge: `finalize` fills them in).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         operation: Operation,
@@ -137,15 +138,15 @@ impl Recipe {
         let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
         let deltas = deltas
             .iter()
-            .zip(delta_fingerprints)
             .enumerate()
-            .map(|(d, (delta, fp))| {
+            .map(|(d, delta)| {
+                let fp = delta_fingerprints.get(d).cloned().unwrap_or_default();
                 let p = delta.params();
                 DeltaInput {
                     input: Input {
                         path: delta.path().display().to_string(),
                         absolute: absolute(delta.path()),
-                        fingerprint: fp.clone(),
+                        fingerprint: fp,
                     },
                     seed: p.seed,
                     lo: p.interval.lo(),
@@ -243,6 +244,33 @@ impl Recipe {
             files_from: p.files_from,
             ..MergeOptions::default()
         })
+    }
+}
+
+impl Recipe {
+    /// The command line without `--part K/N`: the whole merge that the parts of one make.
+    pub fn whole_command(&mut self) {
+        let mut words = Vec::with_capacity(self.command.len());
+        let mut it = self.command.iter();
+        while let Some(w) = it.next() {
+            if w == "--part" {
+                it.next();
+            } else if !w.starts_with("--part=") {
+                words.push(w.clone());
+            }
+        }
+        self.command = words;
+    }
+
+    /// Whether `other` records the same inputs and parameters (commands aside).
+    pub fn same_merge(&self, other: &Recipe) -> bool {
+        (self.operation, &self.base, &self.deltas, &self.parameters)
+            == (
+                other.operation,
+                &other.base,
+                &other.deltas,
+                &other.parameters,
+            )
     }
 }
 
