@@ -55,7 +55,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 #[command(
     name = "sotu-delta",
     version,
-    about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify"
+    about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify, finalize"
 )]
 struct Cli {
     /// Worker threads, 1 to 1024 (default: one per core).

@@ -646,6 +646,17 @@ fn assert_folder_output(
     assert!(out.is_dir(), "{what}: {o} is not a folder");
     let layout = expected_layout(want, limit);
     let mut want_entries: BTreeSet<String> = copied.iter().map(|(n, _)| n.to_string()).collect();
+    // A merged or applied folder has a model card in place of the base's README.md, and a
+    // recipe (issue #13; their contents are tests/release.rs's). A delta folder has neither.
+    let released = out.join("sotu-delta.json").is_file();
+    if released {
+        want_entries.extend(["README.md".to_string(), "sotu-delta.json".to_string()]);
+        let card = fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.starts_with("---\nbase_model: "),
+            "{what}: not a card\n{card}"
+        );
+    }
     let n = layout.len();
     let shard_names: Vec<String> = if n == 1 {
         vec![SINGLE.to_string()]
@@ -663,7 +674,10 @@ fn assert_folder_output(
         want_entries,
         "{what}: the entries of {o} (expected {n} shard(s) for limit {limit})"
     );
-    for (name, bytes) in copied {
+    for (name, bytes) in copied
+        .iter()
+        .filter(|(n, _)| !released || *n != "README.md")
+    {
         assert!(
             fs::read(out.join(name)).unwrap() == *bytes,
             "{what}: {name} is not a byte-identical copy"
@@ -2226,12 +2240,23 @@ fn io_read_gives_the_bytes_of_mmap_for_every_subcommand() {
             b.keys().collect::<Vec<_>>(),
             "{line}: --io read wrote other files"
         );
-        for (k, v) in &a {
+        // The card and recipe record the command, `--io` and the output's name with it.
+        let recorded = [Path::new("README.md"), Path::new("sotu-delta.json")];
+        for (k, v) in a.iter().filter(|(k, _)| !recorded.contains(&k.as_path())) {
             assert!(
                 b[k] == *v,
                 "{line}: --io read wrote other bytes in {}",
                 k.display()
             );
+        }
+        if let Some(r) = a.get(Path::new("sotu-delta.json")) {
+            let (ra, rb): (Value, Value) = (
+                serde_json::from_slice(r).unwrap(),
+                serde_json::from_slice(&b[Path::new("sotu-delta.json")]).unwrap(),
+            );
+            for k in ["base", "deltas", "parameters"] {
+                assert_eq!(ra[k], rb[k], "{line}: the recipes' {k}");
+            }
         }
     }
     for line in [
