@@ -7,9 +7,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::inspect::human_bytes;
+use crate::io::IoMode;
 use crate::mask::DEFAULT_SEED;
 use crate::merge::{Device, Method};
-use crate::ops::{ExtractSpec, Flags, MergeSpec, Outcome, usage};
+use crate::ops::{ExtractSpec, Flags, MergeSpec, Outcome, parse_part, usage};
+use crate::release::Operation;
 
 pub use crate::ops::{MAX_THREADS, UsageError};
 
@@ -32,7 +34,7 @@ fn emit(s: &str) -> Result<()> {
 #[command(
     name = "sotu-delta",
     version,
-    about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify"
+    about = "Sparse task deltas of model checkpoints (SoTU): extract, merge, apply, inspect, verify, finalize"
 )]
 struct Cli {
     /// Worker threads, 1 to 1024 (default: one per core).
@@ -53,6 +55,11 @@ struct Cli {
     /// docs/RELIABILITY.md, "The hash cache".
     #[arg(long, global = true)]
     rehash: bool,
+    /// How inputs are read: memory-mapped (mmap), or by positional reads into reused buffers
+    /// (read: much faster on network filesystems such as NFS and Lustre). The same bytes
+    /// either way.
+    #[arg(long, global = true, value_enum, default_value_t = IoMode::Mmap)]
+    io: IoMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +76,18 @@ enum Command {
     Inspect(InspectArgs),
     /// Check that deltas were taken against this base.
     Verify(VerifyArgs),
+    /// Put together the parts of a merge written with `merge --part K/N -o OUT`: check them,
+    /// write the index, model card and recipe, and move the folder into place.
+    Finalize(FinalizeArgs),
+}
+
+#[derive(Args)]
+struct FinalizeArgs {
+    /// The output folder the parts were written for (`-o OUT` of `merge --part`).
+    output: PathBuf,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -79,7 +98,8 @@ struct ExtractArgs {
     /// The fine-tuned checkpoint (a .safetensors file or a model folder).
     #[arg(long)]
     tuned: PathBuf,
-    /// The delta to write: a .safetensors file, or else a folder (sharded by --shard-size).
+    /// The delta to write: a file when it ends in .safetensors or .st, else a folder (sharded by
+    /// --shard-size).
     #[arg(short, long)]
     output: PathBuf,
     /// Largest shard of a folder output, e.g. 500MB or 2GiB.
@@ -115,12 +135,23 @@ struct ExtractArgs {
 #[derive(Args)]
 struct MergeArgs {
     /// The base checkpoint the deltas were taken against (a .safetensors file or a model folder).
-    #[arg(long)]
-    base: PathBuf,
+    #[arg(long, required_unless_present = "recipe")]
+    base: Option<PathBuf>,
     /// Deltas (files or folders), applied in this order.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(required_unless_present = "recipe", num_args = 1..)]
     deltas: Vec<PathBuf>,
-    /// The checkpoint to write: a .safetensors file, or else a model folder.
+    /// Make the merge a recipe records (the sotu-delta.json of a merged folder) again: its
+    /// inputs, refused if their fingerprints changed, and its parameters.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "base", "deltas", "weights", "rescale", "method", "alpha", "trim", "dtype", "force",
+        "shard_size", "files_from",
+    ])]
+    recipe: Option<PathBuf>,
+    /// Write only part K of N (0-based) of a folder output's shards, into OUT.parts/, for a
+    /// job array on a cluster; `sotu-delta finalize OUT` puts the parts together (docs/CLUSTER.md).
+    #[arg(long, value_name = "K/N", conflicts_with = "recipe")]
+    part: Option<String>,
+    /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     /// One weight per delta, comma-separated (default all 1).
@@ -154,7 +185,7 @@ struct ApplyArgs {
     base: PathBuf,
     /// The delta (a file or a folder).
     delta: PathBuf,
-    /// The checkpoint to write: a .safetensors file, or else a model folder.
+    /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
     output: PathBuf,
     /// Keep the kept values exact and the base elsewhere, instead of rescaling the kept
@@ -220,6 +251,15 @@ struct VerifyArgs {
 
 /// Parses `args` and runs the subcommand.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    // As a recipe and a model card record it: the program by its name, then the arguments.
+    let command: Vec<String> = std::iter::once("sotu-delta".to_string())
+        .chain(
+            args.iter()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned()),
+        )
+        .collect();
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -241,23 +281,35 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     crate::io::process::install_handlers();
     crate::io::process::return_freed_memory();
     let flags = Flags {
+        command,
         quiet: cli.quiet,
         verbose: cli.verbose,
         no_sync: cli.no_sync,
         rehash: cli.rehash,
+        io: cli.io,
         ..Flags::default()
     };
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => {
+            let stated = match &a.recipe {
+                Some(path) => MergeSpec::replay(path)?,
+                None => MergeSpec {
+                    weights: a.weights,
+                    rescale: a.rescale,
+                    method: a.method,
+                    alpha: a.alpha,
+                    trim: a.trim,
+                    files_from: a.files_from,
+                    ..MergeSpec::new(
+                        a.base.as_deref().expect("required without --recipe"),
+                        &a.deltas,
+                    )
+                },
+            };
             let spec = MergeSpec {
-                weights: a.weights,
-                rescale: a.rescale,
-                method: a.method,
-                alpha: a.alpha,
-                trim: a.trim,
-                files_from: a.files_from,
-                ..a.common.spec(&a.base, &a.deltas)
+                part: a.part.as_deref().map(parse_part).transpose()?,
+                ..a.common.spec(stated)
             };
             run_merge(&spec, &a.output, &a.common, &flags)
         }
@@ -267,12 +319,15 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             let spec = MergeSpec {
                 rescale: !a.no_rescale,
                 files_from: Some(0),
-                ..a.common.spec(&a.base, std::slice::from_ref(&a.delta))
+                operation: Operation::Apply,
+                ..MergeSpec::new(&a.base, std::slice::from_ref(&a.delta))
             };
+            let spec = a.common.spec(spec);
             run_merge(&spec, &a.output, &a.common, &flags)
         }
         Command::Inspect(a) => run_inspect(a, &flags),
         Command::Verify(a) => run_verify(a, &flags),
+        Command::Finalize(a) => run_finalize(a, &flags),
     }
 }
 
@@ -304,15 +359,33 @@ fn warn<R>(outcome: &Outcome<R>) {
 }
 
 impl OutputArgs {
-    /// The merge of `deltas` onto `base` with these output flags and the defaults otherwise.
-    fn spec(&self, base: &Path, deltas: &[PathBuf]) -> MergeSpec {
+    /// The merge `stated` with these output flags.
+    fn spec(&self, stated: MergeSpec) -> MergeSpec {
         MergeSpec {
             dtype: self.dtype.clone(),
             force: self.force,
             device: self.device,
-            ..MergeSpec::new(base, deltas)
+            ..stated
         }
     }
+}
+
+fn run_finalize(a: FinalizeArgs, flags: &Flags) -> Result<()> {
+    let outcome = crate::ops::finalize(&a.output, flags)?;
+    warn(&outcome);
+    let r = &outcome.report;
+    if a.json {
+        emit(&format!("{}\n", serde_json::to_string_pretty(r)?))?;
+    } else if !flags.quiet {
+        out!(
+            "finalize: {} parts, {} shards -> {}\n  base fingerprint {}",
+            r.parts,
+            r.shards,
+            a.output.display(),
+            r.base_fingerprint
+        );
+    }
+    Ok(())
 }
 
 fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
@@ -371,16 +444,21 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
     let outcome = crate::ops::merge(spec, output, &common.shard_size, common.json, flags)?;
     warn(&outcome);
     let r = &outcome.report;
-    let (base_path, delta_paths) = (&spec.base, &spec.deltas);
+    let (base_path, delta_paths, part) = (&spec.base, &spec.deltas, spec.part);
+    // A part's output is the folder its parts are gathered in.
+    let output = match part {
+        Some(_) => crate::io::parts::parts_dir(output),
+        None => output.to_path_buf(),
+    };
     if common.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(r)?))?;
     } else if !flags.quiet {
         out!(
             "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
-            if delta_paths.len() == 1 {
-                "apply"
-            } else {
-                "merge"
+            match part {
+                Some(p) => format!("merge part {}/{}", p.k, p.n),
+                None if delta_paths.len() == 1 => "apply".into(),
+                None => "merge".into(),
             },
             delta_paths.len(),
             base_path.display(),

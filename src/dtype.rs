@@ -40,6 +40,16 @@ impl Float {
         })
     }
 
+    /// The name `--dtype` takes: `f16`, `bf16`, `f32` or `f64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Float::F16 => "f16",
+            Float::BF16 => "bf16",
+            Float::F32 => "f32",
+            Float::F64 => "f64",
+        }
+    }
+
     /// The safetensors dtype.
     pub fn dtype(self) -> Dtype {
         match self {

@@ -217,17 +217,20 @@ pub fn decode_chunk(d: &Delta, name: &str, c: u64, base: &[f64]) -> Result<Vec<f
     let float = Float::of(e.dtype).expect("only float tensors have deltas");
     let chunk = d.params().chunk;
     let lo = c * chunk;
-    let values = d.data(name);
+    let range = lo..lo + base.len() as u64;
     let mut out = vec![0.0; base.len()];
+    let mut buf = Vec::new();
     match e.kind {
         Kind::Masked => {
-            let range = lo..lo + base.len() as u64;
-            d.chunks(name)
+            d.chunks_in(name, range.clone(), &mut buf)?
                 .for_each_kept(float, range, |k, v| out[k] = v - base[k])?;
         }
         Kind::Whole => {
+            let size = float.size();
+            let bytes = range.start as usize * size..range.end as usize * size;
+            let values = d.stored(name).read(bytes, &mut buf)?;
             for (k, o) in out.iter_mut().enumerate() {
-                *o = float.load(values, lo as usize + k) - base[k];
+                *o = float.load(values, k) - base[k];
             }
         }
         Kind::Same => {}
@@ -373,16 +376,23 @@ fn tensor_alignment(
     let (rows, cols) = (info.shape[0], info.shape[1]);
     let k = (rows.min(cols) / deltas.len()).max(1);
     let mut b = Vec::new();
-    from.load_all(base.data(info), &mut b);
-    let mut tau = Vec::new();
+    from.load_all(
+        &base.tensor(name).expect("listed from the base").whole()?,
+        &mut b,
+    );
+    let (mut tau, mut values) = (Vec::new(), Vec::new());
     let mut tops: Vec<Option<faer::Mat<f64>>> = Vec::with_capacity(deltas.len());
     for d in deltas {
         if d.entries().get(name).is_none_or(|e| e.kind != Kind::Masked) {
             tops.push(None);
             continue;
         }
-        d.chunks(name)
-            .estimate(from, &b, d.params().rescale(), &mut tau)?;
+        d.chunks_in(name, 0..info.numel(), &mut values)?.estimate(
+            from,
+            &b,
+            d.params().rescale(),
+            &mut tau,
+        )?;
         // The tensor's left singular vectors are the right ones of faer's transposed view.
         let (_, _, v) = crate::linalg::thin_svd(crate::linalg::view(&tau, (rows, cols)), name)?;
         tops.push(Some(v.as_ref().submatrix(0, 0, rows, k).to_owned()));
@@ -433,8 +443,9 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
                 ea.shape
             );
         }
+        let data = base.tensor(name).expect("looked up above");
         let hash = base
-            .hash_of(name)
+            .hash_of(name)?
             .expect("the base has the tensor: its entry was read above");
         for (d, e) in [(a, ea), (b, eb)] {
             if e.in_base && d.base_hash(e.row) != hash {
@@ -453,14 +464,17 @@ fn dot(a: &Delta, b: &Delta, base: &Checkpoint) -> Result<f64> {
             );
         }
         let chunk = a.params().chunk;
-        let data = base.data(info);
         let n = ea.numel();
         let parts: Vec<f64> = (0..n.div_ceil(chunk))
             .into_par_iter()
             .map(|c| -> Result<f64> {
                 let r = (c * chunk) as usize..n.min((c + 1) * chunk) as usize;
-                let mut bv = Vec::new();
-                float.load_all(&data[r.start * float.size()..r.end * float.size()], &mut bv);
+                let (mut bytes, mut bv) = (Vec::new(), Vec::new());
+                let size = float.size();
+                float.load_all(
+                    data.read(r.start * size..r.end * size, &mut bytes)?,
+                    &mut bv,
+                );
                 let (da, db) = (
                     decode_chunk(a, name, c, &bv)?,
                     decode_chunk(b, name, c, &bv)?,
@@ -612,14 +626,20 @@ pub struct Verdict {
     pub unknown_to_delta: Vec<String>,
 }
 
-/// Checks each delta against `base`, tensor by tensor.
-pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Vec<Verdict> {
+/// Checks each delta against `base`, tensor by tensor. Fails only where the base cannot be
+/// read.
+pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Verdict>> {
     let names: Vec<&String> = base.tensors().keys().collect();
     let hashes: std::collections::BTreeMap<&str, [u8; 32]> = names
         .par_iter()
-        .map(|n| (n.as_str(), base.hash_of(n).expect("a tensor of the base")))
-        .collect();
-    deltas
+        .map(|n| {
+            let h = base.hash_of(n)?.expect("a tensor of the base");
+            Ok((n.as_str(), h))
+        })
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?;
+    Ok(deltas
         .iter()
         .map(|d| {
             let mut v = Verdict {
@@ -651,5 +671,5 @@ pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Vec<Verdict> {
                 && v.unknown_to_delta.is_empty();
             v
         })
-        .collect()
+        .collect())
 }

@@ -7,6 +7,7 @@
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
 //! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
 //!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
+//! - [`release`]: the model card and the recipe of a folder output, ready to upload.
 //! - [`linalg`]: dense f64 linear algebra on tensors (faer), for the SVD merge methods.
 //! - [`simd`]: the AVX-512 kernels of the mask, merge and extract, each beside its portable twin,
 //!   chosen at run time (one detection), and the target list of the multiversioned loops.
@@ -24,6 +25,7 @@ pub mod linalg;
 pub mod mask;
 pub mod merge;
 pub mod ops;
+pub mod release;
 pub mod simd;
 
 /// The writer string recorded in every file this build writes.

@@ -7,15 +7,19 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 use crate::dtype::Float;
 use crate::extract::{ExtractOptions, ExtractReport, Selector};
 use crate::format::Delta;
 use crate::inspect::{InspectReport, Verdict};
-use crate::io::{Cancel, Checkpoint, HashCache, Target, parse_size};
+use crate::io::parts::{self, Part};
+use crate::io::{Cancel, Checkpoint, HashCache, IoMode, Target, companions, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method};
+use crate::merge::{
+    Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method, merge_with_files,
+};
+use crate::release::{self, Operation, Recipe};
 
 /// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
 /// the cost of starting them (docs/RELIABILITY.md).
@@ -87,6 +91,10 @@ pub struct Flags {
     pub rehash: bool,
     /// Stops the operation at its next write when set (the Python package's KeyboardInterrupt).
     pub cancel: Cancel,
+    /// How every input is read (`--io`).
+    pub io: IoMode,
+    /// The command line as given, recorded in a folder output's recipe and model card.
+    pub command: Vec<String>,
 }
 
 /// What an operation returns: its report, the warnings to show, and the notes to show (the
@@ -104,7 +112,7 @@ pub struct Outcome<R> {
 
 /// Opens a base checkpoint with the hash cache attached, unless it is turned off.
 fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
-    let base = Checkpoint::open(path)?;
+    let base = Checkpoint::open_with(path, flags.io)?;
     Ok(match HashCache::from_env(flags.rehash) {
         Some(cache) => base.with_hash_cache(cache),
         None => base,
@@ -219,7 +227,7 @@ pub fn extract(
     let base = open_base(&spec.base, flags)?;
     let tuned = match tuned {
         Some(t) => t,
-        None => Checkpoint::open(&spec.tuned)?,
+        None => Checkpoint::open_with(&spec.tuned, flags.io)?,
     };
     let opts = ExtractOptions {
         seed: spec.seed,
@@ -275,6 +283,14 @@ pub struct MergeSpec {
     /// The delta whose own files (config, tokenizer) a folder output takes over the base's
     /// (`--files-from`; 0 for `apply`).
     pub files_from: Option<usize>,
+    /// What a folder output's recipe records: a merge or an apply.
+    pub operation: Operation,
+    /// The recipe replayed (`merge --recipe`) and its path: its options replace the ones
+    /// above but `dtype`, `force` and `device`, and its inputs must still match it.
+    pub replay: Option<(PathBuf, Recipe)>,
+    /// `--part K/N`: write only this part of a folder output's shards ([`finalize`] puts the
+    /// parts together).
+    pub part: Option<Part>,
 }
 
 impl MergeSpec {
@@ -292,12 +308,39 @@ impl MergeSpec {
             force: false,
             device: Device::Auto,
             files_from: None,
+            operation: Operation::Merge,
+            replay: None,
+            part: None,
         }
+    }
+
+    /// The merge that recipe `path` records (`merge --recipe`), with the command line's
+    /// defaults otherwise.
+    pub fn replay(path: &Path) -> Result<Self> {
+        let recipe = Recipe::read(path)?;
+        let deltas: Vec<PathBuf> = recipe.deltas.iter().map(|d| d.input.locate()).collect();
+        Ok(MergeSpec {
+            operation: recipe.operation,
+            replay: Some((path.to_path_buf(), recipe.clone())),
+            ..MergeSpec::new(&recipe.base.locate(), &deltas)
+        })
     }
 
     /// The merge options, checked (a mistake is a [`UsageError`]).
     pub fn options(&self, fingerprint_output: bool) -> Result<MergeOptions> {
-        let weights = &self.weights;
+        let stated = match &self.replay {
+            Some((path, recipe)) => recipe.options(path)?,
+            None => MergeOptions {
+                weights: self.weights.clone(),
+                rescale: self.rescale,
+                method: self.method,
+                alpha: self.alpha.unwrap_or(1.0),
+                trim: self.trim.unwrap_or(0.2),
+                files_from: self.files_from,
+                ..MergeOptions::default()
+            },
+        };
+        let weights = &stated.weights;
         if !weights.is_empty() && weights.len() != self.deltas.len() {
             return Err(usage(format!(
                 "--weights has {} values for {} deltas; give one per delta",
@@ -315,19 +358,14 @@ impl MergeSpec {
             .transpose()
             .map_err(|e| usage(format!("--dtype: {e}")))?;
         let opts = MergeOptions {
-            weights: weights.clone(),
-            rescale: self.rescale,
-            method: self.method,
-            alpha: self.alpha.unwrap_or(1.0),
-            trim: self.trim.unwrap_or(0.2),
-            dtype,
-            force: self.force,
+            dtype: dtype.or(stated.dtype),
+            force: self.force || stated.force,
             device: self.device,
             fingerprint_output,
-            files_from: self.files_from,
+            ..stated
         };
         check_method(&opts, self.deltas.len()).map_err(|e| usage(format!("{e:#}")))?;
-        if let Some(k) = self.files_from.filter(|&k| k >= self.deltas.len()) {
+        if let Some(k) = opts.files_from.filter(|&k| k >= self.deltas.len()) {
             return Err(usage(format!(
                 "--files-from {k}: there are {} deltas, numbered from 0",
                 self.deltas.len()
@@ -342,7 +380,7 @@ impl MergeSpec {
         let deltas = self
             .deltas
             .iter()
-            .map(|p| Delta::open(p))
+            .map(|p| Delta::open_with(p, flags.io))
             .collect::<Result<Vec<_>>>()?;
         let warnings = repeated_deltas(&deltas);
         Ok((base, deltas, warnings))
@@ -352,6 +390,7 @@ impl MergeSpec {
     /// (`None`: kept in memory, where there are no files to take or leave out).
     fn messages(
         &self,
+        opts: &MergeOptions,
         deltas: &[Delta],
         report: &MergeReport,
         output: Option<&Path>,
@@ -359,12 +398,12 @@ impl MergeSpec {
     ) -> (Vec<String>, Vec<String>) {
         let (mut warnings, mut notes) = (Vec::new(), Vec::new());
         if flags.verbose
-            && matches!(self.method, Method::Iso | Method::Tsv)
+            && matches!(opts.method, Method::Iso | Method::Tsv)
             && report.device != "cpu"
         {
             notes.push(format!(
                 "--method {}: computed on the CPU (the GPU kernels are for sum and ties)",
-                self.method.name()
+                opts.method.name()
             ));
         }
         if flags.verbose && self.device == Device::Auto {
@@ -387,7 +426,7 @@ impl MergeSpec {
             own_files_messages(
                 deltas,
                 report,
-                self.files_from,
+                opts.files_from,
                 output,
                 flags,
                 &mut warnings,
@@ -417,13 +456,96 @@ pub fn merge(
 ) -> Result<Outcome<MergeReport>> {
     let opts = spec.options(fingerprint_output)?;
     let mut target = target(output, shard_size, flags)?;
+    if let Some((_, recipe)) = &spec.replay {
+        target.shard_size = recipe.parameters.shard_size;
+    }
+    if let Some(p) = spec.part {
+        if !target.is_folder() {
+            return Err(usage(format!(
+                "--part: {} is a single file; parts are of a model folder's shards",
+                output.display()
+            )));
+        }
+        target.part = Some(p);
+    }
     let (base, deltas, mut warnings) = spec.open(flags)?;
     if base.is_folder() {
         target.copy_from = Some(spec.base.clone());
+        if target.is_folder() {
+            for sub in companions(&spec.base)?.checkpoints {
+                warnings.push(format!(
+                    "{}: a checkpoint of its own, which the deltas do not cover: copied unchanged",
+                    spec.base.join(sub).display()
+                ));
+            }
+        }
     }
-    let report = crate::merge::merge(&base, &deltas, &target, &opts)?;
+    // A folder gets a recipe, which records each delta's fingerprint; a replay checks them
+    // before anything is merged. A part leaves them to `finalize`, which hashes each delta
+    // once.
+    let delta_fingerprints = if (target.is_folder() && spec.part.is_none()) || spec.replay.is_some()
+    {
+        use rayon::prelude::*;
+        let fps = deltas
+            .par_iter()
+            .map(|d| d.checkpoint().fingerprint())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((path, recipe)) = &spec.replay {
+            for (d, fp) in recipe.deltas.iter().zip(&fps) {
+                d.input.check(fp, path)?;
+            }
+        }
+        fps
+    } else {
+        Vec::new()
+    };
+    let folder = target.is_folder();
+    let card_warnings = std::sync::Mutex::new(Vec::new());
+    let files = |base_fingerprint: &str| -> Result<Vec<(String, Vec<u8>)>> {
+        if let Some((path, recipe)) = &spec.replay {
+            recipe.base.check(base_fingerprint, path)?;
+        }
+        if !folder {
+            return Ok(Vec::new());
+        }
+        // A part read a part of the base: `finalize` records the whole base's fingerprint.
+        let base_fingerprint = if spec.part.is_some() {
+            ""
+        } else {
+            base_fingerprint
+        };
+        let recipe = Recipe::new(
+            spec.operation,
+            flags.command.clone(),
+            &base,
+            base_fingerprint,
+            &deltas,
+            &delta_fingerprints,
+            &opts,
+            target.shard_size,
+        );
+        let (files, more) = release::folder_files(&recipe, &spec.base);
+        card_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(more);
+        Ok(files)
+    };
+    let report = merge_with_files(&base, &deltas, &target, &opts, &files)?;
+    warnings.extend(
+        card_warnings
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     base.save_hashes();
-    let (more, notes) = spec.messages(&deltas, &report, Some(output), flags);
+    // A part's output is the folder its parts are gathered in.
+    let output = match spec.part {
+        Some(_) => parts::parts_dir(output),
+        None => output.to_path_buf(),
+    };
+    let (more, notes) = spec.messages(&opts, &deltas, &report, Some(&output), flags);
     warnings.extend(more);
     Ok(Outcome {
         report,
@@ -432,13 +554,105 @@ pub fn merge(
     })
 }
 
+/// `--part K/N`: K below N, N at least 1.
+pub fn parse_part(s: &str) -> Result<Part> {
+    let (k, n) = parse_slot(s).map_err(|_| {
+        usage(format!(
+            "--part {s:?}: expected K/N in decimal digits, e.g. 0/3"
+        ))
+    })?;
+    if n == 0 || k >= n {
+        return Err(usage(format!(
+            "--part {s}: K must be below N (parts 0/{n} to {}/{n})",
+            n.saturating_sub(1)
+        )));
+    }
+    Ok(Part {
+        k: k as usize,
+        n: n as usize,
+    })
+}
+
+/// What [`finalize`] did (`finalize --json`).
+#[derive(Debug, serde::Serialize)]
+pub struct FinalizeReport {
+    /// The whole base's fingerprint, as the recipe records it.
+    pub base_fingerprint: String,
+    /// The model folder put together.
+    pub output: String,
+    /// Its files placed by `finalize`.
+    pub outputs: Vec<String>,
+    /// How many parts were gathered.
+    pub parts: usize,
+    /// Seconds taken.
+    pub seconds: f64,
+    /// How many shards the parts wrote.
+    pub shards: usize,
+}
+
+/// Puts together the parts of a merge into `output` (`merge --part K/N`, each part written
+/// on its own machine): checks that the parts merged the same inputs with the same
+/// parameters, writes the index, recipe and model card, and moves the folder into place.
+pub fn finalize(output: &Path, flags: &Flags) -> Result<Outcome<FinalizeReport>> {
+    let start = std::time::Instant::now();
+    let manifests = parts::gather(output)?;
+    let dir = parts::parts_dir(output);
+    let base_fingerprint = parts::base_fingerprint(&manifests)?;
+    // Each part wrote the recipe as it saw it; the inputs and parameters must agree.
+    let recipe_of = |m: &parts::Manifest| -> Result<Recipe> {
+        let at = dir.join(m.part().manifest_name());
+        let text = m
+            .files
+            .get(release::RECIPE_NAME)
+            .with_context(|| format!("{}: records no recipe", at.display()))?;
+        serde_json::from_str(text)
+            .with_context(|| format!("{}: its recipe is not valid", at.display()))
+    };
+    let mut recipe = recipe_of(&manifests[0])?;
+    for m in &manifests[1..] {
+        if !recipe_of(m)?.same_merge(&recipe) {
+            bail!(
+                "{}: part {}/{} merged other inputs or parameters than part 0",
+                dir.join(m.part().manifest_name()).display(),
+                m.part,
+                m.parts
+            );
+        }
+    }
+    recipe.whole_command();
+    recipe.base.fingerprint = base_fingerprint;
+    for d in &mut recipe.deltas {
+        let delta = Delta::open_with(&d.input.locate(), flags.io)?;
+        d.input.fingerprint = delta.checkpoint().fingerprint()?;
+    }
+    let base = recipe.base.locate();
+    let (files, warnings) = release::folder_files(&recipe, &base);
+    let placed = parts::finalize(output, &manifests, &files, !flags.no_sync)?;
+    let report = FinalizeReport {
+        base_fingerprint: recipe.base.fingerprint,
+        output: output.display().to_string(),
+        outputs: placed.iter().map(|p| p.display().to_string()).collect(),
+        parts: manifests.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        shards: manifests.iter().map(|m| m.shards.len()).sum(),
+    };
+    Ok(Outcome {
+        report,
+        warnings,
+        notes: Vec::new(),
+    })
+}
+
 /// Merges as `spec` says into memory: the tensors [`merge`] would write, bit for bit.
 pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<MergedInMemory>> {
     let opts = spec.options(false)?;
+    if spec.part.is_some() {
+        return Err(usage("--part: a merge into memory has no shards to divide"));
+    }
     let (base, deltas, mut warnings) = spec.open(flags)?;
     let merged = crate::merge::merge_in_memory(&base, &deltas, &opts, flags.cancel.clone())?;
     base.save_hashes();
-    let (more, notes) = spec.messages(&deltas, &merged.report, None, flags);
+    let (more, notes) = spec.messages(&opts, &deltas, &merged.report, None, flags);
     warnings.extend(more);
     Ok(Outcome {
         report: merged,
@@ -538,7 +752,7 @@ pub fn inspect(
     }
     let deltas = deltas
         .iter()
-        .map(|p| Delta::open(p))
+        .map(|p| Delta::open_with(p, flags.io))
         .collect::<Result<Vec<_>>>()?;
     let base = base.map(|b| open_base(b, flags)).transpose()?;
     let report = crate::inspect::inspect(&deltas, base.as_ref(), subspaces)?;
@@ -551,9 +765,9 @@ pub fn verify(base: &Path, deltas: &[PathBuf], flags: &Flags) -> Result<Vec<Verd
     let base = open_base(base, flags)?;
     let deltas = deltas
         .iter()
-        .map(|p| Delta::open(p))
+        .map(|p| Delta::open_with(p, flags.io))
         .collect::<Result<Vec<_>>>()?;
-    let verdicts = crate::inspect::verify(&base, &deltas);
+    let verdicts = crate::inspect::verify(&base, &deltas)?;
     base.save_hashes();
     Ok(verdicts)
 }

@@ -33,7 +33,7 @@ const CARRIED: [&str; 4] = [
     "tokenizer_config.json",
 ];
 /// The files the fine-tune has equal to the base's, and README.md, which is never carried.
-const NOT_CARRIED: [&str; 3] = ["generation_config.json", "tokenizer.json", "README.md"];
+const NOT_CARRIED: [&str; 2] = ["generation_config.json", "tokenizer.json"];
 
 type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 
@@ -57,7 +57,10 @@ fn tensors(path: &Path) -> Tensors {
     let ck = Checkpoint::open(path).unwrap_or_else(|e| panic!("open {}: {e:#}", path.display()));
     ck.tensors()
         .iter()
-        .map(|(n, i)| (n.clone(), (i.dtype, i.shape.clone(), ck.data(i).to_vec())))
+        .map(|(n, i)| {
+            let data = ck.tensor(n).unwrap().whole().unwrap().into_owned();
+            (n.clone(), (i.dtype, i.shape.clone(), data))
+        })
         .collect()
 }
 
@@ -77,10 +80,15 @@ fn write_model(dir: &Path, t: &Tensors, files: &[(&str, &[u8])]) {
 
 /// The files of folder `dir` by name (tensors aside).
 fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    // Not the model card and recipe: a merged or applied folder gets its own, in place of the
+    // base's card (issue #13, tests/release.rs).
     fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|e| !e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !name.ends_with(".safetensors") && name != "README.md" && name != "sotu-delta.json"
+        })
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),

@@ -14,7 +14,9 @@
 //! commands, each with a one-line reason in the manifest.
 //!
 //! Each family of subcommands is one test that runs every case and collects every failure, so
-//! that one run lists all of them as (case, command, reason).
+//! that one run lists all of them as (case, command, reason). Every run is made twice, with the
+//! inputs memory-mapped (`--io mmap`, the default) and read by position (`--io read`): the two
+//! readers must refuse alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -120,6 +122,8 @@ fn manifest() -> Vec<Case> {
 struct Run {
     case: Case,
     command: &'static str,
+    /// `--io` mode.
+    io: &'static str,
     args: Vec<String>,
     /// (name in the run folder, source path)
     files: Vec<(String, PathBuf)>,
@@ -134,8 +138,8 @@ fn name_of(path: &str) -> String {
         .into_owned()
 }
 
-/// Builds the run of `command` on `case`.
-fn build(case: &Case, command: &'static str) -> Run {
+/// Builds the run of `command` on `case`, reading inputs as `--io io` says.
+fn build(case: &Case, command: &'static str, io: &'static str) -> Run {
     let bad = |f: &str| (name_of(f), bad_dir().join(f));
     let good = |f: &str| (name_of(f), root().join(f));
     let x = case.file.as_str();
@@ -198,8 +202,9 @@ fn build(case: &Case, command: &'static str) -> Run {
         }
         _ => unreachable!("unknown command {command}"),
     };
-    let args = args
+    let args = ["--io", io]
         .into_iter()
+        .chain(args)
         .map(|a| match a {
             "@tuned" => name_of(TUNED),
             "@base" => name_of(BASE),
@@ -213,6 +218,7 @@ fn build(case: &Case, command: &'static str) -> Run {
     Run {
         case: case.clone(),
         command,
+        io,
         args,
         files,
         writes_output: ["extract", "merge", "apply"]
@@ -338,7 +344,9 @@ fn run_family(family: &str, selection: &[(&str, &[&'static str])]) {
     for (role, commands) in selection {
         for case in cases.iter().filter(|c| c.role == *role) {
             for command in commands.iter() {
-                runs.push(build(case, command));
+                for io in ["mmap", "read"] {
+                    runs.push(build(case, command, io));
+                }
             }
         }
     }
@@ -348,8 +356,8 @@ fn run_family(family: &str, selection: &[(&str, &[&'static str])]) {
         .filter_map(|r| {
             check(r).err().map(|why| {
                 format!(
-                    "  [{}] {} ({}), {}: {why}",
-                    r.case.role, r.case.file, r.case.class, r.command
+                    "  [{}] {} ({}), {} --io {}: {why}",
+                    r.case.role, r.case.file, r.case.class, r.command, r.io
                 )
             })
         })

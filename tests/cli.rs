@@ -110,7 +110,10 @@ fn load(path: &Path) -> (Vec<Tensor>, Metadata) {
     let tensors = ck
         .tensors()
         .iter()
-        .map(|(n, i)| (n.clone(), i.dtype, i.shape.clone(), ck.data(i).to_vec()))
+        .map(|(n, i)| {
+            let data = ck.tensor(n).unwrap().whole().unwrap().into_owned();
+            (n.clone(), i.dtype, i.shape.clone(), data)
+        })
         .collect();
     let md = ck
         .metadata()
@@ -2285,8 +2288,8 @@ fn json_output_fingerprint_is_what_a_later_extract_sees() {
         let delta = Checkpoint::open(&d.join(format!("x-{out}.safetensors"))).unwrap();
         let hashes: Vec<[u8; 32]> = delta
             .tensors()
-            .values()
-            .map(|i| *blake3::hash(delta.data(i)).as_bytes())
+            .keys()
+            .map(|n| *blake3::hash(&delta.tensor(n).unwrap().whole().unwrap()).as_bytes())
             .collect();
         let flat: Vec<u8> = hashes.concat();
         assert_eq!(
@@ -2356,11 +2359,13 @@ fn folder_output_replaces_an_existing_folder_whole() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let names: Vec<String> = fs::read_dir(d.join("outdir"))
+    let mut names: Vec<String> = fs::read_dir(d.join("outdir"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["model.safetensors"]);
+    names.sort();
+    // The weights, and the model card and recipe every folder output gets (issue #13).
+    assert_eq!(names, ["README.md", "model.safetensors", "sotu-delta.json"]);
     ok(
         d,
         &format!("apply --base {base} d.safetensors -o m.safetensors"),

@@ -132,8 +132,8 @@ fn do_merge(dir: &Path, deltas: &[&str], opts: &MergeOptions, threads: usize) ->
     pool.install(|| merge(&base, &deltas, &Target::new(&out), opts))
         .unwrap();
     let ck = Checkpoint::open(&out).unwrap();
-    let info = ck.info("w").unwrap();
-    decode(Float::of(info.dtype).unwrap(), ck.data(info))
+    let w = ck.tensor("w").unwrap();
+    decode(Float::of(w.info().dtype).unwrap(), &w.whole().unwrap())
 }
 
 fn arb_float() -> impl Strategy<Value = Float> {
@@ -200,7 +200,7 @@ proptest! {
             prop_assert_eq!(e.kind, Kind::Masked);
             let mask = Mask::new(seed, "w", interval);
             let t_bits = decode(f, &tuned[0]);
-            let values = decode(f, delta.data("w"));
+            let values = decode(f, &delta.stored("w").whole().unwrap());
             let kept: Vec<usize> = (0..numel).filter(|&i| mask.kept(i as u64)).collect();
             prop_assert_eq!(kept.len() as u64, e.kept.unwrap());
             for (j, &i) in kept.iter().enumerate() {
@@ -452,7 +452,7 @@ fn non_float_new_and_unchanged_tensors() {
     let out = Checkpoint::open(&dir.path().join("out.safetensors")).unwrap();
     for (name, _, _, data) in &tuned {
         assert_eq!(
-            out.data(out.info(name).unwrap()),
+            &out.tensor(name).unwrap().whole().unwrap()[..],
             &data[..],
             "tensor {name}"
         );

@@ -6,7 +6,8 @@
 //!   a `.safetensors` file or a folder holding `model.safetensors.index.json` (sharded; it wins
 //!   when both exist) or `model.safetensors`; a folder with neither is refused (exit 1);
 //! - a malformed index is refused with exit 1, naming the index file and the entry at fault;
-//! - `-o OUT` not ending in `.safetensors` writes a folder in Hugging Face layout: greedy shards
+//! - `-o OUT` ending in `.safetensors` or `.st` writes one file (issue #13); any other `-o OUT`
+//!   writes a folder in Hugging Face layout: greedy shards
 //!   of at most `--shard-size` tensor bytes in name order, `model-0000i-of-0000N.safetensors`
 //!   plus the index, or `model.safetensors` alone when everything fits; the base folder's other
 //!   files are copied by merge/apply; the folder appears only when complete;
@@ -22,8 +23,8 @@
 //! present) nor on Python.
 //!
 //! Readings of the contract where it is not explicit (each also noted where it is used):
-//! - "single file" output means OUT ends in `.safetensors`; so single-file outputs here are
-//!   always named `*.safetensors` (an output like `m.st` would be a folder).
+//! - "single file" output means OUT ends in `.safetensors` or `.st`; single-file outputs here are
+//!   named `*.safetensors` but in the test of that rule.
 //! - The shard limit counts tensor data bytes only (not the shard's header), as the packing rule
 //!   says ("the current shard's tensor bytes").
 //! - "Name order" is byte-wise order of the UTF-8 tensor names (Rust `String` order).
@@ -645,6 +646,17 @@ fn assert_folder_output(
     assert!(out.is_dir(), "{what}: {o} is not a folder");
     let layout = expected_layout(want, limit);
     let mut want_entries: BTreeSet<String> = copied.iter().map(|(n, _)| n.to_string()).collect();
+    // A merged or applied folder has a model card in place of the base's README.md, and a
+    // recipe (issue #13; their contents are tests/release.rs's). A delta folder has neither.
+    let released = out.join("sotu-delta.json").is_file();
+    if released {
+        want_entries.extend(["README.md".to_string(), "sotu-delta.json".to_string()]);
+        let card = fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.starts_with("---\nbase_model: "),
+            "{what}: not a card\n{card}"
+        );
+    }
     let n = layout.len();
     let shard_names: Vec<String> = if n == 1 {
         vec![SINGLE.to_string()]
@@ -662,7 +674,10 @@ fn assert_folder_output(
         want_entries,
         "{what}: the entries of {o} (expected {n} shard(s) for limit {limit})"
     );
-    for (name, bytes) in copied {
+    for (name, bytes) in copied
+        .iter()
+        .filter(|(n, _)| !released || *n != "README.md")
+    {
         assert!(
             fs::read(out.join(name)).unwrap() == *bytes,
             "{what}: {name} is not a byte-identical copy"
@@ -821,6 +836,61 @@ fn extract_to_a_folder_writes_the_delta_sharded_or_single() {
         &[],
         "extract -o dsingle",
     );
+}
+
+/// The rule of every subcommand (issue #13): an output path ending in `.safetensors` or `.st`
+/// is one file, any other a model folder. The file is the same bytes whatever its suffix.
+#[test]
+fn outputs_ending_in_st_are_files_and_others_are_folders() {
+    let dir = setup();
+    let d = dir.path();
+    let runs = [
+        (
+            "extract --base base.safetensors --tuned t1.safetensors --slot 0/3 -o",
+            "d1.safetensors",
+        ),
+        (
+            "merge --base base.safetensors d1.safetensors d2.safetensors -o",
+            "",
+        ),
+        ("apply --base base.safetensors d1.safetensors -o", ""),
+    ];
+    for (k, (line, reference)) in runs.iter().enumerate() {
+        let want = if reference.is_empty() {
+            let r = format!("ref{k}.safetensors");
+            ok_creating(d, &format!("{line} {r}"), &r);
+            r
+        } else {
+            reference.to_string()
+        };
+        let want_bytes = fs::read(d.join(&want)).unwrap();
+        // Suffix rules: `.st` and `.safetensors` are files, even inside a `.st`-looking folder
+        // name; the rest (`.delta`, `.st.d`, `st`, no suffix) are folders.
+        for out in [format!("task{k}.st"), format!("a.b{k}.st")] {
+            ok_creating(d, &format!("{line} {out}"), &out);
+            let p = d.join(&out);
+            assert!(p.is_file(), "{line} {out}: not a file");
+            assert_eq!(
+                fs::read(&p).unwrap(),
+                want_bytes,
+                "{line} {out}: not the bytes of {want}"
+            );
+        }
+        for out in [
+            format!("task{k}.delta"),
+            format!("task{k}.st.d"),
+            format!("st{k}"),
+        ] {
+            ok_creating(d, &format!("{line} {out}"), &out);
+            let p = d.join(&out);
+            assert!(p.is_dir(), "{line} {out}: not a folder");
+            assert_same_tensors(
+                &load_any(&p),
+                &tensors_of(&d.join(&want)),
+                &format!("{line} {out}"),
+            );
+        }
+    }
 }
 
 // ==========================================================================================
@@ -1988,37 +2058,43 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             ),
         );
     }
-    let args = [
-        "merge",
-        "--base",
-        "base",
-        "d1.safetensors",
-        "d2.safetensors",
-        "d3.safetensors",
-        "-o",
-        "merged",
-        "--shard-size",
-        "20MB",
-    ];
-    let (code, err, peak) = run_sampling_rss(d, &args);
-    assert_eq!(code, Some(0), "merge failed: {err}");
-    let bound = 64 * MIB as u64 + 4 * largest as u64;
-    println!(
-        "merge of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB): peak RssAnon {:.1} MiB, bound {:.1} MiB",
-        total as f64 / MIB as f64,
-        largest as f64 / MIB as f64,
-        peak as f64 / MIB as f64,
-        bound as f64 / MIB as f64
-    );
-    assert!(
-        peak <= bound,
-        "peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
-    );
-    // And the result is complete: 20MB shards, every tensor present.
-    let index: Value =
-        serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
-    assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
-    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    // Maps are file-backed (not anonymous); positional reads go into buffers that are: the
+    // bound holds for both.
+    for io in ["mmap", "read"] {
+        let args = [
+            "--io",
+            io,
+            "merge",
+            "--base",
+            "base",
+            "d1.safetensors",
+            "d2.safetensors",
+            "d3.safetensors",
+            "-o",
+            "merged",
+            "--shard-size",
+            "20MB",
+        ];
+        let (code, err, peak) = run_sampling_rss(d, &args);
+        assert_eq!(code, Some(0), "merge --io {io} failed: {err}");
+        let bound = 64 * MIB as u64 + 4 * largest as u64;
+        println!(
+            "merge --io {io} of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB): peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            total as f64 / MIB as f64,
+            largest as f64 / MIB as f64,
+            peak as f64 / MIB as f64,
+            bound as f64 / MIB as f64
+        );
+        assert!(
+            peak <= bound,
+            "--io {io}: peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
+        );
+        // And the result is complete: 20MB shards, every tensor present.
+        let index: Value =
+            serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
+        assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
+        assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    }
 }
 
 #[test]
@@ -2058,10 +2134,15 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
         );
     }
     let largest_f64 = (rows * cols * 8) as u64;
-    for (method, copies) in [("ties", 3 + 3), ("iso", 4 + 7), ("tsv", 4 + 7)] {
+    let runs = [("ties", 3 + 3), ("iso", 4 + 7), ("tsv", 4 + 7)]
+        .into_iter()
+        .flat_map(|m| ["mmap", "read"].map(|io| (m, io)));
+    for ((method, copies), io) in runs {
         let bound = 64 * MIB + 2 * copies * largest_f64;
         let out = format!("{method}.safetensors");
         let args = [
+            "--io",
+            io,
             "--threads",
             "2",
             "merge",
@@ -2076,16 +2157,117 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
             &out,
         ];
         let (code, err, peak) = run_sampling_rss(d, &args);
-        assert_eq!(code, Some(0), "merge --method {method} failed: {err}");
+        assert_eq!(
+            code,
+            Some(0),
+            "merge --io {io} --method {method} failed: {err}"
+        );
         println!(
-            "merge --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            "merge --io {io} --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
             largest_f64 as f64 / MIB as f64,
             peak as f64 / MIB as f64,
             bound as f64 / MIB as f64
         );
         assert!(
             peak <= bound,
-            "{method}: peak RssAnon {peak} bytes > bound {bound} bytes"
+            "--io {io} --method {method}: peak RssAnon {peak} bytes > bound {bound} bytes"
         );
     }
+}
+
+// ==========================================================================================
+// 10. --io read: positional reads give the bytes of the memory maps
+// ==========================================================================================
+
+/// Every file under `root` by its path relative to `root` (`""` for a file), with its bytes.
+fn relative_snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    snapshot(root)
+        .into_iter()
+        .map(|(p, b)| (p.strip_prefix(root).unwrap().to_path_buf(), b))
+        .collect()
+}
+
+/// For every subcommand that reads checkpoints or deltas, on single files, single-file folders
+/// and sharded folders: `--io read` writes the files and prints the reports `--io mmap` does.
+#[test]
+fn io_read_gives_the_bytes_of_mmap_for_every_subcommand() {
+    let dir = setup();
+    let d = dir.path();
+    delta_folders(d);
+    let writes = [
+        (
+            "extract --base base --tuned t1 --slot 0/3 --shard-size 6KB -o",
+            "x",
+        ),
+        (
+            "extract --base base.safetensors --tuned t3 --density 0.3 --seed 9 -o",
+            "x.st",
+        ),
+        (
+            "merge --base base d1.safetensors d2dir d3dir --shard-size 40KiB -o",
+            "m",
+        ),
+        (
+            "merge --base base.safetensors d1.safetensors d2dir --weights 0.5,2 --rescale --dtype f32 -o",
+            "m.st",
+        ),
+        (
+            "merge --method ties --base base d1.safetensors d2dir d3dir -o",
+            "ties.st",
+        ),
+        (
+            "merge --method iso --base base.safetensors d1.safetensors d3dir -o",
+            "iso.st",
+        ),
+        ("merge --method tsv --base base d2dir d3dir -o", "tsv.st"),
+        ("apply --base base d2dir -o", "a"),
+        (
+            "apply --base base.safetensors d1.safetensors --no-rescale -o",
+            "a.st",
+        ),
+    ];
+    for (line, out) in writes {
+        let (mapped, read) = (format!("mmap-{out}"), format!("read-{out}"));
+        ok_creating(d, &format!("--io mmap {line} {mapped}"), &mapped);
+        ok_creating(d, &format!("--io read {line} {read}"), &read);
+        let (a, b) = (
+            relative_snapshot(&d.join(&mapped)),
+            relative_snapshot(&d.join(&read)),
+        );
+        assert!(!a.is_empty(), "{line}: wrote nothing");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{line}: --io read wrote other files"
+        );
+        // The card and recipe record the command, `--io` and the output's name with it.
+        let recorded = [Path::new("README.md"), Path::new("sotu-delta.json")];
+        for (k, v) in a.iter().filter(|(k, _)| !recorded.contains(&k.as_path())) {
+            assert!(
+                b[k] == *v,
+                "{line}: --io read wrote other bytes in {}",
+                k.display()
+            );
+        }
+        if let Some(r) = a.get(Path::new("sotu-delta.json")) {
+            let (ra, rb): (Value, Value) = (
+                serde_json::from_slice(r).unwrap(),
+                serde_json::from_slice(&b[Path::new("sotu-delta.json")]).unwrap(),
+            );
+            for k in ["base", "deltas", "parameters"] {
+                assert_eq!(ra[k], rb[k], "{line}: the recipes' {k}");
+            }
+        }
+    }
+    for line in [
+        "inspect --json --base base d1.safetensors d2dir d3dir",
+        "inspect --json --subspaces --base base.safetensors d1.safetensors d2dir",
+        "verify --json --base base d1.safetensors d2dir d3dir",
+    ] {
+        let mapped = ok(d, &format!("--io mmap {line}"));
+        let read = ok(d, &format!("--io read {line}"));
+        assert_eq!(mapped.json(), read.json(), "{line}: the reports differ");
+    }
+    // Not mmap or read: a usage error.
+    run(d, "--io direct verify --base base d1.safetensors").usage_error(&["--io", "direct"]);
 }

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             Kind::Whole if Float::of(e.dtype).is_some() => {}
             _ => continue,
         }
-        let _ = delta.data(name);
+        let _ = delta.stored(name).whole();
         let n = e.numel();
         if n > MAX_DECODE_NUMEL || n > budget {
             continue;

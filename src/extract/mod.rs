@@ -24,7 +24,7 @@ use crate::format::{
     BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, RESERVED_PREFIX, STATS,
     STATS_COLS, file_key, grown_key, offsets_key,
 };
-use crate::io::Checkpoint;
+use crate::io::{Checkpoint, Tensor};
 use crate::io::{OutTensor, Output, Sink, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::simd::Kept;
@@ -194,14 +194,15 @@ pub fn extract(
     let mut stats = Vec::with_capacity(plan.len());
     for p in &plan {
         let (hash, row) = rayon::join(
-            || {
-                p.base_hash
-                    .or_else(|| base.hash_of(&p.name))
-                    .unwrap_or([0u8; 32])
+            || -> Result<[u8; 32]> {
+                match p.base_hash {
+                    Some(h) => Ok(h),
+                    None => Ok(base.hash_of(&p.name)?.unwrap_or([0u8; 32])),
+                }
             },
             || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
         );
-        hashes.push(hash);
+        hashes.push(hash?);
         stats.push(row?);
     }
     let (stats, nonfinite): (Vec<[f64; STATS_COLS]>, Vec<u64>) = stats.into_iter().unzip();
@@ -209,12 +210,15 @@ pub fn extract(
         && let Some((p, n)) = plan.iter().zip(&nonfinite).find(|(_, n)| **n > 0)
     {
         // Name the file that holds the non-finite values: the base if it has any there.
-        let in_base = base.info(&p.name).is_some_and(|info| {
-            let f = Float::of(info.dtype).unwrap();
-            let mut v = Vec::new();
-            f.load_all(base.data(info), &mut v);
-            v.iter().any(|x| !x.is_finite())
-        });
+        let in_base = match base.tensor(&p.name) {
+            Some(t) => {
+                let f = Float::of(t.info().dtype).unwrap();
+                let mut v = Vec::new();
+                f.load_all(&t.whole()?, &mut v);
+                v.iter().any(|x| !x.is_finite())
+            }
+            None => false,
+        };
         bail!(
             "{}: tensor {}: {n} element(s) of the difference are NaN or infinite; nothing was written. Pass --allow-nonfinite to store them anyway",
             if in_base { base.path() } else { tuned.path() }.display(),
@@ -424,10 +428,16 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
         }
         // The part of the tuned tensor the base has: all of it, unless it grew.
         let shape = b.map_or(&t.shape, |b| &b.shape);
-        let part = &tuned.data(t)[..b.map_or(t.range.len(), |b| b.range.len())];
+        let same = match base.tensor(name) {
+            Some(b) => tuned
+                .tensor(name)
+                .expect("listed from the fine-tune")
+                .starts_with(&b)?,
+            None => false,
+        };
         let kind = match b {
             None => Kind::Whole,
-            Some(b) if base.data(b) == part => Kind::Same,
+            Some(_) if same => Kind::Same,
             Some(_) if Float::of(t.dtype).is_some() && opts.selector.selects(name) => Kind::Masked,
             Some(_) => Kind::Whole,
         };
@@ -439,7 +449,10 @@ fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<
         };
         // The comparison above read an equal tensor whole (a changed one only to its first
         // difference): hash it now, for a model larger than the page cache.
-        let base_hash = (kind == Kind::Same).then(|| base.hash_of(name)).flatten();
+        let base_hash = match kind {
+            Kind::Same => base.hash_of(name)?,
+            _ => None,
+        };
         plan.push(Planned {
             name: name.clone(),
             entry: Entry {
@@ -504,46 +517,44 @@ fn write_tensor(
     interval: Interval,
 ) -> Result<([f64; STATS_COLS], u64)> {
     let e = &p.entry;
-    let (t_data, new_rows) = tuned
-        .data(tuned.info(&p.name).unwrap())
-        .split_at(p.base_part_len() as usize);
-    // Values that no base value is subtracted from: counted where not finite.
-    let nonfinite_in = |data: &[u8], float: Float| -> u64 {
-        data.par_chunks(CHUNK_ELEMS as usize * float.size())
-            .map_init(Vec::new, |v, piece| {
-                float.load_all(piece, v);
-                v.iter().filter(|x| !x.is_finite()).count() as u64
-            })
-            .sum()
-    };
+    let t_data = tuned.tensor(&p.name).expect("planned from the fine-tune");
+    let base_len = p.base_part_len() as usize;
     let mut new_nonfinite = 0;
     if e.grown_shape.is_some() {
-        out.write(&grown_key(&p.name), 0, new_rows)?;
-        new_nonfinite = Float::of(e.dtype).map_or(0, |f| nonfinite_in(new_rows, f));
+        let new_rows = base_len..t_data.len();
+        out.copy_from(&grown_key(&p.name), t_data, new_rows.clone())?;
+        if let Some(f) = Float::of(e.dtype) {
+            new_nonfinite = nonfinite_in(t_data, new_rows, f)?;
+        }
     }
     if e.kind == Kind::Whole {
-        out.write(&p.name, 0, t_data)?;
+        out.copy_from(&p.name, t_data, 0..base_len)?;
     }
     let (Some(float), Kind::Masked | Kind::Whole) = (Float::of(e.dtype), e.kind) else {
         return Ok(([0.0; STATS_COLS], new_nonfinite));
     };
-    let Some(b_info) = base.info(&p.name) else {
-        // New in the fine-tune: its values are what the delta carries.
-        return Ok(([0.0; STATS_COLS], nonfinite_in(t_data, float)));
-    };
-    let b_data = base.data(b_info);
     let numel = e.numel();
+    let chunks = numel.div_ceil(CHUNK_ELEMS);
+    let bytes_of = |c: u64| {
+        (c * CHUNK_ELEMS) as usize * float.size()
+            ..numel.min((c + 1) * CHUNK_ELEMS) as usize * float.size()
+    };
+    let Some(b_data) = base.tensor(&p.name) else {
+        // New in the fine-tune: its values are what the delta carries.
+        return Ok(([0.0; STATS_COLS], nonfinite_in(t_data, 0..base_len, float)?));
+    };
     // A whole float tensor is a delta with every element kept (docs/FORMAT.md section 8).
     let mask = (e.kind == Kind::Masked).then(|| Mask::new(seed, &p.name, interval));
-    let chunks = numel.div_ceil(CHUNK_ELEMS);
     let partials: Vec<([f64; STATS_COLS], u64)> = (0..chunks)
         .into_par_iter()
         .map(|c| -> Result<([f64; STATS_COLS], u64)> {
             CHUNK.with_borrow_mut(|buf| {
                 let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
-                let s = crate::with_elem!(float, E => chunk_stats::<E>(b_data, t_data, range.clone(), mask.as_ref(), buf));
+                let b = b_data.read(bytes_of(c), &mut buf.base)?;
+                let t = t_data.read(bytes_of(c), &mut buf.tuned)?;
+                let s = crate::with_elem!(float, E => chunk_stats::<E>(b, t, range.clone(), mask.as_ref(), &mut buf.out));
                 if mask.is_some() {
-                    out.write(&p.name, p.offsets[c as usize] * float.size() as u64, &buf.kept)?;
+                    out.write(&p.name, p.offsets[c as usize] * float.size() as u64, &buf.out.kept)?;
                 }
                 Ok(s)
             })
@@ -561,12 +572,40 @@ fn write_tensor(
     Ok((total, nonfinite))
 }
 
-thread_local! {
-    /// Each worker's buffers, kept for the whole run (allocating them per chunk cost page faults).
-    static CHUNK: std::cell::RefCell<ChunkBuffers> = std::cell::RefCell::default();
+/// How many of the `float` values in bytes `range` of tensor `t` are NaN or infinite: values
+/// that no base value is subtracted from (a new tensor, the new rows of a grown one).
+fn nonfinite_in(t: Tensor, range: std::ops::Range<usize>, float: Float) -> Result<u64> {
+    let piece = CHUNK_ELEMS as usize * float.size();
+    (0..range.len().div_ceil(piece))
+        .into_par_iter()
+        .map(|c| -> Result<u64> {
+            CHUNK.with_borrow_mut(|buf| {
+                let at = range.start + c * piece;
+                let bytes = t.read(at..range.end.min(at + piece), &mut buf.tuned)?;
+                float.load_all(bytes, &mut buf.values);
+                Ok(buf.values.iter().filter(|x| !x.is_finite()).count() as u64)
+            })
+        })
+        .sum()
 }
 
-/// A worker's buffers for one chunk.
+thread_local! {
+    /// Each worker's buffers, kept for the whole run (allocating them per chunk cost page faults).
+    static CHUNK: std::cell::RefCell<ChunkInputs> = std::cell::RefCell::default();
+}
+
+/// A worker's buffers for one chunk: its inputs (read into under `--io read`; the maps are
+/// read in place otherwise), and what [`chunk_stats`] makes of them.
+#[derive(Default)]
+struct ChunkInputs {
+    base: Vec<u8>,
+    tuned: Vec<u8>,
+    /// A new tensor's values, as f64.
+    values: Vec<f64>,
+    out: ChunkBuffers,
+}
+
+/// What [`chunk_stats`] makes of one chunk.
 #[derive(Default)]
 struct ChunkBuffers {
     /// Keep bits of the chunk's elements.
@@ -576,17 +615,16 @@ struct ChunkBuffers {
 }
 
 /// One chunk's statistics row (docs/FORMAT.md section 7) and its number of non-finite
-/// differences, with its kept values' raw bytes in `buf.kept` when there is a mask (without
+/// differences, from the chunk's base and fine-tuned bytes `b` and `t` (elements `range` of
+/// the tensor), with its kept values' raw bytes in `buf.kept` when there is a mask (without
 /// one, every element counts as kept and nothing is gathered).
 fn chunk_stats<E: Elem>(
-    base: &[u8],
-    tuned: &[u8],
+    b: &[u8],
+    t: &[u8],
     range: std::ops::Range<u64>,
     mask: Option<&Mask>,
     buf: &mut ChunkBuffers,
 ) -> ([f64; STATS_COLS], u64) {
-    let bytes = range.start as usize * E::SIZE..range.end as usize * E::SIZE;
-    let (b, t) = (&base[bytes.clone()], &tuned[bytes]);
     let n = (range.end - range.start) as usize;
     match mask {
         Some(m) => m.words(range, &mut buf.words),

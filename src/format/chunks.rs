@@ -11,7 +11,8 @@ use super::Delta;
 use crate::dtype::Float;
 use crate::mask::Mask;
 
-/// The chunks of masked tensor `name` of a delta.
+/// The chunks of masked tensor `name` of a delta, and the kept values of those a reader walks.
+#[derive(Clone)]
 pub struct Chunks<'a> {
     delta: &'a Delta,
     name: &'a str,
@@ -23,12 +24,18 @@ pub struct Chunks<'a> {
     pub chunk: u64,
     /// Elements of the tensor.
     pub numel: u64,
-    /// The kept values, in index order.
-    pub values: &'a [u8],
+    /// The kept values read ([`Delta::chunks_in`]), from value index `first` on; none from
+    /// [`Delta::chunks`].
+    values: &'a [u8],
+    /// The value index of `values[0]`.
+    first: u64,
+    /// The elements whose kept values `values` holds (whole chunks).
+    loaded: Range<u64>,
 }
 
 impl Delta {
-    /// The chunk walk of masked tensor `name`.
+    /// The chunk walk of masked tensor `name` with no values read: its mask, offsets and ranks,
+    /// and [`Chunks::corrupt`]. To visit kept values, [`Delta::chunks_in`].
     pub fn chunks<'a>(&'a self, name: &'a str) -> Chunks<'a> {
         Chunks {
             delta: self,
@@ -37,8 +44,36 @@ impl Delta {
             offsets: self.offsets(name),
             chunk: self.params().chunk,
             numel: self.entries()[name].numel(),
-            values: self.data(name),
+            values: &[],
+            first: 0,
+            loaded: 0..0,
         }
+    }
+
+    /// The chunk walk of masked tensor `name` over elements `range`, with the kept values of
+    /// the chunks it touches read into `buf` (borrowed from the map under `--io mmap`): a
+    /// reader going tile by tile holds one tile's values, not the tensor's.
+    pub fn chunks_in<'a>(
+        &'a self,
+        name: &'a str,
+        range: Range<u64>,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<Chunks<'a>> {
+        let c = self.chunks(name);
+        let size = self.entries()[name].dtype.bitsize() / 8;
+        let last = c.offsets.len() as u64 - 1;
+        let c0 = (range.start / c.chunk).min(last);
+        let c1 = range.end.div_ceil(c.chunk).clamp(c0, last);
+        let (j0, j1) = (c.offsets[c0 as usize], c.offsets[c1 as usize]);
+        let values = self
+            .stored(name)
+            .read(j0 as usize * size..j1 as usize * size, buf)?;
+        Ok(Chunks {
+            values,
+            first: j0,
+            loaded: c0 * c.chunk..c.numel.min(c1 * c.chunk),
+            ..c
+        })
     }
 }
 
@@ -117,7 +152,8 @@ impl Chunks<'_> {
         }
     }
 
-    /// Walks the kept elements over `range`: calls `visit(k0, word, values)` for each non-empty
+    /// Walks the kept elements over `range` (within the range the values were read for):
+    /// calls `visit(k0, word, values)` for each non-empty
     /// word, where bit `k` of `word` is element `range.start + k0 + k` and `values` holds
     /// exactly the kept values of its set bits, in order (`size` bytes each). `tile_words`, when
     /// given, are the mask's keep words over `range` (bit `k` of word `w` is element
@@ -135,6 +171,13 @@ impl Chunks<'_> {
         mut visit: impl FnMut(usize, u64, &[u8]),
     ) -> Result<()> {
         let (values, offsets, chunk) = (self.values, self.offsets, self.chunk);
+        debug_assert!(
+            range.is_empty() || (self.loaded.start <= range.start && range.end <= self.loaded.end),
+            "tensor {}: elements {range:?} walked with the values of {:?} read",
+            self.name,
+            self.loaded
+        );
+        let first = self.first;
         let lo = range.start;
         let mut ci = lo / chunk;
         let mut j = offsets[ci as usize] + self.mask.count_kept(ci * chunk..lo);
@@ -152,7 +195,7 @@ impl Chunks<'_> {
                     return;
                 }
                 if word != 0 {
-                    let at = j as usize * size;
+                    let at = (j - first) as usize * size;
                     visit(
                         (start - lo) as usize,
                         word,

@@ -311,9 +311,10 @@ pub fn read_offsets(
 ) -> Result<HashMap<String, Vec<u64>>> {
     let mut offsets = HashMap::new();
     for (name, e) in entries.iter().filter(|(_, e)| e.kind == Kind::Masked) {
-        let info = ckpt.info(&offsets_key(name)).unwrap();
         let offs: Vec<u64> = ckpt
-            .data(info)
+            .tensor(&offsets_key(name))
+            .unwrap()
+            .whole()?
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
@@ -357,8 +358,10 @@ pub fn read_own_files(
                 format!("{file}: own file {name}, which __metadata__.files records")
             })?
         } else {
-            let info = ckpt.info(&file_key(name)).expect("checked by check_stored");
-            ckpt.data(info).to_vec()
+            let stored = ckpt
+                .tensor(&file_key(name))
+                .expect("checked by check_stored");
+            stored.whole()?.into_owned()
         };
         let got = FileRecord::of(&bytes);
         if got != *rec {

@@ -17,7 +17,7 @@ use anyhow::Result;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::io::Checkpoint;
+use crate::io::{Checkpoint, IoMode, Tensor};
 use crate::mask::{Interval, Mask};
 
 /// `__metadata__["format"]`.
@@ -180,19 +180,32 @@ pub struct Delta {
     entries: BTreeMap<String, Entry>,
     offsets: HashMap<String, Vec<u64>>,
     own_files: BTreeMap<String, Vec<u8>>,
+    /// `sotu/base_hashes`, read at open (32 bytes a row).
+    base_hashes: Vec<u8>,
+    /// `sotu/stats`, read at open (`STATS_COLS` little-endian f64 a row).
+    stats: Vec<u8>,
 }
 
 impl Delta {
-    /// Opens `path` and checks everything docs/FORMAT.md requires of it. Chunk walks are checked
-    /// later, as each chunk is decoded.
+    /// [`Delta::open_with`] memory-mapped, the default.
     pub fn open(path: &Path) -> Result<Delta> {
-        let ckpt = Checkpoint::open(path)?;
+        Self::open_with(path, IoMode::Mmap)
+    }
+
+    /// Opens `path`, reading it as `io` says, and checks everything docs/FORMAT.md requires of
+    /// it. Chunk walks are checked later, as each chunk is decoded.
+    pub fn open_with(path: &Path, io: IoMode) -> Result<Delta> {
+        let ckpt = Checkpoint::open_with(path, io)?;
         let file = path.display().to_string();
         let meta = read_metadata(&ckpt, &file)?;
         let expected = meta.validate(&file, !ckpt.is_folder())?;
         check_stored(&ckpt, &expected, &file)?;
         let offsets = read_offsets(&ckpt, &meta.entries, meta.params.chunk, &file)?;
         let own_files = read_own_files(&ckpt, &meta.files, &file)?;
+        let small = |name| -> Result<Vec<u8>> {
+            Ok(ckpt.tensor(name).expect("validated").whole()?.into_owned())
+        };
+        let (base_hashes, stats) = (small(BASE_HASHES)?, small(STATS)?);
         Ok(Delta {
             ckpt,
             params: meta.params,
@@ -200,6 +213,8 @@ impl Delta {
             entries: meta.entries,
             offsets,
             own_files,
+            base_hashes,
+            stats,
         })
     }
 
@@ -229,16 +244,15 @@ impl Delta {
     }
 
     /// The stored data of tensor `name` (kept values of a masked tensor, or a whole tensor).
-    pub fn data(&self, name: &str) -> &[u8] {
-        self.ckpt
-            .data(self.ckpt.info(name).expect("validated at open"))
+    pub fn stored(&self, name: &str) -> Tensor<'_> {
+        self.ckpt.tensor(name).expect("validated at open")
     }
 
     /// The new rows of grown tensor `name` (docs/FORMAT.md section 12), `None` for a tensor that
     /// did not grow.
-    pub fn grown_rows(&self, name: &str) -> Option<&[u8]> {
+    pub fn grown_rows(&self, name: &str) -> Option<Tensor<'_>> {
         self.entries.get(name)?.grown_shape.as_ref()?;
-        Some(self.data(&grown_key(name)))
+        Some(self.stored(&grown_key(name)))
     }
 
     /// The fine-tune's own files the delta carries, by name (docs/FORMAT.md section 13),
@@ -254,14 +268,14 @@ impl Delta {
 
     /// The recorded BLAKE3 digest of the base tensor in `row`.
     pub fn base_hash(&self, row: usize) -> [u8; 32] {
-        self.data(BASE_HASHES)[row * 32..row * 32 + 32]
+        self.base_hashes[row * 32..row * 32 + 32]
             .try_into()
             .unwrap()
     }
 
     /// The statistics row `row` (docs/FORMAT.md section 7).
     pub fn stats(&self, row: usize) -> [f64; STATS_COLS] {
-        let b = &self.data(STATS)[row * 8 * STATS_COLS..(row + 1) * 8 * STATS_COLS];
+        let b = &self.stats[row * 8 * STATS_COLS..(row + 1) * 8 * STATS_COLS];
         std::array::from_fn(|c| f64::from_le_bytes(b[c * 8..c * 8 + 8].try_into().unwrap()))
     }
 

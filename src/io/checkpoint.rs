@@ -1,19 +1,22 @@
 //! Checkpoint input: a safetensors file, or a Hugging Face model folder (one
-//! `model.safetensors`, or shards listed by `model.safetensors.index.json`), memory-mapped and
-//! validated before anything reads a tensor.
+//! `model.safetensors`, or shards listed by `model.safetensors.index.json`), opened as
+//! [`IoMode`] says (memory-mapped, or read by position) and validated before anything reads a
+//! tensor. Tensors are read through [`Tensor`], the same way in either mode.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use super::hash_cache::{FileKey, HashCache};
-use super::header::{diagnose_header, duplicate_key, header_span};
-use super::memory::{AlignedBytes, MemoryImage};
+use super::header::{diagnose_header, duplicate_key, header_len, parse_header};
+use super::memory::MemoryImage;
 use super::process;
+use super::storage::{IoMode, PIECE, Storage, with_buffer};
 
 /// The index of a sharded Hugging Face checkpoint folder.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -42,7 +45,7 @@ impl TensorInfo {
     }
 }
 
-/// One safetensors file, memory-mapped (or built in memory) and validated.
+/// One safetensors file, opened and validated (or an image built in memory).
 struct Shard {
     path: PathBuf,
     /// Size and modification time when opened, to notice a file changed while it was read;
@@ -51,28 +54,14 @@ struct Shard {
     /// The file's identity for the hash cache, when opened; `None` for an image in memory,
     /// which the cache never holds.
     key: Option<FileKey>,
-    bytes: Bytes,
+    storage: Storage,
     metadata: HashMap<String, String>,
+    /// The tensors of its header: name, dtype, shape, byte range in the file.
+    header: Vec<(String, Dtype, Vec<usize>, Range<usize>)>,
 }
 
-/// A shard's bytes: a file's read-only mapping, or an image built in memory.
-enum Bytes {
-    Mapped(Mmap),
-    Memory(AlignedBytes),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Memory(b) => b.as_bytes(),
-        }
-    }
-}
-
-/// A checkpoint: one safetensors file or a model folder of shards, memory-mapped and validated
-/// (or one image of in-memory tensors, [`Checkpoint::from_image`]).
+/// A checkpoint: one safetensors file or a model folder of shards, opened and validated (or
+/// one image of in-memory tensors, [`Checkpoint::from_image`]).
 pub struct Checkpoint {
     path: PathBuf,
     shards: Vec<Shard>,
@@ -93,24 +82,29 @@ struct CachedHashes {
 }
 
 impl Checkpoint {
-    /// Maps and validates `path`: a `.safetensors` file or a model folder. The data is not
-    /// read; pages come in as they are touched.
+    /// [`Checkpoint::open_with`] memory-mapped, the default.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, IoMode::Mmap)
+    }
+
+    /// Opens and validates `path`, a `.safetensors` file or a model folder, reading its files
+    /// as `io` says. Only headers are read here; tensor data is read as it is asked for.
+    pub fn open_with(path: &Path, io: IoMode) -> Result<Self> {
         let meta =
             std::fs::metadata(path).with_context(|| format!("{}: cannot open", path.display()))?;
         if !meta.is_dir() {
-            return Self::open_single(path, path);
+            return Self::open_single(path, path, io);
         }
         // Present even as a dangling link or something other than a file: opening it then
         // says what is wrong with it, rather than reading another file in its place.
         let present = |p: &Path| std::fs::symlink_metadata(p).is_ok();
         let index = path.join(INDEX_NAME);
         if present(&index) {
-            return Self::open_index(path, &index);
+            return Self::open_index(path, &index, io);
         }
         let single = path.join(SINGLE_NAME);
         if present(&single) {
-            return Self::open_single(path, &single);
+            return Self::open_single(path, &single, io);
         }
         bail!(
             "{}: a folder with neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint",
@@ -119,24 +113,15 @@ impl Checkpoint {
     }
 
     /// Opens the one safetensors `file` of the checkpoint given as `path`.
-    fn open_single(path: &Path, file: &Path) -> Result<Self> {
-        Self::single(path, Shard::open(file)?)
+    fn open_single(path: &Path, file: &Path, io: IoMode) -> Result<Self> {
+        Self::single(path, Shard::open(file, io)?)
     }
 
     /// Reads an image of in-memory tensors as a checkpoint, validated as a file is; `label`
     /// stands for its path in messages (e.g. "tuned state dict").
     pub fn from_image(label: &Path, image: MemoryImage) -> Result<Self> {
-        let bytes = Bytes::Memory(image.bytes);
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid set of tensors: {e}", label.display()))?;
-        let shard = Shard {
-            path: label.to_path_buf(),
-            stamp: None,
-            key: None,
-            metadata: header.metadata().clone().unwrap_or_default(),
-            bytes,
-        };
-        Self::single(label, shard)
+        let storage = Storage::Memory(image.bytes);
+        Self::single(label, Shard::validate(label, None, None, storage)?)
     }
 
     /// The checkpoint `path` of one validated shard.
@@ -153,7 +138,7 @@ impl Checkpoint {
 
     /// Opens the shards that `index` lists, refusing an index that does not describe them
     /// exactly: every tensor in exactly one shard, the one the index names.
-    fn open_index(dir: &Path, index: &Path) -> Result<Self> {
+    fn open_index(dir: &Path, index: &Path, io: IoMode) -> Result<Self> {
         let at = index.display();
         let (file, meta) = open_regular(index)?;
         let len = meta.len();
@@ -220,7 +205,7 @@ impl Checkpoint {
                 let name = map.iter().find(|(_, f)| f == file).unwrap().0;
                 bail!("{at}: weight_map entry {name:?}: shard {file:?} {problem}");
             }
-            let shard = Shard::open(&path)?;
+            let shard = Shard::open(&path, io)?;
             for (name, info) in shard_tensors(&shard, k)? {
                 match map.get(&name) {
                     Some(f) if f == *file => {}
@@ -272,9 +257,14 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
-    /// A tensor's raw little-endian bytes.
-    pub fn data(&self, info: &TensorInfo) -> &[u8] {
-        &self.shards[info.shard].bytes[info.range.clone()]
+    /// Tensor `name`, to read.
+    pub fn tensor<'a>(&'a self, name: &str) -> Option<Tensor<'a>> {
+        let (name, info) = self.tensors.get_key_value(name)?;
+        Some(Tensor {
+            ckpt: self,
+            name,
+            info,
+        })
     }
 
     /// The `__metadata__` map of the first file (empty when absent).
@@ -294,7 +284,7 @@ impl Checkpoint {
 
     /// The total size of the checkpoint's safetensors files in bytes.
     pub fn file_len(&self) -> u64 {
-        self.shards.iter().map(|s| s.bytes.len() as u64).sum()
+        self.shards.iter().map(|s| s.storage.len()).sum()
     }
 
     /// Fails if a file's size or modification time changed since it was opened: what was read
@@ -349,20 +339,37 @@ impl Checkpoint {
 
     /// The BLAKE3 digest of tensor `name`'s bytes (docs/FORMAT.md section 7), from the hash
     /// cache where it has it; `None` if the checkpoint has no such tensor.
-    pub fn hash_of(&self, name: &str) -> Option<[u8; 32]> {
-        let info = self.info(name)?;
+    /// Fails where the tensor cannot be read.
+    pub fn hash_of(&self, name: &str) -> Result<Option<[u8; 32]>> {
+        let Some(tensor) = self.tensor(name) else {
+            return Ok(None);
+        };
+        let shard = tensor.info().shard;
         let cached = self.hashes.as_ref();
-        if let Some(h) = cached.and_then(|c| c.known[info.shard].get(name)) {
-            return Some(*h);
+        if let Some(h) = cached.and_then(|c| c.known[shard].get(name)) {
+            return Ok(Some(*h));
         }
-        let h = tensor_hash(self.data(info));
+        let h = tensor.hash()?;
         if let Some(c) = cached {
-            let mut fresh = c.fresh[info.shard]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut fresh = c.fresh[shard].lock().unwrap_or_else(|e| e.into_inner());
             fresh.insert(name.to_string(), h);
         }
-        Some(h)
+        Ok(Some(h))
+    }
+
+    /// The fingerprint of every tensor (docs/FORMAT.md section 7: BLAKE3 of the BLAKE3 of each
+    /// tensor's bytes, in name order): a base's base fingerprint, a delta's
+    /// `output_fingerprint`. Tensors hash on all threads.
+    pub fn fingerprint(&self) -> Result<String> {
+        use rayon::prelude::*;
+        let hashes = self
+            .tensors
+            .par_iter()
+            .map(|(name, _)| Ok(self.hash_of(name)?.expect("listed")))
+            .collect::<Vec<Result<[u8; 32]>>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(fingerprint(&hashes))
     }
 
     /// Stores in the hash cache the hashes of each file whose every tensor was hashed or found,
@@ -387,9 +394,7 @@ impl Checkpoint {
     /// Asks the kernel to read ahead: the inputs are walked front to back.
     pub fn advise_sequential(&self) {
         for s in &self.shards {
-            if let Bytes::Mapped(m) = &s.bytes {
-                let _ = m.advise(memmap2::Advice::Sequential);
-            }
+            s.storage.advise_sequential();
         }
     }
 }
@@ -425,72 +430,98 @@ impl<'de> serde::Deserialize<'de> for Pairs {
 }
 
 impl Shard {
-    fn open(path: &Path) -> Result<Self> {
+    /// Opens `path` as `io` says and validates its header as the safetensors crate does.
+    fn open(path: &Path, io: IoMode) -> Result<Self> {
         let (file, meta) = open_regular(path)?;
         let stamp = Some((meta.len(), meta.modified().ok()));
         let key = Some(FileKey::of(&meta));
-        // SAFETY: the map is read-only. A file truncated by another process while mapped makes
-        // reads fault with SIGBUS, which [`process::install_handlers`] turns into exit status 1.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("{}: cannot map", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            // Name the tensor or key at fault where the header is readable JSON.
-            let detail = header_span(&mmap).and_then(|(json, data_len)| {
-                duplicate_key(json)
-                    .map(|k| format!("{k} appears twice in the header"))
-                    .or_else(|| diagnose_header(json, data_len))
-            });
-            match detail {
-                Some(d) => {
-                    anyhow::anyhow!(
-                        "{}: not a valid safetensors file: {d} ({e})",
-                        path.display()
-                    )
-                }
-                None => anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()),
-            }
+        let storage = Storage::open(file, meta.len(), io).with_context(|| match io {
+            IoMode::Mmap => format!("{}: cannot map", path.display()),
+            IoMode::Read => format!("{}: cannot open", path.display()),
         })?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        Self::validate(path, stamp, key, storage)
+    }
+
+    /// The shard of `storage` (the bytes of `path`), once its header is validated as the
+    /// safetensors crate does.
+    fn validate(
+        path: &Path,
+        stamp: Option<(u64, Option<std::time::SystemTime>)>,
+        key: Option<FileKey>,
+        storage: Storage,
+    ) -> Result<Self> {
+        let len = storage.len();
+        let cannot_read = || format!("{}: cannot read the header", path.display());
+        let invalid = |e: safetensors::SafeTensorError, detail: Option<String>| match detail {
+            Some(d) => anyhow::anyhow!(
+                "{}: not a valid safetensors file: {d} ({e})",
+                path.display()
+            ),
+            None => anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()),
+        };
+        let mut buf = Vec::new();
+        let prefix = storage
+            .bytes(0..len.min(8) as usize, &mut buf)
+            .with_context(cannot_read)?;
+        let n = header_len(prefix, len).map_err(|e| invalid(e, None))?;
+        let json = storage.whole(8..8 + n).with_context(cannot_read)?;
+        let header = parse_header(&json, len).map_err(|e| {
+            // Name the tensor or key at fault where the header is readable JSON.
+            let detail = duplicate_key(&json)
+                .map(|k| format!("{k} appears twice in the header"))
+                .or_else(|| diagnose_header(&json, len - 8 - n as u64));
+            invalid(e, detail)
+        })?;
+        if let Some(dup) = duplicate_key(&json) {
+            bail!(
+                "{}: not a valid safetensors file: {dup} appears twice in the header",
+                path.display()
+            );
+        }
+        let data_start = 8 + n;
+        let tensors = header
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (s, e) = info.data_offsets;
+                (
+                    name,
+                    info.dtype,
+                    info.shape.clone(),
+                    data_start + s..data_start + e,
+                )
+            })
+            .collect();
         Ok(Shard {
             path: path.to_path_buf(),
             stamp,
             key,
-            bytes: Bytes::Mapped(mmap),
-            metadata,
+            storage,
+            metadata: header.metadata().clone().unwrap_or_default(),
+            header: tensors,
         })
     }
 }
 
-/// The tensors of one validated file, as entries of shard `k`. Registers the file's mapping
-/// for the SIGBUS handler: only now, once the header is known valid, so that a rejected file
-/// leaves no entry behind (the entry goes when the shard drops).
+/// The tensors of one validated file, as entries of shard `k`. Registers the file's mapping,
+/// if it is mapped, for the SIGBUS handler: only now, once the header is known valid, so that a
+/// rejected file leaves no entry behind (the entry goes when the shard drops).
 fn shard_tensors(shard: &Shard, k: usize) -> Result<Vec<(String, TensorInfo)>> {
-    let path = &shard.path;
-    let (n, header) = SafeTensors::read_metadata(&shard.bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    if let Some(dup) = duplicate_key(&shard.bytes[8..8 + n]) {
-        bail!(
-            "{}: not a valid safetensors file: {dup} appears twice in the header",
-            path.display()
-        );
-    }
-    let data_start = 8 + n;
-    let tensors = header
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| {
-            let (s, e) = info.data_offsets;
+    let tensors = shard
+        .header
+        .iter()
+        .map(|(name, dtype, shape, range)| {
             let entry = TensorInfo {
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                range: data_start + s..data_start + e,
+                dtype: *dtype,
+                shape: shape.clone(),
+                range: range.clone(),
                 shard: k,
             };
-            (name, entry)
+            (name.clone(), entry)
         })
         .collect();
-    if let Bytes::Mapped(m) = &shard.bytes {
-        process::register_mapping(m.as_ptr() as usize, m.len(), path);
+    if let Some((start, len)) = shard.storage.mapping() {
+        process::register_mapping(start, len, &shard.path);
     }
     Ok(tensors)
 }
@@ -498,9 +529,162 @@ fn shard_tensors(shard: &Shard, k: usize) -> Result<Vec<(String, TensorInfo)>> {
 impl Drop for Shard {
     fn drop(&mut self) {
         // The mapping goes away: the SIGBUS handler must forget it.
-        if let Bytes::Mapped(m) = &self.bytes {
-            process::forget_mapping(m.as_ptr() as usize);
+        if let Some((start, _)) = self.storage.mapping() {
+            process::forget_mapping(start);
         }
+    }
+}
+
+/// One tensor of a checkpoint, to read: [`Tensor::read`] a byte range into a reused buffer,
+/// [`Tensor::for_each_piece`] to walk it, [`Tensor::whole`] when all of it is needed at once.
+/// Under `--io mmap` every read borrows from the map; under `--io read` it is a positional
+/// read. A read that fails (an I/O error, a file truncated since it was opened) names the file
+/// and the tensor.
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    ckpt: &'a Checkpoint,
+    name: &'a str,
+    info: &'a TensorInfo,
+}
+
+impl std::fmt::Debug for Tensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?} of {})", self.name, self.path().display())
+    }
+}
+
+impl<'a> Tensor<'a> {
+    /// The tensor's name.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// Its header entry.
+    pub fn info(&self) -> &'a TensorInfo {
+        self.info
+    }
+
+    /// Its data length in bytes.
+    pub fn len(&self) -> usize {
+        self.info.range.len()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The file that holds it.
+    fn path(&self) -> &'a Path {
+        &self.ckpt.shards[self.info.shard].path
+    }
+
+    fn storage(&self) -> &'a Storage {
+        &self.ckpt.shards[self.info.shard].storage
+    }
+
+    /// The file range of bytes `range` of the tensor.
+    fn in_file(&self, range: Range<usize>) -> Range<usize> {
+        debug_assert!(range.start <= range.end && range.end <= self.len());
+        let at = self.info.range.start;
+        at + range.start..at + range.end
+    }
+
+    /// The error of a failed read, naming the file and the tensor.
+    fn failed(&self, e: std::io::Error) -> anyhow::Error {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            anyhow::anyhow!(
+                "{}: tensor {}: the file ended before the tensor's data did: it was truncated while being read; nothing was written",
+                self.path().display(),
+                self.name
+            )
+        } else {
+            anyhow::anyhow!(
+                "{}: tensor {}: cannot read: {e}",
+                self.path().display(),
+                self.name
+            )
+        }
+    }
+
+    /// Bytes `range` of the tensor's data: borrowed from the map, or read into `buf` (resized
+    /// to fit; reuse it from call to call).
+    pub fn read<'b>(&self, range: Range<usize>, buf: &'b mut Vec<u8>) -> Result<&'b [u8]>
+    where
+        'a: 'b,
+    {
+        self.storage()
+            .bytes(self.in_file(range), buf)
+            .map_err(|e| self.failed(e))
+    }
+
+    /// Fills `dst` with the tensor's bytes from byte `at` on.
+    pub fn read_into(&self, at: usize, dst: &mut [u8]) -> Result<()> {
+        let range = self.in_file(at..at + dst.len());
+        self.storage()
+            .read_into(range.start, dst)
+            .map_err(|e| self.failed(e))
+    }
+
+    /// The whole tensor at once: borrowed from the map, or read into a new buffer. For readers
+    /// that hold the tensor whole anyway (in f64, several times its size).
+    pub fn whole(&self) -> Result<Cow<'a, [u8]>> {
+        self.storage()
+            .whole(self.in_file(0..self.len()))
+            .map_err(|e| self.failed(e))
+    }
+
+    /// Calls `f(at, piece)` for the tensor's bytes in order, in pieces of at most [`PIECE`]
+    /// bytes (`at` the piece's offset), through one reused buffer.
+    pub fn for_each_piece(&self, mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+        with_buffer(|buf| {
+            let mut at = 0;
+            while at < self.len() {
+                let end = self.len().min(at + PIECE);
+                f(at, self.read(at..end, buf)?)?;
+                at = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// The BLAKE3 digest of its bytes ([`tensor_hash`]), read piece by piece.
+    pub fn hash(&self) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        self.for_each_piece(|_, piece| {
+            hash_update(&mut h, piece);
+            Ok(())
+        })?;
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// Whether `other` holds the same bytes, compared piece by piece up to the first
+    /// difference.
+    pub fn same_bytes(&self, other: &Tensor) -> Result<bool> {
+        Ok(self.len() == other.len() && self.starts_with(other)?)
+    }
+
+    /// Whether the tensor's bytes begin with all of `prefix`'s (a grown tensor's rows that
+    /// its base has), compared piece by piece up to the first difference.
+    pub fn starts_with(&self, prefix: &Tensor) -> Result<bool> {
+        let (other, len) = (prefix, prefix.len());
+        if self.len() < len {
+            return Ok(false);
+        }
+        let mut same = true;
+        with_buffer(|buf| {
+            let mut at = 0;
+            while same && at < len {
+                let end = len.min(at + PIECE);
+                let theirs = other.read(at..end, buf)?;
+                with_buffer(|mine| -> Result<()> {
+                    same = self.read(at..end, mine)? == theirs;
+                    Ok(())
+                })?;
+                at = end;
+            }
+            Ok(same)
+        })
     }
 }
 
@@ -571,12 +755,18 @@ pub fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>> {
 /// The BLAKE3 digest of a tensor's raw bytes (docs/FORMAT.md section 7).
 pub fn tensor_hash(data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
+    hash_update(&mut h, data);
+    *h.finalize().as_bytes()
+}
+
+/// Adds `data` to `h`, on all threads when it is large. BLAKE3 gives the same digest however
+/// the input is split between calls.
+fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
     if data.len() >= 1 << 20 {
         h.update_rayon(data);
     } else {
         h.update(data);
     }
-    *h.finalize().as_bytes()
 }
 
 /// The base fingerprint (docs/FORMAT.md section 7) of per-tensor hashes given in name order.

@@ -1,5 +1,57 @@
-//! Diagnosis of safetensors headers: what the safetensors crate refuses without naming the
-//! tensor or key at fault, named; and duplicate keys, which serde_json would silently merge.
+//! Safetensors headers: parsed from the header bytes alone (a reader that does not map the file
+//! has no whole-file buffer to give the safetensors crate), what the crate refuses without
+//! naming the tensor or key at fault, named, and duplicate keys, which serde_json would silently
+//! merge.
+
+use std::collections::HashMap;
+
+use safetensors::SafeTensorError;
+use safetensors::tensor::{Metadata, TensorInfo};
+
+/// The largest header the safetensors crate reads (its `MAX_HEADER_SIZE`).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// The header length that the 8-byte `prefix` of a file of `file_len` bytes declares, checked
+/// as `SafeTensors::read_metadata` checks it.
+pub fn header_len(prefix: &[u8], file_len: u64) -> Result<usize, SafeTensorError> {
+    let Some(prefix) = prefix.get(..8).filter(|_| file_len >= 8) else {
+        return Err(SafeTensorError::HeaderTooSmall);
+    };
+    let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if n > MAX_HEADER_LEN {
+        return Err(SafeTensorError::HeaderTooLarge);
+    }
+    if n + 8 > file_len {
+        return Err(SafeTensorError::InvalidHeaderLength);
+    }
+    Ok(n as usize)
+}
+
+/// The header of a safetensors file as the crate deserializes it.
+#[derive(serde::Deserialize)]
+struct HashMetadata {
+    #[serde(rename = "__metadata__")]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(flatten)]
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// Parses and validates the header `json` of a file of `file_len` bytes exactly as
+/// `SafeTensors::read_metadata` does given the whole file, with the same errors: the header
+/// must be UTF-8 JSON, its tensors' offsets contiguous and consistent with their shapes, and
+/// the data must end where the file does.
+pub fn parse_header(json: &[u8], file_len: u64) -> Result<Metadata, SafeTensorError> {
+    let text = std::str::from_utf8(json).map_err(SafeTensorError::InvalidHeader)?;
+    let parsed: HashMetadata =
+        serde_json::from_str(text).map_err(SafeTensorError::InvalidHeaderDeserialization)?;
+    let mut tensors: Vec<(String, TensorInfo)> = parsed.tensors.into_iter().collect();
+    tensors.sort_by_key(|(_, t)| t.data_offsets);
+    let metadata = Metadata::new(parsed.metadata, tensors)?;
+    if metadata.data_len() as u64 + 8 + json.len() as u64 != file_len {
+        return Err(SafeTensorError::MetadataIncompleteBuffer);
+    }
+    Ok(metadata)
+}
 
 /// The first key that appears twice in the JSON object `json`, or inside its `__metadata__`
 /// object (reported as `__metadata__.KEY`), if any. serde_json keeps the last of duplicate keys
@@ -59,7 +111,7 @@ pub fn diagnose_header(json: &[u8], data_len: u64) -> Option<String> {
             }
             continue;
         }
-        let info: safetensors::tensor::TensorInfo = match serde_json::from_value(v.clone()) {
+        let info: TensorInfo = match serde_json::from_value(v.clone()) {
             Ok(i) => i,
             Err(e) => return Some(format!("tensor {name}: {e}")),
         };
@@ -94,12 +146,4 @@ pub fn diagnose_header(json: &[u8], data_len: u64) -> Option<String> {
         }
     }
     None
-}
-
-/// The header JSON of a safetensors buffer and the length of the data after it, when the
-/// length prefix is sane.
-pub fn header_span(buf: &[u8]) -> Option<(&[u8], u64)> {
-    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
-    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
-    Some((buf.get(8..end)?, (buf.len() - end) as u64))
 }

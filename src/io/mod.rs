@@ -1,12 +1,17 @@
 //! Files in and out, and the process state that keeps them safe.
 //!
-//! - [`checkpoint`]: safetensors input, single files and sharded model folders, memory-mapped
-//!   and validated ([`header`] names what is wrong with a bad header).
+//! - [`checkpoint`]: safetensors input, single files and sharded model folders, validated
+//!   ([`header`] parses headers and names what is wrong with a bad one), their tensors read
+//!   through [`Tensor`].
 //! - [`hash_cache`]: base tensor hashes remembered per file, keyed as git's index keys files.
+//! - [`storage`]: how an input file's bytes are reached (`--io mmap|read`), chosen once per
+//!   checkpoint.
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
 //! - [`memory`]: tensors in memory instead of files: a merge's output as buffers, and a
 //!   checkpoint built from in-memory tensors.
+//! - [`parts`]: a folder output written in parts on many machines (`merge --part`), and put
+//!   together (`finalize`).
 //! - [`overwrite`]: refusing an output that would overwrite or delete an input.
 //! - [`process`]: the one owner of process-wide state: mapped inputs, partial outputs, and the
 //!   SIGBUS, SIGINT and SIGTERM handlers.
@@ -17,15 +22,19 @@ pub mod header;
 pub mod memory;
 pub mod output;
 pub mod overwrite;
+pub mod parts;
 pub mod process;
+pub mod storage;
 
 pub use checkpoint::{
-    Checkpoint, INDEX_NAME, SINGLE_NAME, TensorInfo, fingerprint, read_small_file, tensor_hash,
+    Checkpoint, INDEX_NAME, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
+    tensor_hash,
 };
 pub use hash_cache::HashCache;
 pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
 pub use output::{
-    Cancel, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, companion_files,
+    Cancel, Companions, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, companions,
     is_folder_path, parse_size, write_file, write_tensors,
 };
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};
+pub use storage::{IoMode, PIECE, with_buffer};

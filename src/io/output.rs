@@ -14,8 +14,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::Dtype;
 use serde_json::json;
 
-use super::checkpoint::{INDEX_NAME, SINGLE_NAME};
+use super::checkpoint::{INDEX_NAME, SINGLE_NAME, Tensor};
+use super::parts::Part;
 use super::process;
+use super::storage::{PIECE, with_buffer};
 
 /// The default largest shard of a folder output (`--shard-size`), as Hugging Face writes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -41,7 +43,8 @@ pub struct OutTensor {
 /// Where and how an output is written.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The output path: a file when it ends in `.safetensors`, else a folder.
+    /// The output path: a file when it ends in `.safetensors` or `.st`, else a folder
+    /// ([`is_folder_path`]).
     pub path: PathBuf,
     /// Largest tensor bytes per shard of a folder output.
     pub shard_size: u64,
@@ -56,6 +59,8 @@ pub struct Target {
     /// Stops the writing when set: every write fails from then on, and the output is never
     /// committed.
     pub cancel: Cancel,
+    /// Write only this part of a folder's shards (`merge --part K/N`, [`super::parts`]).
+    pub part: Option<Part>,
 }
 
 /// An operation's stop request: a flag that another thread sets (the Python package sets it on
@@ -91,6 +96,27 @@ impl Cancel {
 pub trait Sink: Sync {
     /// Writes `bytes` at byte `at` of tensor `name`'s data.
     fn write(&self, name: &str, at: u64, bytes: &[u8]) -> Result<()>;
+
+    /// Writes the whole of input tensor `src` as tensor `name`, unchanged: its pieces of
+    /// [`PIECE`] bytes read and written on all threads, each through a reused buffer.
+    fn copy_tensor(&self, name: &str, src: Tensor) -> Result<()> {
+        self.copy_from(name, src, 0..src.len())
+    }
+
+    /// Writes bytes `range` of input tensor `src` as tensor `name` (from its start), as
+    /// [`Sink::copy_tensor`] does.
+    fn copy_from(&self, name: &str, src: Tensor, range: std::ops::Range<usize>) -> Result<()> {
+        use rayon::prelude::*;
+        (0..range.len().div_ceil(PIECE))
+            .into_par_iter()
+            .try_for_each(|k| {
+                with_buffer(|buf| {
+                    let at = range.start + k * PIECE;
+                    let bytes = src.read(at..range.end.min(at + PIECE), buf)?;
+                    self.write(name, (k * PIECE) as u64, bytes)
+                })
+            })
+    }
 }
 
 impl Target {
@@ -104,6 +130,7 @@ impl Target {
             durable: true,
             progress: false,
             cancel: Cancel::default(),
+            part: None,
         }
     }
 
@@ -113,11 +140,17 @@ impl Target {
     }
 }
 
-/// Whether an output path names a folder: everything but a name ending in `.safetensors`.
+/// The name endings of a single-file output: `.safetensors`, and the `.st` that users (and this
+/// tool's own usage) give deltas.
+pub const FILE_SUFFIXES: [&str; 2] = [".safetensors", ".st"];
+
+/// Whether an output path names a model folder: every path but a name ending in one of
+/// [`FILE_SUFFIXES`].
 pub fn is_folder_path(path: &Path) -> bool {
-    !path
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors"))
+    !path.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        FILE_SUFFIXES.iter().any(|s| n.ends_with(s))
+    })
 }
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000` (bytes): B, KB, MB, GB, TB are powers
@@ -257,6 +290,10 @@ pub struct Output {
     /// Files written into a folder output beside the shards, over any copied file of the same
     /// name ([`Output::add_file`]).
     own_files: BTreeMap<String, Vec<u8>>,
+    /// BLAKE3 of every shard's name and header, for the whole output (all parts).
+    layout: String,
+    /// Shards of the whole output (all parts).
+    total_shards: usize,
     total: u64,
     progress: ProgressBar,
 }
@@ -386,17 +423,44 @@ impl Output {
             place: HashMap::new(),
             index: None,
             own_files: BTreeMap::new(),
+            layout: String::new(),
+            total_shards: 0,
             total: 0,
             progress: ProgressBar::hidden(),
         };
         let mut weight_map = BTreeMap::new();
         let mut data_bytes = 0u64;
+        let mut layout = blake3::Hasher::new();
+        let total_shards = groups.len();
         for (k, group) in groups.into_iter().enumerate() {
-            let (file, staged, path) = match out.staging.as_ref().unwrap() {
+            let ts = &tensors[group];
+            let (head, offsets, metadata_len) = header(ts, metadata)?;
+            let name = names.get(k).map(|n| n.to_string_lossy().into_owned());
+            let path = name.as_ref().map_or(dest.clone(), |n| dest.join(n));
+            if head.len() - 8 > MAX_HEADER_BYTES {
+                bail!(
+                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
+                    path.display(),
+                    head.len() - 8,
+                    ts.len()
+                );
+            }
+            // What every part of a merge must agree on: each shard's name and header.
+            layout.update(name.as_deref().unwrap_or_default().as_bytes());
+            layout.update(&head);
+            if let Some(n) = &name {
+                for t in ts {
+                    weight_map.insert(t.name.clone(), n.clone());
+                }
+            }
+            let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
+            if !target.part.is_none_or(|p| p.holds(k, total_shards)) {
+                continue;
+            }
+            let (file, staged) = match out.staging.as_ref().unwrap() {
                 Staging::File(tmp) => (
                     tmp.as_file().try_clone().with_context(cannot_create)?,
                     tmp.path().to_path_buf(),
-                    dest.clone(),
                 ),
                 Staging::Folder(tmp) => {
                     let staged = tmp.path().join(&names[k]);
@@ -406,30 +470,17 @@ impl Output {
                         .open(&staged)
                         .with_context(cannot_create)?;
                     process::track_file(&staged);
-                    (file, staged, dest.join(&names[k]))
+                    (file, staged)
                 }
             };
             let io = |r: std::io::Result<()>| {
                 r.with_context(|| format!("{}: cannot write", path.display()))
             };
-            let ts = &tensors[group];
-            let (head, offsets, metadata_len) = header(ts, metadata)?;
-            if head.len() - 8 > MAX_HEADER_BYTES {
-                bail!(
-                    "{}: its safetensors header would be {} bytes, over the limit of {MAX_HEADER_BYTES} bytes that safetensors readers (this tool's too) accept: {} tensors, and {metadata_len} bytes of __metadata__ (in every shard of a folder); nothing was written",
-                    path.display(),
-                    head.len() - 8,
-                    ts.len()
-                );
-            }
-            let len = head.len() as u64 + ts.iter().map(|t| t.len).sum::<u64>();
             io(file.set_len(len))?;
             io(file.write_all_at(&head, 0))?;
             for (t, off) in ts.iter().zip(offsets) {
-                out.place.insert(t.name.clone(), (k, off, t.len));
-                if target.is_folder() {
-                    weight_map.insert(t.name.clone(), names[k].to_string_lossy().into_owned());
-                }
+                out.place
+                    .insert(t.name.clone(), (out.shards.len(), off, t.len));
                 data_bytes += t.len;
             }
             out.total += len;
@@ -442,8 +493,11 @@ impl Output {
                 file: Mutex::new(single.then_some(file)),
             });
         }
-        if out.shards.len() > 1 {
-            let index = json!({"metadata": {"total_size": data_bytes}, "weight_map": weight_map});
+        out.layout = layout.finalize().to_hex().to_string();
+        out.total_shards = total_shards;
+        if total_shards > 1 {
+            let total: u64 = tensors.iter().map(|t| t.len).sum();
+            let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             out.index = Some(serde_json::to_vec_pretty(&index)?);
         }
         if target.progress {
@@ -469,6 +523,16 @@ impl Output {
         }
         self.own_files.insert(name.to_string(), bytes);
         Ok(())
+    }
+
+    /// Whether this output writes tensor `name` (all of them, but in a part of a merge).
+    pub fn holds(&self, name: &str) -> bool {
+        self.place.contains_key(name)
+    }
+
+    /// Whether `file` (relative to the folder) is one of the [`Output::add_file`] files.
+    fn is_added(&self, file: &Path) -> bool {
+        self.own_files.keys().any(|a| Path::new(a) == file)
     }
 
     /// Runs `op` on shard `k`'s file, holding it (writers of the shard wait their turn), and
@@ -568,21 +632,21 @@ impl Output {
                 self.companion_names()
                     .unwrap_or_default()
                     .iter()
-                    .chain(self.own_files.keys())
                     .map(|f| self.target.path.join(f)),
             );
+            files.extend(self.own_files.keys().map(|f| self.target.path.join(f)));
         }
         files
     }
 
     /// The files copied from `Target::copy_from`: its companion files but those that
     /// [`Output::add_file`] replaces.
-    fn companion_names(&self) -> Result<Vec<String>> {
+    fn companion_names(&self) -> Result<Vec<PathBuf>> {
         let Some(src) = &self.target.copy_from else {
             return Ok(Vec::new());
         };
-        let mut names = companion_files(src)?;
-        names.retain(|n| !self.own_files.contains_key(n));
+        let mut names = companions(src)?.files;
+        names.retain(|n| !self.is_added(n));
         Ok(names)
     }
 
@@ -596,6 +660,104 @@ impl Output {
         };
         self.place_files()?;
         Ok(written)
+    }
+
+    /// Commits part `target.part` of a folder output: its shards go into the parts folder
+    /// ([`super::parts::parts_dir`]) with a manifest recording `base_hashes` (the BLAKE3 of the
+    /// base tensors this part read, by name) and `files` (for `finalize` to complete), each
+    /// renamed into place; the folder itself appears at the output path only on `finalize`.
+    pub fn commit_part(
+        self,
+        base_hashes: BTreeMap<String, String>,
+        files: BTreeMap<String, String>,
+    ) -> Result<Written> {
+        use super::parts::{Manifest, PART_FORMAT, PART_VERSION, PartShard, parts_dir};
+        let part = self.target.part.expect("a part");
+        self.progress.finish_and_clear();
+        let dest = self.target.path.clone();
+        let dir = parts_dir(&dest);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("{}: cannot create", dir.display()));
+            }
+            _ => {}
+        }
+        self.close_all(self.target.durable)?;
+        let mut shards = Vec::new();
+        let mut placed = Vec::new();
+        for s in &self.shards {
+            let name = s.path.file_name().expect("a shard file name");
+            let to = dir.join(name);
+            std::fs::rename(&s.staged, &to)
+                .with_context(|| format!("{}: cannot rename into place", to.display()))?;
+            process::untrack_file(&s.staged);
+            let bytes = std::fs::metadata(&to)
+                .with_context(|| format!("{}: cannot read back", to.display()))?
+                .len();
+            shards.push(PartShard {
+                file: name.to_string_lossy().into_owned(),
+                bytes,
+            });
+            placed.push(to);
+        }
+        // The own files taken from a delta (docs/FORMAT.md section 13): the same in every part.
+        for (name, bytes) in &self.own_files {
+            let to = dir.join(name);
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".sotu-delta-partial-")
+                .tempfile_in(&dir)
+                .with_context(|| format!("{}: cannot create", to.display()))?;
+            std::io::Write::write_all(&mut tmp, bytes)
+                .with_context(|| format!("{}: cannot write", to.display()))?;
+            tmp.persist(&to).map_err(|e| {
+                anyhow::anyhow!("{}: cannot rename into place: {}", to.display(), e.error)
+            })?;
+            placed.push(to);
+        }
+        let manifest = Manifest {
+            format: PART_FORMAT.into(),
+            version: PART_VERSION,
+            part: part.k,
+            parts: part.n,
+            total_shards: self.total_shards,
+            layout: self.layout.clone(),
+            index: self
+                .index
+                .as_ref()
+                .map(|i| String::from_utf8_lossy(i).into_owned()),
+            shards,
+            base_hashes,
+            own_files: self.own_files.keys().cloned().collect(),
+            copy_from: self
+                .target
+                .copy_from
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            files,
+        };
+        // Written beside, then renamed: a manifest is there whole or not at all.
+        let path = dir.join(part.manifest_name());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".sotu-delta-partial-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        serde_json::to_writer_pretty(&mut tmp, &manifest)?;
+        if self.target.durable {
+            tmp.as_file().sync_all()?;
+        }
+        tmp.persist(&path).map_err(|e| {
+            anyhow::anyhow!("{}: cannot rename into place: {}", path.display(), e.error)
+        })?;
+        placed.push(path);
+        if self.target.durable {
+            sync_folder(&dir)?;
+        }
+        // The staging folder is empty now: dropped, it goes.
+        Ok(Written {
+            bytes: self.total,
+            files: placed,
+            fingerprint: None,
+        })
     }
 
     fn place_files(mut self) -> Result<()> {
@@ -612,17 +774,8 @@ impl Output {
                 })?;
             }
             if let Some(src) = &self.target.copy_from {
-                for name in self.companion_names()? {
-                    let to = dir.join(&name);
-                    process::track_file(&to);
-                    std::fs::copy(src.join(&name), &to).with_context(|| {
-                        format!(
-                            "{}: cannot copy {} into the output",
-                            dest.display(),
-                            src.join(&name).display()
-                        )
-                    })?;
-                }
+                let skip: Vec<&str> = self.own_files.keys().map(String::as_str).collect();
+                copy_companions(src, &companions(src)?, &dir, &dest, &skip)?;
             }
             for (name, bytes) in &self.own_files {
                 let to = dir.join(name);
@@ -700,7 +853,7 @@ impl Drop for Output {
 /// other things. Refuses a symbolic link there too, before anything is computed: replacing it
 /// would put a real folder where the link was and leave the folder it points to as it was,
 /// which is neither of the two things the link's owner may have meant.
-fn refuse_to_replace(dest: &Path) -> Result<()> {
+pub(super) fn refuse_to_replace(dest: &Path) -> Result<()> {
     if let Ok(m) = std::fs::symlink_metadata(dest)
         && m.file_type().is_symlink()
     {
@@ -726,7 +879,7 @@ fn refuse_to_replace(dest: &Path) -> Result<()> {
     )
 }
 
-fn sync_folder(dir: &Path) -> Result<()> {
+pub(super) fn sync_folder(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("{}: cannot flush the folder", dir.display()))
@@ -735,7 +888,7 @@ fn sync_folder(dir: &Path) -> Result<()> {
 /// Moves the finished folder `staged` to `dest`. An existing folder at `dest` is swapped out
 /// atomically (Linux `renameat2(RENAME_EXCHANGE)`), then removed, so readers of `dest` see
 /// the old folder or the new one, never a mixture.
-fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
+pub(super) fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
     let fail =
         |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
     match std::fs::symlink_metadata(dest) {
@@ -795,7 +948,7 @@ fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Whether a file name is a checkpoint's weights (in any format) or a weight index: files a
-/// merged folder must not inherit from its base.
+/// merged folder must not inherit from the top of its base.
 fn is_weight_file(name: &str) -> bool {
     const WEIGHTS: [&str; 9] = [
         ".safetensors",
@@ -811,25 +964,104 @@ fn is_weight_file(name: &str) -> bool {
     WEIGHTS.iter().any(|ext| name.ends_with(ext))
 }
 
-/// The names of the regular files at the top of model folder `dir` that are not weights
-/// (config.json, tokenizer files, README.md, …), sorted. Subfolders are not included.
-pub fn companion_files(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
+/// What a folder output copies from the base's model folder, relative to it, sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Companions {
+    /// The subfolders, parents first (empty ones too: a sentence-transformers `2_Normalize/`
+    /// may hold nothing, yet `modules.json` names it).
+    pub dirs: Vec<PathBuf>,
+    /// The files: at the top, those that are not weights (config.json, tokenizer files,
+    /// README.md, …); in subfolders, all of them (`1_Pooling/config.json`, and a Dense layer's
+    /// `2_Dense/model.safetensors`, a checkpoint of its own).
+    pub files: Vec<PathBuf>,
+    /// The subfolders that hold weights: checkpoints of their own, copied unchanged (the deltas
+    /// are of the top-level checkpoint).
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// How deep [`companions`] looks into subfolders.
+const MAX_COMPANION_DEPTH: usize = 8;
+
+/// What a folder output copies from model folder `dir` ([`Companions`]). Links are followed (a
+/// Hugging Face cache snapshot is a folder of links); hidden entries (`.git`, `.cache`) and
+/// partial outputs are left out.
+pub fn companions(dir: &Path) -> Result<Companions> {
+    let mut c = Companions::default();
+    walk_companions(dir, Path::new(""), 0, &mut c)?;
+    c.dirs.sort();
+    c.files.sort();
+    c.checkpoints.sort();
+    Ok(c)
+}
+
+fn walk_companions(root: &Path, rel: &Path, depth: usize, c: &mut Companions) -> Result<()> {
+    let here = root.join(rel);
     let entries =
-        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+        std::fs::read_dir(&here).with_context(|| format!("{}: cannot list", here.display()))?;
+    let mut weights = false;
     for e in entries {
-        let e = e.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let e = e.with_context(|| format!("{}: cannot list", here.display()))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        // Follows links: a Hugging Face cache snapshot is a folder of links.
-        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_file())
-            && !is_weight_file(&name)
-            && !name.starts_with(".sotu-delta-partial-")
-        {
-            names.push(name);
+        if name.starts_with('.') {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(e.path()) else {
+            continue; // a dangling link
+        };
+        let path = rel.join(&name);
+        if meta.is_file() {
+            let weight = is_weight_file(&name);
+            weights |= weight;
+            if depth > 0 || !weight {
+                c.files.push(path);
+            }
+        } else if meta.is_dir() && depth < MAX_COMPANION_DEPTH {
+            c.dirs.push(path.clone());
+            walk_companions(root, &path, depth + 1, c)?;
         }
     }
-    names.sort();
-    Ok(names)
+    if depth > 0 && weights {
+        c.checkpoints.push(rel.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Copies the companions `c` of model folder `src` into folder `dir`, the temporary form of
+/// output `dest` (for messages), leaving out the files named in `skip` (written there by the
+/// tool instead).
+pub(super) fn copy_companions(
+    src: &Path,
+    c: &Companions,
+    dir: &Path,
+    dest: &Path,
+    skip: &[&str],
+) -> Result<()> {
+    for sub in &c.dirs {
+        let to = dir.join(sub);
+        match std::fs::create_dir(&to) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e)
+                    .with_context(|| format!("{}: cannot create", dest.join(sub).display()));
+            }
+            _ => process::track_dir(&to),
+        }
+    }
+    for name in c
+        .files
+        .iter()
+        .filter(|f| !skip.iter().any(|s| Path::new(s) == *f))
+    {
+        let to = dir.join(name);
+        process::track_file(&to);
+        std::fs::copy(src.join(name), &to).with_context(|| {
+            format!(
+                "{}: cannot copy {} into the output",
+                dest.display(),
+                src.join(name).display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes a whole safetensors file or folder from in-memory tensors (name, dtype, shape,

@@ -59,14 +59,14 @@ pub fn track_dir(path: &Path) {
     }
 }
 
-/// Forgets a temporary output folder and every temporary file recorded inside it.
+/// Forgets a temporary output folder and every temporary file and folder recorded inside it.
 pub fn untrack_dir(dir: &Path) {
     let prefix = c_path(dir);
     if let Ok(mut l) = PARTIAL_FILES.lock() {
         l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
     }
     if let Ok(mut l) = PARTIAL_DIRS.lock() {
-        l.retain(|p| *p != prefix);
+        l.retain(|p| !p.as_bytes().starts_with(prefix.as_bytes()));
     }
 }
 
@@ -80,7 +80,8 @@ pub fn remove_partial_outputs() {
         }
     }
     if let Ok(list) = PARTIAL_DIRS.try_lock() {
-        for p in list.iter() {
+        // Last tracked first: a subfolder before the folder that holds it.
+        for p in list.iter().rev() {
             // SAFETY: as above; rmdir is async-signal-safe.
             unsafe { libc::rmdir(p.as_ptr()) };
         }

@@ -26,8 +26,6 @@ use super::plan::{Job, Source, TILE, TensorPlan, Term};
 
 /// Elements per unit of parallel work: 16 tiles, so each output write is 2–8 MiB.
 const TASK: u64 = 16 * TILE;
-/// Bytes per unit of parallel work when a tensor is copied unchanged.
-const COPY_PIECE: usize = 64 << 20;
 
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
 /// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
@@ -35,10 +33,7 @@ const COPY_PIECE: usize = 64 << 20;
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
-            let data = p.origin_data(*o, base, deltas);
-            data.par_chunks(COPY_PIECE)
-                .enumerate()
-                .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
+            out.copy_tensor(&p.name, p.origin(*o, base, deltas))?;
             return Ok(0);
         }
         Source::Combine { .. } => return super::methods::execute(base, deltas, out, p),
@@ -70,21 +65,21 @@ pub fn write_grown(deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u
         .expect("planned from a grown entry");
     let at = p.source_len();
     let Some((from, to)) = g.cast else {
-        out.write(&p.name, at, rows)?;
+        rows.for_each_piece(|k, piece| out.write(&p.name, at + k as u64, piece))?;
         return Ok(0);
     };
     let (mut values, mut bytes) = (Vec::new(), Vec::new());
-    let piece = COPY_PIECE / from.size();
     let mut overflows = 0;
-    for (k, part) in rows.chunks(piece * from.size()).enumerate() {
+    // Pieces hold whole elements: PIECE is a multiple of every element size.
+    rows.for_each_piece(|k, part| {
         from.load_all(part, &mut values);
         overflows += values
             .iter()
             .filter(|&&x| to.becomes_nonfinite(x, x))
             .count() as u64;
         to.store_all(&values, &mut bytes);
-        out.write(&p.name, at + (k * piece * to.size()) as u64, &bytes)?;
-    }
+        out.write(&p.name, at + (k / from.size() * to.size()) as u64, &bytes)
+    })?;
     Ok(overflows)
 }
 
@@ -97,6 +92,10 @@ thread_local! {
 /// Per-thread buffers, reused from task to task.
 #[derive(Default)]
 struct Scratch {
+    /// The base's bytes over a tile (under `--io read`; the map is read in place otherwise).
+    tile: Vec<u8>,
+    /// Each term's stored values over a tile (likewise).
+    stored: Vec<Vec<u8>>,
     acc: Vec<f64>,
     touched: Vec<u64>,
     base: Vec<f64>,
@@ -180,17 +179,17 @@ fn compute<E: Elem>(
     while lo < range.end {
         let hi = range.end.min(lo + TILE);
         let n = (hi - lo) as usize;
-        let tile = &data[lo as usize * E::SIZE..hi as usize * E::SIZE];
+        let tile = data.read(lo as usize * E::SIZE..hi as usize * E::SIZE, &mut s.tile)?;
         let at = (lo - range.start) as usize * to.size();
         let out = &mut s.bytes[at..at + n * to.size()];
         s.words.resize_with(terms.len(), Vec::new);
+        s.stored.resize_with(terms.len(), Vec::new);
         tile_keep_words(deltas, name, terms, lo..hi, &mut s.us, &mut s.words);
         if placing && union_if_disjoint(&s.words[..terms.len()], n, &mut s.touched) {
             // Only the placed elements of `vals` are read: the rest may hold an earlier tile's.
             s.vals.resize(tile.len(), 0);
-            for (term, words) in terms.iter().zip(&s.words) {
-                let delta = &deltas[term.delta];
-                let chunks = delta.chunks(name);
+            for ((term, words), buf) in terms.iter().zip(&s.words).zip(&mut s.stored) {
+                let chunks = deltas[term.delta].chunks_in(name, lo..hi, buf)?;
                 chunks.for_each_kept_word(E::SIZE, lo..hi, Some(words), |k0, word, values| {
                     crate::simd::place::<E>(simd.as_ref(), k0, word, values, &mut s.vals)
                 })?;
@@ -207,14 +206,14 @@ fn compute<E: Elem>(
         s.base.clear();
         s.base
             .extend(tile.chunks_exact(E::SIZE).map(|b| E::value(E::bits(b))));
-        for (term, words) in terms.iter().zip(&s.words) {
+        for ((term, words), buf) in terms.iter().zip(&s.words).zip(&mut s.stored) {
             let mut tile = Tile {
                 range: lo..hi,
                 base: &s.base,
                 acc: &mut s.acc,
                 touched: &mut s.touched,
             };
-            add_term::<E>(&deltas[term.delta], name, term, words, &mut tile)?;
+            add_term::<E>(&deltas[term.delta], name, term, words, &mut tile, buf)?;
         }
         if to == E::FLOAT {
             overflows += finish_same::<E>(tile, &s.acc, &s.touched, out);
@@ -328,13 +327,15 @@ struct Tile<'a> {
 }
 
 /// `acc[k] += coeff · (v − b[k])` at each element of the tile that the term keeps (its keep
-/// words over the tile are `tile_words`), marking it in `touched`.
+/// words over the tile are `tile_words`), marking it in `touched`. The term's stored bytes over
+/// the tile are read into `buf`.
 fn add_term<E: Elem>(
     delta: &Delta,
     name: &str,
     term: &Term,
     tile_words: &[u64],
     tile: &mut Tile,
+    buf: &mut Vec<u8>,
 ) -> Result<()> {
     let Tile {
         range,
@@ -344,7 +345,8 @@ fn add_term<E: Elem>(
     } = tile;
     let c = term.coeff;
     if !term.masked {
-        let v = &delta.data(name)[range.start as usize * E::SIZE..range.end as usize * E::SIZE];
+        let bytes = range.start as usize * E::SIZE..range.end as usize * E::SIZE;
+        let v = delta.stored(name).read(bytes, buf)?;
         for (k, a) in acc.iter_mut().enumerate() {
             *a += c * (E::load(v, k) - b[k]);
         }
@@ -356,7 +358,8 @@ fn add_term<E: Elem>(
         return Ok(());
     }
     let simd = Kept::for_dtype(E::FLOAT);
-    delta.chunks(name).for_each_kept_word(
+    let chunks = delta.chunks_in(name, range.clone(), buf)?;
+    chunks.for_each_kept_word(
         E::SIZE,
         range.clone(),
         Some(tile_words),

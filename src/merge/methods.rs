@@ -33,9 +33,12 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
         unreachable!("only combined tensors come here")
     };
     let (from, to) = (*from, *to);
-    let base_bytes = base.data(base.info(&p.name).expect("planned from the base"));
+    let base_bytes = base
+        .tensor(&p.name)
+        .expect("planned from the base")
+        .whole()?;
     let mut b = Vec::new();
-    from.load_all(base_bytes, &mut b);
+    from.load_all(&base_bytes, &mut b);
     if b.is_empty() {
         return Ok(0);
     }
@@ -63,7 +66,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
     let result = Combined {
         from,
         to,
-        base: base_bytes,
+        base: &base_bytes,
         b: &b,
         r: &r,
         written: written.as_deref(),
@@ -89,7 +92,10 @@ impl Estimates<'_> {
 
     /// τ of `term` into `tau` ([`crate::format::Chunks::estimate`]).
     fn of(&self, term: &Term, tau: &mut Vec<f64>) -> Result<()> {
-        self.deltas[term.delta].chunks(self.name).estimate(
+        let delta = &self.deltas[term.delta];
+        let mut values = Vec::new();
+        let all = 0..delta.entries()[self.name].numel();
+        delta.chunks_in(self.name, all, &mut values)?.estimate(
             self.from,
             self.base,
             self.scale(term),
@@ -171,7 +177,10 @@ pub fn ties_params(base: &Checkpoint, deltas: &[Delta], p: &TensorPlan) -> Resul
     }
     let mut b = Vec::new();
     from.load_all(
-        base.data(base.info(&p.name).expect("planned from the base")),
+        &base
+            .tensor(&p.name)
+            .expect("planned from the base")
+            .whole()?,
         &mut b,
     );
     let est = Estimates {

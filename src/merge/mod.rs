@@ -187,6 +187,11 @@ impl Engine {
     }
 }
 
+/// Files a folder output gets beside its weights, made once the base has been read: given the
+/// base fingerprint, `(name, bytes)` pairs ([`merge_with_files`]; ignored for a file output).
+/// An error fails the merge before anything is written.
+pub type FolderFiles<'a> = dyn Fn(&str) -> Result<Vec<(String, Vec<u8>)>> + 'a;
+
 /// Merges `deltas` onto `base` and writes the result to `out`.
 pub fn merge(
     base: &Checkpoint,
@@ -194,12 +199,24 @@ pub fn merge(
     out: &Target,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
+    merge_with_files(base, deltas, out, opts, &|_| Ok(Vec::new()))
+}
+
+/// [`merge`], and into a folder output the files `files` makes (a model card and a recipe,
+/// [`crate::release`]) in place of the base's of the same names.
+pub fn merge_with_files(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &Target,
+    opts: &MergeOptions,
+    files: &FolderFiles,
+) -> Result<MergeReport> {
     let start = Instant::now();
     check_inputs(deltas, opts)?;
     let mut inputs = vec![base];
     inputs.extend(deltas.iter().map(Delta::checkpoint));
     crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
-    let planned = Planned::new(base, deltas, opts)?;
+    let mut planned = Planned::new(base, deltas, opts)?;
     // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
     let taken = opts.files_from.map(|k| deltas[k].own_files());
     let names: Vec<String> = taken.into_iter().flat_map(|f| f.keys().cloned()).collect();
@@ -212,8 +229,30 @@ pub fn merge(
     for (name, bytes) in taken.into_iter().flatten().filter(|_| out.is_folder()) {
         output.add_file(name, bytes.clone())?;
     }
+    // A part of a merge (`--part K/N`) computes the tensors of its own shards only.
+    planned.plans.retain(|p| output.holds(&p.name));
     let run = planned.run(base, deltas, opts, &output)?;
-    let written = output.commit(opts.fingerprint_output)?;
+    let extra = files(&run.base_fingerprint)?;
+    let written = if out.part.is_some() {
+        // The files are made whole by `finalize`, from every part's.
+        let hashes = run
+            .base_hashes
+            .iter()
+            .map(|(n, h)| (n.clone(), blake3::Hash::from(*h).to_hex().to_string()))
+            .collect();
+        let extra = extra
+            .into_iter()
+            .map(|(n, b)| (n, String::from_utf8_lossy(&b).into_owned()))
+            .collect();
+        output.commit_part(hashes, extra)?
+    } else {
+        if out.is_folder() {
+            for (name, bytes) in extra {
+                output.add_file(&name, bytes)?;
+            }
+        }
+        output.commit(opts.fingerprint_output)?
+    };
     let display = |p: &Path| p.display().to_string();
     Ok(MergeReport {
         outputs: written.files.iter().map(|p| display(p)).collect(),
@@ -297,6 +336,8 @@ struct Planned {
 /// What executing a plan found.
 struct Ran {
     base_fingerprint: String,
+    /// Each base tensor's name and hash, in name order.
+    base_hashes: Vec<(String, [u8; 32])>,
     mismatches: Vec<String>,
     overflows: Vec<u64>,
 }
@@ -338,7 +379,14 @@ impl Planned {
         base.advise_sequential();
         deltas.iter().for_each(Delta::advise_sequential);
         let (base_hashes, overflows) = execute(self.engine, base, deltas, &self.plans, sink)?;
-        let base_names: Vec<&String> = base.tensors().keys().collect();
+        // The base's tensors among the plans (all of them but in a part of a merge), in the
+        // order of their hashes.
+        let base_names: Vec<&String> = self
+            .plans
+            .iter()
+            .map(|p| &p.name)
+            .filter(|n| base.info(n).is_some())
+            .collect();
         let mismatches = check_provenance(base, deltas, &base_names, &base_hashes);
         if !mismatches.is_empty() && !opts.force {
             let shown: Vec<&str> = mismatches.iter().take(5).map(String::as_str).collect();
@@ -354,6 +402,7 @@ impl Planned {
         deltas.iter().try_for_each(Delta::check_unchanged)?;
         Ok(Ran {
             base_fingerprint: crate::io::fingerprint(&base_hashes),
+            base_hashes: base_names.into_iter().cloned().zip(base_hashes).collect(),
             mismatches,
             overflows,
         })
@@ -552,7 +601,7 @@ fn execute(
                         }
                     },
                 );
-                hashes.extend(hash);
+                hashes.extend(hash?);
                 counts.push(written?);
             }
             Ok((hashes, counts))
@@ -589,10 +638,13 @@ fn check_provenance(
     let by_name: BTreeMap<&str, &[u8; 32]> =
         base_names.iter().map(|n| n.as_str()).zip(hashes).collect();
     let mut bad = Vec::new();
+    // A part of a merge hashed the base tensors of its own shards: the others are its peers'.
+    let whole = base_names.len() == base.tensors().len();
     for d in deltas {
         let file = d.path().display();
         for (name, e) in d.entries() {
-            if e.in_base && by_name.get(name.as_str()) != Some(&&d.base_hash(e.row)) {
+            let hashed = by_name.get(name.as_str());
+            if e.in_base && (whole || hashed.is_some()) && hashed != Some(&&d.base_hash(e.row)) {
                 bad.push(format!("{file}: {name}"));
             }
         }

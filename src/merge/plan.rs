@@ -9,7 +9,7 @@ use safetensors::Dtype;
 
 use crate::dtype::Float;
 use crate::format::{Delta, Kind};
-use crate::io::Checkpoint;
+use crate::io::{Checkpoint, Tensor};
 
 use super::MergeOptions;
 
@@ -40,7 +40,17 @@ pub struct Term {
 }
 
 /// A merge method (docs/METHODS.md).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// `base + Σ w_t·s_t·(mask_t ⊙ δ_t)` (docs/FORMAT.md section 8).
@@ -127,16 +137,11 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
-    /// The bytes the tensor starts from: the base's tensor, or a delta's stored whole tensor.
-    pub fn origin_data<'a>(
-        &self,
-        o: Origin,
-        base: &'a Checkpoint,
-        deltas: &'a [Delta],
-    ) -> &'a [u8] {
+    /// The tensor it starts from: the base's, or a delta's stored whole tensor.
+    pub fn origin<'a>(&self, o: Origin, base: &'a Checkpoint, deltas: &'a [Delta]) -> Tensor<'a> {
         match o {
-            Origin::Base => base.data(base.info(&self.name).unwrap()),
-            Origin::Delta(d) => deltas[d].data(&self.name),
+            Origin::Base => base.tensor(&self.name).expect("planned from the base"),
+            Origin::Delta(d) => deltas[d].stored(&self.name),
         }
     }
 
@@ -154,7 +159,7 @@ impl TensorPlan {
         Some(Job {
             name: &self.name,
             numel: self.numel,
-            base: self.origin_data(*origin, base, deltas),
+            base: self.origin(*origin, base, deltas),
             from: *from,
             to: *to,
             terms,
@@ -183,7 +188,7 @@ impl TensorPlan {
         (combine.method == Method::Ties).then(|| Job {
             name: &self.name,
             numel: self.numel,
-            base: self.origin_data(Origin::Base, base, deltas),
+            base: self.origin(Origin::Base, base, deltas),
             from: *from,
             to: *to,
             terms,
@@ -225,7 +230,7 @@ pub struct Job<'a> {
     /// Elements.
     pub numel: u64,
     /// The starting values (the base tensor, or a new tensor's stored bytes).
-    pub base: &'a [u8],
+    pub base: Tensor<'a>,
     /// Their dtype.
     pub from: Float,
     /// The output dtype.
@@ -446,7 +451,11 @@ fn same_growth(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
             "tensor {name}: {da} grows it to {ga:?} and {db} to {gb:?}; merge cannot choose the output's vocabulary (docs/FORMAT.md section 12)"
         );
     }
-    if deltas[a].grown_rows(name) != deltas[b].grown_rows(name) {
+    let same_rows = match (deltas[a].grown_rows(name), deltas[b].grown_rows(name)) {
+        (Some(ra), Some(rb)) => ra.same_bytes(&rb)?,
+        (ra, rb) => ra.is_none() && rb.is_none(),
+    };
+    if !same_rows {
         bail!(
             "tensor {name}: {da} and {db} both grow it to {ga:?}, with different new rows; merge cannot choose between them (docs/FORMAT.md section 12)"
         );
@@ -460,7 +469,7 @@ fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
     if ea.kind != eb.kind
         || ea.dtype != eb.dtype
         || ea.shape != eb.shape
-        || deltas[a].data(name) != deltas[b].data(name)
+        || !deltas[a].stored(name).same_bytes(&deltas[b].stored(name))?
     {
         bail!(
             "tensor {name}: {} and {} both replace it, with different values; merge cannot choose",

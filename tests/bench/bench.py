@@ -18,6 +18,9 @@ warm, times the floors and the operations, each run several times:
 The fine-tunes change about 96% of the elements by about 5% of their scale (sotu-synth's
 default), as real fine-tunes change almost every element.
 
+`--io read` runs sotu-delta with positional reads instead of memory maps (README, "Network
+filesystems").
+
 Where mergekit is installed (`pip install mergekit`, or MERGEKIT=/path/to/mergekit-yaml), it
 also times mergekit's task_arithmetic and dare_linear (density 1/3, no rescale) on the same files.
 
@@ -204,6 +207,8 @@ def main():
     ap.add_argument("--size", choices=["small", "tinyllama"], default="tinyllama")
     ap.add_argument("--runs", type=int, default=5, help="rounds; each times every operation once")
     ap.add_argument("--threads", type=int, default=0, help="0: one per core")
+    ap.add_argument("--io", choices=["mmap", "read"], default="mmap",
+                    help="how sotu-delta reads its inputs (--io): memory maps, or positional reads")
     ap.add_argument("--mergekit-runs", type=int, default=1,
                     help="runs of each mergekit merge (they take tens of seconds each)")
     args = ap.parse_args()
@@ -216,7 +221,8 @@ def main():
     global PRIME
     PRIME = work / "prime-source"
     PRIME.symlink_to(base)
-    durable = [BIN / "sotu-delta", "-q"] + (["--threads", str(args.threads)] if args.threads else [])
+    durable = [BIN / "sotu-delta", "-q", "--io", args.io] + (
+        ["--threads", str(args.threads)] if args.threads else [])
     # Like for like: cp leaves its output in the page cache, so the rows against cp use
     # --no-sync; the default (fsync before rename) is measured against cp + sync.
     sd = durable + ["--no-sync"]
@@ -282,7 +288,7 @@ def main():
             mk_rows += measure([job], args.mergekit_runs)
 
     print(f"\nsotu-delta bench: {args.size} bf16, {base_bytes / 1e9:.2f} GB base, "
-          f"{os.cpu_count()} cores, {args.runs} rounds (page cache warm)")
+          f"{os.cpu_count()} cores, {args.runs} rounds (page cache warm), --io {args.io}")
     print("x floor: the median over rounds of (time / the time of its floor run just before), "
           "with min-max")
     print("cpu s: median user + system seconds, all threads")
@@ -308,7 +314,7 @@ def main():
     if not mergekit:
         print("mergekit: not installed (pip install mergekit; or MERGEKIT=/path/to/mergekit-yaml)"
               " - comparison skipped")
-    result = {"size": args.size, "runs": args.runs, "rows": rows + mk_rows, "mask": mask,
+    result = {"size": args.size, "io": args.io, "runs": args.runs, "rows": rows + mk_rows, "mask": mask,
               "sizes": sizes}
     dest = ROOT / "target" / "bench" / f"{args.size}.json"
     dest.write_text(json.dumps(result, indent=2))

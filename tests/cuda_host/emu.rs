@@ -8,7 +8,7 @@ pub fn emulate(h: &Path, l: &Launch, deltas: &[Delta], job: &Job) -> ([u64; 2], 
     // Stage exactly as the GPU path does, then run the staged buffer.
     let lay = cuda::Layout::of(l, job.from, job.to);
     let mut buf = vec![0u8; lay.input_end];
-    cuda::stage(l, deltas, job.terms, job.name, job.base, job.from, &mut buf);
+    cuda::stage(l, deltas, job.terms, job.name, job.base, job.from, &mut buf).unwrap();
     let out = run_staged(h, &buf, &lay, l, job);
     let status = [
         u64::from_le_bytes(out[0..8].try_into().unwrap()),
@@ -138,7 +138,8 @@ pub fn pipeline_matches_the_cpu(
     .unwrap();
     let got = got.into_inner().unwrap();
     for (k, j) in jobs.iter().enumerate() {
-        let want = cpu.data(cpu.info(j.name).unwrap());
+        let want = cpu.tensor(j.name).unwrap().whole().unwrap();
+        let want = &want[..];
         let empty = Vec::new();
         let have = got.get(j.name).unwrap_or(&empty);
         if have != want {

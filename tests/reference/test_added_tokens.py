@@ -260,8 +260,10 @@ class TestBinary:
             assert_same_tensors(ref.read_tensors(out), ref.apply(BASE, work / "a.safetensors"), f"apply {delta}")
             for name in CARRIED:
                 assert (out / name).read_bytes() == (TUNED / name).read_bytes(), f"apply {delta}: {name}"
-            for name in ("generation_config.json", "tokenizer.json", "README.md"):
+            for name in ("generation_config.json", "tokenizer.json"):
                 assert (out / name).read_bytes() == (BASE / name).read_bytes(), f"apply {delta}: {name}"
+            # The base's card is replaced by the output's own (issue #13, tests/release.rs).
+            assert (out / "README.md").read_text().startswith("---\nbase_model: "), f"apply {delta}: card"
 
     @pytest.mark.parametrize("method", ["ties", "iso", "tsv"])
     def test_methods_match_the_reference_on_a_grown_tensor(self, work, method):

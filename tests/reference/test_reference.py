@@ -622,6 +622,29 @@ class TestBinary:
             run_bin(sotu_bin, "apply", "--base", base, delta, "-o", out)
             assert_same_tensors(ref.read_tensors(out), ref.apply(base, delta), f"apply task{k}")
 
+    def test_io_read_matches_reference(self, variant, sotu_bin, workdir):
+        # `--io read` (positional reads instead of memory maps): extract, merge and apply against
+        # the reference, as the default mode is above.
+        base = fixture("base", variant)
+        deltas = []
+        for k in TASKS:
+            path = workdir / f"io-read-task{k}-{variant}.sotu.safetensors"
+            run_bin(sotu_bin, "--io", "read", "extract", "--base", base, "--tuned", fixture(f"task{k}", variant),
+                    "-o", path, "--slot", f"{k - 1}/3", "--seed", "11")
+            got = ref.decode_delta(path)
+            lo, hi = ref.interval(slot=f"{k - 1}/3")
+            want = ref.extract(base, fixture(f"task{k}", variant), 11, lo, hi, got.chunk)
+            assert_same_delta(got, want, f"--io read delta task{k}")
+            deltas.append(path)
+        out = workdir / f"io-read-merge-{variant}.safetensors"
+        run_bin(sotu_bin, "--io", "read", "merge", "--base", base, *deltas, "-o", out,
+                "--weights", "0.5,1.5,-1", "--rescale")
+        want = ref.merge(base, deltas, weights=[0.5, 1.5, -1], rescale=True)
+        assert_same_tensors(ref.read_tensors(out), want, "--io read merge")
+        out = workdir / f"io-read-apply-{variant}.safetensors"
+        run_bin(sotu_bin, "--io", "read", "apply", "--base", base, deltas[0], "-o", out)
+        assert_same_tensors(ref.read_tensors(out), ref.apply(base, deltas[0]), "--io read apply")
+
     def test_density_1_apply_reproduces_tuned(self, variant, sotu_bin, workdir):
         base = fixture("base", variant)
         for k in TASKS:

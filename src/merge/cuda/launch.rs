@@ -11,6 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use super::{MAX_TERMS, TERM_WORDS};
 use crate::dtype::Float;
 use crate::format::Delta;
+use crate::io::{PIECE, Tensor};
 use crate::merge::plan::{Job, TILE, Term};
 
 /// One term's descriptor: the kernel's calling convention for a term (`SOTU_TERM_WORDS` u64
@@ -211,7 +212,7 @@ pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> 
             desc.j0 = j0;
             l.offsets
                 .extend_from_slice(&c.offsets[j0 as usize..=jl as usize + 1]);
-            debug_assert!(vhi as usize * size <= c.values.len());
+            debug_assert!(vhi as usize * size <= deltas[term.delta].stored(name).len());
             l.push_term(desc, vlo as usize * size..vhi as usize * size, size);
         }
         out.push(l);
@@ -289,28 +290,28 @@ pub fn stage(
     deltas: &[Delta],
     terms: &[Term],
     name: &str,
-    base: &[u8],
+    base: Tensor,
     from: Float,
     buf: &mut [u8],
-) {
+) -> Result<()> {
     let lay = Layout::of(l, from, from);
     put_words(buf, 0, &[u64::MAX, 0]);
     put_words(buf, lay.terms, &l.terms);
     put_words(buf, lay.offsets, &l.offsets);
     put_words(buf, lay.ranks, &l.ranks);
     for ((bytes, at), t) in l.values.iter().zip(terms) {
-        let src = &deltas[t.delta].data(name)[bytes.clone()];
-        buf[lay.values + at..lay.values + at + src.len()].copy_from_slice(src);
+        let dst = &mut buf[lay.values + at..lay.values + at + bytes.len()];
+        deltas[t.delta].stored(name).read_into(bytes.start, dst)?;
     }
     let size = from.size();
-    let src = &base[l.first as usize * size..(l.first + l.n) as usize * size];
-    let dst = &mut buf[lay.base..lay.base + src.len()];
-    // The base slice is the bulk of the bytes; reading it from the mapping is what overlaps
-    // the other slot's kernel, so spread it over the cores.
+    let first = l.first as usize * size;
+    let dst = &mut buf[lay.base..lay.base + l.n as usize * size];
+    // The base slice is the bulk of the bytes; reading it (from the mapping, or the file) is
+    // what overlaps the other slot's kernel, so spread it over the cores.
     use rayon::prelude::*;
-    dst.par_chunks_mut(8 << 20)
-        .zip(src.par_chunks(8 << 20))
-        .for_each(|(d, s)| d.copy_from_slice(s));
+    dst.par_chunks_mut(PIECE)
+        .enumerate()
+        .try_for_each(|(k, d)| base.read_into(first + k * PIECE, d))
 }
 
 /// Where [`run_pipeline`] puts output bytes: `(tensor, byte offset, bytes)`.
@@ -393,7 +394,7 @@ pub fn run_pipeline(
             j.base,
             j.from,
             &mut buf[..lay.input_end],
-        );
+        )?;
         dev.start(slot, *ji, l, &lay)?;
         pending[slot] = Some(k);
     }
