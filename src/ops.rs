@@ -386,6 +386,59 @@ impl MergeSpec {
         Ok((base, deltas, warnings))
     }
 
+    /// The command line that makes this merge into `output`, for a recipe and a model card
+    /// when the merge was not asked for by one (the Python package).
+    fn command_line(&self, output: &Path, shard_size: &str) -> Vec<String> {
+        let mut w: Vec<String> = vec!["sotu-delta".into()];
+        let mut arg = |words: &[&str]| w.extend(words.iter().map(|s| s.to_string()));
+        let path = |p: &Path| p.display().to_string();
+        let apply = self.operation == Operation::Apply;
+        arg(&[
+            if apply { "apply" } else { "merge" },
+            "--base",
+            &path(&self.base),
+        ]);
+        for d in &self.deltas {
+            arg(&[&path(d)]);
+        }
+        arg(&["-o", &path(output)]);
+        if apply {
+            if !self.rescale {
+                arg(&["--no-rescale"]);
+            }
+        } else {
+            if self.method != Method::Sum {
+                arg(&["--method", self.method.name()]);
+            }
+            if !self.weights.is_empty() {
+                let ws: Vec<String> = self.weights.iter().map(f64::to_string).collect();
+                arg(&["--weights", &ws.join(",")]);
+            }
+            if self.rescale {
+                arg(&["--rescale"]);
+            }
+            if let Some(a) = self.alpha {
+                arg(&["--alpha", &a.to_string()]);
+            }
+            if let Some(t) = self.trim {
+                arg(&["--trim", &t.to_string()]);
+            }
+            if let Some(k) = self.files_from {
+                arg(&["--files-from", &k.to_string()]);
+            }
+        }
+        if let Some(d) = &self.dtype {
+            arg(&["--dtype", d]);
+        }
+        if self.force {
+            arg(&["--force"]);
+        }
+        if shard_size != "5GB" {
+            arg(&["--shard-size", shard_size]);
+        }
+        w
+    }
+
     /// The warnings and notes of a merge of `deltas` and its `report`, written to `output`
     /// (`None`: kept in memory, where there are no files to take or leave out).
     fn messages(
@@ -516,9 +569,13 @@ pub fn merge(
         } else {
             base_fingerprint
         };
+        let command = match flags.command.is_empty() {
+            true => spec.command_line(output, shard_size),
+            false => flags.command.clone(),
+        };
         let recipe = Recipe::new(
             spec.operation,
-            flags.command.clone(),
+            command,
             &base,
             base_fingerprint,
             &deltas,
