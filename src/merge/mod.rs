@@ -231,8 +231,13 @@ pub fn merge_with_files(
     }
     // A part of a merge (`--part K/N`) computes the tensors of its own shards only.
     planned.plans.retain(|p| output.holds(&p.name));
-    let run = planned.run(base, deltas, opts, &output)?;
-    let extra = files(&run.base_fingerprint)?;
+    // The files are made (and a replayed recipe checks the base) before the provenance check:
+    // a recipe's changed base is named as such.
+    let mut extra = Vec::new();
+    let run = planned.run(base, deltas, opts, &output, &mut |fingerprint| {
+        extra = files(fingerprint)?;
+        Ok(())
+    })?;
     let written = if out.part.is_some() {
         // The files are made whole by `finalize`, from every part's.
         let hashes = run
@@ -288,7 +293,7 @@ pub fn merge_in_memory(
     check_inputs(deltas, opts)?;
     let planned = Planned::new(base, deltas, opts)?;
     let output = MemoryOutput::create(&planned.layout, cancel)?;
-    let run = planned.run(base, deltas, opts, &output)?;
+    let run = planned.run(base, deltas, opts, &output, &mut |_| Ok(()))?;
     let report = MergeReport {
         output_bytes: planned.layout.iter().map(|t| t.len).sum(),
         files_left_out: opts
@@ -367,18 +372,22 @@ impl Planned {
         })
     }
 
-    /// Computes every tensor into `sink`, then checks the provenance and that no input
-    /// changed meanwhile: the sink's contents may be used only if this succeeds.
+    /// Computes every tensor into `sink`, calls `hashed` with the base's fingerprint, then
+    /// checks the provenance and that no input changed meanwhile: the sink's contents may be
+    /// used only if this succeeds.
     fn run(
         &self,
         base: &Checkpoint,
         deltas: &[Delta],
         opts: &MergeOptions,
         sink: &dyn Sink,
+        hashed: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Ran> {
         base.advise_sequential();
         deltas.iter().for_each(Delta::advise_sequential);
         let (base_hashes, overflows) = execute(self.engine, base, deltas, &self.plans, sink)?;
+        let base_fingerprint = crate::io::fingerprint(&base_hashes);
+        hashed(&base_fingerprint)?;
         // The base's tensors among the plans (all of them but in a part of a merge), in the
         // order of their hashes.
         let base_names: Vec<&String> = self
@@ -401,7 +410,7 @@ impl Planned {
         base.check_unchanged()?;
         deltas.iter().try_for_each(Delta::check_unchanged)?;
         Ok(Ran {
-            base_fingerprint: crate::io::fingerprint(&base_hashes),
+            base_fingerprint,
             base_hashes: base_names.into_iter().cloned().zip(base_hashes).collect(),
             mismatches,
             overflows,

@@ -3,7 +3,9 @@ report the binary gives, and fails with its message."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -21,6 +23,47 @@ BASE = FIX / "base-bf16.safetensors"
 
 def same_files(a, b):
     assert Path(a).read_bytes() == Path(b).read_bytes(), f"{a} and {b} differ"
+
+
+CARD, RECIPE = "README.md", "sotu-delta.json"
+
+
+def same_folders(py, c, py_inputs=None, c_inputs=None):
+    """Folder outputs `py` (from the package) and `c` (from the command line) hold the same
+    files, byte for byte but the model card and recipe. Those record the command that made
+    them: they are the same once the command and the folders' paths (the outputs', and the
+    inputs' folders `py_inputs` and `c_inputs` where they differ) are left out. The command the
+    package records is one the command line takes: run, it makes the same tensors again."""
+    names = sorted(p.name for p in c.iterdir())
+    assert names == sorted(p.name for p in py.iterdir())
+    assert CARD in names and RECIPE in names, names
+
+    def text(path, folders):
+        t = path.read_text()
+        for d in folders:
+            t = t.replace(str(d), "DIR")
+        return t
+
+    for n in names:
+        if n not in (CARD, RECIPE):
+            same_files(py / n, c / n)
+    pairs = [(py, c)] + ([(py_inputs, c_inputs)] if py_inputs else [])
+    got = json.loads(text(py / RECIPE, [p for p, _ in pairs]))
+    want = json.loads(text(c / RECIPE, [q for _, q in pairs]))
+    command = json.loads((py / RECIPE).read_text())["command"]
+    assert got.pop("command")[0] == want.pop("command")[0] == "sotu-delta"
+    assert got == want
+    # The cards are the same but for the command in their code block.
+    strip = lambda t: re.sub(r"```sh\n.*?\n```", "```sh```", t, flags=re.S)
+    assert strip(text(py / CARD, [p for p, _ in pairs])) == strip(text(c / CARD, [q for _, q in pairs]))
+    # The recorded command, replayed into another folder, makes the same tensors.
+    again = py.parent / (py.name + "-again")
+    words = command[1:]
+    words[words.index("-o") + 1] = str(again)
+    cli(*words, "-q")
+    for n in names:
+        if n.endswith(".safetensors"):
+            same_files(again / n, c / n)
 
 
 def test_extract_matches_the_cli(tmp_path):
@@ -134,10 +177,8 @@ def test_folder_output_matches_the_cli(tmp_path, deltas):
     got = sotu_delta.merge(BASE, deltas, tmp_path / "py", shard_size="100KB", quiet=True)
     cli("merge", "--base", BASE, *deltas, "-o", tmp_path / "cli", "--shard-size", "100KB", "-q")
     names = sorted(p.name for p in (tmp_path / "cli").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "py").iterdir())
     assert "model.safetensors.index.json" in names
-    for n in names:
-        same_files(tmp_path / "py" / n, tmp_path / "cli" / n)
+    same_folders(tmp_path / "py", tmp_path / "cli")
     assert len(got["outputs"]) == len(names)
 
 
@@ -253,10 +294,7 @@ def test_folders_with_own_files_match_the_cli(tmp_path):
     cli("merge", "--base", base, *halves(c), "-o", c / "kept", "-q")
     cli("merge", "--base", base, *halves(c), "-o", c / "taken", "--files-from", "0", "-q")
     for out in ("rebuilt", "kept", "taken"):
-        names = sorted(p.name for p in (c / out).iterdir())
-        assert names == sorted(p.name for p in (py / out).iterdir()), out
-        for n in names:
-            same_files(py / out / n, c / out / n)
+        same_folders(py / out, c / out, py, c)
     assert (py / "taken" / "added_tokens.json").exists() and not (py / "kept" / "added_tokens.json").exists()
     # In memory: the grown tensors as the file has them.
     file_tensors, _ = read_tensors(c / "taken" / "model.safetensors")

@@ -22,6 +22,7 @@ use rayon::ThreadPool;
 use sotu_delta::io::{AlignedBytes, Cancel, Checkpoint, MemoryImage, MemoryTensor, OutTensor};
 use sotu_delta::merge::{Device, Method};
 use sotu_delta::ops::{self, ExtractSpec, Flags, MergeSpec, Outcome, UsageError};
+use sotu_delta::release::Operation;
 
 pyo3::import_exception!(sotu_delta, SotuDeltaError);
 pyo3::import_exception!(sotu_delta, SotuDeltaUsageError);
@@ -265,11 +266,11 @@ fn merge_spec(
     })
 }
 
-/// `merge` and `apply` (one delta, `rescale` its default, `files_from` 0): returns the `--json`
-/// report, the warnings and the notes.
+/// `merge` and `apply` (one delta, `rescale` its default, `files_from` 0, `apply` true, which a
+/// folder output's recipe records): returns the `--json` report, the warnings and the notes.
 #[pyfunction]
 #[pyo3(signature = (base, deltas, output, method, weights, rescale, alpha, trim, dtype, force,
-    device, files_from, shard_size, quiet, no_sync, threads))]
+    device, files_from, shard_size, quiet, no_sync, threads, apply))]
 #[allow(clippy::too_many_arguments)]
 fn merge(
     py: Python<'_>,
@@ -289,9 +290,15 @@ fn merge(
     quiet: bool,
     no_sync: bool,
     threads: Option<usize>,
+    apply: bool,
 ) -> PyResult<(String, Vec<String>, Vec<String>)> {
     let spec = MergeSpec {
         files_from,
+        operation: if apply {
+            Operation::Apply
+        } else {
+            Operation::Merge
+        },
         ..merge_spec(
             base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
         )?

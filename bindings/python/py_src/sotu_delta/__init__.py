@@ -179,6 +179,7 @@ def merge(
             quiet,
             no_sync,
             threads,
+            False,
         )
     )
 
@@ -218,6 +219,7 @@ def apply(
             quiet,
             no_sync,
             threads,
+            True,
         )
     )
 
