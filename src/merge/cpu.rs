@@ -30,8 +30,8 @@ const TASK: u64 = 16 * TILE;
 const COPY_PIECE: usize = 64 << 20;
 
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
-/// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
-/// on this thread ([`super::methods`]); the others are spread over the threads.
+/// base is finite ([`Float::becomes_nonfinite`]), spread over the threads. A [`Source::Combine`]
+/// tensor is not computed here but by [`super::methods::execute`], whole on one thread.
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
@@ -41,7 +41,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
                 .try_for_each(|(k, piece)| out.write(&p.name, (k * COPY_PIECE) as u64, piece))?;
             return Ok(0);
         }
-        Source::Combine { .. } => return super::methods::execute(base, deltas, out, p),
+        Source::Combine { .. } => unreachable!("merge methods are computed by methods::execute"),
         Source::Compute { .. } => p.job(base, deltas).expect("a computed plan is a job"),
     };
     (0..job.numel.div_ceil(TASK))
