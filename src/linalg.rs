@@ -33,6 +33,9 @@ pub const TOP_GRAM_MIN_RATIO: f64 = 1e-6;
 /// (docs/NOTES.md), relative to the largest element.
 pub const POLAR_GRAM_MIN_RATIO: f64 = 1e-7;
 
+/// Singular triplets `(U, s, V)`: vectors as columns, values in nonincreasing order.
+pub type Triplets = (Mat<f64>, Vec<f64>, Mat<f64>);
+
 /// A row-major `rows × cols` tensor as faer sees its bytes: the column-major `cols × rows`
 /// transpose. Both methods commute with transposition, so they run on that view and its result
 /// is the row-major result.
@@ -47,7 +50,7 @@ pub fn polar(a: MatRef<'_, f64>, name: &str) -> Result<Mat<f64>> {
 }
 
 /// The thin SVD `a = U diag(s) Vᵀ`, singular values in nonincreasing order, on this thread.
-pub fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+pub fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<Triplets> {
     let (m, n) = a.shape();
     let r = m.min(n);
     let mut u = Mat::<f64>::zeros(m, r);
@@ -83,11 +86,7 @@ pub fn thin_svd(a: MatRef<'_, f64>, name: &str) -> Result<(Mat<f64>, Vec<f64>, M
 /// time on 2048 × 2048. Where `λ_k < TOP_GRAM_MIN_RATIO · λ_1` (a delta of rank below `k`, a
 /// steep spectrum, a zero matrix) the Gram matrix has lost the small triplets to rounding: the
 /// caller takes the exact thin SVD ([`top_singular_exact`]).
-pub fn top_singular_gram(
-    a: MatRef<'_, f64>,
-    k: usize,
-    name: &str,
-) -> Result<Option<(Mat<f64>, Vec<f64>, Mat<f64>)>> {
+pub fn top_singular_gram(a: MatRef<'_, f64>, k: usize, name: &str) -> Result<Option<Triplets>> {
     let (m, n) = a.shape();
     assert!(k >= 1 && k <= m.min(n), "top {k} of a {m}×{n} matrix");
     if m < n {
@@ -111,11 +110,7 @@ pub fn top_singular_gram(
 }
 
 /// The top `k` singular triplets of `a` from its exact thin SVD.
-pub fn top_singular_exact(
-    a: MatRef<'_, f64>,
-    k: usize,
-    name: &str,
-) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+pub fn top_singular_exact(a: MatRef<'_, f64>, k: usize, name: &str) -> Result<Triplets> {
     let (u, s, v) = thin_svd(a, name)?;
     Ok((
         u.subcols(0, k).to_owned(),

@@ -303,8 +303,11 @@ struct Ran {
     base_fingerprint: String,
     mismatches: Vec<String>,
     overflows: Vec<u64>,
-    exact_svd: Vec<(String, Vec<String>)>,
+    exact_svd: ExactSvd,
 }
+
+/// Per tensor, the steps of `iso` or `tsv` that took the exact SVD ([`MergeReport::exact_svd`]).
+type ExactSvd = Vec<(String, Vec<String>)>;
 
 impl Planned {
     fn new(base: &Checkpoint, deltas: &[Delta], opts: &MergeOptions) -> Result<Self> {
@@ -510,7 +513,7 @@ fn execute(
     deltas: &[Delta],
     plans: &[TensorPlan],
     output: &dyn Sink,
-) -> Result<(Vec<[u8; 32]>, Vec<u64>, Vec<(String, Vec<String>)>)> {
+) -> Result<(Vec<[u8; 32]>, Vec<u64>, ExactSvd)> {
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {

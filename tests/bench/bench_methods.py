@@ -3,8 +3,8 @@
 the SVD methods against the machine's measured matrix-multiply rate, their physical limit.
 
 On the bench's synthetic Llama-shaped bf16 model (`--size small`: 4 layers, the default here;
-`--size tinyllama`: the 1.1B model, where `tsv` takes about a quarter of an hour on 2 cores), with three
-fine-tunes extracted at density 1/3 with independent seeds (cached under target/bench/methods/),
+`--size tinyllama`: the 1.1B model, where `tsv` takes about a quarter of an hour on 2 cores),
+with three fine-tunes extracted at density 1/3 with independent seeds (cached under target/bench/methods/),
 it times `merge --method M` for sum, ties, iso and tsv (page cache warm, --no-sync), each run
 `--runs` times, and prints the median time, its ratio to `sum`, CPU seconds and peak RssAnon.
 
