@@ -272,7 +272,7 @@ def test_tsv_two_equal_deltas(work):
     base, paths = build(work, "equal", deltas)
     steps = check_open_case("tsv", base, paths, work, "equal")
     assert steps == {name: ["polar(Û)", "polar(V̂)"] for name in SHAPES}
-    assert two_svds_disagree(base, paths) > 1e-3
+    assert two_svds_disagree(base, paths) > 0.1
 
 
 def test_tsv_a_delta_of_rank_below_k(work):
@@ -283,7 +283,7 @@ def test_tsv_a_delta_of_rank_below_k(work):
     base, paths = build(work, "rank-below-k", deltas)
     steps = check_open_case("tsv", base, paths, work, "rank-below-k")
     assert all("top triplets of delta 2" in steps[name] for name in SHAPES), steps
-    assert two_svds_disagree(base, paths) > 1e-3
+    assert two_svds_disagree(base, paths) > 0.1
 
 
 def test_tsv_a_repeated_singular_value_at_the_cut(work):
@@ -296,4 +296,4 @@ def test_tsv_a_repeated_singular_value_at_the_cut(work):
         return [designed(rng, shape, s), noise(rng, shape), noise(rng, shape)]
     base, paths = build(work, "repeated-cut", deltas)
     assert check_open_case("tsv", base, paths, work, "repeated-cut") == {}
-    assert two_svds_disagree(base, paths) > 1e-6
+    assert two_svds_disagree(base, paths) > 0.1
