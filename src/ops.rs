@@ -486,6 +486,15 @@ impl MergeSpec {
                 &mut notes,
             );
         }
+        if flags.verbose {
+            for (name, steps) in &report.exact_svd {
+                notes.push(format!(
+                    "--method {}: tensor {name}: exact SVD for {} (a Gram matrix too ill-conditioned for the fast route, docs/METHODS.md)",
+                    self.method.name(),
+                    steps.join(", ")
+                ));
+            }
+        }
         let output = output.unwrap_or(Path::new("merged tensors"));
         for (name, n) in &report.overflowed {
             warnings.push(format!(

@@ -28,15 +28,15 @@ use super::plan::{Job, Source, TILE, TensorPlan, Term};
 const TASK: u64 = 16 * TILE;
 
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
-/// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
-/// on this thread ([`super::methods`]); the others are spread over the threads.
+/// base is finite ([`Float::becomes_nonfinite`]), spread over the threads. A [`Source::Combine`]
+/// tensor is not computed here but by [`super::methods::execute`], whole on one thread.
 pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
             out.copy_tensor(&p.name, p.origin(*o, base, deltas))?;
             return Ok(0);
         }
-        Source::Combine { .. } => return super::methods::execute(base, deltas, out, p),
+        Source::Combine { .. } => unreachable!("merge methods are computed by methods::execute"),
         Source::Compute { .. } => p.job(base, deltas).expect("a computed plan is a job"),
     };
     (0..job.numel.div_ceil(TASK))

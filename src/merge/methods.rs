@@ -15,14 +15,31 @@ use super::plan::{Combine, Method, Source, TensorPlan, Term, TiesParams};
 use crate::dtype::Float;
 use crate::format::Delta;
 use crate::io::{Checkpoint, Sink};
-use crate::linalg::{mul_transposed, polar, thin_svd, view};
+use crate::linalg::{
+    inverse_sqrt_gram, mul, mul_transposed, polar, thin_svd, top_singular_exact, top_singular_gram,
+    view,
+};
 
 /// Elements rounded and written at a time: bounds the output buffer.
 const WRITE_PIECE: usize = 1 << 20;
 
-/// Computes and writes a tensor planned as [`Source::Combine`]; returns how many of its results
-/// are infinite or NaN where the base is finite.
-pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
+/// What computing a tensor found, besides its bytes.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Results that are infinite or NaN where the base is finite.
+    pub overflows: u64,
+    /// The steps of `iso` or `tsv` that took the exact SVD because the Gram matrix failed its
+    /// check (docs/METHODS.md, "How `iso` and `tsv` are computed"), e.g. `polar(Û)`.
+    pub exact_svd: Vec<String>,
+}
+
+/// Computes and writes a tensor planned as [`Source::Combine`].
+pub fn execute(
+    base: &Checkpoint,
+    deltas: &[Delta],
+    out: &dyn Sink,
+    p: &TensorPlan,
+) -> Result<Outcome> {
     let Source::Combine {
         from,
         to,
@@ -40,7 +57,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
     let mut b = Vec::new();
     from.load_all(&base_bytes, &mut b);
     if b.is_empty() {
-        return Ok(0);
+        return Ok(Outcome::default());
     }
     let est = Estimates {
         deltas,
@@ -53,13 +70,14 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
         [rows, cols] => Some((rows, cols)),
         _ => None,
     };
+    let mut exact_svd = Vec::new();
     let (r, written) = match (combine.method, matrix) {
         (Method::Ties, _) => {
             let (r, written) = ties(&est, combine)?;
             (Merged::Flat(r), Some(written))
         }
-        (Method::Iso, Some(shape)) => (iso(&est, combine, shape)?, None),
-        (Method::Tsv, Some(shape)) => (tsv(&est, combine, shape)?, None),
+        (Method::Iso, Some(shape)) => (iso(&est, combine, shape, &mut exact_svd)?, None),
+        (Method::Tsv, Some(shape)) => (tsv(&est, combine, shape, &mut exact_svd)?, None),
         (Method::Iso | Method::Tsv, None) => (mean(&est, combine)?, None),
         (Method::Sum, _) => unreachable!("sum is planned as Source::Compute"),
     };
@@ -71,7 +89,10 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
         r: &r,
         written: written.as_deref(),
     };
-    result.write(&p.name, out)
+    Ok(Outcome {
+        overflows: result.write(&p.name, out)?,
+        exact_svd,
+    })
 }
 
 /// The unbiased estimates of a tensor's deltas (docs/METHODS.md, "The unbiased estimate τ").
@@ -259,54 +280,205 @@ fn mean(est: &Estimates, c: &Combine) -> Result<Merged> {
 }
 
 /// `iso`: `α · mean(σ) · U Vᵀ` of `M = Σ_t w_t · τ_t`.
-fn iso(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Merged> {
+fn iso(
+    est: &Estimates,
+    c: &Combine,
+    shape: (usize, usize),
+    exact_svd: &mut Vec<String>,
+) -> Result<Merged> {
     let m = est.weighted_sum()?;
-    let (u, s, v) = thin_svd(view(&m, shape), est.name)?;
-    drop(m);
-    let mean_sigma = s.iter().sum::<f64>() / s.len() as f64;
-    drop(s);
-    Ok(Merged::Matrix(mul_transposed(
-        u.as_ref(),
-        v.as_ref(),
-        c.alpha * mean_sigma,
-    )))
+    Ok(Merged::Matrix(iso_matrix(
+        &m, shape, c.alpha, est.name, exact_svd,
+    )?))
+}
+
+/// `iso` of the row-major matrix `m` of `shape` (`Σ_t w_t · τ_t`): `α · mean(σ) · U Vᵀ`, on its
+/// [`view`]. `U Vᵀ` is the polar factor of `M`: on the tall orientation `X` (`M` or `Mᵀ`), it is
+/// `X (XᵀX)^(-1/2)` and `σ = √λ(XᵀX)` where [`inverse_sqrt_gram`] accepts `XᵀX`; else the thin
+/// SVD's `U Vᵀ` and `σ`, and `polar(M)` is noted in `exact_svd`.
+pub fn iso_matrix(
+    m: &[f64],
+    shape: (usize, usize),
+    alpha: f64,
+    name: &str,
+    exact_svd: &mut Vec<String>,
+) -> Result<Mat<f64>> {
+    let a = view(m, shape);
+    let wide = a.nrows() < a.ncols();
+    let x = if wide { a.transpose() } else { a };
+    Ok(match inverse_sqrt_gram(x, name)? {
+        Some((root, lambda)) => {
+            let mean_sigma = lambda.iter().map(|l| l.sqrt()).sum::<f64>() / lambda.len() as f64;
+            if wide {
+                // polar(a) = polar(x)ᵀ = root · a, the root being symmetric.
+                mul(root.as_ref(), a, alpha * mean_sigma)
+            } else {
+                mul(a, root.as_ref(), alpha * mean_sigma)
+            }
+        }
+        None => {
+            exact_svd.push("polar(M)".into());
+            let (u, s, v) = thin_svd(a, name)?;
+            let mean_sigma = s.iter().sum::<f64>() / s.len() as f64;
+            mul_transposed(u.as_ref(), v.as_ref(), alpha * mean_sigma)
+        }
+    })
 }
 
 /// `tsv`: `α · polar(Û) · diag(ŝ) · polar(V̂)ᵀ` of each task's top `k` triplets.
-fn tsv(est: &Estimates, c: &Combine, shape: (usize, usize)) -> Result<Merged> {
-    let (rows, cols) = (shape.1, shape.0);
+fn tsv(
+    est: &Estimates,
+    c: &Combine,
+    shape: (usize, usize),
+    exact_svd: &mut Vec<String>,
+) -> Result<Merged> {
     // T counts every delta, as in `mean`; only those that change the tensor bring triplets.
-    let k = (rows.min(cols) / est.deltas.len()).max(1);
-    let tk = k * est.terms.len();
+    let k = (shape.0.min(shape.1) / est.deltas.len()).max(1);
+    let deltas: Vec<usize> = est.terms.iter().map(|t| t.delta + 1).collect();
+    let r = tsv_matrix(
+        shape,
+        k,
+        &deltas,
+        c.alpha,
+        est.name,
+        |t, tau| est.weighted(&est.terms[t], tau),
+        exact_svd,
+    )?;
+    Ok(Merged::Matrix(r))
+}
+
+/// `tsv` of row-major matrices of `shape`, on their [`view`]s: `task(t, buf)` writes the `t`-th
+/// task's `w_t · τ_t` into `buf`, for `t` in `0..deltas.len()`; `deltas[t]` numbers it (1-based,
+/// on the command line) in the notes of `exact_svd`. Each brings its top `k` triplets.
+///
+/// With `polar(X) = X · (XᵀX)^(-1/2)` on each side where [`inverse_sqrt_gram`] accepts `XᵀX`,
+/// the result is `Û · (A diag(ŝ) B) · V̂ᵀ` with `A`, `B` the two inverse roots: products of
+/// `Tk × Tk` matrices first, then one with `V̂ᵀ` and one with `Û`. A side it refuses takes the
+/// exact polar factor `P` of its thin SVD in place of `X` and the identity in place of its root.
+pub fn tsv_matrix(
+    shape: (usize, usize),
+    k: usize,
+    deltas: &[usize],
+    alpha: f64,
+    name: &str,
+    mut task: impl FnMut(usize, &mut Vec<f64>) -> Result<()>,
+    exact_svd: &mut Vec<String>,
+) -> Result<Mat<f64>> {
+    let (rows, cols) = (shape.1, shape.0);
+    let tk = k * deltas.len();
     let mut u_hat = Mat::<f64>::zeros(rows, tk);
     let mut v_hat = Mat::<f64>::zeros(cols, tk);
     let mut s_hat = Vec::with_capacity(tk);
     let mut tau = Vec::new();
-    for (t, term) in est.terms.iter().enumerate() {
-        est.weighted(term, &mut tau)?;
-        let (u, s, v) = thin_svd(view(&tau, shape), est.name)?;
+    for (t, delta) in deltas.iter().enumerate() {
+        task(t, &mut tau)?;
+        let a = view(&tau, shape);
+        let (u, s, v) = match top_singular_gram(a, k, name)? {
+            Some(triplets) => triplets,
+            None => {
+                exact_svd.push(format!("top triplets of delta {delta}"));
+                top_singular_exact(a, k, name)?
+            }
+        };
         u_hat
             .as_mut()
             .submatrix_mut(0, t * k, rows, k)
-            .copy_from(u.as_ref().submatrix(0, 0, rows, k));
+            .copy_from(&u);
         v_hat
             .as_mut()
             .submatrix_mut(0, t * k, cols, k)
-            .copy_from(v.as_ref().submatrix(0, 0, cols, k));
-        s_hat.extend_from_slice(&s[..k]);
+            .copy_from(&v);
+        s_hat.extend_from_slice(&s);
     }
     drop(tau);
-    let mut pu = polar(u_hat.as_ref(), est.name)?;
-    let pv = polar(v_hat.as_ref(), est.name)?;
-    drop((u_hat, v_hat));
-    for (j, &s) in s_hat.iter().enumerate() {
-        pu.col_mut(j).iter_mut().for_each(|x| *x *= s);
+    let (u_base, a) = polar_parts(u_hat, "polar(Û)", name, exact_svd)?;
+    let (v_base, b) = polar_parts(v_hat, "polar(V̂)", name, exact_svd)?;
+    // The core A diag(ŝ) B, with an absent root the identity; None: the core is diag(ŝ) itself.
+    let core = match (a, b) {
+        (Some(mut a), b) => {
+            for (j, &s) in s_hat.iter().enumerate() {
+                a.col_mut(j).iter_mut().for_each(|x| *x *= s);
+            }
+            match b {
+                Some(b) => Some(mul(a.as_ref(), b.as_ref(), 1.0)),
+                None => Some(a),
+            }
+        }
+        (None, Some(mut b)) => {
+            for j in 0..tk {
+                b.col_mut(j)
+                    .iter_mut()
+                    .zip(&s_hat)
+                    .for_each(|(x, &s)| *x *= s);
+            }
+            Some(b)
+        }
+        (None, None) => None,
+    };
+    // core · V̂ᵀ (Tk × cols), then Û times it.
+    let right = match core {
+        Some(core) => mul_transposed(core.as_ref(), v_base.as_ref(), 1.0),
+        None => Mat::from_fn(tk, cols, |i, j| s_hat[i] * v_base[(j, i)]),
+    };
+    drop(v_base);
+    Ok(mul(u_base.as_ref(), right.as_ref(), alpha))
+}
+
+/// The relative cost of computing `p` (a [`Source::Combine`] plan) with `deltas` deltas, to
+/// start the costliest first: the flop counts of `iso` and `tsv` on a matrix, else its elements.
+pub fn cost(p: &TensorPlan, deltas: usize) -> f64 {
+    let Source::Combine { combine, terms, .. } = &p.source else {
+        return 0.0;
+    };
+    match (combine.method, &p.shape[..]) {
+        (Method::Tsv, &[rows, cols]) => {
+            tsv_flops((rows, cols), terms.len(), (rows.min(cols) / deltas).max(1))
+        }
+        (Method::Iso, &[rows, cols]) => iso_flops((rows, cols)),
+        _ => p.shape.iter().product::<usize>() as f64,
     }
-    Ok(Merged::Matrix(mul_transposed(
-        pu.as_ref(),
-        pv.as_ref(),
-        c.alpha,
-    )))
+}
+
+/// Floating-point operations of [`tsv_matrix`] on a matrix of `shape` with `tasks` tasks and `k`
+/// triplets each, on the Gram route throughout (docs/METHODS.md, "Speed"): on the tall
+/// orientation `m × n` (`m ≥ n`) with `p = tasks · k`, per task the Gram matrix `m n²` (its lower
+/// half), the eigendecomposition `4/3 n³` (tridiagonalization) `+ 4/3 n³` (tridiagonal
+/// eigenvectors, without deflation) `+ 2 n² k` (back-transformation of `k` vectors) and
+/// `U = τ V` `2 m n k`; per polar factor of a `q × p` matrix the Gram matrix `q p²`, the
+/// eigendecomposition with all vectors `14/3 p³` and the root `p³`; then the core `2 p³`,
+/// `core · V̂ᵀ` `2 p² n` and `Û · (core · V̂ᵀ)` `2 m p n`.
+pub fn tsv_flops(shape: (usize, usize), tasks: usize, k: usize) -> f64 {
+    let (m, n) = (shape.0.max(shape.1) as f64, shape.0.min(shape.1) as f64);
+    let (k, t) = (k as f64, tasks as f64);
+    let p = t * k;
+    let per_task = m * n * n + 8.0 / 3.0 * n.powi(3) + 2.0 * n * n * k + 2.0 * m * n * k;
+    let polar = |q: f64| q * p * p + 17.0 / 3.0 * p.powi(3);
+    t * per_task + polar(m) + polar(n) + 2.0 * p.powi(3) + 2.0 * p * p * n + 2.0 * m * p * n
+}
+
+/// Floating-point operations of [`iso_matrix`] on a matrix of `shape` on the Gram route: on the
+/// tall orientation `m × n`, the Gram matrix `m n²`, the eigendecomposition with all vectors
+/// `14/3 n³`, the root `n³` and the product `2 m n²`.
+pub fn iso_flops(shape: (usize, usize)) -> f64 {
+    let (m, n) = (shape.0.max(shape.1) as f64, shape.0.min(shape.1) as f64);
+    3.0 * m * n * n + 17.0 / 3.0 * n.powi(3)
+}
+
+/// `polar(X)` as `X · root`: `(X, Some((XᵀX)^(-1/2)))` where [`inverse_sqrt_gram`] accepts
+/// `XᵀX`, else `(P, None)` with `P` the exact polar factor, and `step` noted in `exact_svd`.
+fn polar_parts(
+    x: Mat<f64>,
+    step: &str,
+    name: &str,
+    exact_svd: &mut Vec<String>,
+) -> Result<(Mat<f64>, Option<Mat<f64>>)> {
+    Ok(match inverse_sqrt_gram(x.as_ref(), name)? {
+        Some((root, _)) => (x, Some(root)),
+        None => {
+            exact_svd.push(step.into());
+            (polar(x.as_ref(), name)?, None)
+        }
+    })
 }
 
 /// A merged delta `R`: flat and row-major, or a matrix computed on a transposed

@@ -100,6 +100,10 @@ pub struct MergeReport {
     /// finite (an overflow of the dtype or of the arithmetic, inf − inf, or a non-finite value
     /// stored in a delta), with counts.
     pub overflowed: Vec<(String, u64)>,
+    /// `iso` and `tsv`: tensors with the steps that took the exact SVD because a Gram matrix
+    /// failed its check (docs/METHODS.md, "How `iso` and `tsv` are computed").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exact_svd: Vec<(String, Vec<String>)>,
     /// The device that computed the changed tensors: `cpu`, or `cuda: <GPU name>`.
     pub device: String,
     /// With `--device auto` on the CPU: why not CUDA.
@@ -345,7 +349,11 @@ struct Ran {
     base_hashes: Vec<(String, [u8; 32])>,
     mismatches: Vec<String>,
     overflows: Vec<u64>,
+    exact_svd: ExactSvd,
 }
+
+/// Per tensor, the steps of `iso` or `tsv` that took the exact SVD ([`MergeReport::exact_svd`]).
+type ExactSvd = Vec<(String, Vec<String>)>;
 
 impl Planned {
     fn new(base: &Checkpoint, deltas: &[Delta], opts: &MergeOptions) -> Result<Self> {
@@ -385,7 +393,8 @@ impl Planned {
     ) -> Result<Ran> {
         base.advise_sequential();
         deltas.iter().for_each(Delta::advise_sequential);
-        let (base_hashes, overflows) = execute(self.engine, base, deltas, &self.plans, sink)?;
+        let (base_hashes, overflows, exact_svd) =
+            execute(self.engine, base, deltas, &self.plans, sink)?;
         let base_fingerprint = crate::io::fingerprint(&base_hashes);
         hashed(&base_fingerprint)?;
         // The base's tensors among the plans (all of them but in a part of a merge), in the
@@ -414,6 +423,7 @@ impl Planned {
             base_hashes: base_names.into_iter().cloned().zip(base_hashes).collect(),
             mismatches,
             overflows,
+            exact_svd,
         })
     }
 
@@ -447,6 +457,7 @@ impl Planned {
                 .filter(|(_, n)| *n > 0)
                 .map(|(p, n)| (p.name.clone(), n))
                 .collect(),
+            exact_svd: run.exact_svd,
             device: self.engine.name(),
             cpu_because: self.cpu_because.clone(),
             grown: self
@@ -553,14 +564,14 @@ fn output_metadata(
 /// them, while the CPU goes tensor by tensor in file order, computing or copying the rest and
 /// hashing each base tensor as it goes: the two passes share the tensor's pages, so a model
 /// larger than the page cache is read from disk once. Returns the base's tensor hashes (in
-/// name order) and each plan's overflow count.
+/// name order), each plan's overflow count, and the merge methods' exact-SVD steps per tensor.
 fn execute(
     engine: Engine,
     base: &Checkpoint,
     deltas: &[Delta],
     plans: &[TensorPlan],
     output: &dyn Sink,
-) -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
+) -> Result<(Vec<[u8; 32]>, Vec<u64>, ExactSvd)> {
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {
@@ -623,17 +634,31 @@ fn execute(
             *c += from_engine.next().unwrap_or(0);
         }
     }
-    // The merge methods: a tensor on each thread, each computed whole (docs/METHODS.md).
-    let from_methods: Vec<(usize, Result<u64>)> = plans
-        .par_iter()
-        .enumerate()
-        .filter(|(_, p)| combined(p) && !engine.computes(p))
-        .map(|(i, p)| (i, cpu::execute(base, deltas, output, p)))
+    // The merge methods: a tensor on each thread, each computed whole (docs/METHODS.md). The
+    // costliest first: rayon hands each thread a run of the list and the runs it steals end
+    // with the cheapest, so that no large matrix starts last and leaves the other threads idle.
+    let mut mine: Vec<usize> = (0..plans.len())
+        .filter(|&i| combined(&plans[i]) && !engine.computes(&plans[i]))
         .collect();
+    mine.sort_by(|&a, &b| {
+        let cost = |i: usize| methods::cost(&plans[i], deltas.len());
+        cost(b).total_cmp(&cost(a)).then(a.cmp(&b))
+    });
+    let mut from_methods: Vec<(usize, Result<methods::Outcome>)> = mine
+        .into_par_iter()
+        .map(|i| (i, methods::execute(base, deltas, output, &plans[i])))
+        .collect();
+    // The first error in file order: the same message for any thread count.
+    from_methods.sort_by_key(|(i, _)| *i);
+    let mut exact_svd = Vec::new();
     for (i, r) in from_methods {
-        overflows[i] += r?;
+        let outcome = r?;
+        overflows[i] += outcome.overflows;
+        if !outcome.exact_svd.is_empty() {
+            exact_svd.push((plans[i].name.clone(), outcome.exact_svd));
+        }
     }
-    Ok((base_hashes, overflows))
+    Ok((base_hashes, overflows, exact_svd))
 }
 
 /// Compares each delta's recorded base hashes with the base as read. Returns `file: tensor`

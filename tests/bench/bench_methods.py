@@ -3,17 +3,17 @@
 the SVD methods against the machine's measured matrix-multiply rate, their physical limit.
 
 On the bench's synthetic Llama-shaped bf16 model (`--size small`: 4 layers, the default here;
-`--size tinyllama`: the 1.1B model, where `tsv` takes tens of minutes on 2 cores), with three
-fine-tunes extracted at density 1/3 with independent seeds (cached under target/bench/methods/),
+`--size tinyllama`: the 1.1B model, where `tsv` takes about a quarter of an hour on 2 cores),
+with three fine-tunes extracted at density 1/3 with independent seeds (cached under target/bench/methods/),
 it times `merge --method M` for sum, ties, iso and tsv (page cache warm, --no-sync), each run
 `--runs` times, and prints the median time, its ratio to `sum`, CPU seconds and peak RssAnon.
 
-For iso and tsv it also counts the floating-point operations of their decompositions and
-products from the model's shapes, and divides by the merge's whole wall time: a lower bound on
+For iso and tsv it also counts the floating-point operations of their algorithm from the model's
+shapes (`sotu-linalgbench shapes`, which applies merge::methods::tsv_flops and iso_flops: the Gram
+route of docs/METHODS.md, "Speed"), and divides by the merge's whole wall time: a lower bound on
 the rate of the decomposition phase, printed against the rate `sotu-linalgbench` measures for
-f64 matrix products on every thread at once (each thread on its own, as the methods run). Thin
-SVD of an m x n matrix (m >= n) with its vectors counts min(14mn^2 + 8n^3, 6mn^2 + 20n^3) flops
-(Golub and Van Loan, Matrix Computations, 4th ed., Figure 8.6.1). Standard library only.
+f64 matrix products on every thread at once (each thread on its own, as the methods run).
+Standard library only.
 """
 
 import argparse
@@ -28,26 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BIN, ROOT, bench_data, timed, warm  # noqa: E402
 
 
-def svd_flops(m, n):
-    m, n = max(m, n), min(m, n)
-    return min(14 * m * n * n + 8 * n ** 3, 6 * m * n * n + 20 * n ** 3)
-
-
-def method_flops(method, shapes, t):
-    """Flops of `iso` or `tsv` over the 2-D tensors `shapes` with `t` deltas."""
-    total = 0
-    for rows, cols in shapes:
-        r = min(rows, cols)
-        if method == "iso":
-            total += svd_flops(rows, cols) + 2 * rows * cols * r
-        else:
-            k = max(1, r // t)
-            tk = t * k
-            total += t * svd_flops(rows, cols)
-            total += svd_flops(rows, tk) + svd_flops(cols, tk)  # the two polar factors
-            total += 2 * rows * tk * tk + 2 * cols * tk * tk  # P Q^T of each
-            total += 2 * rows * cols * tk  # polar(U) diag(s) polar(V)^T
-    return total
+def method_flops(method, shapes):
+    """Flops of `iso` or `tsv` (3 deltas) over the 2-D tensors `shapes`, by the binary's count."""
+    unique = sorted(set(shapes))
+    out = subprocess.run([BIN / "sotu-linalgbench", "shapes", *(f"{r}x{c}" for r, c in unique)],
+                         check=True, capture_output=True, text=True).stdout
+    per_shape = {tuple(d["shape"]): d[f"{method}_gflop"] * 1e9 for d in map(json.loads, out.splitlines())}
+    return sum(per_shape[s] for s in shapes)
 
 
 def shapes_2d(path):
@@ -95,7 +82,7 @@ def main():
         row = {"method": method, "median_s": statistics.median(times), "cpu_s": statistics.median(cpus),
                "peak_rss_anon_bytes": max(peaks), "times_s": times}
         if method in ("iso", "tsv"):
-            row["gflop"] = method_flops(method, shapes, 3) / 1e9
+            row["gflop"] = method_flops(method, shapes) / 1e9
             row["gflops"] = row["gflop"] / row["median_s"]
         rows.append(row)
         print(f"  {method}: {row['median_s']:.1f} s", flush=True)
