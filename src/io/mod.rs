@@ -8,6 +8,8 @@
 //!   checkpoint.
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
+//! - [`companions`]: what a folder output carries over from the base's folder besides weights
+//!   (config, tokenizer, card, library subfolders).
 //! - [`memory`]: tensors in memory instead of files: a merge's output as buffers, and a
 //!   checkpoint built from in-memory tensors.
 //! - [`parts`]: a folder output written in parts on many machines (`merge --part`), and put
@@ -17,6 +19,7 @@
 //!   SIGBUS, SIGINT and SIGTERM handlers.
 
 pub mod checkpoint;
+pub mod companions;
 pub mod hash_cache;
 pub mod header;
 pub mod memory;
@@ -30,11 +33,12 @@ pub use checkpoint::{
     Checkpoint, INDEX_NAME, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
     tensor_hash,
 };
+pub use companions::{Companions, companions};
 pub use hash_cache::HashCache;
 pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
 pub use output::{
-    Cancel, Companions, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, companions,
-    is_folder_path, parse_size, write_file, write_tensors,
+    Cancel, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, is_folder_path,
+    parse_size, write_file, write_tensors,
 };
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};
 pub use storage::{IoMode, PIECE, with_buffer};

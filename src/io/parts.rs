@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::INDEX_NAME;
-use super::output::{Companions, companions, copy_companions, place_folder, sync_folder};
+use super::companions::{Companions, companions, copy_companions};
+use super::output::{place_folder, sync_folder};
 
 /// `format` of a part manifest.
 pub const PART_FORMAT: &str = "sotu-delta-part";

@@ -62,13 +62,25 @@ def _paths(deltas):
     return list(deltas)
 
 
-def _finish(report_json, warns, notes):
-    """The report as a dict, after emitting the warnings and logging the notes."""
+def _finish(report_json, warns, notes, stacklevel=3):
+    """The report as a dict, after emitting the warnings (attributed `stacklevel` frames up: the
+    caller of the public function) and logging the notes."""
     for n in notes:
         _log.info("%s", n)
     for w in warns:
-        warnings.warn(w, SotuDeltaWarning, stacklevel=3)
+        warnings.warn(w, SotuDeltaWarning, stacklevel=stacklevel)
     return json.loads(report_json)
+
+
+def _merged_in_memory(base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
+                      threads):
+    """The merged tensors of an in-memory merge (`numpy.load_merged`, `torch.load_merged`),
+    after emitting its warnings and logging its notes."""
+    tensors, report, warns, notes = _sotu_delta.merge_in_memory(
+        base, _paths(deltas), method, weights, rescale, alpha, trim, dtype, force, device, threads
+    )
+    _finish(report, warns, notes, stacklevel=4)
+    return tensors
 
 
 def _state_dict_tensors(state_dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _finish, _paths, _sotu_delta
+from . import _merged_in_memory
 from ._convert import array_of
 
 __all__ = ["load_merged"]
@@ -37,8 +37,7 @@ def load_merged(
     Each array is a view of memory the merge filled (no copy); it stays alive as long as the
     array does.
     """
-    tensors, report, warns, notes = _sotu_delta.merge_in_memory(
-        base, _paths(deltas), method, weights, rescale, alpha, trim, dtype, force, device, threads
+    tensors = _merged_in_memory(
+        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device, threads
     )
-    _finish(report, warns, notes)
     return {t.name: array_of(t, extended=True) for t in tensors}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _finish, _paths, _sotu_delta
+from . import _merged_in_memory
 from ._convert import array_of
 
 __all__ = ["load_merged"]
@@ -54,10 +54,9 @@ def load_merged(
     :func:`sotu_delta.numpy.load_merged`'s arguments; every tensor holds exactly the bytes
     that ``sotu-delta merge`` writes for it, bfloat16 included.
     """
-    tensors, report, warns, notes = _sotu_delta.merge_in_memory(
-        base, _paths(deltas), method, weights, rescale, alpha, trim, dtype, force, device, threads
+    tensors = _merged_in_memory(
+        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device, threads
     )
-    _finish(report, warns, notes)
     return {t.name: _tensor(t) for t in tensors}
 
 
