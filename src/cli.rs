@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::dtype::Float;
 use crate::extract::{ExtractOptions, Selector, extract};
@@ -13,7 +13,8 @@ use crate::inspect::{human_bytes, inspect, verify};
 use crate::io::{Checkpoint, HashCache};
 use crate::io::{Target, parse_size};
 use crate::mask::{DEFAULT_SEED, Interval};
-use crate::merge::{Device, MergeOptions, Method, check_method, merge};
+use crate::merge::{Device, FineTune, Input, MergeOptions, Method, check_method, merge};
+use crate::tuned::Tuned;
 
 /// `println!` that stops quietly at a closed pipe instead of panicking.
 macro_rules! out {
@@ -98,7 +99,8 @@ struct ExtractArgs {
     /// The pretrained base checkpoint (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// The fine-tuned checkpoint (a .safetensors file or a model folder).
+    /// The fine-tuned checkpoint (a .safetensors file or a model folder), or a PEFT LoRA
+    /// adapter folder of the base.
     #[arg(long)]
     tuned: PathBuf,
     /// The delta to write: a .safetensors file, or else a folder (sharded by --shard-size).
@@ -137,11 +139,32 @@ struct ExtractArgs {
 #[derive(Args)]
 struct MergeArgs {
     /// The base checkpoint the deltas were taken against (a .safetensors file or a model folder).
-    #[arg(long)]
-    base: PathBuf,
-    /// Deltas (files or folders), applied in this order.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "config")]
+    base: Option<PathBuf>,
+    /// A mergekit configuration (YAML): base_model, models, merge_method and parameters, in
+    /// place of --base, the inputs and the method's options (docs/MERGEKIT.md).
+    #[arg(long, value_name = "YAML")]
+    config: Option<PathBuf>,
+    /// Deltas (files or folders), applied in the order given, among the fine-tunes.
+    #[arg(num_args = 0..)]
     deltas: Vec<PathBuf>,
+    /// A fine-tune of the base (a checkpoint file or folder, or a PEFT LoRA adapter folder),
+    /// whose delta is taken as it is read, as extract would store it (repeatable).
+    #[arg(long, value_name = "PATH")]
+    tuned: Vec<PathBuf>,
+    /// --tuned: fraction of each fine-tune's elements kept (default 1, or the whole slot with
+    /// --slots). With --config, each model's density is the configuration's.
+    #[arg(long, value_name = "D")]
+    density: Option<f64>,
+    /// --tuned: fine-tune t (from 0) is masked with seed S + t, or all with seed S under --slots.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// --tuned: mask fine-tune t of T with slot t/T of one seed: disjoint masks.
+    #[arg(long)]
+    slots: bool,
+    /// --tuned: merge fine-tunes that hold NaN or infinite values (extract's flag).
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// The checkpoint to write: a .safetensors file, or else a model folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -174,7 +197,7 @@ struct ApplyArgs {
     /// The base checkpoint the delta was taken against (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// The delta (a file or a folder).
+    /// The delta (a file or a folder), or a PEFT LoRA adapter folder of the base.
     delta: PathBuf,
     /// The checkpoint to write: a .safetensors file, or else a model folder.
     #[arg(short, long)]
@@ -242,7 +265,10 @@ struct VerifyArgs {
 
 /// Parses `args` and runs the subcommand.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
-    let cli = match Cli::try_parse_from(args) {
+    let parsed = Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             return Err(usage(
@@ -288,6 +314,14 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => {
+            let m = matches
+                .subcommand_matches("merge")
+                .expect("the merge subcommand");
+            if let Some(config) = &a.config {
+                let (base, inputs, opts) = from_config(&a, m, config)?;
+                return run_merge(&base, &inputs, &a.output, opts, a.common, &flags);
+            }
+            let inputs = merge_inputs(&a, &input_order(m))?;
             let opts = MergeOptions {
                 weights: a.weights,
                 rescale: a.rescale,
@@ -297,7 +331,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                 files_from: a.files_from,
                 ..MergeOptions::default()
             };
-            run_merge(&a.base, &a.deltas, &a.output, opts, a.common, &flags)
+            let base = a.base.expect("required without --config");
+            run_merge(&base, &inputs, &a.output, opts, a.common, &flags)
         }
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
@@ -307,8 +342,19 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                 files_from: Some(0),
                 ..MergeOptions::default()
             };
-            let deltas = std::slice::from_ref(&a.delta);
-            run_merge(&a.base, deltas, &a.output, opts, a.common, &flags)
+            let path = a.delta.clone();
+            let input = if crate::tuned::lora::is_adapter(&path) {
+                InputArg::Tuned {
+                    path,
+                    seed: DEFAULT_SEED,
+                    interval: Interval::from_density(1.0)?,
+                    slot: None,
+                    allow_nonfinite: false,
+                }
+            } else {
+                InputArg::Delta(path)
+            };
+            run_merge(&a.base, &[input], &a.output, opts, a.common, &flags)
         }
         Command::Inspect(a) => run_inspect(a, &flags),
         Command::Verify(a) => run_verify(a, &flags),
@@ -330,6 +376,216 @@ fn open_base(path: &Path, flags: &Flags) -> Result<Checkpoint> {
         Some(cache) => base.with_hash_cache(cache),
         None => base,
     })
+}
+
+/// One input of `merge` as the command line gives it.
+enum InputArg {
+    /// A delta file or folder.
+    Delta(PathBuf),
+    /// A fine-tune (`--tuned`) and the mask its delta is taken with.
+    Tuned {
+        path: PathBuf,
+        seed: u64,
+        interval: Interval,
+        slot: Option<String>,
+        allow_nonfinite: bool,
+    },
+}
+
+impl InputArg {
+    fn path(&self) -> &Path {
+        match self {
+            InputArg::Delta(p) | InputArg::Tuned { path: p, .. } => p,
+        }
+    }
+
+    /// Opens the input over `base`.
+    fn open<'b>(&self, base: &'b Checkpoint) -> Result<Input<'b>> {
+        Ok(match self {
+            InputArg::Delta(p) => Input::Delta(Delta::open(p)?),
+            InputArg::Tuned {
+                path,
+                seed,
+                interval,
+                slot,
+                allow_nonfinite,
+            } => {
+                let tuned = Tuned::open(path, base)?;
+                // The own files extract would store (a fine-tune folder's), for --files-from.
+                let own_files = crate::extract::files::own_files(base, tuned.checkpoint())?;
+                Input::Tuned(FineTune::new(
+                    base,
+                    tuned,
+                    *seed,
+                    *interval,
+                    slot.clone(),
+                    *allow_nonfinite,
+                    own_files,
+                )?)
+            }
+        })
+    }
+}
+
+/// Whether each input of `merge` is a delta (`false`) or a fine-tune (`true`), in command-line
+/// order: positional deltas and `--tuned` may be mixed, and weights follow this order.
+fn input_order(m: &clap::ArgMatches) -> Vec<bool> {
+    let at = |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
+    let mut all: Vec<(usize, bool)> = at("deltas")
+        .into_iter()
+        .map(|i| (i, false))
+        .chain(at("tuned").into_iter().map(|i| (i, true)))
+        .collect();
+    all.sort();
+    all.into_iter().map(|(_, t)| t).collect()
+}
+
+/// `merge --config`: the base, the inputs and the options a mergekit configuration gives
+/// ([`crate::mergekit`]). The options it takes the place of are usage errors beside it; the
+/// fine-tunes are masked as `--tuned` ones are (`--seed`, `--slots`), each at its model's
+/// density.
+fn from_config(
+    a: &MergeArgs,
+    m: &clap::ArgMatches,
+    config: &Path,
+) -> Result<(PathBuf, Vec<InputArg>, MergeOptions)> {
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    let taken = [
+        "base", "deltas", "tuned", "weights", "rescale", "method", "alpha", "trim", "density",
+    ];
+    if let Some(id) = taken.iter().find(|id| given(id)) {
+        let flag = if *id == "deltas" {
+            "delta files".to_string()
+        } else {
+            format!("--{id}")
+        };
+        return Err(usage(format!(
+            "{flag}: with --config, the configuration gives the base, the models and the method's parameters"
+        )));
+    }
+    if a.common.dtype.is_some() {
+        return Err(usage(
+            "--dtype: with --config, the configuration's dtype and out_dtype give the output dtype",
+        ));
+    }
+    let c = crate::mergekit::read(config)?;
+    for w in &c.warnings {
+        eprintln!("sotu-delta: warning: {w}");
+    }
+    // A model without a density: the method's default, or under --slots its whole slot.
+    let fallback = if a.slots { 1.0 } else { c.density };
+    let specs: Vec<(PathBuf, Option<f64>)> = c
+        .inputs
+        .iter()
+        .map(|i| {
+            (
+                i.path.clone(),
+                (!i.delta_file).then(|| i.density.unwrap_or(fallback)),
+            )
+        })
+        .collect();
+    let inputs = mask_fine_tunes(
+        &specs,
+        a.seed.unwrap_or(DEFAULT_SEED),
+        a.slots,
+        a.allow_nonfinite,
+    )?;
+    let opts = MergeOptions {
+        weights: c.inputs.iter().map(|i| i.weight).collect(),
+        rescale: c.rescale,
+        method: c.method,
+        alpha: c.alpha,
+        trim: c.trim,
+        normalize: c.normalize,
+        dtype: c.dtype,
+        mergekit: Some((
+            config
+                .file_name()
+                .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+            c.merge_method.clone(),
+        )),
+        ..MergeOptions::default()
+    };
+    Ok((c.base, inputs, opts))
+}
+
+/// The inputs given as (path, density): a delta file when the density is `None`, else a
+/// fine-tune, which fine-tune t (counting the fine-tunes from 0) masked with seed S + t at its
+/// density, or with slot t/T of seed S under `slots` (a density of 1 then meaning the whole
+/// slot).
+fn mask_fine_tunes(
+    specs: &[(PathBuf, Option<f64>)],
+    seed: u64,
+    slots: bool,
+    allow_nonfinite: bool,
+) -> Result<Vec<InputArg>> {
+    let count = specs.iter().filter(|s| s.1.is_some()).count() as u64;
+    let mut t = 0u64;
+    let mut inputs = Vec::with_capacity(specs.len());
+    for (path, density) in specs {
+        let Some(density) = *density else {
+            inputs.push(InputArg::Delta(path.clone()));
+            continue;
+        };
+        let (seed, interval, slot) = if slots {
+            let narrow = (density != 1.0).then_some(density);
+            let interval = Interval::from_slot(t, count, narrow)
+                .map_err(|e| usage(format!("--slots: fine-tune {t} of {count}: {e}")))?;
+            (seed, interval, Some(format!("{t}/{count}")))
+        } else {
+            let seed = seed.checked_add(t).ok_or_else(|| {
+                usage(format!(
+                    "--seed {seed}: fine-tune {t} would be masked with seed {seed} + {t}, past the largest seed"
+                ))
+            })?;
+            let interval =
+                Interval::from_density(density).map_err(|e| usage(format!("--density: {e}")))?;
+            (seed, interval, None)
+        };
+        inputs.push(InputArg::Tuned {
+            path: path.clone(),
+            seed,
+            interval,
+            slot,
+            allow_nonfinite,
+        });
+        t += 1;
+    }
+    Ok(inputs)
+}
+
+/// The inputs of `merge`, in command-line order: fine-tune t (counting the fine-tunes from 0)
+/// masked with seed S + t at `--density`, or with slot t/T of seed S under `--slots`.
+fn merge_inputs(a: &MergeArgs, order: &[bool]) -> Result<Vec<InputArg>> {
+    let tuned_flags = a.density.is_some() || a.seed.is_some() || a.slots || a.allow_nonfinite;
+    if a.tuned.is_empty() && tuned_flags {
+        return Err(usage(
+            "--density, --seed, --slots and --allow-nonfinite say how --tuned fine-tunes are masked; give --tuned",
+        ));
+    }
+    if a.deltas.is_empty() && a.tuned.is_empty() {
+        return Err(usage(
+            "give at least one delta, or a fine-tune with --tuned",
+        ));
+    }
+    let (mut deltas, mut tuned) = (a.deltas.iter(), a.tuned.iter());
+    let specs: Vec<(PathBuf, Option<f64>)> = order
+        .iter()
+        .map(|&is_tuned| {
+            if is_tuned {
+                let density = a.density.unwrap_or(1.0);
+                (tuned.next().expect("counted").clone(), Some(density))
+            } else {
+                (deltas.next().expect("counted").clone(), None)
+            }
+        })
+        .collect();
+    mask_fine_tunes(
+        &specs,
+        a.seed.unwrap_or(DEFAULT_SEED),
+        a.slots,
+        a.allow_nonfinite,
+    )
 }
 
 /// The output target of `-o path` with `--shard-size size`.
@@ -372,7 +628,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
     let selector = Selector::new(&a.include, &a.exclude).map_err(|e| usage(format!("{e:#}")))?;
     let target = target(&a.output, &a.shard_size, flags)?;
     let base = open_base(&a.base, flags)?;
-    let tuned = Checkpoint::open(&a.tuned)?;
+    let tuned = Tuned::open(&a.tuned, &base)?;
     let opts = ExtractOptions {
         seed: a.seed,
         interval,
@@ -427,7 +683,7 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
 
 fn run_merge(
     base_path: &Path,
-    delta_paths: &[PathBuf],
+    delta_paths: &[InputArg],
     output: &Path,
     opts: MergeOptions,
     common: OutputArgs,
@@ -461,7 +717,7 @@ fn run_merge(
     let base = open_base(base_path, flags)?;
     let deltas = delta_paths
         .iter()
-        .map(|p| Delta::open(p))
+        .map(|p| p.open(&base))
         .collect::<Result<Vec<_>>>()?;
     warn_of_repeated_deltas(&deltas);
     if base.is_folder() {
@@ -481,6 +737,31 @@ fn run_merge(
             "sotu-delta: --method {}: computed on the CPU (the GPU kernels are for sum and ties)",
             opts.method.name()
         );
+    }
+    if flags.verbose && r.fine_tune_tensors_on_cpu > 0 {
+        eprintln!(
+            "sotu-delta: {} tensor(s) that fine-tunes (--tuned) change were computed on the CPU: the GPU reads kept values from delta files only",
+            r.fine_tune_tensors_on_cpu
+        );
+    }
+    if flags.verbose {
+        for (input, arg) in deltas.iter().zip(delta_paths) {
+            if let InputArg::Tuned { .. } = arg {
+                let p = input.params();
+                eprintln!(
+                    "sotu-delta: {}: delta taken on the fly with seed {}, interval [{}, {}) (density {:.6}{})",
+                    arg.path().display(),
+                    p.seed,
+                    p.interval.lo(),
+                    p.interval.hi(),
+                    p.interval.density(),
+                    p.slot
+                        .as_ref()
+                        .map(|s| format!(", slot {s}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
     }
     if flags.verbose && common.device == Device::Auto {
         match &r.cpu_because {
@@ -509,13 +790,13 @@ fn run_merge(
         emit(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
     } else if !flags.quiet {
         out!(
-            "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
+            "{}: {} onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
             if delta_paths.len() == 1 {
                 "apply"
             } else {
                 "merge"
             },
-            delta_paths.len(),
+            count_inputs(delta_paths),
             base_path.display(),
             output.display(),
             r.tensors,
@@ -535,7 +816,7 @@ fn run_merge(
 /// single-file output, or not taken (a note, or a warning where the output has a delta's
 /// grown vocabulary but not its tokenizer and config).
 fn report_own_files(
-    deltas: &[Delta],
+    deltas: &[Input],
     output: &Path,
     opts: &MergeOptions,
     r: &crate::merge::MergeReport,
@@ -586,11 +867,24 @@ fn report_own_files(
     }
 }
 
+/// `3 delta(s)`, `2 fine-tune(s)`, or `1 delta(s) and 2 fine-tune(s)`.
+fn count_inputs(inputs: &[InputArg]) -> String {
+    let tuned = inputs
+        .iter()
+        .filter(|i| matches!(i, InputArg::Tuned { .. }))
+        .count();
+    match (inputs.len() - tuned, tuned) {
+        (files, 0) => format!("{files} delta(s)"),
+        (0, tuned) => format!("{tuned} fine-tune(s)"),
+        (files, tuned) => format!("{files} delta(s) and {tuned} fine-tune(s)"),
+    }
+}
+
 /// Warns of a delta given twice (the same file, under any path): its changes are added twice,
 /// which is seldom meant (`--weights` scales a delta).
-fn warn_of_repeated_deltas(deltas: &[Delta]) {
+fn warn_of_repeated_deltas(deltas: &[Input]) {
     use std::os::unix::fs::MetadataExt;
-    let id = |d: &Delta| {
+    let id = |d: &Input| {
         let m = std::fs::metadata(d.path()).ok()?;
         Some((m.dev(), m.ino()))
     };

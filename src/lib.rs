@@ -5,11 +5,14 @@
 //! - [`io`]: memory-mapped safetensors input (single files and sharded model folders), atomic
 //!   output, and the process state that keeps both safe (signal handlers, partial outputs).
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
+//! - [`tuned`]: fine-tunes as inputs (checkpoints, PEFT LoRA adapters) and the one decision of
+//!   how a delta carries each of their tensors.
 //! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
 //!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
 //! - [`linalg`]: dense f64 linear algebra on tensors (faer), for the SVD merge methods.
 //! - [`simd`]: the AVX-512 kernels of the mask, merge and extract, each beside its portable twin,
 //!   chosen at run time (one detection), and the target list of the multiversioned loops.
+//! - [`mergekit`]: the mergekit configuration subset that `merge --config` reads.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -21,7 +24,9 @@ pub mod io;
 pub mod linalg;
 pub mod mask;
 pub mod merge;
+pub mod mergekit;
 pub mod simd;
+pub mod tuned;
 
 /// The writer string recorded in every file this build writes.
 pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));

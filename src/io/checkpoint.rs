@@ -352,8 +352,8 @@ struct IndexFile {
 }
 
 /// A JSON object's members in file order, duplicates included (serde_json would keep only the
-/// last of two equal keys, hiding a tensor listed twice).
-struct Pairs(Vec<(String, serde_json::Value)>);
+/// last of two equal keys, hiding a tensor listed twice, and would sort them).
+pub struct Pairs(pub Vec<(String, serde_json::Value)>);
 
 impl<'de> serde::Deserialize<'de> for Pairs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

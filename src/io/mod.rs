@@ -17,7 +17,8 @@ pub mod overwrite;
 pub mod process;
 
 pub use checkpoint::{
-    Checkpoint, INDEX_NAME, SINGLE_NAME, TensorInfo, fingerprint, read_small_file, tensor_hash,
+    Checkpoint, INDEX_NAME, Pairs, SINGLE_NAME, TensorInfo, fingerprint, read_small_file,
+    tensor_hash,
 };
 pub use hash_cache::HashCache;
 pub use output::{

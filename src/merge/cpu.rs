@@ -16,12 +16,12 @@ use rayon::prelude::*;
 
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
-use crate::format::Delta;
 use crate::io::Checkpoint;
 use crate::io::Output;
 use crate::mask::Mask;
 use crate::simd::Kept;
 
+use super::Input;
 use super::plan::{Job, Source, TILE, TensorPlan, Term};
 
 /// Elements per unit of parallel work: 16 tiles, so each output write is 2–8 MiB.
@@ -32,7 +32,7 @@ const COPY_PIECE: usize = 64 << 20;
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
 /// base is finite ([`Float::becomes_nonfinite`]). A [`Source::Combine`] tensor is computed whole
 /// on this thread ([`super::methods`]); the others are spread over the threads.
-pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+pub fn execute(base: &Checkpoint, deltas: &[Input], out: &Output, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
             let data = p.origin_data(*o, base, deltas);
@@ -61,7 +61,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &Output, p: &TensorPlan
 /// makes: the growing delta's stored rows as they are, or each value rounded once to the output
 /// dtype under `--dtype`. Returns how many of them become infinite or NaN in that rounding
 /// ([`Float::becomes_nonfinite`] of the value itself). Nothing for a tensor that did not grow.
-pub fn write_grown(deltas: &[Delta], out: &Output, p: &TensorPlan) -> Result<u64> {
+pub fn write_grown(deltas: &[Input], out: &Output, p: &TensorPlan) -> Result<u64> {
     let Some(g) = &p.grown else {
         return Ok(0);
     };
@@ -114,7 +114,7 @@ struct Scratch {
 /// 2^32 elements). Terms whose deltas share a seed share `u(i)`: it is hashed once and only
 /// compared with each interval, the usual case of deltas extracted in disjoint slots.
 fn tile_keep_words(
-    deltas: &[Delta],
+    deltas: &[Input],
     name: &str,
     terms: &[Term],
     range: std::ops::Range<u64>,
@@ -151,7 +151,7 @@ fn tile_keep_words(
 /// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
 /// at a time so that the tile and the f64 accumulator stay in the L2 cache.
 fn compute<E: Elem>(
-    deltas: &[Delta],
+    deltas: &[Input],
     job: &Job,
     range: std::ops::Range<u64>,
     s: &mut Scratch,
@@ -330,7 +330,7 @@ struct Tile<'a> {
 /// `acc[k] += coeff · (v − b[k])` at each element of the tile that the term keeps (its keep
 /// words over the tile are `tile_words`), marking it in `touched`.
 fn add_term<E: Elem>(
-    delta: &Delta,
+    delta: &Input,
     name: &str,
     term: &Term,
     tile_words: &[u64],
@@ -344,10 +344,12 @@ fn add_term<E: Elem>(
     } = tile;
     let c = term.coeff;
     if !term.masked {
-        let v = &delta.data(name)[range.start as usize * E::SIZE..range.end as usize * E::SIZE];
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a += c * (E::load(v, k) - b[k]);
-        }
+        delta.with_whole_values(name, E::FLOAT, range.clone(), |v| {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a += c * (E::load(v, k) - b[k]);
+            }
+            Ok(())
+        })?;
         touched.fill(!0);
         if !acc.len().is_multiple_of(64) {
             // Bits past the tile's end must stay clear: they index no element.

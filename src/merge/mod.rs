@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod input;
 pub mod methods;
 pub mod plan;
 
@@ -24,9 +25,9 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::dtype::Float;
-use crate::format::Delta;
 use crate::io::{Checkpoint, OutTensor, Output, Target};
 
+pub use input::{FineTune, Input};
 pub use plan::{Combine, Grown, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
 /// What `merge` is asked to do.
@@ -50,9 +51,14 @@ pub struct MergeOptions {
     pub alpha: f64,
     /// `ties`: the fraction of each task's elements kept by magnitude (0.2 by default).
     pub trim: f64,
-    /// The delta (index into the deltas) whose own files a folder output takes over the base's
+    /// The input (index into the inputs) whose own files a folder output takes over the base's
     /// (docs/FORMAT.md section 13): `merge --files-from K`, and always 0 for `apply`.
     pub files_from: Option<usize>,
+    /// `ties`: take the disjoint mean (true, the default) or the agreeing tasks' sum (mergekit's
+    /// `normalize: false`, from a configuration).
+    pub normalize: bool,
+    /// A merge from a mergekit configuration: its file name and `merge_method`, for the record.
+    pub mergekit: Option<(String, String)>,
 }
 
 impl Default for MergeOptions {
@@ -68,6 +74,8 @@ impl Default for MergeOptions {
             alpha: 1.0,
             trim: 0.2,
             files_from: None,
+            normalize: true,
+            mergekit: None,
         }
     }
 }
@@ -112,6 +120,10 @@ pub struct MergeReport {
     pub own_files: Vec<String>,
     /// The own files of delta `files_from` that a single-file output left out.
     pub files_left_out: Vec<String>,
+    /// On a GPU: the changed tensors computed on the CPU because a fine-tune contributes to
+    /// them (the GPU reads delta files only).
+    #[serde(skip)]
+    pub fine_tune_tensors_on_cpu: usize,
 }
 
 /// Which engine the user asks for.
@@ -165,13 +177,21 @@ impl Engine {
 
     /// Whether this engine computes `p` itself (else the CPU does). CUDA takes `sum` tensors
     /// and the elementwise half of `ties` (its thresholds are computed on the CPU), each with at
-    /// most [`cuda::MAX_TERMS`] terms; `iso` and `tsv` stay on the CPU.
-    fn computes(&self, p: &TensorPlan) -> bool {
+    /// most [`cuda::MAX_TERMS`] terms, all from delta files; `iso` and `tsv` stay on the CPU,
+    /// and so do tensors that a fine-tune contributes to (its kept values are read from the
+    /// fine-tune as the CPU walks it).
+    fn computes(&self, p: &TensorPlan, deltas: &[Input]) -> bool {
+        if matches!(self, Engine::Cuda(_)) && reads_fine_tune(p, deltas) {
+            return false;
+        }
         match (self, &p.source) {
             (Engine::Cpu, _) | (Engine::Cuda(_), Source::Copy(_)) => false,
             (Engine::Cuda(_), Source::Compute { terms, .. }) => terms.len() <= cuda::MAX_TERMS,
             (Engine::Cuda(_), Source::Combine { combine, terms, .. }) => {
-                combine.method == Method::Ties && terms.len() <= cuda::MAX_TERMS
+                // The kernel takes the disjoint mean; the sum without it stays on the CPU.
+                combine.method == Method::Ties
+                    && combine.normalize
+                    && terms.len() <= cuda::MAX_TERMS
             }
         }
     }
@@ -179,7 +199,7 @@ impl Engine {
     /// Computes `jobs` (the plans it [`computes`](Engine::computes)), handing output bytes to
     /// `write`; returns each job's overflow count. On the GPU, the slices of all the tensors
     /// go through one pipeline.
-    fn compute(&self, deltas: &[Delta], jobs: &[Job], write: &cuda::WriteFn) -> Result<Vec<u64>> {
+    fn compute(&self, deltas: &[Input], jobs: &[Job], write: &cuda::WriteFn) -> Result<Vec<u64>> {
         match self {
             Engine::Cpu => Ok(vec![0; jobs.len()]),
             Engine::Cuda(g) => g.merge_tensors(deltas, jobs, write),
@@ -187,10 +207,20 @@ impl Engine {
     }
 }
 
-/// Merges `deltas` onto `base` and writes the result to `out`.
+/// Whether a term of `p` reads a fine-tune rather than a delta file.
+fn reads_fine_tune(p: &TensorPlan, deltas: &[Input]) -> bool {
+    let terms = match &p.source {
+        Source::Compute { terms, .. } | Source::Combine { terms, .. } => terms,
+        Source::Copy(_) => return false,
+    };
+    terms.iter().any(|t| deltas[t.delta].delta().is_none())
+}
+
+/// Merges `deltas` (delta files, and fine-tunes taken on the fly) onto `base` and writes the
+/// result to `out`.
 pub fn merge(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     out: &Target,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
@@ -210,8 +240,10 @@ pub fn merge(
         );
     }
     let mut inputs = vec![base];
-    inputs.extend(deltas.iter().map(Delta::checkpoint));
+    inputs.extend(deltas.iter().map(Input::checkpoint));
     crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
+    let protected: Vec<&Path> = deltas.iter().flat_map(Input::protected_paths).collect();
+    crate::io::refuse_output_over_input(&out.path, &protected)?;
     let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
     let plans = plan(base, deltas, opts, &weight)?;
     // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
@@ -239,7 +271,7 @@ pub fn merge(
         output.add_file(name, bytes.clone())?;
     }
     base.advise_sequential();
-    deltas.iter().for_each(Delta::advise_sequential);
+    deltas.iter().for_each(Input::advise_sequential);
     let (base_hashes, overflows) = execute(engine, base, deltas, &plans, &output)?;
 
     let base_names: Vec<&String> = base.tensors().keys().collect();
@@ -255,7 +287,7 @@ pub fn merge(
         );
     }
     base.check_unchanged()?;
-    deltas.iter().try_for_each(Delta::check_unchanged)?;
+    deltas.iter().try_for_each(Input::check_unchanged)?;
     let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
@@ -264,17 +296,20 @@ pub fn merge(
         inputs: base
             .files()
             .into_iter()
-            .chain(deltas.iter().flat_map(Delta::files))
+            .chain(deltas.iter().flat_map(Input::files))
             .map(display)
             .collect(),
         outputs: written.files.iter().map(|p| display(p)).collect(),
         tensors: plans.len(),
         changed: plans
             .iter()
-            .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
+            .filter(|p| {
+                matches!(&p.source,
+                    Source::Compute { terms, .. } | Source::Combine { terms, .. } if !terms.is_empty())
+            })
             .count(),
         output_bytes: written.bytes,
-        input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
+        input_bytes: base.file_len() + deltas.iter().map(Input::file_len).sum::<u64>(),
         seconds: start.elapsed().as_secs_f64(),
         mismatches,
         base_fingerprint: fingerprint,
@@ -293,6 +328,10 @@ pub fn merge(
             .collect(),
         own_files,
         files_left_out,
+        fine_tune_tensors_on_cpu: match engine {
+            Engine::Cpu => 0,
+            Engine::Cuda(_) => plans.iter().filter(|p| reads_fine_tune(p, deltas)).count(),
+        },
     })
 }
 
@@ -341,7 +380,7 @@ pub fn check_method(opts: &MergeOptions, deltas: usize) -> Result<()> {
 /// merged.
 fn output_metadata(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
 ) -> BTreeMap<String, String> {
@@ -355,12 +394,18 @@ fn output_metadata(
         .enumerate()
         .map(|(d, delta)| {
             let p = delta.params();
-            json!({
+            let mut record = json!({
                 "file": delta.path().file_name().map(|f| f.to_string_lossy()),
                 "seed": p.seed, "lo": p.interval.lo(), "hi": p.interval.hi(),
                 "density": p.interval.density(), "weight": weight(d), "rescale": opts.rescale,
-                "base_fingerprint": delta.fingerprint(),
-            })
+            });
+            // A delta file records the base it was taken against; a fine-tune's delta is taken
+            // against this base, whose hashes the merge computes as it reads it.
+            match delta.delta() {
+                Some(file) => record["base_fingerprint"] = json!(file.fingerprint()),
+                None => record["input"] = json!(delta.kind()),
+            }
+            record
         })
         .collect();
     let mut record = json!({
@@ -379,7 +424,13 @@ fn output_metadata(
         record["alpha"] = json!(opts.alpha);
         if opts.method == Method::Ties {
             record["trim"] = json!(opts.trim);
+            if !opts.normalize {
+                record["normalize"] = json!(false);
+            }
         }
+    }
+    if let Some((config, method)) = &opts.mergekit {
+        record["mergekit"] = json!({"config": config, "merge_method": method});
     }
     md.insert("sotu_delta".into(), record.to_string());
     md
@@ -393,14 +444,17 @@ fn output_metadata(
 fn execute(
     engine: Engine,
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     plans: &[TensorPlan],
     output: &Output,
 ) -> Result<(Vec<[u8; 32]>, Vec<u64>)> {
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {
-            let mine: Vec<&TensorPlan> = plans.iter().filter(|p| engine.computes(p)).collect();
+            let mine: Vec<&TensorPlan> = plans
+                .iter()
+                .filter(|p| engine.computes(p, deltas))
+                .collect();
             // The thresholds of `ties` need each task's whole estimate: the CPU computes them,
             // tensors in parallel, before the engine starts.
             let ties = mine
@@ -439,7 +493,7 @@ fn execute(
                     || -> Result<u64> {
                         // The new rows of a grown tensor are the CPU's whoever computes the rest.
                         let rows = cpu::write_grown(deltas, output, p)?;
-                        if engine.computes(p) || combined(p) {
+                        if engine.computes(p, deltas) || combined(p) {
                             Ok(rows)
                         } else {
                             Ok(rows + cpu::execute(base, deltas, output, p)?)
@@ -455,7 +509,7 @@ fn execute(
     let (base_hashes, mut overflows) = by_cpu?;
     let mut from_engine = by_engine?.into_iter();
     for (c, p) in overflows.iter_mut().zip(plans) {
-        if engine.computes(p) {
+        if engine.computes(p, deltas) {
             *c += from_engine.next().unwrap_or(0);
         }
     }
@@ -463,7 +517,7 @@ fn execute(
     let from_methods: Vec<(usize, Result<u64>)> = plans
         .par_iter()
         .enumerate()
-        .filter(|(_, p)| combined(p) && !engine.computes(p))
+        .filter(|(_, p)| combined(p) && !engine.computes(p, deltas))
         .map(|(i, p)| (i, cpu::execute(base, deltas, output, p)))
         .collect();
     for (i, r) in from_methods {
@@ -476,14 +530,14 @@ fn execute(
 /// for each disagreement, including tensors one side has and the other lacks.
 fn check_provenance(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     base_names: &[&String],
     hashes: &[[u8; 32]],
 ) -> Vec<String> {
     let by_name: BTreeMap<&str, &[u8; 32]> =
         base_names.iter().map(|n| n.as_str()).zip(hashes).collect();
     let mut bad = Vec::new();
-    for d in deltas {
+    for d in deltas.iter().filter_map(Input::delta) {
         let file = d.path().display();
         for (name, e) in d.entries() {
             if e.in_base && by_name.get(name.as_str()) != Some(&&d.base_hash(e.row)) {
