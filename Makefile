@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 FIX     := fixtures/tiny
 DEMO    := target/demo
 
-.PHONY: all build venv python test test-torch lint demo bench bench-python bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
+.PHONY: all build venv python test test-torch lint demo check-ecosystem bench bench-python bench-small bench-methods bench-quality bench-scale bench-gpu device-pack fixtures clean fuzz
 
 all: build
 
@@ -132,6 +132,24 @@ $(QVENV)/.installed: $(QREQ)
 bench-quality: $(QVENV)/.installed $(if $(SOTU_BIN),,build)
 	SOTU_BIN=$(or $(SOTU_BIN),$(BIN)) $(QVENV)/bin/python tests/bench/quality/bench_quality.py
 
+# sotu-delta against PEFT and mergekit themselves (tests/ecosystem/): PEFT's merge_and_unload
+# against `apply` of the same adapters, mergekit's merges against `merge --config`. Not part of
+# `make test`: its own venv holds torch, PEFT and mergekit (about 6 GB, a few minutes to install).
+# Where they cannot be installed (no network), each check says so and the target succeeds.
+EVENV := target/ecosystem/venv
+
+$(EVENV)/.installed: tests/ecosystem/requirements.txt
+	rm -rf $(EVENV)
+	$(PYTHON) -m venv $(EVENV)
+	$(EVENV)/bin/pip install --quiet --disable-pip-version-check -r tests/ecosystem/requirements.txt
+	touch $@
+
+check-ecosystem: build
+	@if $(MAKE) --no-print-directory $(EVENV)/.installed; then \
+	  for c in tests/ecosystem/check_*.py; do \
+	    SOTU_BIN=$(BIN) $(EVENV)/bin/python $$c || exit 1; done; \
+	else echo "check-ecosystem: skipped: torch, PEFT and mergekit could not be installed into $(EVENV)"; fi
+
 # For a GPU machine without a Rust toolchain: the CUDA test binary and the tools, in .device/
 # (ignored by git); there, `bash tests/gpu/run.sh` (docs/CUDA.md).
 device-pack: build
@@ -145,6 +163,7 @@ device-pack: build
 # Regenerates the committed fixtures (byte-identical output).
 fixtures: venv
 	$(PY) fixtures/make_fixtures.py
+	$(PY) fixtures/make_lora_fixture.py
 
 clean:
 	$(CARGO) clean

@@ -4,13 +4,13 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::inspect::human_bytes;
 use crate::io::IoMode;
 use crate::mask::DEFAULT_SEED;
 use crate::merge::{Device, Method};
-use crate::ops::{ExtractSpec, Flags, MergeSpec, Outcome, parse_part, usage};
+use crate::ops::{ExtractSpec, Flags, InputSpec, MergeSpec, Outcome, parse_part, usage};
 use crate::release::Operation;
 
 pub use crate::ops::{MAX_THREADS, UsageError};
@@ -135,16 +135,37 @@ struct ExtractArgs {
 #[derive(Args)]
 struct MergeArgs {
     /// The base checkpoint the deltas were taken against (a .safetensors file or a model folder).
-    #[arg(long, required_unless_present = "recipe")]
+    #[arg(long, required_unless_present_any = ["recipe", "config"])]
     base: Option<PathBuf>,
-    /// Deltas (files or folders), applied in this order.
-    #[arg(required_unless_present = "recipe", num_args = 1..)]
+    /// Deltas (files or folders), applied in the order given, among the fine-tunes.
+    #[arg(num_args = 0..)]
     deltas: Vec<PathBuf>,
+    /// A fine-tune of the base (a checkpoint file or folder, or a PEFT LoRA adapter folder),
+    /// whose delta is taken as it is read, as extract would store it (repeatable).
+    #[arg(long, value_name = "PATH")]
+    tuned: Vec<PathBuf>,
+    /// --tuned: fraction of each fine-tune's elements kept (default 1, or the whole slot with
+    /// --slots). With --config, each model's density is the configuration's.
+    #[arg(long, value_name = "D")]
+    density: Option<f64>,
+    /// --tuned: fine-tune t (from 0) is masked with seed S + t, or all with seed S under --slots.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// --tuned: mask fine-tune t of T with slot t/T of one seed: disjoint masks.
+    #[arg(long)]
+    slots: bool,
+    /// --tuned: merge fine-tunes that hold NaN or infinite values (extract's flag).
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// A mergekit configuration (YAML): base_model, models, merge_method and parameters, in
+    /// place of --base, the inputs and the method's options (docs/MERGEKIT.md).
+    #[arg(long, value_name = "YAML", conflicts_with = "recipe")]
+    config: Option<PathBuf>,
     /// Make the merge a recipe records (the sotu-delta.json of a merged folder) again: its
     /// inputs, refused if their fingerprints changed, and its parameters.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
-        "base", "deltas", "weights", "rescale", "method", "alpha", "trim", "dtype", "force",
-        "shard_size", "files_from",
+        "base", "deltas", "tuned", "density", "seed", "slots", "allow_nonfinite", "weights",
+        "rescale", "method", "alpha", "trim", "dtype", "force", "shard_size", "files_from",
     ])]
     recipe: Option<PathBuf>,
     /// Write only part K of N (0-based) of a folder output's shards, into OUT.parts/, for a
@@ -183,7 +204,7 @@ struct ApplyArgs {
     /// The base checkpoint the delta was taken against (a .safetensors file or a model folder).
     #[arg(long)]
     base: PathBuf,
-    /// The delta (a file or a folder).
+    /// The delta (a file or a folder), or a PEFT LoRA adapter folder of the base.
     delta: PathBuf,
     /// The checkpoint to write: a file when it ends in .safetensors or .st, else a model folder.
     #[arg(short, long)]
@@ -260,7 +281,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                 .map(|a| a.to_string_lossy().into_owned()),
         )
         .collect();
-    let cli = match Cli::try_parse_from(args) {
+    let parsed = Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             return Err(usage(
@@ -292,19 +316,36 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     match cli.command {
         Command::Extract(a) => run_extract(a, &flags),
         Command::Merge(a) => {
-            let stated = match &a.recipe {
-                Some(path) => MergeSpec::replay(path)?,
-                None => MergeSpec {
-                    weights: a.weights,
+            let m = matches
+                .subcommand_matches("merge")
+                .expect("the merge subcommand");
+            let stated = match (&a.recipe, &a.config) {
+                (Some(path), _) => MergeSpec::replay(path)?,
+                (None, Some(config)) => {
+                    refuse_beside_config(&a, m)?;
+                    let (spec, warnings) = crate::ops::MergeSpec::from_config(
+                        config,
+                        a.seed.unwrap_or(DEFAULT_SEED),
+                        a.slots,
+                        a.allow_nonfinite,
+                    )?;
+                    for w in warnings {
+                        eprintln!("sotu-delta: warning: {w}");
+                    }
+                    MergeSpec {
+                        files_from: a.files_from,
+                        ..spec
+                    }
+                }
+                (None, None) => MergeSpec {
+                    weights: a.weights.clone(),
                     rescale: a.rescale,
                     method: a.method,
                     alpha: a.alpha,
                     trim: a.trim,
                     files_from: a.files_from,
-                    ..MergeSpec::new(
-                        a.base.as_deref().expect("required without --recipe"),
-                        &a.deltas,
-                    )
+                    deltas: merge_inputs(&a, &input_order(m))?,
+                    ..MergeSpec::new(a.base.as_deref().expect("required without --recipe"), &[])
                 },
             };
             let spec = MergeSpec {
@@ -316,11 +357,18 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
             // The fine-tune's own files replace the base's (docs/FORMAT.md section 13).
+            // A LoRA adapter is applied as the fine-tune it stands for (docs/LORA.md).
+            let input = if crate::tuned::lora::is_adapter(&a.delta) {
+                InputSpec::fine_tune(&a.delta)
+            } else {
+                InputSpec::Delta(a.delta.clone())
+            };
             let spec = MergeSpec {
                 rescale: !a.no_rescale,
                 files_from: Some(0),
                 operation: Operation::Apply,
-                ..MergeSpec::new(&a.base, std::slice::from_ref(&a.delta))
+                deltas: vec![input],
+                ..MergeSpec::new(&a.base, &[])
             };
             let spec = a.common.spec(spec);
             run_merge(&spec, &a.output, &a.common, &flags)
@@ -362,7 +410,8 @@ impl OutputArgs {
     /// The merge `stated` with these output flags.
     fn spec(&self, stated: MergeSpec) -> MergeSpec {
         MergeSpec {
-            dtype: self.dtype.clone(),
+            // `--config` gives a dtype of its own (and refuses --dtype).
+            dtype: self.dtype.clone().or(stated.dtype.clone()),
             force: self.force,
             device: self.device,
             ..stated
@@ -460,7 +509,7 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
                 None if delta_paths.len() == 1 => "apply".into(),
                 None => "merge".into(),
             },
-            delta_paths.len(),
+            count_inputs(delta_paths),
             base_path.display(),
             output.display(),
             r.tensors,
@@ -472,6 +521,89 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
             r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
             r.device,
         );
+    }
+    Ok(())
+}
+
+/// "2 delta(s)", "1 fine-tune(s)", or both, for the summary line.
+fn count_inputs(inputs: &[InputSpec]) -> String {
+    let tuned = inputs
+        .iter()
+        .filter(|i| matches!(i, InputSpec::Tuned { .. }))
+        .count();
+    match (inputs.len() - tuned, tuned) {
+        (files, 0) => format!("{files} delta(s)"),
+        (0, tuned) => format!("{tuned} fine-tune(s)"),
+        (files, tuned) => format!("{files} delta(s) and {tuned} fine-tune(s)"),
+    }
+}
+
+/// Whether each input of `merge` is a delta (`false`) or a fine-tune (`true`), in command-line
+/// order: positional deltas and `--tuned` may be mixed, and weights follow this order.
+fn input_order(m: &clap::ArgMatches) -> Vec<bool> {
+    let at = |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
+    let mut all: Vec<(usize, bool)> = at("deltas")
+        .into_iter()
+        .map(|i| (i, false))
+        .chain(at("tuned").into_iter().map(|i| (i, true)))
+        .collect();
+    all.sort();
+    all.into_iter().map(|(_, t)| t).collect()
+}
+
+/// The inputs of `merge`, in command-line order ([`crate::ops::fine_tune_inputs`] masks the
+/// fine-tunes).
+fn merge_inputs(a: &MergeArgs, order: &[bool]) -> Result<Vec<InputSpec>> {
+    let tuned_flags = a.density.is_some() || a.seed.is_some() || a.slots || a.allow_nonfinite;
+    if a.tuned.is_empty() && tuned_flags {
+        return Err(usage(
+            "--density, --seed, --slots and --allow-nonfinite say how --tuned fine-tunes are masked; give --tuned",
+        ));
+    }
+    if a.deltas.is_empty() && a.tuned.is_empty() {
+        return Err(usage(
+            "give at least one delta, or a fine-tune with --tuned",
+        ));
+    }
+    let (mut deltas, mut tuned) = (a.deltas.iter(), a.tuned.iter());
+    let given: Vec<(PathBuf, Option<f64>)> = order
+        .iter()
+        .map(|&is_tuned| match is_tuned {
+            true => (
+                tuned.next().expect("counted").clone(),
+                Some(a.density.unwrap_or(1.0)),
+            ),
+            false => (deltas.next().expect("counted").clone(), None),
+        })
+        .collect();
+    crate::ops::fine_tune_inputs(
+        &given,
+        a.seed.unwrap_or(DEFAULT_SEED),
+        a.slots,
+        a.allow_nonfinite,
+    )
+}
+
+/// `merge --config`: the configuration gives the base, the models and the method's
+/// parameters, so those flags are usage errors beside it.
+fn refuse_beside_config(a: &MergeArgs, m: &clap::ArgMatches) -> Result<()> {
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    let taken = [
+        "base", "deltas", "tuned", "weights", "rescale", "method", "alpha", "trim", "density",
+    ];
+    if let Some(id) = taken.iter().find(|id| given(id)) {
+        let flag = match *id {
+            "deltas" => "delta files".to_string(),
+            _ => format!("--{id}"),
+        };
+        return Err(usage(format!(
+            "{flag}: with --config, the configuration gives the base, the models and the method's parameters"
+        )));
+    }
+    if a.common.dtype.is_some() {
+        return Err(usage(
+            "--dtype: with --config, the configuration's dtype and out_dtype give the output dtype",
+        ));
     }
     Ok(())
 }

@@ -82,6 +82,22 @@ impl Float {
         }
     }
 
+    /// The index of the first element of `bytes` that is NaN or infinite, read from its bits
+    /// (all exponent bits set) without a conversion.
+    pub fn first_nonfinite(self, bytes: &[u8]) -> Option<usize> {
+        let (size, exp): (usize, u64) = match self {
+            Float::F16 => (2, 0x7c00),
+            Float::BF16 => (2, 0x7f80),
+            Float::F32 => (4, 0x7f80_0000),
+            Float::F64 => (8, 0x7ff0_0000_0000_0000),
+        };
+        bytes.chunks_exact(size).position(|e| {
+            let mut b = [0u8; 8];
+            b[..size].copy_from_slice(e);
+            u64::from_le_bytes(b) & exp == exp
+        })
+    }
+
     /// Converts all of `bytes` (a whole number of elements) to f64 into `out`.
     pub fn load_all(self, bytes: &[u8], out: &mut Vec<f64>) {
         out.clear();
@@ -382,6 +398,31 @@ fn f64_to_f16_bits(x: f64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_nonfinite_finds_infinities_and_nans_of_every_float() {
+        for (float, finite, inf, nan) in [
+            (Float::F16, 0x3c00u64, 0x7c00u64, 0xfe01u64),
+            (Float::BF16, 0x3f80, 0xff80, 0x7fc1),
+            (Float::F32, 0x3f80_0000, 0x7f80_0000, 0xffc0_0001),
+            (
+                Float::F64,
+                0x3ff0_0000_0000_0000,
+                0xfff0_0000_0000_0000,
+                0x7ff8_0000_0000_0001,
+            ),
+        ] {
+            let size = float.size();
+            let bytes = |xs: &[u64]| -> Vec<u8> {
+                xs.iter()
+                    .flat_map(|x| x.to_le_bytes()[..size].to_vec())
+                    .collect()
+            };
+            assert_eq!(float.first_nonfinite(&bytes(&[finite, 0, finite])), None);
+            assert_eq!(float.first_nonfinite(&bytes(&[finite, inf, nan])), Some(1));
+            assert_eq!(float.first_nonfinite(&bytes(&[0, finite, nan])), Some(2));
+        }
+    }
 
     /// `Elem::replaces`, where it decides, gives the bits of the f64 arithmetic of
     /// docs/FORMAT.md section 8 for one term of coefficient 1; and it decides every finite

@@ -5,6 +5,8 @@
 //! - [`io`]: memory-mapped safetensors input (single files and sharded model folders), atomic
 //!   output, and the process state that keeps both safe (signal handlers, partial outputs).
 //! - [`mod@format`]: the delta file of docs/FORMAT.md, and its validating reader.
+//! - [`tuned`]: fine-tunes as inputs (checkpoints, PEFT LoRA adapters) and the one decision of
+//!   how a delta carries each of their tensors.
 //! - [`extract`], [`merge`], [`inspect`]: the operations; [`merge`] executes its plan on the
 //!   CPU or, through [`merge::cuda`], on a GPU (kernels in `kernels/`, loaded at run time).
 //! - [`release`]: the model card and the recipe of a folder output, ready to upload.
@@ -13,6 +15,7 @@
 //!   chosen at run time (one detection), and the target list of the multiversioned loops.
 //! - [`ops`]: the operations from the values a user gives to reports and warnings, shared by
 //!   the command line and the Python package (bindings/python).
+//! - [`mergekit`]: the mergekit configuration subset that `merge --config` reads.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -24,9 +27,11 @@ pub mod io;
 pub mod linalg;
 pub mod mask;
 pub mod merge;
+pub mod mergekit;
 pub mod ops;
 pub mod release;
 pub mod simd;
+pub mod tuned;
 
 /// The writer string recorded in every file this build writes.
 pub const TOOL: &str = concat!("sotu-delta ", env!("CARGO_PKG_VERSION"));

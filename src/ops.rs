@@ -19,7 +19,9 @@ use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{
     Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method, merge_with_files,
 };
+use crate::merge::{FineTune, Input};
 use crate::release::{self, Operation, Recipe};
+use crate::tuned::Tuned;
 
 /// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
 /// the cost of starting them (docs/RELIABILITY.md).
@@ -226,8 +228,8 @@ pub fn extract(
     let target = target(&spec.output, &spec.shard_size, flags)?;
     let base = open_base(&spec.base, flags)?;
     let tuned = match tuned {
-        Some(t) => t,
-        None => Checkpoint::open_with(&spec.tuned, flags.io)?,
+        Some(t) => Tuned::Checkpoint(t),
+        None => Tuned::open(&spec.tuned, &base, flags.io)?,
     };
     let opts = ExtractOptions {
         seed: spec.seed,
@@ -262,8 +264,8 @@ pub fn extract(
 pub struct MergeSpec {
     /// The base checkpoint.
     pub base: PathBuf,
-    /// The deltas, in order.
-    pub deltas: Vec<PathBuf>,
+    /// The deltas (delta files, and fine-tunes taken on the fly), in order.
+    pub deltas: Vec<InputSpec>,
     /// One weight per delta (all 1 when empty).
     pub weights: Vec<f64>,
     /// Scale kept values by 1/density (`sum` only).
@@ -291,6 +293,126 @@ pub struct MergeSpec {
     /// `--part K/N`: write only this part of a folder output's shards ([`finalize`] puts the
     /// parts together).
     pub part: Option<Part>,
+    /// `ties`: the disjoint mean (true) or the agreeing tasks' sum (a mergekit configuration's
+    /// `normalize: false`).
+    pub normalize: bool,
+    /// A merge from a mergekit configuration: its file name and `merge_method`, for the record.
+    pub mergekit: Option<(String, String)>,
+}
+
+/// One input of a merge as stated: a delta file, or a fine-tune whose delta is taken as it is
+/// read (`merge --tuned`, `apply` of a LoRA adapter; docs/FORMAT.md section 14).
+#[derive(Clone, Debug)]
+pub enum InputSpec {
+    /// A delta file or folder.
+    Delta(PathBuf),
+    /// A fine-tune (a checkpoint, or a PEFT LoRA adapter folder) and the mask its delta is
+    /// taken with.
+    Tuned {
+        /// The fine-tune.
+        path: PathBuf,
+        /// Mask seed.
+        seed: u64,
+        /// Keep interval.
+        interval: Interval,
+        /// `K/N` when masked with a slot, for the record.
+        slot: Option<String>,
+        /// Merge NaN and infinite values (extract's `--allow-nonfinite`).
+        allow_nonfinite: bool,
+    },
+}
+
+impl InputSpec {
+    /// A fine-tune taken whole (density 1, the default seed): what `apply` of an adapter
+    /// rebuilds.
+    pub fn fine_tune(path: &Path) -> InputSpec {
+        InputSpec::Tuned {
+            path: path.to_path_buf(),
+            seed: DEFAULT_SEED,
+            interval: Interval::from_density(1.0).expect("density 1 is valid"),
+            slot: None,
+            allow_nonfinite: false,
+        }
+    }
+
+    /// The path given.
+    pub fn path(&self) -> &Path {
+        match self {
+            InputSpec::Delta(p) | InputSpec::Tuned { path: p, .. } => p,
+        }
+    }
+
+    /// Opens the input over `base`.
+    fn open<'b>(&self, base: &'b Checkpoint, io: IoMode) -> Result<Input<'b>> {
+        Ok(match self {
+            InputSpec::Delta(p) => Input::Delta(Delta::open_with(p, io)?),
+            InputSpec::Tuned {
+                path,
+                seed,
+                interval,
+                slot,
+                allow_nonfinite,
+            } => {
+                let tuned = Tuned::open(path, base, io)?;
+                // The own files extract would store (a fine-tune folder's), for --files-from.
+                let own_files = crate::extract::files::own_files(base, tuned.checkpoint())?;
+                Input::Tuned(FineTune::new(
+                    base,
+                    tuned,
+                    *seed,
+                    *interval,
+                    slot.clone(),
+                    *allow_nonfinite,
+                    own_files,
+                )?)
+            }
+        })
+    }
+}
+
+/// The inputs given as `(path, density)`, in order: a delta file where the density is `None`,
+/// else a fine-tune. Fine-tune t (counting the fine-tunes from 0) is masked with seed
+/// `seed + t` at its density, or under `slots` with slot t/T of `seed` (a density below 1 then
+/// narrowing the slot, as `extract --slot` does).
+pub fn fine_tune_inputs(
+    given: &[(PathBuf, Option<f64>)],
+    seed: u64,
+    slots: bool,
+    allow_nonfinite: bool,
+) -> Result<Vec<InputSpec>> {
+    let count = given.iter().filter(|s| s.1.is_some()).count() as u64;
+    let mut t = 0u64;
+    let mut inputs = Vec::with_capacity(given.len());
+    for (path, density) in given {
+        let Some(density) = *density else {
+            inputs.push(InputSpec::Delta(path.clone()));
+            continue;
+        };
+        let (seed, interval, slot) = if slots {
+            let narrow = (density != 1.0).then_some(density);
+            let interval = Interval::from_slot(t, count, narrow)
+                .map_err(|e| usage(format!("--slots: fine-tune {t} of {count}: {e}")))?;
+            (seed, interval, Some(format!("{t}/{count}")))
+        } else {
+            let seed = seed.checked_add(t).ok_or_else(|| {
+                usage(format!(
+                    "--seed {seed}: fine-tune {t} would be masked with seed {seed} + {t}, past the largest seed"
+                ))
+            })?;
+            let interval =
+                Interval::from_density(density).map_err(|e| usage(format!("--density: {e}")))?;
+            (seed, interval, None)
+        };
+        inputs.push(InputSpec::Tuned {
+            path: path.clone(),
+            seed,
+            interval,
+            slot,
+            allow_nonfinite,
+        });
+        t += 1;
+    }
+    Ok(inputs)
 }
 
 impl MergeSpec {
@@ -298,7 +420,7 @@ impl MergeSpec {
     pub fn new(base: &Path, deltas: &[PathBuf]) -> Self {
         MergeSpec {
             base: base.into(),
-            deltas: deltas.to_vec(),
+            deltas: deltas.iter().cloned().map(InputSpec::Delta).collect(),
             weights: Vec::new(),
             rescale: false,
             method: Method::Sum,
@@ -311,18 +433,79 @@ impl MergeSpec {
             operation: Operation::Merge,
             replay: None,
             part: None,
+            normalize: true,
+            mergekit: None,
         }
+    }
+
+    /// The merge a mergekit configuration states (docs/MERGEKIT.md): its base, models (a model
+    /// that is a delta file is taken as one; the others are fine-tunes, masked as
+    /// [`fine_tune_inputs`] says with `seed` and `slots`, each at its density), method and
+    /// parameters; with the configuration's warnings.
+    pub fn from_config(
+        config: &Path,
+        seed: u64,
+        slots: bool,
+        allow_nonfinite: bool,
+    ) -> Result<(Self, Vec<String>)> {
+        let c = crate::mergekit::read(config)?;
+        // A model without a density: the method's default, or under --slots its whole slot.
+        let fallback = if slots { 1.0 } else { c.density };
+        let given: Vec<(PathBuf, Option<f64>)> = c
+            .inputs
+            .iter()
+            .map(|i| {
+                let density = (!i.delta_file).then(|| i.density.unwrap_or(fallback));
+                (i.path.clone(), density)
+            })
+            .collect();
+        let spec = MergeSpec {
+            deltas: fine_tune_inputs(&given, seed, slots, allow_nonfinite)?,
+            weights: c.inputs.iter().map(|i| i.weight).collect(),
+            rescale: c.rescale,
+            method: c.method,
+            alpha: Some(c.alpha),
+            trim: Some(c.trim),
+            normalize: c.normalize,
+            dtype: c.dtype.map(|f| f.name().to_string()),
+            mergekit: Some((
+                config
+                    .file_name()
+                    .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+                c.merge_method.clone(),
+            )),
+            ..MergeSpec::new(&c.base, &[])
+        };
+        Ok((spec, c.warnings))
     }
 
     /// The merge that recipe `path` records (`merge --recipe`), with the command line's
     /// defaults otherwise.
     pub fn replay(path: &Path) -> Result<Self> {
         let recipe = Recipe::read(path)?;
-        let deltas: Vec<PathBuf> = recipe.deltas.iter().map(|d| d.input.locate()).collect();
+        let deltas = recipe
+            .deltas
+            .iter()
+            .map(|d| -> Result<InputSpec> {
+                let at = d.input.locate();
+                Ok(match d.kind {
+                    None => InputSpec::Delta(at),
+                    Some(_) => InputSpec::Tuned {
+                        path: at,
+                        seed: d.seed,
+                        interval: Interval::new(d.lo, d.hi)
+                            .with_context(|| format!("{}: {}", path.display(), d.input.path))?,
+                        slot: d.slot.clone(),
+                        allow_nonfinite: d.allow_nonfinite,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(MergeSpec {
             operation: recipe.operation,
             replay: Some((path.to_path_buf(), recipe.clone())),
-            ..MergeSpec::new(&recipe.base.locate(), &deltas)
+            deltas,
+            ..MergeSpec::new(&recipe.base.locate(), &[])
         })
     }
 
@@ -337,6 +520,8 @@ impl MergeSpec {
                 alpha: self.alpha.unwrap_or(1.0),
                 trim: self.trim.unwrap_or(0.2),
                 files_from: self.files_from,
+                normalize: self.normalize,
+                mergekit: self.mergekit.clone(),
                 ..MergeOptions::default()
             },
         };
@@ -374,16 +559,19 @@ impl MergeSpec {
         Ok(opts)
     }
 
-    /// Opens the base and the deltas; warns of a delta given twice.
-    fn open(&self, flags: &Flags) -> Result<(Checkpoint, Vec<Delta>, Vec<String>)> {
-        let base = open_base(&self.base, flags)?;
+    /// Opens the deltas over `base`; warns of a delta given twice.
+    fn open<'b>(
+        &self,
+        base: &'b Checkpoint,
+        flags: &Flags,
+    ) -> Result<(Vec<Input<'b>>, Vec<String>)> {
         let deltas = self
             .deltas
             .iter()
-            .map(|p| Delta::open_with(p, flags.io))
+            .map(|d| d.open(base, flags.io))
             .collect::<Result<Vec<_>>>()?;
         let warnings = repeated_deltas(&deltas);
-        Ok((base, deltas, warnings))
+        Ok((deltas, warnings))
     }
 
     /// The command line that makes this merge into `output`, for a recipe and a model card
@@ -398,8 +586,12 @@ impl MergeSpec {
             "--base",
             &path(&self.base),
         ]);
+        // The Python package, the only caller, gives delta files only.
         for d in &self.deltas {
-            arg(&[&path(d)]);
+            match d {
+                InputSpec::Delta(p) => arg(&[&path(p)]),
+                InputSpec::Tuned { path: p, .. } => arg(&["--tuned", &path(p)]),
+            }
         }
         arg(&["-o", &path(output)]);
         if apply {
@@ -444,7 +636,7 @@ impl MergeSpec {
     fn messages(
         &self,
         opts: &MergeOptions,
-        deltas: &[Delta],
+        deltas: &[Input],
         report: &MergeReport,
         output: Option<&Path>,
         flags: &Flags,
@@ -458,6 +650,29 @@ impl MergeSpec {
                 "--method {}: computed on the CPU (the GPU kernels are for sum and ties)",
                 opts.method.name()
             ));
+        }
+        if flags.verbose && report.fine_tune_tensors_on_cpu > 0 {
+            notes.push(format!(
+                "{} tensor(s) that fine-tunes (--tuned) change were computed on the CPU: the GPU reads kept values from delta files only",
+                report.fine_tune_tensors_on_cpu
+            ));
+        }
+        if flags.verbose {
+            for input in deltas.iter().filter(|d| d.delta().is_none()) {
+                let p = input.params();
+                notes.push(format!(
+                    "{}: delta taken on the fly with seed {}, interval [{}, {}) (density {:.6}{})",
+                    input.path().display(),
+                    p.seed,
+                    p.interval.lo(),
+                    p.interval.hi(),
+                    p.interval.density(),
+                    p.slot
+                        .as_ref()
+                        .map(|s| format!(", slot {s}"))
+                        .unwrap_or_default()
+                ));
+            }
         }
         if flags.verbose && self.device == Device::Auto {
             notes.push(match &report.cpu_because {
@@ -530,7 +745,8 @@ pub fn merge(
         }
         target.part = Some(p);
     }
-    let (base, deltas, mut warnings) = spec.open(flags)?;
+    let base = open_base(&spec.base, flags)?;
+    let (deltas, mut warnings) = spec.open(&base, flags)?;
     if base.is_folder() {
         target.copy_from = Some(spec.base.clone());
         if target.is_folder() {
@@ -550,7 +766,7 @@ pub fn merge(
         use rayon::prelude::*;
         let fps = deltas
             .par_iter()
-            .map(|d| d.checkpoint().fingerprint())
+            .map(|d| d.fingerprint())
             .collect::<Vec<_>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
@@ -687,11 +903,21 @@ pub fn finalize(output: &Path, flags: &Flags) -> Result<Outcome<FinalizeReport>>
     }
     recipe.whole_command();
     recipe.base.fingerprint = base_fingerprint;
-    for d in &mut recipe.deltas {
-        let delta = Delta::open_with(&d.input.locate(), flags.io)?;
-        d.input.fingerprint = delta.checkpoint().fingerprint()?;
-    }
     let base = recipe.base.locate();
+    // A fine-tune's fingerprint covers an adapter's configuration, which needs the base.
+    let base_ckpt = Checkpoint::open_with(&base, flags.io)?;
+    for d in &mut recipe.deltas {
+        let at = d.input.locate();
+        d.input.fingerprint = match d.kind {
+            None => Delta::open_with(&at, flags.io)?
+                .checkpoint()
+                .fingerprint()?,
+            Some(_) => {
+                d.base_fingerprint = recipe.base.fingerprint.clone();
+                Tuned::open(&at, &base_ckpt, flags.io)?.fingerprint()?
+            }
+        };
+    }
     let (files, warnings) = release::folder_files(&recipe, &base);
     let placed = parts::finalize(output, &manifests, &files, !flags.no_sync)?;
     let report = FinalizeReport {
@@ -715,7 +941,8 @@ pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<Merged
     if spec.part.is_some() {
         return Err(usage("--part: a merge into memory has no shards to divide"));
     }
-    let (base, deltas, mut warnings) = spec.open(flags)?;
+    let base = open_base(&spec.base, flags)?;
+    let (deltas, mut warnings) = spec.open(&base, flags)?;
     let merged = crate::merge::merge_in_memory(&base, &deltas, &opts, flags.cancel.clone())?;
     base.save_hashes();
     let (more, notes) = spec.messages(&opts, &deltas, &merged.report, None, flags);
@@ -731,7 +958,7 @@ pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<Merged
 /// single-file output, or not taken (a note, or a warning where the output has a delta's
 /// grown vocabulary but not its tokenizer and config).
 fn own_files_messages(
-    deltas: &[Delta],
+    deltas: &[Input],
     r: &MergeReport,
     files_from: Option<usize>,
     output: &Path,
@@ -786,9 +1013,9 @@ fn own_files_messages(
 
 /// Warns of a delta given twice (the same file, under any path): its changes are added twice,
 /// which is seldom meant (`--weights` scales a delta).
-fn repeated_deltas(deltas: &[Delta]) -> Vec<String> {
+fn repeated_deltas(deltas: &[Input]) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
-    let id = |d: &Delta| {
+    let id = |d: &Input| {
         let m = std::fs::metadata(d.path()).ok()?;
         Some((m.dev(), m.ino()))
     };

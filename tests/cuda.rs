@@ -16,6 +16,7 @@ use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
 use sotu_delta::merge::cuda;
 use sotu_delta::merge::{Device, MergeOptions, Method, merge};
+use sotu_delta::tuned::Tuned;
 
 #[path = "cuda_host/data.rs"]
 mod data;
@@ -365,12 +366,12 @@ fn gpu_merges_generated_tensors_like_the_cpu() {
                         let out = d.join(format!("d{t}.safetensors"));
                         extract(
                             &base_ck,
-                            &Checkpoint::open(&tp).unwrap(),
+                            &Tuned::Checkpoint(Checkpoint::open(&tp).unwrap()),
                             &Target::new(&out),
                             &opts,
                         )
                         .unwrap();
-                        deltas.push(Delta::open(&out).unwrap());
+                        deltas.push(Delta::open(&out).unwrap().into());
                     }
                     let mut outs = Vec::new();
                     for device in [Device::Cpu, Device::Cuda] {
@@ -554,9 +555,9 @@ fn gpu_merges_ties_generated_tensors_like_the_cpu() {
                         own_files: false,
                     };
                     let out = d.join(format!("d{t}.safetensors"));
-                    let tuned_ck = Checkpoint::open(&tp).unwrap();
+                    let tuned_ck = Tuned::Checkpoint(Checkpoint::open(&tp).unwrap());
                     extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
-                    deltas.push(Delta::open(&out).unwrap());
+                    deltas.push(Delta::open(&out).unwrap().into());
                 }
                 for dtype in [None, Some(Float::F32)] {
                     let mut outs = Vec::new();

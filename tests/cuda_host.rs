@@ -20,9 +20,11 @@ use sotu_delta::format::Delta;
 use sotu_delta::io::Checkpoint;
 use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, MaskKey, mix32};
+use sotu_delta::merge::Input;
 use sotu_delta::merge::cuda::{self, Launch};
 use sotu_delta::merge::plan::TILE;
 use sotu_delta::merge::{Device, Job, MergeOptions, MergeReport, Origin, Source, merge, plan};
+use sotu_delta::tuned::Tuned;
 
 #[path = "cuda_host/data.rs"]
 mod data;
@@ -302,7 +304,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
     for (k, (interval, dseed, whole)) in c.deltas.iter().enumerate() {
         let t = d.join(format!("t{k}.safetensors"));
         put(&t, tuned[k].clone());
-        let tuned_ck = Checkpoint::open(&t).unwrap();
+        let tuned_ck = Tuned::Checkpoint(Checkpoint::open(&t).unwrap());
         let selector = if *whole {
             Selector::new(&[], &["w".to_string()]).unwrap()
         } else {
@@ -319,7 +321,7 @@ fn check(h: &Path, c: &Case, seed: u64) {
         };
         let out = d.join(format!("d{k}.safetensors"));
         extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
-        deltas.push(Delta::open(&out).unwrap());
+        deltas.push(Delta::open(&out).unwrap().into());
     }
     let opts = MergeOptions {
         weights: c.weights.clone(),
@@ -339,7 +341,7 @@ fn compare(
     h: &Path,
     d: &Path,
     base_ck: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     opts: &MergeOptions,
     slice: u64,
 ) {
@@ -548,7 +550,7 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
     };
     extract(
         &base_ck,
-        &Checkpoint::open(&d.join("t.safetensors")).unwrap(),
+        &Tuned::Checkpoint(Checkpoint::open(&d.join("t.safetensors")).unwrap()),
         &Target::new(&d.join("good.safetensors")),
         &opts,
     )
@@ -568,7 +570,7 @@ fn kernel_reports_a_corrupt_chunk_like_the_cpu() {
     let mut bad = bytes.clone();
     bad[at..at + new.len()].copy_from_slice(&new);
     std::fs::write(d.join("bad.safetensors"), bad).unwrap();
-    let deltas = vec![Delta::open(&d.join("bad.safetensors")).unwrap()];
+    let deltas: Vec<Input> = vec![Delta::open(&d.join("bad.safetensors")).unwrap().into()];
     let mopts = MergeOptions {
         device: Device::Cpu,
         ..MergeOptions::default()
@@ -647,7 +649,7 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
             let good = d.join(format!("good{t}.safetensors"));
             extract(
                 &base_ck,
-                &Checkpoint::open(&tp).unwrap(),
+                &Tuned::Checkpoint(Checkpoint::open(&tp).unwrap()),
                 &Target::new(&good),
                 &opts,
             )
@@ -684,7 +686,7 @@ fn kernel_decodes_other_chunk_sizes_like_the_cpu() {
             write_file(&out, &tensors, &md).unwrap();
             let delta = Delta::open(&out).unwrap();
             assert_eq!(delta.params().chunk, chunk);
-            deltas.push(delta);
+            deltas.push(delta.into());
         }
         let opts = MergeOptions {
             weights: vec![1.5, -0.5],
@@ -743,12 +745,12 @@ fn pipeline_over_several_tensors_matches_the_cpu() {
         let out = d.join(format!("d{i}.safetensors"));
         extract(
             &base_ck,
-            &Checkpoint::open(&tp).unwrap(),
+            &Tuned::Checkpoint(Checkpoint::open(&tp).unwrap()),
             &Target::new(&out),
             &opts,
         )
         .unwrap();
-        deltas.push(Delta::open(&out).unwrap());
+        deltas.push(Delta::open(&out).unwrap().into());
     }
     for dtype in [None, Some(Float::F16)] {
         let opts = MergeOptions {
@@ -794,7 +796,7 @@ fn pipeline_reports_corrupt_fixtures_like_the_cpu() {
         "d-kept-count-fewer",
     ] {
         let path = root.join(format!("fixtures/bad/{name}.delta.safetensors"));
-        let deltas = vec![Delta::open(&path).unwrap()];
+        let deltas: Vec<Input> = vec![Delta::open(&path).unwrap().into()];
         let opts = MergeOptions {
             device: Device::Cpu,
             force: true,

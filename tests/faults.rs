@@ -971,3 +971,44 @@ fn folder_output_that_is_a_symbolic_link_is_refused() {
     );
     assert!(partial_files(d).is_empty());
 }
+
+/// A mergekit configuration or an adapter's configuration that is a FIFO is refused at once,
+/// naming it, rather than waited on.
+#[test]
+fn configuration_fifos_are_refused_naming_them_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = fixture(BASE_BF16);
+    mkfifo(&d.join("merge.yml"));
+    let o = sotu_within(
+        d,
+        20,
+        &["merge", "--config", "merge.yml", "-o", "out.safetensors"],
+        |_| {},
+    );
+    o.error(&["merge.yml", "not a regular file"]);
+    let adapter = d.join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::copy(
+        fixture("fixtures/tiny/lora-bf16/adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    mkfifo(&adapter.join("adapter_config.json"));
+    for args in [
+        vec!["apply", "--base", &base, "adapter", "-o", "out.safetensors"],
+        vec![
+            "extract",
+            "--base",
+            &base,
+            "--tuned",
+            "adapter",
+            "-o",
+            "out.safetensors",
+        ],
+    ] {
+        let o = sotu_within(d, 20, &args, |_| {});
+        o.error(&["adapter_config.json", "not a regular file"]);
+    }
+    assert!(!d.join("out.safetensors").exists());
+}

@@ -14,7 +14,8 @@ use sotu_delta::format::{Delta, Kind};
 use sotu_delta::io::Checkpoint;
 use sotu_delta::io::{Target, write_file};
 use sotu_delta::mask::{Interval, Mask, SPAN};
-use sotu_delta::merge::{MergeOptions, merge};
+use sotu_delta::merge::{Input, MergeOptions, merge};
+use sotu_delta::tuned::Tuned;
 
 /// A small deterministic generator (splitmix64), so that a proptest seed expands into as many
 /// values as a tensor needs without proptest generating each one.
@@ -104,7 +105,7 @@ fn extract_with(
     selector: Selector,
 ) -> Delta {
     let base = Checkpoint::open(&dir.join("base.safetensors")).unwrap();
-    let tuned = Checkpoint::open(&dir.join(tuned)).unwrap();
+    let tuned = Tuned::Checkpoint(Checkpoint::open(&dir.join(tuned)).unwrap());
     let opts = ExtractOptions {
         seed,
         interval,
@@ -120,9 +121,9 @@ fn extract_with(
 
 fn do_merge(dir: &Path, deltas: &[&str], opts: &MergeOptions, threads: usize) -> Vec<u64> {
     let base = Checkpoint::open(&dir.join("base.safetensors")).unwrap();
-    let deltas: Vec<Delta> = deltas
+    let deltas: Vec<Input> = deltas
         .iter()
-        .map(|d| Delta::open(&dir.join(d)).unwrap())
+        .map(|d| Delta::open(&dir.join(d)).unwrap().into())
         .collect();
     let out = dir.join(format!("merged-{threads}.safetensors"));
     let pool = rayon::ThreadPoolBuilder::new()
@@ -444,7 +445,7 @@ fn non_float_new_and_unchanged_tensors() {
     let base_ck = Checkpoint::open(&dir.path().join("base.safetensors")).unwrap();
     merge(
         &base_ck,
-        &[delta],
+        &[delta.into()],
         &Target::new(&dir.path().join("out.safetensors")),
         &MergeOptions::default(),
     )
@@ -482,7 +483,7 @@ fn merge_into_the_base_folder_is_refused_by_the_library() {
         fingerprint_output: false,
         own_files: false,
     };
-    let tuned = Checkpoint::open(&d.join("t.safetensors")).unwrap();
+    let tuned = Tuned::Checkpoint(Checkpoint::open(&d.join("t.safetensors")).unwrap());
     extract(
         &base_ck,
         &tuned,
@@ -494,7 +495,7 @@ fn merge_into_the_base_folder_is_refused_by_the_library() {
     let before = std::fs::read(base_dir.join("model.safetensors")).unwrap();
     let err = merge(
         &base_ck,
-        &[delta],
+        &[delta.into()],
         &Target::new(&base_dir),
         &MergeOptions::default(),
     )

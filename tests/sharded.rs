@@ -2094,6 +2094,44 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
         assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+
+        // The same merge from the fine-tunes themselves (`--tuned`, their deltas taken as
+        // they are read): the same bound, and the same tensors.
+        let out = format!("from-tuned-{io}");
+        let args = [
+            "--io",
+            io,
+            "merge",
+            "--base",
+            "base",
+            "--tuned",
+            "t1.safetensors",
+            "--tuned",
+            "t2.safetensors",
+            "--tuned",
+            "t3.safetensors",
+            "--slots",
+            "-o",
+            &out,
+            "--shard-size",
+            "20MB",
+        ];
+        let (code, err, peak) = run_sampling_rss(d, &args);
+        assert_eq!(code, Some(0), "merge --io {io} --tuned failed: {err}");
+        println!(
+            "merge --io {io} --tuned of 3 fine-tunes: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+            peak as f64 / MIB as f64,
+            bound as f64 / MIB as f64
+        );
+        assert!(
+            peak <= bound,
+            "merge --io {io} --tuned: peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
+        );
+        assert_same_tensors(
+            &load_any(&d.join(&out)),
+            &load_any(&d.join("merged")),
+            "merge --tuned against extract + merge",
+        );
     }
 }
 
@@ -2175,7 +2213,7 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
     }
 }
 
-// ==========================================================================================
+// ===================================================================================
 // 10. --io read: positional reads give the bytes of the memory maps
 // ==========================================================================================
 
@@ -2270,4 +2308,96 @@ fn io_read_gives_the_bytes_of_mmap_for_every_subcommand() {
     }
     // Not mmap or read: a usage error.
     run(d, "--io direct verify --base base d1.safetensors").usage_error(&["--io", "direct"]);
+}
+
+#[test]
+fn lora_apply_peak_anonymous_memory_stays_within_the_bound() {
+    // docs/LORA.md: an adapter's product is formed a piece at a time as it is read. Six bf16
+    // weights of 2048 x 4096 (16 MiB each; 64 MiB in f64), each adapted at rank 16: holding one
+    // whole product in f64 per thread would pass 64 MiB + 4 x 16 MiB with two threads.
+    const MIB: u64 = 1 << 20;
+    let dir = tmp();
+    let d = dir.path();
+    let (rows, cols, r) = (2048usize, 4096usize, 16usize);
+    let mut base = Tensors::new();
+    let mut adapter = Tensors::new();
+    for i in 0..6u64 {
+        let module = format!("model.layers.{i}.mlp.up_proj");
+        base.insert(
+            format!("{module}.weight"),
+            T {
+                dtype: "BF16".into(),
+                shape: vec![rows, cols],
+                data: bf16_bytes(rows * cols, 300 + i),
+            },
+        );
+        // f32 factors of about ±0.01: ±[0.5, 1) bf16 noise widened and scaled.
+        let factor = |n: usize, seed: u64| -> Vec<u8> {
+            bf16_bytes(n, seed)
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    let x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    (x * 0.01).to_le_bytes()
+                })
+                .collect()
+        };
+        adapter.insert(
+            format!("base_model.model.{module}.lora_A.weight"),
+            T {
+                dtype: "F32".into(),
+                shape: vec![r, cols],
+                data: factor(r * cols, 400 + i),
+            },
+        );
+        adapter.insert(
+            format!("base_model.model.{module}.lora_B.weight"),
+            T {
+                dtype: "F32".into(),
+                shape: vec![rows, r],
+                data: factor(rows * r, 500 + i),
+            },
+        );
+    }
+    write_st(&d.join("base.safetensors"), &base, &Meta::new());
+    fs::create_dir_all(d.join("adapter")).unwrap();
+    write_st(
+        &d.join("adapter").join("adapter_model.safetensors"),
+        &adapter,
+        &pt_meta(),
+    );
+    let config =
+        json!({"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": ["up_proj"]});
+    fs::write(
+        d.join("adapter").join("adapter_config.json"),
+        config.to_string(),
+    )
+    .unwrap();
+    let largest = (rows * cols * 2) as u64;
+    let bound = 64 * MIB + 4 * largest;
+    let args = [
+        "--threads",
+        "2",
+        "apply",
+        "--base",
+        "base.safetensors",
+        "adapter",
+        "-o",
+        "out.safetensors",
+    ];
+    let (code, err, peak) = run_sampling_rss(d, &args);
+    assert_eq!(code, Some(0), "apply of the adapter failed: {err}");
+    println!(
+        "apply of a rank-{r} adapter onto 6 weights of {rows}x{cols} bf16, 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+        peak as f64 / MIB as f64,
+        bound as f64 / MIB as f64
+    );
+    assert!(
+        peak <= bound,
+        "peak RssAnon {peak} bytes > bound {bound} bytes"
+    );
+    // Every weight changed.
+    let out = tensors_of(&d.join("out.safetensors"));
+    for (name, t) in &base {
+        assert_ne!(out[name].data, t.data, "{name} was not changed");
+    }
 }

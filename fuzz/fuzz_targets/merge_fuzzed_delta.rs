@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use sotu_delta::io::Checkpoint;
 use sotu_delta::format::Delta;
-use sotu_delta::merge::{MergeOptions, merge};
+use sotu_delta::merge::{Input, MergeOptions, merge};
 use sotu_delta::io::Target;
 
 /// The committed fixture, opened in place: merge checks before it commits an output that its
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(delta) = Delta::open(file.path()) else {
         return;
     };
-    let deltas = [delta];
+    let deltas: [Input; 1] = [delta.into()];
     let out_dir = common::out_dir();
     let out = Target::new(&out_dir.path().join("merged.safetensors"));
     let _ = merge(base, &deltas, &out, &MergeOptions::default());

@@ -13,55 +13,23 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use anyhow::{Result, bail};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
-    BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, RESERVED_PREFIX, STATS,
-    STATS_COLS, file_key, grown_key, offsets_key,
+    BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, STATS, STATS_COLS, file_key,
+    grown_key, offsets_key,
 };
 use crate::io::{Checkpoint, Tensor};
 use crate::io::{OutTensor, Output, Sink, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::simd::Kept;
+use crate::tuned::{Tuned, TunedTensor, plan_kinds};
 
-/// Which tensors are masked: those matching an include pattern (all, when none is given) and
-/// no exclude pattern. The others are stored whole when they differ from the base.
-#[derive(Clone, Debug, Default)]
-pub struct Selector {
-    include: Option<GlobSet>,
-    exclude: Option<GlobSet>,
-}
-
-impl Selector {
-    /// Builds a selector from glob patterns (`*` matches across dots).
-    pub fn new(include: &[String], exclude: &[String]) -> Result<Self> {
-        let build = |pats: &[String]| -> Result<Option<GlobSet>> {
-            if pats.is_empty() {
-                return Ok(None);
-            }
-            let mut b = GlobSetBuilder::new();
-            for p in pats {
-                b.add(Glob::new(p).with_context(|| format!("invalid pattern {p:?}"))?);
-            }
-            Ok(Some(b.build()?))
-        };
-        Ok(Selector {
-            include: build(include)?,
-            exclude: build(exclude)?,
-        })
-    }
-
-    /// Whether tensor `name` is selected for masking.
-    pub fn selects(&self, name: &str) -> bool {
-        self.include.as_ref().is_none_or(|g| g.is_match(name))
-            && !self.exclude.as_ref().is_some_and(|g| g.is_match(name))
-    }
-}
+pub use crate::tuned::Selector;
 
 /// What `extract` is asked to do.
 #[derive(Clone, Debug)]
@@ -145,18 +113,20 @@ struct Planned {
     base_hash: Option<[u8; 32]>,
 }
 
-/// Diffs `tuned` against `base` and writes the delta to `out`.
+/// Diffs `tuned` (a checkpoint or a LoRA adapter of `base`) against `base` and writes the
+/// delta to `out`.
 pub fn extract(
     base: &Checkpoint,
-    tuned: &Checkpoint,
+    tuned: &Tuned,
     out: &Target,
     opts: &ExtractOptions,
 ) -> Result<ExtractReport> {
     let start = Instant::now();
-    crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned])?;
+    crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned.checkpoint()])?;
+    crate::io::refuse_output_over_input(&out.path, &tuned.protected_paths())?;
     let plan = plan(base, tuned, opts)?;
     let own_files = if opts.own_files {
-        files::own_files(base, tuned)?
+        files::own_files(base, tuned.checkpoint())?
     } else {
         BTreeMap::new()
     };
@@ -266,7 +236,7 @@ pub fn extract(
         outputs: written.files.iter().map(|p| display(p)).collect(),
         output_bytes: written.bytes,
         output_fingerprint: written.fingerprint,
-        dense_bytes: tuned.tensors().values().map(|t| t.range.len() as u64).sum(),
+        dense_bytes: tuned.tensors().iter().map(|(_, t)| t.len).sum(),
         input_bytes: base.file_len() + tuned.file_len(),
         seconds: start.elapsed().as_secs_f64(),
         inexact,
@@ -391,95 +361,26 @@ fn delta_metadata(
     Ok(md)
 }
 
-/// Decides each tensor's kind and counts the kept elements of the masked ones.
-fn plan(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<Vec<Planned>> {
-    for ck in [base, tuned] {
-        if let Some(name) = ck.tensors().keys().find(|n| n.starts_with(RESERVED_PREFIX)) {
-            bail!(
-                "{}: tensor {name}: names beginning with {RESERVED_PREFIX} are reserved by the delta format",
-                ck.path().display()
-            );
-        }
-    }
-    if let Some(name) = base.tensors().keys().find(|n| tuned.info(n).is_none()) {
-        bail!(
-            "{}: tensor {name} is in the base {} but not in the fine-tune",
-            tuned.path().display(),
-            base.path().display()
-        );
-    }
-    let mut plan = Vec::with_capacity(tuned.tensors().len());
-    for (row, (name, t)) in tuned.tensors().iter().enumerate() {
-        let b = base.info(name);
-        // Rows added along dimension 0 (docs/FORMAT.md section 12); any other change refused.
-        let grown = b.is_some_and(|b| grows(b, t));
-        if let Some(b) = b
-            && (b.dtype != t.dtype || (b.shape != t.shape && !grown))
-        {
-            bail!(
-                "{}: tensor {name} is {:?} {:?}, but the base {} has {:?} {:?}; only rows added along dimension 0 (a vocabulary grown for added tokens) may differ",
-                tuned.path().display(),
-                t.dtype,
-                t.shape,
-                base.path().display(),
-                b.dtype,
-                b.shape
-            );
-        }
-        // The part of the tuned tensor the base has: all of it, unless it grew.
-        let shape = b.map_or(&t.shape, |b| &b.shape);
-        let same = match base.tensor(name) {
-            Some(b) => tuned
-                .tensor(name)
-                .expect("listed from the fine-tune")
-                .starts_with(&b)?,
-            None => false,
-        };
-        let kind = match b {
-            None => Kind::Whole,
-            Some(_) if same => Kind::Same,
-            Some(_) if Float::of(t.dtype).is_some() && opts.selector.selects(name) => Kind::Masked,
-            Some(_) => Kind::Whole,
-        };
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let offsets = if kind == Kind::Masked {
-            chunk_offsets(&Mask::new(opts.seed, name, opts.interval), numel)
-        } else {
-            Vec::new()
-        };
-        // The comparison above read an equal tensor whole (a changed one only to its first
-        // difference): hash it now, for a model larger than the page cache.
-        let base_hash = match kind {
-            Kind::Same => base.hash_of(name)?,
-            _ => None,
-        };
-        plan.push(Planned {
-            name: name.clone(),
-            entry: Entry {
-                kind,
-                dtype: t.dtype,
-                shape: shape.clone(),
-                row,
-                kept: (kind == Kind::Masked).then(|| *offsets.last().unwrap()),
-                in_base: b.is_some(),
-                grown_shape: grown.then(|| t.shape.clone()),
-            },
-            offsets,
-            base_hash,
-        });
-    }
-    Ok(plan)
-}
-
-/// Whether tuned tensor `t` is base tensor `b` grown (docs/FORMAT.md section 12): the same dtype
-/// (of whole bytes per element), the same dimensions but the first, and more rows.
-fn grows(b: &crate::io::TensorInfo, t: &crate::io::TensorInfo) -> bool {
-    b.dtype == t.dtype
-        && t.dtype.bitsize().is_multiple_of(8)
-        && !b.shape.is_empty()
-        && b.shape.len() == t.shape.len()
-        && b.shape[1..] == t.shape[1..]
-        && t.shape[0] > b.shape[0]
+/// Decides each tensor's kind ([`plan_kinds`]) and counts the kept elements of the masked ones.
+fn plan(base: &Checkpoint, tuned: &Tuned, opts: &ExtractOptions) -> Result<Vec<Planned>> {
+    Ok(plan_kinds(base, tuned, &opts.selector, true)?
+        .into_iter()
+        .map(|k| {
+            let mut entry = k.entry;
+            let offsets = if entry.kind == Kind::Masked {
+                chunk_offsets(&Mask::new(opts.seed, &k.name, opts.interval), entry.numel())
+            } else {
+                Vec::new()
+            };
+            entry.kept = (entry.kind == Kind::Masked).then(|| *offsets.last().unwrap());
+            Planned {
+                name: k.name,
+                entry,
+                offsets,
+                base_hash: k.base_hash,
+            }
+        })
+        .collect())
 }
 
 impl Planned {
@@ -507,56 +408,81 @@ pub fn chunk_offsets(mask: &Mask, numel: u64) -> Vec<u64> {
     offsets
 }
 
-/// Writes one tensor's data and returns its statistics row.
+/// Writes one tensor's data and returns its statistics row and its number of non-finite
+/// differences.
 fn write_tensor(
     base: &Checkpoint,
-    tuned: &Checkpoint,
+    tuned: &Tuned,
     out: &Output,
     p: &Planned,
     seed: u64,
     interval: Interval,
 ) -> Result<([f64; STATS_COLS], u64)> {
     let e = &p.entry;
-    let t_data = tuned.tensor(&p.name).expect("planned from the fine-tune");
+    if e.kind == Kind::Same && e.grown_shape.is_none() {
+        return Ok(([0.0; STATS_COLS], 0));
+    }
+    let tensor: TunedTensor = tuned.tensor(&p.name).expect("planned from its tensors");
     let base_len = p.base_part_len() as usize;
     let mut new_nonfinite = 0;
     if e.grown_shape.is_some() {
-        let new_rows = base_len..t_data.len();
-        out.copy_from(&grown_key(&p.name), t_data, new_rows.clone())?;
+        // A grown tensor is a checkpoint's (an adapter's tensors have the base's shapes).
+        let t = tensor.stored().expect("a grown tensor is stored");
+        let new_rows = base_len..t.len();
+        out.copy_from(&grown_key(&p.name), t, new_rows.clone())?;
         if let Some(f) = Float::of(e.dtype) {
-            new_nonfinite = nonfinite_in(t_data, new_rows, f)?;
+            new_nonfinite = nonfinite_in(t, new_rows, f)?;
         }
     }
-    if e.kind == Kind::Whole {
-        out.copy_from(&p.name, t_data, 0..base_len)?;
+    if e.kind == Kind::Same {
+        return Ok(([0.0; STATS_COLS], new_nonfinite));
     }
-    let (Some(float), Kind::Masked | Kind::Whole) = (Float::of(e.dtype), e.kind) else {
+    let whole = e.kind == Kind::Whole;
+    // A stored whole tensor is copied as it is; a computed one (from a LoRA adapter) is
+    // written chunk by chunk below, as its values are formed.
+    if whole && let Some(t) = tensor.stored() {
+        out.copy_from(&p.name, t, 0..base_len)?;
+    }
+    let Some(float) = Float::of(e.dtype) else {
+        // Stored, so copied above.
         return Ok(([0.0; STATS_COLS], new_nonfinite));
     };
+    let write_values = whole && tensor.stored().is_none();
     let numel = e.numel();
+    let size = float.size();
     let chunks = numel.div_ceil(CHUNK_ELEMS);
-    let bytes_of = |c: u64| {
-        (c * CHUNK_ELEMS) as usize * float.size()
-            ..numel.min((c + 1) * CHUNK_ELEMS) as usize * float.size()
-    };
-    let Some(b_data) = base.tensor(&p.name) else {
+    let b_data = base.tensor(&p.name);
+    if b_data.is_none()
+        && let Some(t) = tensor.stored()
+    {
         // New in the fine-tune: its values are what the delta carries.
-        return Ok(([0.0; STATS_COLS], nonfinite_in(t_data, 0..base_len, float)?));
-    };
+        return Ok(([0.0; STATS_COLS], nonfinite_in(t, 0..base_len, float)?));
+    }
     // A whole float tensor is a delta with every element kept (docs/FORMAT.md section 8).
     let mask = (e.kind == Kind::Masked).then(|| Mask::new(seed, &p.name, interval));
     let partials: Vec<([f64; STATS_COLS], u64)> = (0..chunks)
         .into_par_iter()
         .map(|c| -> Result<([f64; STATS_COLS], u64)> {
-            CHUNK.with_borrow_mut(|buf| {
-                let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
-                let b = b_data.read(bytes_of(c), &mut buf.base)?;
-                let t = t_data.read(bytes_of(c), &mut buf.tuned)?;
-                let s = crate::with_elem!(float, E => chunk_stats::<E>(b, t, range.clone(), mask.as_ref(), &mut buf.out));
-                if mask.is_some() {
-                    out.write(&p.name, p.offsets[c as usize] * float.size() as u64, &buf.out.kept)?;
+            let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
+            tensor.with_values(range.clone(), |t| {
+                if write_values {
+                    out.write(&p.name, range.start * size as u64, t)?;
                 }
-                Ok(s)
+                CHUNK.with_borrow_mut(|buf| {
+                    let Some(b_data) = b_data else {
+                        // New, and computed: its values are what the delta carries.
+                        float.load_all(t, &mut buf.values);
+                        let n = buf.values.iter().filter(|x| !x.is_finite()).count() as u64;
+                        return Ok(([0.0; STATS_COLS], n));
+                    };
+                    let bytes = range.start as usize * size..range.end as usize * size;
+                    let b = b_data.read(bytes, &mut buf.base)?;
+                    let s = crate::with_elem!(float, E => chunk_stats::<E>(b, t, range.clone(), mask.as_ref(), &mut buf.out));
+                    if mask.is_some() {
+                        out.write(&p.name, p.offsets[c as usize] * size as u64, &buf.out.kept)?;
+                    }
+                    Ok(s)
+                })
             })
         })
         .collect::<Result<_>>()?;
@@ -615,9 +541,9 @@ struct ChunkBuffers {
 }
 
 /// One chunk's statistics row (docs/FORMAT.md section 7) and its number of non-finite
-/// differences, from the chunk's base and fine-tuned bytes `b` and `t` (elements `range` of
-/// the tensor), with its kept values' raw bytes in `buf.kept` when there is a mask (without
-/// one, every element counts as kept and nothing is gathered).
+/// differences, with its kept values' raw bytes in `buf.kept` when there is a mask (without
+/// one, every element counts as kept and nothing is gathered). `b` and `t` are the base's and
+/// the fine-tune's elements of `range`.
 fn chunk_stats<E: Elem>(
     b: &[u8],
     t: &[u8],

@@ -7,7 +7,7 @@
 pub mod chunks;
 pub mod metadata;
 
-pub use chunks::{Chunks, Ranker};
+pub use chunks::{Chunks, Dense, Ranker};
 pub use metadata::{Metadata, check_stored, read_metadata, read_offsets, read_own_files};
 
 use std::collections::{BTreeMap, HashMap};

@@ -264,6 +264,7 @@ impl Checkpoint {
             ckpt: self,
             name,
             info,
+            skip: 0,
         })
     }
 
@@ -406,8 +407,8 @@ struct IndexFile {
 }
 
 /// A JSON object's members in file order, duplicates included (serde_json would keep only the
-/// last of two equal keys, hiding a tensor listed twice).
-struct Pairs(Vec<(String, serde_json::Value)>);
+/// last of two equal keys, hiding a tensor listed twice, and would sort them).
+pub struct Pairs(pub Vec<(String, serde_json::Value)>);
 
 impl<'de> serde::Deserialize<'de> for Pairs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -545,6 +546,8 @@ pub struct Tensor<'a> {
     ckpt: &'a Checkpoint,
     name: &'a str,
     info: &'a TensorInfo,
+    /// Bytes of the tensor's data before this view's ([`Tensor::tail`]).
+    skip: usize,
 }
 
 impl std::fmt::Debug for Tensor<'_> {
@@ -564,9 +567,23 @@ impl<'a> Tensor<'a> {
         self.info
     }
 
-    /// Its data length in bytes.
+    /// Its data length in bytes (of the view, after [`Tensor::tail`]).
     pub fn len(&self) -> usize {
-        self.info.range.len()
+        self.info.range.len() - self.skip
+    }
+
+    /// The view of its bytes from byte `at` on: the new rows of a grown tensor, read as a
+    /// tensor of their own (docs/FORMAT.md section 12). `info` stays the whole tensor's.
+    pub fn tail(self, at: usize) -> Tensor<'a> {
+        assert!(
+            at <= self.len(),
+            "a tail past the end of tensor {}",
+            self.name
+        );
+        Tensor {
+            skip: self.skip + at,
+            ..self
+        }
     }
 
     /// Whether it holds no bytes.
@@ -586,7 +603,7 @@ impl<'a> Tensor<'a> {
     /// The file range of bytes `range` of the tensor.
     fn in_file(&self, range: Range<usize>) -> Range<usize> {
         debug_assert!(range.start <= range.end && range.end <= self.len());
-        let at = self.info.range.start;
+        let at = self.info.range.start + self.skip;
         at + range.start..at + range.end
     }
 

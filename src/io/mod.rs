@@ -30,7 +30,7 @@ pub mod process;
 pub mod storage;
 
 pub use checkpoint::{
-    Checkpoint, INDEX_NAME, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
+    Checkpoint, INDEX_NAME, Pairs, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
     tensor_hash,
 };
 pub use companions::{Companions, companions};

@@ -16,12 +16,12 @@ use rayon::prelude::*;
 
 use crate::dtype::Float;
 use crate::dtype::elem::Elem;
-use crate::format::Delta;
 use crate::io::Checkpoint;
 use crate::io::Sink;
 use crate::mask::Mask;
 use crate::simd::Kept;
 
+use super::Input;
 use super::plan::{Job, Source, TILE, TensorPlan, Term};
 
 /// Elements per unit of parallel work: 16 tiles, so each output write is 2–8 MiB.
@@ -30,7 +30,7 @@ const TASK: u64 = 16 * TILE;
 /// Writes one output tensor; returns how many of its results are infinite or NaN where the
 /// base is finite ([`Float::becomes_nonfinite`]), spread over the threads. A [`Source::Combine`]
 /// tensor is not computed here but by [`super::methods::execute`], whole on one thread.
-pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
+pub fn execute(base: &Checkpoint, deltas: &[Input], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let job = match &p.source {
         Source::Copy(o) => {
             out.copy_tensor(&p.name, p.origin(*o, base, deltas))?;
@@ -56,7 +56,7 @@ pub fn execute(base: &Checkpoint, deltas: &[Delta], out: &dyn Sink, p: &TensorPl
 /// makes: the growing delta's stored rows as they are, or each value rounded once to the output
 /// dtype under `--dtype`. Returns how many of them become infinite or NaN in that rounding
 /// ([`Float::becomes_nonfinite`] of the value itself). Nothing for a tensor that did not grow.
-pub fn write_grown(deltas: &[Delta], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
+pub fn write_grown(deltas: &[Input], out: &dyn Sink, p: &TensorPlan) -> Result<u64> {
     let Some(g) = &p.grown else {
         return Ok(0);
     };
@@ -113,7 +113,7 @@ struct Scratch {
 /// 2^32 elements). Terms whose deltas share a seed share `u(i)`: it is hashed once and only
 /// compared with each interval, the usual case of deltas extracted in disjoint slots.
 fn tile_keep_words(
-    deltas: &[Delta],
+    deltas: &[Input],
     name: &str,
     terms: &[Term],
     range: std::ops::Range<u64>,
@@ -150,7 +150,7 @@ fn tile_keep_words(
 /// Computes the output bytes of elements `range` of one tensor into `scratch.bytes`, one tile
 /// at a time so that the tile and the f64 accumulator stay in the L2 cache.
 fn compute<E: Elem>(
-    deltas: &[Delta],
+    deltas: &[Input],
     job: &Job,
     range: std::ops::Range<u64>,
     s: &mut Scratch,
@@ -330,7 +330,7 @@ struct Tile<'a> {
 /// words over the tile are `tile_words`), marking it in `touched`. The term's stored bytes over
 /// the tile are read into `buf`.
 fn add_term<E: Elem>(
-    delta: &Delta,
+    delta: &Input,
     name: &str,
     term: &Term,
     tile_words: &[u64],
@@ -345,11 +345,12 @@ fn add_term<E: Elem>(
     } = tile;
     let c = term.coeff;
     if !term.masked {
-        let bytes = range.start as usize * E::SIZE..range.end as usize * E::SIZE;
-        let v = delta.stored(name).read(bytes, buf)?;
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a += c * (E::load(v, k) - b[k]);
-        }
+        delta.with_whole_values(name, E::FLOAT, range.clone(), buf, |v| {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a += c * (E::load(v, k) - b[k]);
+            }
+            Ok(())
+        })?;
         touched.fill(!0);
         if !acc.len().is_multiple_of(64) {
             // Bits past the tile's end must stay clear: they index no element.

@@ -11,9 +11,9 @@
 use anyhow::Result;
 use faer::Mat;
 
+use super::Input;
 use super::plan::{Combine, Method, Source, TensorPlan, Term, TiesParams};
 use crate::dtype::Float;
-use crate::format::Delta;
 use crate::io::{Checkpoint, Sink};
 use crate::linalg::{
     inverse_sqrt_gram, mul, mul_transposed, polar, thin_svd, top_singular_exact, top_singular_gram,
@@ -36,7 +36,7 @@ pub struct Outcome {
 /// Computes and writes a tensor planned as [`Source::Combine`].
 pub fn execute(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     out: &dyn Sink,
     p: &TensorPlan,
 ) -> Result<Outcome> {
@@ -97,7 +97,7 @@ pub fn execute(
 
 /// The unbiased estimates of a tensor's deltas (docs/METHODS.md, "The unbiased estimate τ").
 struct Estimates<'a> {
-    deltas: &'a [Delta],
+    deltas: &'a [Input<'a>],
     name: &'a str,
     from: Float,
     /// The base tensor, as f64.
@@ -179,7 +179,7 @@ pub fn ties_threshold(tau: &[f64], trim: f64, scratch: &mut Vec<u64>) -> f64 {
 /// task's whole estimate exactly as [`execute`] computes them, and `α`. Fails as [`execute`]
 /// would on an estimate that is not finite or a corrupt chunk. Holds two copies of the tensor in
 /// f64 besides the base.
-pub fn ties_params(base: &Checkpoint, deltas: &[Delta], p: &TensorPlan) -> Result<TiesParams> {
+pub fn ties_params(base: &Checkpoint, deltas: &[Input], p: &TensorPlan) -> Result<TiesParams> {
     let Source::Combine {
         from,
         combine,
@@ -261,7 +261,11 @@ fn ties(est: &Estimates, c: &Combine) -> Result<(Vec<f64>, Vec<bool>)> {
                 any = true;
             }
         }
-        let m = if den != 0.0 { num / den } else { 0.0 };
+        let m = match (c.normalize, den != 0.0) {
+            (false, _) => num,
+            (true, true) => num / den,
+            (true, false) => 0.0,
+        };
         r[i] = c.alpha * m;
         written[i] = any;
     }

@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod input;
 pub mod methods;
 pub mod plan;
 
@@ -24,9 +25,9 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::dtype::Float;
-use crate::format::Delta;
 use crate::io::{Cancel, Checkpoint, MemoryOutput, MemoryTensor, OutTensor, Output, Sink, Target};
 
+pub use input::{FineTune, Input};
 pub use plan::{Combine, Grown, Job, Method, Origin, Source, TensorPlan, Term, plan};
 
 /// What `merge` is asked to do.
@@ -50,9 +51,14 @@ pub struct MergeOptions {
     pub alpha: f64,
     /// `ties`: the fraction of each task's elements kept by magnitude (0.2 by default).
     pub trim: f64,
-    /// The delta (index into the deltas) whose own files a folder output takes over the base's
+    /// The input (index into the inputs) whose own files a folder output takes over the base's
     /// (docs/FORMAT.md section 13): `merge --files-from K`, and always 0 for `apply`.
     pub files_from: Option<usize>,
+    /// `ties`: take the disjoint mean (true, the default) or the agreeing tasks' sum (mergekit's
+    /// `normalize: false`, from a configuration).
+    pub normalize: bool,
+    /// A merge from a mergekit configuration: its file name and `merge_method`, for the record.
+    pub mergekit: Option<(String, String)>,
 }
 
 impl Default for MergeOptions {
@@ -68,6 +74,8 @@ impl Default for MergeOptions {
             alpha: 1.0,
             trim: 0.2,
             files_from: None,
+            normalize: true,
+            mergekit: None,
         }
     }
 }
@@ -116,6 +124,10 @@ pub struct MergeReport {
     pub own_files: Vec<String>,
     /// The own files of delta `files_from` that a single-file output left out.
     pub files_left_out: Vec<String>,
+    /// On a GPU: the changed tensors computed on the CPU because a fine-tune contributes to
+    /// them (the GPU reads delta files only).
+    #[serde(skip)]
+    pub fine_tune_tensors_on_cpu: usize,
 }
 
 /// Which engine the user asks for.
@@ -169,13 +181,21 @@ impl Engine {
 
     /// Whether this engine computes `p` itself (else the CPU does). CUDA takes `sum` tensors
     /// and the elementwise half of `ties` (its thresholds are computed on the CPU), each with at
-    /// most [`cuda::MAX_TERMS`] terms; `iso` and `tsv` stay on the CPU.
-    fn computes(&self, p: &TensorPlan) -> bool {
+    /// most [`cuda::MAX_TERMS`] terms, all from delta files; `iso` and `tsv` stay on the CPU,
+    /// and so do tensors that a fine-tune contributes to (its kept values are read from the
+    /// fine-tune as the CPU walks it).
+    fn computes(&self, p: &TensorPlan, deltas: &[Input]) -> bool {
+        if matches!(self, Engine::Cuda(_)) && reads_fine_tune(p, deltas) {
+            return false;
+        }
         match (self, &p.source) {
             (Engine::Cpu, _) | (Engine::Cuda(_), Source::Copy(_)) => false,
             (Engine::Cuda(_), Source::Compute { terms, .. }) => terms.len() <= cuda::MAX_TERMS,
             (Engine::Cuda(_), Source::Combine { combine, terms, .. }) => {
-                combine.method == Method::Ties && terms.len() <= cuda::MAX_TERMS
+                // The kernel takes the disjoint mean; the sum without it stays on the CPU.
+                combine.method == Method::Ties
+                    && combine.normalize
+                    && terms.len() <= cuda::MAX_TERMS
             }
         }
     }
@@ -183,7 +203,7 @@ impl Engine {
     /// Computes `jobs` (the plans it [`computes`](Engine::computes)), handing output bytes to
     /// `write`; returns each job's overflow count. On the GPU, the slices of all the tensors
     /// go through one pipeline.
-    fn compute(&self, deltas: &[Delta], jobs: &[Job], write: &cuda::WriteFn) -> Result<Vec<u64>> {
+    fn compute(&self, deltas: &[Input], jobs: &[Job], write: &cuda::WriteFn) -> Result<Vec<u64>> {
         match self {
             Engine::Cpu => Ok(vec![0; jobs.len()]),
             Engine::Cuda(g) => g.merge_tensors(deltas, jobs, write),
@@ -196,10 +216,20 @@ impl Engine {
 /// An error fails the merge before anything is written.
 pub type FolderFiles<'a> = dyn Fn(&str) -> Result<Vec<(String, Vec<u8>)>> + 'a;
 
-/// Merges `deltas` onto `base` and writes the result to `out`.
+/// Whether a term of `p` reads a fine-tune rather than a delta file.
+fn reads_fine_tune(p: &TensorPlan, deltas: &[Input]) -> bool {
+    let terms = match &p.source {
+        Source::Compute { terms, .. } | Source::Combine { terms, .. } => terms,
+        Source::Copy(_) => return false,
+    };
+    terms.iter().any(|t| deltas[t.delta].delta().is_none())
+}
+
+/// Merges `deltas` (delta files, and fine-tunes taken on the fly) onto `base` and writes the
+/// result to `out`.
 pub fn merge(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     out: &Target,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
@@ -210,7 +240,7 @@ pub fn merge(
 /// [`crate::release`]) in place of the base's of the same names.
 pub fn merge_with_files(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     out: &Target,
     opts: &MergeOptions,
     files: &FolderFiles,
@@ -218,8 +248,10 @@ pub fn merge_with_files(
     let start = Instant::now();
     check_inputs(deltas, opts)?;
     let mut inputs = vec![base];
-    inputs.extend(deltas.iter().map(Delta::checkpoint));
+    inputs.extend(deltas.iter().map(Input::checkpoint));
     crate::io::refuse_output_over_checkpoints(&out.path, &inputs)?;
+    let protected: Vec<&Path> = deltas.iter().flat_map(Input::protected_paths).collect();
+    crate::io::refuse_output_over_input(&out.path, &protected)?;
     let mut planned = Planned::new(base, deltas, opts)?;
     // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
     let taken = opts.files_from.map(|k| deltas[k].own_files());
@@ -289,7 +321,7 @@ pub struct MergedInMemory {
 /// (every write checks it).
 pub fn merge_in_memory(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     opts: &MergeOptions,
     cancel: Cancel,
 ) -> Result<MergedInMemory> {
@@ -314,7 +346,7 @@ pub fn merge_in_memory(
 }
 
 /// Refuses options that do not fit these deltas.
-fn check_inputs(deltas: &[Delta], opts: &MergeOptions) -> Result<()> {
+fn check_inputs(deltas: &[Input], opts: &MergeOptions) -> Result<()> {
     if !opts.weights.is_empty() && opts.weights.len() != deltas.len() {
         bail!(
             "{} weights for {} deltas: give one weight per delta",
@@ -356,7 +388,7 @@ struct Ran {
 type ExactSvd = Vec<(String, Vec<String>)>;
 
 impl Planned {
-    fn new(base: &Checkpoint, deltas: &[Delta], opts: &MergeOptions) -> Result<Self> {
+    fn new(base: &Checkpoint, deltas: &[Input], opts: &MergeOptions) -> Result<Self> {
         let weight = |d: usize| opts.weights.get(d).copied().unwrap_or(1.0);
         let plans = plan(base, deltas, opts, &weight)?;
         // Chosen before the output is created: `--device cuda` without a GPU leaves no file.
@@ -386,13 +418,13 @@ impl Planned {
     fn run(
         &self,
         base: &Checkpoint,
-        deltas: &[Delta],
+        deltas: &[Input],
         opts: &MergeOptions,
         sink: &dyn Sink,
         hashed: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Ran> {
         base.advise_sequential();
-        deltas.iter().for_each(Delta::advise_sequential);
+        deltas.iter().for_each(Input::advise_sequential);
         let (base_hashes, overflows, exact_svd) =
             execute(self.engine, base, deltas, &self.plans, sink)?;
         let base_fingerprint = crate::io::fingerprint(&base_hashes);
@@ -417,7 +449,7 @@ impl Planned {
             );
         }
         base.check_unchanged()?;
-        deltas.iter().try_for_each(Delta::check_unchanged)?;
+        deltas.iter().try_for_each(Input::check_unchanged)?;
         Ok(Ran {
             base_fingerprint,
             base_hashes: base_names.into_iter().cloned().zip(base_hashes).collect(),
@@ -428,13 +460,13 @@ impl Planned {
     }
 
     /// The report of a run, without its output files.
-    fn report(&self, base: &Checkpoint, deltas: &[Delta], run: Ran, start: Instant) -> MergeReport {
+    fn report(&self, base: &Checkpoint, deltas: &[Input], run: Ran, start: Instant) -> MergeReport {
         let display = |p: &Path| p.display().to_string();
         MergeReport {
             inputs: base
                 .files()
                 .into_iter()
-                .chain(deltas.iter().flat_map(Delta::files))
+                .chain(deltas.iter().flat_map(Input::files))
                 .map(display)
                 .collect(),
             outputs: Vec::new(),
@@ -442,10 +474,13 @@ impl Planned {
             changed: self
                 .plans
                 .iter()
-                .filter(|p| matches!(&p.source, Source::Compute { terms, .. } if !terms.is_empty()))
+                .filter(|p| {
+                    matches!(&p.source,
+                        Source::Compute { terms, .. } | Source::Combine { terms, .. } if !terms.is_empty())
+                })
                 .count(),
             output_bytes: 0,
-            input_bytes: base.file_len() + deltas.iter().map(Delta::file_len).sum::<u64>(),
+            input_bytes: base.file_len() + deltas.iter().map(Input::file_len).sum::<u64>(),
             seconds: start.elapsed().as_secs_f64(),
             mismatches: run.mismatches,
             base_fingerprint: run.base_fingerprint,
@@ -467,6 +502,14 @@ impl Planned {
                 .collect(),
             own_files: Vec::new(),
             files_left_out: Vec::new(),
+            fine_tune_tensors_on_cpu: match self.engine {
+                Engine::Cpu => 0,
+                Engine::Cuda(_) => self
+                    .plans
+                    .iter()
+                    .filter(|p| reads_fine_tune(p, deltas))
+                    .count(),
+            },
         }
     }
 }
@@ -516,7 +559,7 @@ pub fn check_method(opts: &MergeOptions, deltas: usize) -> Result<()> {
 /// merged.
 fn output_metadata(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
 ) -> BTreeMap<String, String> {
@@ -530,12 +573,18 @@ fn output_metadata(
         .enumerate()
         .map(|(d, delta)| {
             let p = delta.params();
-            json!({
+            let mut record = json!({
                 "file": delta.path().file_name().map(|f| f.to_string_lossy()),
                 "seed": p.seed, "lo": p.interval.lo(), "hi": p.interval.hi(),
                 "density": p.interval.density(), "weight": weight(d), "rescale": opts.rescale,
-                "base_fingerprint": delta.fingerprint(),
-            })
+            });
+            // A delta file records the base it was taken against; a fine-tune's delta is taken
+            // against this base, whose hashes the merge computes as it reads it.
+            match delta.delta() {
+                Some(file) => record["base_fingerprint"] = json!(file.fingerprint()),
+                None => record["input"] = json!(delta.kind()),
+            }
+            record
         })
         .collect();
     let mut record = json!({
@@ -554,7 +603,13 @@ fn output_metadata(
         record["alpha"] = json!(opts.alpha);
         if opts.method == Method::Ties {
             record["trim"] = json!(opts.trim);
+            if !opts.normalize {
+                record["normalize"] = json!(false);
+            }
         }
+    }
+    if let Some((config, method)) = &opts.mergekit {
+        record["mergekit"] = json!({"config": config, "merge_method": method});
     }
     md.insert("sotu_delta".into(), record.to_string());
     md
@@ -568,14 +623,17 @@ fn output_metadata(
 fn execute(
     engine: Engine,
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     plans: &[TensorPlan],
     output: &dyn Sink,
 ) -> Result<(Vec<[u8; 32]>, Vec<u64>, ExactSvd)> {
     let combined = |p: &TensorPlan| matches!(p.source, Source::Combine { .. });
     let (by_engine, by_cpu) = rayon::join(
         || -> Result<Vec<u64>> {
-            let mine: Vec<&TensorPlan> = plans.iter().filter(|p| engine.computes(p)).collect();
+            let mine: Vec<&TensorPlan> = plans
+                .iter()
+                .filter(|p| engine.computes(p, deltas))
+                .collect();
             // The thresholds of `ties` need each task's whole estimate: the CPU computes them,
             // tensors in parallel, before the engine starts.
             let ties = mine
@@ -614,7 +672,7 @@ fn execute(
                     || -> Result<u64> {
                         // The new rows of a grown tensor are the CPU's whoever computes the rest.
                         let rows = cpu::write_grown(deltas, output, p)?;
-                        if engine.computes(p) || combined(p) {
+                        if engine.computes(p, deltas) || combined(p) {
                             Ok(rows)
                         } else {
                             Ok(rows + cpu::execute(base, deltas, output, p)?)
@@ -630,7 +688,7 @@ fn execute(
     let (base_hashes, mut overflows) = by_cpu?;
     let mut from_engine = by_engine?.into_iter();
     for (c, p) in overflows.iter_mut().zip(plans) {
-        if engine.computes(p) {
+        if engine.computes(p, deltas) {
             *c += from_engine.next().unwrap_or(0);
         }
     }
@@ -638,7 +696,7 @@ fn execute(
     // costliest first: rayon hands each thread a run of the list and the runs it steals end
     // with the cheapest, so that no large matrix starts last and leaves the other threads idle.
     let mut mine: Vec<usize> = (0..plans.len())
-        .filter(|&i| combined(&plans[i]) && !engine.computes(&plans[i]))
+        .filter(|&i| combined(&plans[i]) && !engine.computes(&plans[i], deltas))
         .collect();
     mine.sort_by(|&a, &b| {
         let cost = |i: usize| methods::cost(&plans[i], deltas.len());
@@ -665,7 +723,7 @@ fn execute(
 /// for each disagreement, including tensors one side has and the other lacks.
 fn check_provenance(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     base_names: &[&String],
     hashes: &[[u8; 32]],
 ) -> Vec<String> {
@@ -674,7 +732,7 @@ fn check_provenance(
     let mut bad = Vec::new();
     // A part of a merge hashed the base tensors of its own shards: the others are its peers'.
     let whole = base_names.len() == base.tensors().len();
-    for d in deltas {
+    for d in deltas.iter().filter_map(Input::delta) {
         let file = d.path().display();
         for (name, e) in d.entries() {
             let hashed = by_name.get(name.as_str());

@@ -8,10 +8,10 @@ use anyhow::{Result, bail};
 use safetensors::Dtype;
 
 use crate::dtype::Float;
-use crate::format::{Delta, Kind};
+use crate::format::Kind;
 use crate::io::{Checkpoint, Tensor};
 
-use super::MergeOptions;
+use super::{Input, MergeOptions};
 
 /// Elements an engine computes as one unit: one chunk of the delta format
 /// ([`crate::mask::CHUNK_ELEMS`]), so that every tile starts on a chunk boundary and its first
@@ -73,6 +73,9 @@ pub struct Combine {
     pub alpha: f64,
     /// `ties`: the fraction of each task's elements kept by magnitude.
     pub trim: f64,
+    /// `ties`: divide the agreeing tasks' sum by their weights' sum (the disjoint mean); without
+    /// it, the sum itself (mergekit's `normalize: false`).
+    pub normalize: bool,
 }
 
 /// How an output tensor is made.
@@ -138,7 +141,7 @@ pub struct TensorPlan {
 
 impl TensorPlan {
     /// The tensor it starts from: the base's, or a delta's stored whole tensor.
-    pub fn origin<'a>(&self, o: Origin, base: &'a Checkpoint, deltas: &'a [Delta]) -> Tensor<'a> {
+    pub fn origin<'a>(&self, o: Origin, base: &'a Checkpoint, deltas: &'a [Input]) -> Tensor<'a> {
         match o {
             Origin::Base => base.tensor(&self.name).expect("planned from the base"),
             Origin::Delta(d) => deltas[d].stored(&self.name),
@@ -146,7 +149,7 @@ impl TensorPlan {
     }
 
     /// The tensor as a [`Job`] for an engine, when it is computed rather than copied.
-    pub fn job<'a>(&'a self, base: &'a Checkpoint, deltas: &'a [Delta]) -> Option<Job<'a>> {
+    pub fn job<'a>(&'a self, base: &'a Checkpoint, deltas: &'a [Input<'_>]) -> Option<Job<'a>> {
         let Source::Compute {
             origin,
             from,
@@ -173,7 +176,7 @@ impl TensorPlan {
     pub fn ties_job<'a>(
         &'a self,
         base: &'a Checkpoint,
-        deltas: &'a [Delta],
+        deltas: &'a [Input<'_>],
         ties: &'a TiesParams,
     ) -> Option<Job<'a>> {
         let Source::Combine {
@@ -258,7 +261,7 @@ pub struct TiesParams {
 /// Decides, for every output tensor, where it comes from and what each delta contributes.
 pub fn plan(
     base: &Checkpoint,
-    deltas: &[Delta],
+    deltas: &[Input],
     opts: &MergeOptions,
     weight: &dyn Fn(usize) -> f64,
 ) -> Result<Vec<TensorPlan>> {
@@ -320,6 +323,7 @@ pub fn plan(
                         method: opts.method,
                         alpha: opts.alpha,
                         trim: opts.trim,
+                        normalize: opts.normalize,
                     };
                     (
                         to.dtype(),
@@ -374,7 +378,7 @@ pub fn plan(
 /// Plans the tensors new in the deltas: taken as they are (cast under --dtype), identical where
 /// several deltas carry them.
 fn plan_new_tensors(
-    deltas: &[Delta],
+    deltas: &[Input],
     out_float: &dyn Fn(Dtype) -> Option<Float>,
     plans: &mut Vec<TensorPlan>,
 ) -> Result<()> {
@@ -412,7 +416,7 @@ fn plan_new_tensors(
 /// Refuses a delta whose tensors do not fit `base`: one taken against a base that has a tensor
 /// this base lacks, a tensor new in the delta that the base already has, or another dtype or
 /// shape.
-fn check_against_base(base: &Checkpoint, deltas: &[Delta]) -> Result<()> {
+fn check_against_base(base: &Checkpoint, deltas: &[Input]) -> Result<()> {
     for d in deltas {
         let file = d.path().display();
         for (name, e) in d.entries() {
@@ -442,7 +446,7 @@ fn check_against_base(base: &Checkpoint, deltas: &[Delta]) -> Result<()> {
 
 /// Refuses two deltas that grow one tensor differently (docs/FORMAT.md section 12): to another
 /// shape, or with other new rows.
-fn same_growth(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
+fn same_growth(deltas: &[Input], a: usize, b: usize, name: &str) -> Result<()> {
     let (ea, eb) = (&deltas[a].entries()[name], &deltas[b].entries()[name]);
     let (da, db) = (deltas[a].path().display(), deltas[b].path().display());
     let (ga, gb) = (ea.tuned_shape(), eb.tuned_shape());
@@ -464,7 +468,7 @@ fn same_growth(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
 }
 
 /// Refuses two deltas that store different whole values for one tensor.
-fn same_whole(deltas: &[Delta], a: usize, b: usize, name: &str) -> Result<()> {
+fn same_whole(deltas: &[Input], a: usize, b: usize, name: &str) -> Result<()> {
     let (ea, eb) = (&deltas[a].entries()[name], &deltas[b].entries()[name]);
     if ea.kind != eb.kind
         || ea.dtype != eb.dtype

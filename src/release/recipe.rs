@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::format::Delta;
 use crate::io::Checkpoint;
+use crate::merge::Input as MergeInput;
 use crate::merge::{MergeOptions, Method};
 
 /// The recipe's file name in an output folder.
@@ -62,8 +62,15 @@ pub struct DeltaInput {
     pub slot: Option<String>,
     /// Its weight in the merge.
     pub weight: f64,
-    /// The fingerprint of the base it was taken against.
+    /// The fingerprint of the base it was taken against (for a fine-tune, the base merged).
     pub base_fingerprint: String,
+    /// `fine-tune` or `lora` for a fine-tune whose delta the merge took as it read it
+    /// (docs/FORMAT.md section 14); absent for a delta file.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind: Option<String>,
+    /// A fine-tune's NaN and infinite values were merged (`--allow-nonfinite`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub allow_nonfinite: bool,
 }
 
 /// Every parameter that shapes the output's bytes. Threads, `--device` and `--io` do not.
@@ -88,6 +95,14 @@ pub struct Parameters {
     /// The delta whose own files the output takes (`--files-from`; `apply` takes its delta's).
     #[serde(default)]
     pub files_from: Option<usize>,
+    /// `ties`: the disjoint mean (true), or the agreeing tasks' sum (a mergekit
+    /// configuration's `normalize: false`).
+    #[serde(default = "yes", skip_serializing_if = "Clone::clone")]
+    pub normalize: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A recipe: everything needed to make an output again.
@@ -130,7 +145,7 @@ impl Recipe {
         command: Vec<String>,
         base: &Checkpoint,
         base_fingerprint: &str,
-        deltas: &[Delta],
+        deltas: &[MergeInput],
         delta_fingerprints: &[String],
         opts: &MergeOptions,
         shard_size: u64,
@@ -154,7 +169,12 @@ impl Recipe {
                     density: p.interval.density(),
                     slot: p.slot.clone(),
                     weight: weight(d),
-                    base_fingerprint: delta.fingerprint(),
+                    base_fingerprint: match delta.delta() {
+                        Some(file) => file.fingerprint(),
+                        None => base_fingerprint.to_string(),
+                    },
+                    kind: delta.delta().is_none().then(|| delta.kind().to_string()),
+                    allow_nonfinite: delta.allows_nonfinite(),
                 }
             })
             .collect::<Vec<_>>();
@@ -179,6 +199,7 @@ impl Recipe {
                 force: opts.force,
                 shard_size,
                 files_from: opts.files_from,
+                normalize: opts.normalize,
             },
             deltas,
         }
@@ -242,6 +263,7 @@ impl Recipe {
             alpha: p.alpha,
             trim: p.trim,
             files_from: p.files_from,
+            normalize: p.normalize,
             ..MergeOptions::default()
         })
     }

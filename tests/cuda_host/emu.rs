@@ -4,7 +4,7 @@
 use super::*;
 
 /// Runs one launch of `job` through the emulated kernel: (status words, output bytes).
-pub fn emulate(h: &Path, l: &Launch, deltas: &[Delta], job: &Job) -> ([u64; 2], Vec<u8>) {
+pub fn emulate(h: &Path, l: &Launch, deltas: &[Input], job: &Job) -> ([u64; 2], Vec<u8>) {
     // Stage exactly as the GPU path does, then run the staged buffer.
     let lay = cuda::Layout::of(l, job.from, job.to);
     let mut buf = vec![0u8; lay.input_end];
@@ -115,7 +115,7 @@ pub fn run_staged(h: &Path, buf: &[u8], lay: &cuda::Layout, l: &Launch, job: &Jo
 /// overflow count with the CPU merge's (`cpu`, `report`); `what` names the case.
 pub fn pipeline_matches_the_cpu(
     h: &Path,
-    deltas: &[Delta],
+    deltas: &[Input],
     jobs: &[Job],
     slice: u64,
     cpu: &Checkpoint,

@@ -53,9 +53,9 @@ fn check_ties(h: &Path, c: &TiesCase, seed: u64) {
             own_files: false,
         };
         let out = d.join(format!("d{i}.safetensors"));
-        let tuned_ck = Checkpoint::open(&tp).unwrap();
+        let tuned_ck = Tuned::Checkpoint(Checkpoint::open(&tp).unwrap());
         extract(&base_ck, &tuned_ck, &Target::new(&out), &opts).unwrap();
-        deltas.push(Delta::open(&out).unwrap());
+        deltas.push(Delta::open(&out).unwrap().into());
     }
     let opts = MergeOptions {
         weights: c.weights.clone(),

@@ -962,8 +962,9 @@ def round_half_even(x):
     return int(np.rint(np.float64(x)))
 
 
-def ties_delta(taus, weights, alpha=DEFAULT_ALPHA, trim=DEFAULT_TRIM):
-    """METHODS.md `ties` steps 1-3 on one tensor, in f64, in the documented order.
+def ties_delta(taus, weights, alpha=DEFAULT_ALPHA, trim=DEFAULT_TRIM, normalize=True):
+    """METHODS.md `ties` steps 1-3 on one tensor, in f64, in the documented order; without
+    `normalize` (METHODS.md "Without normalization"), m = N.
 
     taus: list of T flat f64 arrays (one per task, task order); weights: T floats.
     Returns (am, qualifies): am = α · m per element (one rounding), and the boolean mask of the
@@ -994,7 +995,7 @@ def ties_delta(taus, weights, alpha=DEFAULT_ALPHA, trim=DEFAULT_TRIM):
         D = np.where(q, D + np.float64(w), D)
         any_q |= q
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = np.where(D == 0.0, 0.0, N / np.where(D == 0.0, 1.0, D))
+        m = np.where(D == 0.0, 0.0, N / np.where(D == 0.0, 1.0, D)) if normalize else N
     return np.float64(alpha) * m, any_q
 
 
@@ -1063,7 +1064,7 @@ def tsv_delta(taus, weights, shape, alpha=DEFAULT_ALPHA, svd=_svd):
 
 def merge_method(base_path, delta_paths, method="sum", weights=None, alpha=None, trim=None,
                  out_dtype=None, force=False, rescale=False, unbiased=True, delta_names=None,
-                 residuals=None):
+                 residuals=None, normalize=True):
     """The tensors `merge --method METHOD` must write: {name: (dtype, shape, raw bytes)}, like
     merge().
 
@@ -1114,7 +1115,7 @@ def merge_method(base_path, delta_paths, method="sum", weights=None, alpha=None,
                 else np.zeros(bv.size, dtype=np.float64) for t in range(len(deltas))]
         ws = weights
         if method == "ties":
-            am, q = ties_delta(taus, ws, alpha, trim)
+            am, q = ties_delta(taus, ws, alpha, trim, normalize)
             # Where a task qualifies: round(b + α·m); elsewhere the base element as sum leaves it
             # (its own bits when the dtype is unchanged, else round(b)).
             val = np.where(q, bv + am, bv)

@@ -632,7 +632,7 @@ class TestBinaryTies:
         assert_same_tensors(got, want, f"ties {variant} {opts}")
 
 
-def _ties_weighted_sign(taus, weights, alpha=ref.DEFAULT_ALPHA, trim=ref.DEFAULT_TRIM):
+def _ties_weighted_sign(taus, weights, alpha=ref.DEFAULT_ALPHA, trim=ref.DEFAULT_TRIM, normalize=True):
     """The other reading of ties step 3 (not METHODS.md's): a task qualifies where w_t·τ̃_t has
     the elected sign. Only used to show that test_ties_negative_weight can tell them apart."""
     n = taus[0].size
@@ -646,7 +646,7 @@ def _ties_weighted_sign(taus, weights, alpha=ref.DEFAULT_ALPHA, trim=ref.DEFAULT
         wt = w * tt
         q = (wt != 0) & np.where(S >= 0, wt > 0, wt < 0)
         N, D, any_q = np.where(q, N + wt, N), np.where(q, D + w, D), any_q | q
-    m = np.where(D == 0, 0.0, N / np.where(D == 0, 1.0, D))
+    m = np.where(D == 0, 0.0, N / np.where(D == 0, 1.0, D)) if normalize else N
     return alpha * m, any_q
 
 

@@ -12,7 +12,7 @@ use super::compile::{
 use super::launch::{Launch, Layout, SlotDevice, WriteFn, plan_slices, run_pipeline};
 use super::{BLOCK, MAX_SLICE};
 use crate::dtype::Float;
-use crate::format::Delta;
+use crate::merge::Input;
 use crate::merge::plan::{Job, TILE};
 
 /// A usable CUDA device with the kernels loaded.
@@ -163,7 +163,7 @@ impl Backend {
     /// and kernels overlap across tensor boundaries too.
     pub fn merge_tensors(
         &self,
-        deltas: &[Delta],
+        deltas: &[Input],
         jobs: &[Job],
         write: &WriteFn<'_>,
     ) -> Result<Vec<u64>> {
@@ -180,7 +180,7 @@ impl Backend {
 
     fn merge_tensors_inner(
         &self,
-        deltas: &[Delta],
+        deltas: &[Input],
         jobs: &[Job],
         write: &WriteFn<'_>,
     ) -> Result<Vec<u64>> {

@@ -10,8 +10,8 @@ use anyhow::{Result, anyhow, bail};
 
 use super::{MAX_TERMS, TERM_WORDS};
 use crate::dtype::Float;
-use crate::format::Delta;
 use crate::io::{PIECE, Tensor};
+use crate::merge::Input;
 use crate::merge::plan::{Job, TILE, Term};
 
 /// One term's descriptor: the kernel's calling convention for a term (`SOTU_TERM_WORDS` u64
@@ -138,7 +138,7 @@ impl Launch {
 
 /// Cuts the tensor of `job` into slices of at most `slice` elements (a multiple of [`TILE`])
 /// and prepares each slice's kernel inputs.
-pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> {
+pub fn launches(deltas: &[Input], job: &Job, slice: u64) -> Result<Vec<Launch>> {
     let &Job {
         name,
         numel,
@@ -164,9 +164,12 @@ pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> 
         .iter()
         .map(|t| t.masked.then(|| deltas[t.delta].chunks(name)))
         .collect();
+    if chunks.iter().flatten().any(|c| c.offsets().is_none()) {
+        bail!("tensor {name}: a fine-tune's term is computed on the CPU, not the GPU");
+    }
     let mut rankers: Vec<_> = chunks
         .iter()
-        .map(|c| c.as_ref().map(|c| c.ranker()))
+        .map(|c| c.as_ref().and_then(|c| c.ranker()))
         .collect();
     let mut out = Vec::new();
     let mut first = 0;
@@ -200,7 +203,8 @@ pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> 
                 let r = rk.at(first + b * TILE);
                 l.ranks.push(r);
             }
-            let kept = *c.offsets.last().unwrap();
+            let offsets = c.offsets().expect("checked above");
+            let kept = *offsets.last().unwrap();
             // The values this slice reads. Clamped, so that a corrupt file cannot send the
             // upload out of the stored tensor; the kernel then reports the chunk.
             let vlo = l.ranks[desc.rpos as usize].min(kept);
@@ -211,7 +215,7 @@ pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> 
             desc.opos = l.offsets.len() as u64;
             desc.j0 = j0;
             l.offsets
-                .extend_from_slice(&c.offsets[j0 as usize..=jl as usize + 1]);
+                .extend_from_slice(&offsets[j0 as usize..=jl as usize + 1]);
             debug_assert!(vhi as usize * size <= deltas[term.delta].stored(name).len());
             l.push_term(desc, vlo as usize * size..vhi as usize * size, size);
         }
@@ -223,7 +227,7 @@ pub fn launches(deltas: &[Delta], job: &Job, slice: u64) -> Result<Vec<Launch>> 
 
 /// Turns a kernel's status words into the merge's result: the error of the reported chunk, or
 /// the overflow count.
-pub fn check_status(deltas: &[Delta], name: &str, terms: &[Term], status: [u64; 2]) -> Result<u64> {
+pub fn check_status(deltas: &[Input], name: &str, terms: &[Term], status: [u64; 2]) -> Result<u64> {
     if status[0] != u64::MAX {
         let t = (status[0] & 0xffff) as usize;
         let j = status[0] >> 16;
@@ -287,7 +291,7 @@ impl Layout {
 /// the GPU path and the emulation test.
 pub fn stage(
     l: &Launch,
-    deltas: &[Delta],
+    deltas: &[Input],
     terms: &[Term],
     name: &str,
     base: Tensor,
@@ -319,7 +323,7 @@ pub type WriteFn<'a> = dyn Fn(&str, u64, &[u8]) -> Result<()> + Sync + 'a;
 /// Every slice of every job, in order, `(job index, launch)`; `slice(job)` gives the job's
 /// slice size. Only offsets and ranks are held: small.
 pub fn plan_slices(
-    deltas: &[Delta],
+    deltas: &[Input],
     jobs: &[Job],
     slice: impl Fn(&Job) -> Result<u64>,
 ) -> Result<Vec<(usize, Launch)>> {
@@ -351,7 +355,7 @@ pub trait SlotDevice {
 /// device's work in the other, across tensor boundaries too. Returns each job's overflow count.
 pub fn run_pipeline(
     dev: &mut dyn SlotDevice,
-    deltas: &[Delta],
+    deltas: &[Input],
     jobs: &[Job],
     all: &[(usize, Launch)],
     write: &WriteFn<'_>,
