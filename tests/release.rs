@@ -595,3 +595,73 @@ fn finalize_refuses_missing_or_foreign_parts_naming_them() {
     run(d, &format!("{WHOLE} --part 3/3 -o x")).usage_error(&["--part"]);
     run(d, &format!("{WHOLE} --part 1 -o x")).usage_error(&["--part"]);
 }
+
+/// Fine-tunes given in place of delta files (docs/FORMAT.md section 14) are inputs of the
+/// recipe like any other: recorded with their kind, seed and interval (a fine-tune's delta is
+/// taken against the base merged, so its base fingerprint is that base's), named as such on the
+/// card, replayed to the same weights, refused when they changed (an adapter's configuration
+/// included, since it scales the product), and gathered by `finalize` from parts.
+#[test]
+fn fine_tunes_and_adapters_in_a_recipe_are_recorded_replayed_and_finalized() {
+    let dir = setup();
+    let d = dir.path();
+    let mixed = "merge --base base --tuned t1.safetensors d2.st --tuned t3.safetensors --seed 7 --density 0.5 --shard-size 12KB";
+    ok(d, &format!("{mixed} -o m"));
+    let r = recipe(&d.join("m"));
+    let inputs = r["deltas"].as_array().unwrap();
+    assert_eq!(inputs[0]["kind"], "fine-tune", "{r}");
+    assert_eq!(
+        (inputs[0]["seed"].as_u64(), inputs[2]["seed"].as_u64()),
+        (Some(7), Some(8))
+    );
+    assert!(
+        inputs[1].get("kind").is_none(),
+        "a delta file has no kind: {r}"
+    );
+    assert_eq!(inputs[0]["base_fingerprint"], r["base"]["fingerprint"]);
+    let body = card(&d.join("m/README.md")).1;
+    assert!(
+        body.contains("| fine-tune `t1.safetensors` | 7 |"),
+        "{body}"
+    );
+    assert!(body.contains("| delta `d2.st` |"), "{body}");
+    ok(d, "merge --recipe m/sotu-delta.json -o m-again");
+    assert!(weights(&d.join("m-again")) == weights(&d.join("m")));
+
+    // In parts: the same files as the whole merge.
+    let want = without_command(&d.join("m"));
+    for k in 0..2 {
+        ok(d, &format!("{mixed} --part {k}/2 -o p"));
+    }
+    ok(d, "finalize p");
+    assert!(
+        without_command(&d.join("p")) == want,
+        "parts with fine-tunes"
+    );
+    assert_eq!(recipe(&d.join("p"))["deltas"], r["deltas"]);
+
+    // A LoRA adapter applied, then replayed; a changed configuration is refused.
+    let fx = root().join("fixtures/tiny/lora-bf16");
+    fs::create_dir(d.join("adapter")).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        fs::copy(fx.join(f), d.join("adapter").join(f)).unwrap();
+    }
+    ok(d, "apply --base base adapter -o a");
+    let r = recipe(&d.join("a"));
+    assert_eq!(r["deltas"][0]["kind"], "lora", "{r}");
+    ok(d, "merge --recipe a/sotu-delta.json -o a-again");
+    assert!(weights(&d.join("a-again")) == weights(&d.join("a")));
+    let config = d.join("adapter/adapter_config.json");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace("\"lora_alpha\": 8", "\"lora_alpha\": 16"),
+    )
+    .unwrap();
+    refused(
+        d,
+        "merge --recipe a/sotu-delta.json -o a-changed",
+        "a-changed",
+        &["adapter", "recipe"],
+    );
+}

@@ -198,7 +198,9 @@ fn body(s: &mut String, r: &Recipe, base_model: &str) {
     for d in &r.deltas {
         let _ = writeln!(
             s,
-            "| delta `{}` | {} | {:.6} | {} | {} | `{}` |",
+            "| {} `{}` | {} | {:.6} | {} | {} | `{}` |",
+            // A fine-tune's delta was taken as the merge read it (docs/FORMAT.md section 14).
+            d.kind.as_deref().unwrap_or("delta"),
             d.input.path,
             d.seed,
             d.density,
