@@ -2258,6 +2258,14 @@ fn io_read_gives_the_bytes_of_mmap_for_every_subcommand() {
             "iso.st",
         ),
         ("merge --method tsv --base base d2dir d3dir -o", "tsv.st"),
+        (
+            "merge --base base --tuned t1 d2dir --tuned t3 --density 0.5 --seed 3 --shard-size 40KiB -o",
+            "tuned",
+        ),
+        (
+            "merge --method ties --base base.safetensors --tuned t1 --tuned t3 -o",
+            "tuned-ties.st",
+        ),
         ("apply --base base d2dir -o", "a"),
         (
             "apply --base base.safetensors d1.safetensors --no-rescale -o",

@@ -161,6 +161,13 @@ def check_extract(base_path, base, folder, tmp_path):
     assert inexact == 0, "test design: a kept value the merge arithmetic cannot give back"
     for name, w in want.items():
         assert got[name] == (w.dtype, w.shape, w.data), f"{name}: apply is not the fine-tune"
+    # Positional reads (--io read) form the same product as the memory maps.
+    read_delta, read_out = tmp_path / "lora.read.safetensors", tmp_path / "applied.read.safetensors"
+    run_bin("--io", "read", "extract", "-q", "--base", base_path, "--tuned", folder, "-o", read_delta,
+            "--density", "1")
+    assert read_delta.read_bytes() == delta_path.read_bytes(), "extract --io read wrote another delta"
+    run_bin("--io", "read", "apply", "-q", "--base", base_path, folder, "-o", read_out)
+    assert read_out.read_bytes() == out.read_bytes(), "apply --io read wrote other bytes"
     return delta_path
 
 
