@@ -357,17 +357,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Apply(a) => {
             // The one delta's unbiased estimate by default (docs/METHODS.md, README).
             // The fine-tune's own files replace the base's (docs/FORMAT.md section 13).
-            // A LoRA adapter is applied as the fine-tune it stands for (docs/LORA.md).
-            let input = if crate::tuned::lora::is_adapter(&a.delta) {
-                InputSpec::fine_tune(&a.delta)
-            } else {
-                InputSpec::Delta(a.delta.clone())
-            };
             let spec = MergeSpec {
                 rescale: !a.no_rescale,
                 files_from: Some(0),
                 operation: Operation::Apply,
-                deltas: vec![input],
+                deltas: vec![InputSpec::applied(&a.delta)],
                 ..MergeSpec::new(&a.base, &[])
             };
             let spec = a.common.spec(spec);

@@ -323,6 +323,15 @@ pub enum InputSpec {
 }
 
 impl InputSpec {
+    /// What `apply` takes: a delta, or a PEFT LoRA adapter folder, applied as the fine-tune it
+    /// stands for (docs/LORA.md).
+    pub fn applied(path: &Path) -> InputSpec {
+        match crate::tuned::lora::is_adapter(path) {
+            true => InputSpec::fine_tune(path),
+            false => InputSpec::Delta(path.to_path_buf()),
+        }
+    }
+
     /// A fine-tune taken whole (density 1, the default seed): what `apply` of an adapter
     /// rebuilds.
     pub fn fine_tune(path: &Path) -> InputSpec {

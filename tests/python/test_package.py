@@ -173,6 +173,20 @@ def test_apply_matches_the_cli(tmp_path, deltas):
         assert {n: a.tobytes() for n, a in mem.items()} == {n: t[2] for n, t in file_tensors.items()}
 
 
+def test_adapters_apply_and_extract_as_in_the_cli(tmp_path):
+    """A PEFT LoRA adapter folder is a fine-tune for extract and a delta for apply (docs/LORA.md),
+    in Python as on the command line."""
+    adapter = FIX / "lora-bf16"
+    got = sotu_delta.apply(BASE, adapter, tmp_path / "py.safetensors", quiet=True)
+    want = cli_json("apply", "--base", BASE, adapter, "-o", tmp_path / "cli.safetensors")
+    same_files(tmp_path / "py.safetensors", tmp_path / "cli.safetensors")
+    assert got["changed"] == want["changed"] > 0
+    sotu_delta.extract(BASE, adapter, tmp_path / "py.delta.safetensors", density=0.5, quiet=True)
+    cli("extract", "--base", BASE, "--tuned", adapter, "--density", "0.5", "-o",
+        tmp_path / "cli.delta.safetensors", "-q")
+    same_files(tmp_path / "py.delta.safetensors", tmp_path / "cli.delta.safetensors")
+
+
 def test_folder_output_matches_the_cli(tmp_path, deltas):
     got = sotu_delta.merge(BASE, deltas, tmp_path / "py", shard_size="100KB", quiet=True)
     cli("merge", "--base", BASE, *deltas, "-o", tmp_path / "cli", "--shard-size", "100KB", "-q")

@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyDict};
 use rayon::ThreadPool;
 use sotu_delta::io::{AlignedBytes, Cancel, Checkpoint, MemoryImage, MemoryTensor, OutTensor};
 use sotu_delta::merge::{Device, Method};
-use sotu_delta::ops::{self, ExtractSpec, Flags, MergeSpec, Outcome, UsageError};
+use sotu_delta::ops::{self, ExtractSpec, Flags, InputSpec, MergeSpec, Outcome, UsageError};
 use sotu_delta::release::Operation;
 
 pyo3::import_exception!(sotu_delta, SotuDeltaError);
@@ -292,6 +292,9 @@ fn merge(
     threads: Option<usize>,
     apply: bool,
 ) -> PyResult<(String, Vec<String>, Vec<String>)> {
+    let stated = merge_spec(
+        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
+    )?;
     let spec = MergeSpec {
         files_from,
         operation: if apply {
@@ -299,9 +302,16 @@ fn merge(
         } else {
             Operation::Merge
         },
-        ..merge_spec(
-            base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-        )?
+        // `apply` also takes a LoRA adapter folder, as the command line does.
+        deltas: match apply {
+            true => stated
+                .deltas
+                .iter()
+                .map(|d| InputSpec::applied(d.path()))
+                .collect(),
+            false => stated.deltas.clone(),
+        },
+        ..stated
     };
     let flags = flags(quiet, no_sync);
     let outcome = run_detached(py, threads, &flags.cancel, || {

@@ -210,7 +210,8 @@ def apply(
     no_sync=False,
     threads=None,
 ):
-    """Add one delta onto its base and write the fine-tune to ``out`` (``sotu-delta apply``).
+    """Add one delta (or a PEFT LoRA adapter folder, applied as its fine-tune) onto its base and
+    write the fine-tune to ``out`` (``sotu-delta apply``).
     Returns the ``--json`` summary. ``rescale=False`` is ``--no-rescale``: kept values exact,
     the base elsewhere. A folder output gets the delta's own files (config, tokenizer)."""
     return _finish(
