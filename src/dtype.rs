@@ -149,7 +149,7 @@ impl Float {
     /// The smallest magnitude that rounds to ±infinity in this dtype: the largest finite value
     /// plus half an ulp (ties go to even, which is infinity); infinity itself for f64.
     #[inline(always)]
-    fn overflow_limit(self) -> f64 {
+    pub(crate) fn overflow_limit(self) -> f64 {
         match self {
             Float::F16 => 65520.0,
             Float::BF16 => (2.0 - 2f64.powi(-8)) * 2f64.powi(127),

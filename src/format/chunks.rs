@@ -149,7 +149,7 @@ impl<'a> Chunks<'a> {
     }
 }
 
-impl Chunks<'_> {
+impl<'a> Chunks<'a> {
     /// The error for chunk `ci`, whose walk found `kept` values where its offsets say
     /// otherwise.
     pub fn corrupt(&self, ci: u64, kept: u64) -> anyhow::Error {
@@ -248,29 +248,82 @@ impl Chunks<'_> {
         size: usize,
         range: Range<u64>,
         tile_words: Option<&[u64]>,
-        mut visit: impl FnMut(usize, u64, &[u8]),
+        visit: impl FnMut(usize, u64, &[u8]),
     ) -> Result<()> {
-        let (offsets, values, first, loaded) = match &self.values {
-            Values::Stored {
-                offsets,
-                values,
-                first,
-                loaded,
-            } => (*offsets, *values, *first, loaded),
+        match &self.values {
+            Values::Stored { .. } => self.walk_stored(size, range, tile_words, visit).map(|_| ()),
             Values::Tuned {
                 tensor,
                 allow_nonfinite,
-            } => {
-                return self.walk_dense(
-                    &**tensor,
-                    *allow_nonfinite,
-                    size,
-                    range,
-                    tile_words,
-                    visit,
-                );
+            } => self.walk_dense(&**tensor, *allow_nonfinite, size, range, tile_words, visit),
+        }
+    }
+
+    /// The kept values of `range` in one run, and their keep words into `words` (one per 64
+    /// elements of `range`: bit `k` of word `w` is element `range.start + 64·w + k`): the bits
+    /// and values [`Chunks::for_each_kept_word`] walks, so that a kernel can take every term's
+    /// values of one word at once. The run holds the values in element order, `size` bytes
+    /// each (word `w`'s follow those of the words before it): a delta file's borrowed from the
+    /// values read, a fine-tune's gathered into `gathered`.
+    pub fn kept_run<'b>(
+        &self,
+        size: usize,
+        range: Range<u64>,
+        tile_words: Option<&[u64]>,
+        words: &mut Vec<u64>,
+        gathered: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8]>
+    where
+        'a: 'b,
+    {
+        words.clear();
+        words.resize((range.end - range.start).div_ceil(64) as usize, 0);
+        let mut put = |k0: usize, word: u64| {
+            // Words of a chunk size that is not a multiple of 64 straddle two of ours.
+            let (w, shift) = (k0 / 64, k0 % 64);
+            words[w] |= word << shift;
+            if shift != 0 && w + 1 < words.len() {
+                words[w + 1] |= word >> (64 - shift);
             }
         };
+        match self.values {
+            Values::Stored { values, first, .. } => {
+                let (j0, j1) =
+                    self.walk_stored(size, range, tile_words, |k0, word, _| put(k0, word))?;
+                let at = |j: u64| (j - first) as usize * size;
+                Ok(&values[at(j0)..at(j1)])
+            }
+            Values::Tuned { .. } => {
+                gathered.clear();
+                self.for_each_kept_word(size, range, tile_words, |k0, word, values| {
+                    put(k0, word);
+                    gathered.extend_from_slice(values);
+                })?;
+                Ok(gathered)
+            }
+        }
+    }
+
+    /// [`Chunks::for_each_kept_word`] over a delta file's stored values; returns the value
+    /// indices of the first kept element of `range` and of the one past its last.
+    #[inline]
+    fn walk_stored(
+        &self,
+        size: usize,
+        range: Range<u64>,
+        tile_words: Option<&[u64]>,
+        mut visit: impl FnMut(usize, u64, &[u8]),
+    ) -> Result<(u64, u64)> {
+        let Values::Stored {
+            offsets,
+            values,
+            first,
+            loaded,
+        } = &self.values
+        else {
+            unreachable!("called on stored values only");
+        };
+        let (offsets, values, first) = (*offsets, *values, *first);
         debug_assert!(
             range.is_empty() || (loaded.start <= range.start && range.end <= loaded.end),
             "tensor {}: elements {range:?} walked with the values of {loaded:?} read",
@@ -280,6 +333,7 @@ impl Chunks<'_> {
         let lo = range.start;
         let mut ci = lo / chunk;
         let mut j = offsets[ci as usize] + self.mask.count_kept(ci * chunk..lo);
+        let start = j;
         let mut pos = lo;
         while pos < range.end {
             let chunk_end = self.numel.min((ci + 1) * chunk);
@@ -327,7 +381,7 @@ impl Chunks<'_> {
             pos = end;
             ci += 1;
         }
-        Ok(())
+        Ok((start, j))
     }
 }
 

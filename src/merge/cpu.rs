@@ -19,7 +19,7 @@ use crate::dtype::elem::Elem;
 use crate::io::Checkpoint;
 use crate::io::Sink;
 use crate::mask::Mask;
-use crate::simd::Kept;
+use crate::simd::{Kept, TermRun};
 
 use super::Input;
 use super::plan::{Job, Source, TILE, TensorPlan, Term};
@@ -107,6 +107,9 @@ struct Scratch {
     words: Vec<Vec<u64>>,
     /// Mask values shared by terms of one seed.
     us: Vec<u32>,
+    /// Each term's keep words over a tile as its chunk walk gives them, and its kept values
+    /// where they are gathered (a fine-tune's, an unmasked term's), for the fused path.
+    runs: Vec<(Vec<u64>, Vec<u8>)>,
 }
 
 /// The keep words of every masked term over the tile `range` (which lies within one block of
@@ -198,6 +201,27 @@ fn compute<E: Elem>(
             lo = hi;
             continue;
         }
+        if to == E::FLOAT {
+            // Each term's keep words and kept values over the tile, then the output a word at
+            // a time, its f64 sums in registers.
+            s.runs.resize_with(terms.len(), Default::default);
+            let mut runs = Vec::with_capacity(terms.len());
+            let each = terms
+                .iter()
+                .zip(&s.words)
+                .zip(&mut s.stored)
+                .zip(&mut s.runs);
+            for (((term, words), buf), (run, gathered)) in each {
+                let delta = &deltas[term.delta];
+                let range = lo..hi;
+                runs.push(term_run::<E>(
+                    delta, name, term, range, words, buf, run, gathered,
+                )?);
+            }
+            overflows += crate::simd::merge_tile::<E>(simd.as_ref(), tile, &runs, out);
+            lo = hi;
+            continue;
+        }
         s.acc.clear();
         // −0.0 is the additive identity (docs/FORMAT.md section 8).
         s.acc.resize(n, -0.0);
@@ -215,51 +239,15 @@ fn compute<E: Elem>(
             };
             add_term::<E>(&deltas[term.delta], name, term, words, &mut tile, buf)?;
         }
-        if to == E::FLOAT {
-            overflows += finish_same::<E>(tile, &s.acc, &s.touched, out);
-        } else {
-            for (a, &b) in s.acc.iter_mut().zip(&s.base) {
-                *a += b;
-                overflows += to.becomes_nonfinite(b, *a) as u64;
-            }
-            to.store_all(&s.acc, &mut s.sub);
-            out.copy_from_slice(&s.sub);
+        for (a, &b) in s.acc.iter_mut().zip(&s.base) {
+            *a += b;
+            overflows += to.becomes_nonfinite(b, *a) as u64;
         }
+        to.store_all(&s.acc, &mut s.sub);
+        out.copy_from_slice(&s.sub);
         lo = hi;
     }
     Ok(overflows)
-}
-
-crate::simd::multiversioned! {
-    /// One tile's output in the base's own dtype: each touched element is `round(b + acc)`, each
-    /// untouched one keeps the base's bits unchanged (docs/FORMAT.md section 8). Returns how many
-    /// results are infinite or NaN where the base is finite. A select per element rather than a
-    /// branch, so that it vectorizes; compiled for AVX-512, AVX2 and the baseline, chosen at run
-    /// time.
-    fn finish_same<E: Elem>(tile: &[u8], acc: &[f64], touched: &[u64], out: &mut [u8]) -> u64 {
-        let mut overflows = 0u64;
-        let words = tile
-            .chunks(64 * E::SIZE)
-            .zip(out.chunks_mut(64 * E::SIZE))
-            .zip(acc.chunks(64))
-            .zip(touched);
-        for (((b, o), a), &word) in words {
-            for (k, ((b, o), &a)) in b
-                .chunks_exact(E::SIZE)
-                .zip(o.chunks_exact_mut(E::SIZE))
-                .zip(a)
-                .enumerate()
-            {
-                let bits = E::bits(b);
-                let base = E::value(bits);
-                let x = base + a;
-                let hit = (word >> k) & 1 != 0;
-                overflows += (hit & E::FLOAT.becomes_nonfinite(base, x)) as u64;
-                E::put(o, if hit { E::round(x) } else { bits });
-            }
-        }
-        overflows
-    }
 }
 
 /// Whether no element of the tile is kept by two of `words` (one keep-word list per term, over
@@ -312,6 +300,47 @@ fn settle<E: Elem>(
         }
     }
     overflows
+}
+
+/// A term's keep words (into `words`) and kept values over the tile `range`, for
+/// [`crate::simd::merge_tile`]: a masked term's from the chunk walk (its mask's words over the
+/// tile are `tile_words`), an unmasked term's every element. A delta file's values are read
+/// into `buf` and taken from there (or from its map); a fine-tune's are gathered into
+/// `gathered`, as are an unmasked term's.
+#[allow(clippy::too_many_arguments)]
+fn term_run<'a, E: Elem>(
+    delta: &'a Input,
+    name: &'a str,
+    term: &Term,
+    range: std::ops::Range<u64>,
+    tile_words: &[u64],
+    buf: &'a mut Vec<u8>,
+    words: &'a mut Vec<u64>,
+    gathered: &'a mut Vec<u8>,
+) -> Result<TermRun<'a>> {
+    let values = if term.masked {
+        let chunks = delta.chunks_in(name, range.clone(), buf)?;
+        chunks.kept_run(E::SIZE, range, Some(tile_words), words, gathered)?
+    } else {
+        let n = (range.end - range.start) as usize;
+        words.clear();
+        words.resize(n.div_ceil(64), !0);
+        if !n.is_multiple_of(64) {
+            // Bits past the tile's end must stay clear: they index no element.
+            *words.last_mut().unwrap() = (1u64 << (n % 64)) - 1;
+        }
+        delta.with_whole_values(name, E::FLOAT, range, buf, |v| {
+            gathered.clear();
+            gathered.extend_from_slice(v);
+            Ok(())
+        })?;
+        gathered
+    };
+    Ok(TermRun {
+        words,
+        values,
+        coeff: term.coeff,
+    })
 }
 
 /// One tile of a tensor being computed.

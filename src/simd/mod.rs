@@ -2,7 +2,10 @@
 //! they give the same bits, with the one run-time detection of what the CPU has ([`isa`]) and
 //! the one list of targets of the multiversioned loops (`multiversioned!`).
 //!
-//! - [`add`]: merge, general path: the expansion of a mask word's kept values to their places
+//! - [`fused`]: merge, general path, output in the base's dtype: a tile's output a word at a
+//!   time, the base, each term's expanded values and their f64 sums in registers, then rounded
+//!   once on whole vectors ([`merge_tile`], [`Kept::merge_tile`]);
+//! - [`add`]: merge, general path, output cast to another dtype: the expansion of a mask word's kept values to their places
 //!   (`vpexpandw`/`vpexpandd`), then f64 arithmetic 8 lanes at a time, masked, in the same IEEE
 //!   operations as the scalar loop ([`add_word`], [`Kept::add_word`]);
 //! - [`place`](mod@place): merge, placing path: the expansion of kept values into a buffer
@@ -17,12 +20,13 @@
 //! the mask, in `mask::keep`, built the same way from [`isa`] and `multiversioned!`: this module
 //! depends on no other of the crate but `dtype`.
 //!
-//! The functions the callers use ([`add_word`], [`place()`], [`gather`], [`settle_word`],
+//! The functions the callers use ([`merge_tile`], [`add_word`], [`place()`], [`gather`], [`settle_word`],
 //! [`chunk_sums`]) take the AVX-512 path
 //! where the CPU has it (checked once per tile or chunk: a [`Kept`] handle, or [`isa::avx512`])
 //! and the portable loop everywhere else, or under `SOTU_DELTA_SCALAR=1`.
 
 pub mod add;
+pub mod fused;
 pub mod isa;
 pub mod place;
 pub mod settle;
@@ -31,6 +35,7 @@ pub mod sums;
 mod x86;
 
 pub use add::add_word;
+pub use fused::{TermRun, merge_tile};
 pub use place::{gather, place};
 pub use settle::settle_word;
 pub use sums::{SUMS, Sums, chunk_sums};
