@@ -257,8 +257,6 @@ mod avx512 {
                 t.values.as_ptr()
             })
             .collect();
-        let limit = _mm512_set1_pd(float.overflow_limit());
-        let inf = _mm512_set1_pd(f64::INFINITY);
         let mut overflows = 0u64;
         for w in 0..n.div_ceil(64) {
             // The word's elements: all 64 but in the tile's last word.
@@ -303,6 +301,8 @@ mod avx512 {
                 }
                 touched |= word;
             }
+            // `Float::becomes_nonfinite`, read off the bits: a result rounds to infinity or
+            // NaN exactly where `!(|x| < overflow_limit)`, and the base is finite.
             let mut over = 0u64;
             for g in 0..4 {
                 let (hit, m) = ((touched >> (16 * g)) as u16, (live >> (16 * g)) as u16);
@@ -310,16 +310,8 @@ mod avx512 {
                     _mm512_add_pd(b[2 * g], acc[2 * g]),
                     _mm512_add_pd(b[2 * g + 1], acc[2 * g + 1]),
                 ];
-                let mut nan = 0u16;
-                for e in 0..2 {
-                    let lanes = (hit >> (8 * e)) as u8;
-                    // `Float::becomes_nonfinite`: |b| < inf and not |x| < limit.
-                    let big =
-                        _mm512_mask_cmp_pd_mask::<_CMP_NLT_UQ>(lanes, _mm512_abs_pd(x[e]), limit);
-                    let finite = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(_mm512_abs_pd(b[2 * g + e]), inf);
-                    over |= ((big & finite) as u64) << (16 * g + 8 * e);
-                    nan |= (_mm512_cmp_pd_mask::<_CMP_UNORD_Q>(x[e], x[e]) as u16) << (8 * e);
-                }
+                let nan = _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(x[0], x[0]) as u16
+                    | (_mm512_cmp_pd_mask::<_CMP_UNORD_Q>(x[1], x[1]) as u16) << 8;
                 // SAFETY: masked loads and stores of the live elements.
                 unsafe {
                     if float == Float::F32 {
@@ -337,7 +329,11 @@ mod avx512 {
                             nan,
                             _mm512_set1_epi32(0x7fc0_0000),
                         );
-                        let r = _mm512_mask_blend_epi32(hit, _mm512_maskz_loadu_epi32(m, p), r);
+                        let old = _mm512_maskz_loadu_epi32(m, p);
+                        let all = _mm512_set1_epi32(0x7f80_0000);
+                        let nonfinite = |x| _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, all), all);
+                        over |= ((hit & nonfinite(r) & !nonfinite(old)) as u64) << (16 * g);
+                        let r = _mm512_mask_blend_epi32(hit, old, r);
                         _mm512_mask_storeu_epi32(b_out.add(64 * g) as *mut i32, m, r);
                     } else {
                         let odd = _mm512_inserti64x4::<1>(
@@ -362,8 +358,12 @@ mod avx512 {
                             >(_mm512_castsi512_ps(odd));
                             _mm256_mask_mov_epi16(r, nan, _mm256_set1_epi16(0x7e00))
                         };
-                        let p = b_in.add(32 * g) as *const i16;
-                        let r = _mm256_mask_blend_epi16(hit, _mm256_maskz_loadu_epi16(m, p), r);
+                        let old = _mm256_maskz_loadu_epi16(m, b_in.add(32 * g) as *const i16);
+                        let all =
+                            _mm256_set1_epi16(if float == Float::BF16 { 0x7f80 } else { 0x7c00 });
+                        let nonfinite = |x| _mm256_cmpeq_epi16_mask(_mm256_and_si256(x, all), all);
+                        over |= ((hit & nonfinite(r) & !nonfinite(old)) as u64) << (16 * g);
+                        let r = _mm256_mask_blend_epi16(hit, old, r);
                         _mm256_mask_storeu_epi16(b_out.add(32 * g) as *mut i16, m, r);
                     }
                 }
@@ -484,7 +484,10 @@ mod tests {
                     assert_eq!((&got, over), (&want, want_over), "{float:?} merge_tile");
                 }
             }
-            assert!(float == Float::F64 || overflowed > 0, "{float:?}: no sum overflowed");
+            assert!(
+                float == Float::F64 || overflowed > 0,
+                "{float:?}: no sum overflowed"
+            );
         }
     }
 }
