@@ -106,13 +106,16 @@ mod portable {
                     add_word::<E>(None, 0, word, values, &b, &mut acc, &mut touched, t.coeff);
                     *at += len;
                 }
-                // A select per element rather than a branch, so that it vectorizes.
+                // A select per element rather than a branch, so that it vectorizes (the base
+                // is read again from its bits, which keeps it so).
                 let elems = base.chunks_exact(E::SIZE).zip(out.chunks_exact_mut(E::SIZE));
-                for (k, ((e, o), (&b, &a))) in elems.zip(b.iter().zip(&acc)).enumerate() {
+                for (k, ((e, o), &a)) in elems.zip(&acc).enumerate() {
+                    let bits = E::bits(e);
+                    let b = E::value(bits);
                     let x = b + a;
                     let hit = (touched[0] >> k) & 1 != 0;
                     overflows += (hit & E::FLOAT.becomes_nonfinite(b, x)) as u64;
-                    E::put(o, if hit { E::round(x) } else { E::bits(e) });
+                    E::put(o, if hit { E::round(x) } else { bits });
                 }
             }
             for (t, at) in terms.iter().zip(at) {
