@@ -6,10 +6,13 @@
 //! (hashed once per seed); then, where no element is kept by two deltas and every coefficient
 //! is 1 (an apply, or a merge of disjoint slots), the kept values are placed at their elements
 //! and one pass takes each as the result where `Elem::replaces` shows the f64 arithmetic would
-//! give it back unchanged, computing only the rest; elsewhere the kept values are expanded into
-//! an f64 accumulator and one pass adds the base and rounds. Both give the same bits; the
-//! AVX-512 kernels are in [`crate::simd`]. Every output element depends only on its own
-//! inputs, so the output is the same for any thread count or tiling.
+//! give it back unchanged, computing only the rest; elsewhere, in the base's dtype, each term's
+//! keep words and kept values over the tile go to one kernel that computes the output 64
+//! elements at a time, its f64 sums in registers ([`crate::simd::merge_tile`]); and under
+//! `--dtype`, the kept values are expanded into an f64 accumulator and one pass adds the base
+//! and rounds to the output dtype. All give the same bits; the AVX-512 kernels are in
+//! [`crate::simd`]. Every output element depends only on its own inputs, so the output is the
+//! same for any thread count or tiling.
 
 use anyhow::Result;
 use rayon::prelude::*;
