@@ -34,18 +34,6 @@ pub fn merge_tile<E: Elem>(
     terms: &[TermRun],
     out: &mut [u8],
 ) -> u64 {
-    let n = base.len() / E::SIZE;
-    assert!(base.len() == n * E::SIZE && out.len() == base.len());
-    for t in terms {
-        assert_eq!(
-            t.words.len(),
-            n.div_ceil(64),
-            "one keep word per 64 elements"
-        );
-        if !n.is_multiple_of(64) {
-            assert_eq!(t.words[n / 64] >> (n % 64), 0, "no keep bit past the tile");
-        }
-    }
     match simd {
         Some(x) => x.merge_tile(base, terms, out),
         None => portable::merge_tile::<E>(base, terms, out),
@@ -56,18 +44,7 @@ impl Kept {
     /// [`merge_tile`] by AVX-512: the output of a tile of the handle's dtype, each word's f64
     /// sums in registers. The terms' words must cover the tile, with no bit past its end.
     pub fn merge_tile(&self, base: &[u8], terms: &[TermRun], out: &mut [u8]) -> u64 {
-        let n = base.len() / self.size();
-        assert!(base.len() == n * self.size() && out.len() == base.len());
-        for t in terms {
-            assert_eq!(
-                t.words.len(),
-                n.div_ceil(64),
-                "one keep word per 64 elements"
-            );
-            if !n.is_multiple_of(64) {
-                assert_eq!(t.words[n / 64] >> (n % 64), 0, "no keep bit past the tile");
-            }
-        }
+        let n = check_tile(self.size(), base, terms, out);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU features were detected when `self` was made; `base` and `out` hold
         // `n` elements, the kernel reads and writes only those, and it checks each term's
@@ -76,6 +53,24 @@ impl Kept {
             avx512::merge_tile(self.float, n, base.as_ptr(), terms, out.as_mut_ptr())
         }
     }
+}
+
+/// The elements of a tile of `size`-byte elements, after checking that `out` matches `base`
+/// and that each term's words cover the tile with no bit past its end.
+fn check_tile(size: usize, base: &[u8], terms: &[TermRun], out: &[u8]) -> usize {
+    let n = base.len() / size;
+    assert!(base.len() == n * size && out.len() == base.len());
+    for t in terms {
+        assert_eq!(
+            t.words.len(),
+            n.div_ceil(64),
+            "one keep word per 64 elements"
+        );
+        if !n.is_multiple_of(64) {
+            assert_eq!(t.words[n / 64] >> (n % 64), 0, "no keep bit past the tile");
+        }
+    }
+    n
 }
 
 mod portable {
@@ -88,6 +83,7 @@ mod portable {
         /// [`add_word`] into a word's accumulator, then one pass that rounds. Compiled for
         /// AVX-512, AVX2 and the baseline, chosen at run time.
         pub fn merge_tile<E: Elem>(base: &[u8], terms: &[TermRun<'_>], out: &mut [u8]) -> u64 {
+            super::check_tile(E::SIZE, base, terms, out);
             let mut at = vec![0usize; terms.len()];
             let mut overflows = 0u64;
             let words = base.chunks(64 * E::SIZE).zip(out.chunks_mut(64 * E::SIZE));
