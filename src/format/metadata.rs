@@ -12,8 +12,8 @@ use safetensors::Dtype;
 
 use super::{
     BASE_HASHES, Entry, FILES_PREFIX, FORMAT_MAJOR, FORMAT_NAME, FileRecord, GROWN_PREFIX, Kind,
-    MAX_FILES_BYTES, OFFSETS_PREFIX, Params, RESERVED_PREFIX, STATS, STATS_COLS, file_key,
-    grown_key, is_own_file_name, offsets_key,
+    MAX_FILES_BYTES, OFFSETS_PREFIX, Params, RESERVED_PREFIX, STATS, STATS_COLS, SUB_PREFIX,
+    file_key, grown_key, is_own_file_name, is_subfolder_path, offsets_key, sub_prefix,
 };
 use crate::dtype::Float;
 use crate::io::Checkpoint;
@@ -29,6 +29,17 @@ pub struct Metadata {
     pub entries: BTreeMap<String, Entry>,
     /// The records of the fine-tune's own files, by name (empty when `files` is absent).
     pub files: BTreeMap<String, FileRecord>,
+    /// The tensor entries of each subfolder weight file covered, by its path (docs/FORMAT.md
+    /// section 14; empty when `subfolders` is absent).
+    pub subfolders: BTreeMap<String, BTreeMap<String, Entry>>,
+}
+
+/// One record of `__metadata__["subfolders"]`, its table kept as text so that a name given
+/// twice in it is refused as in the top-level table.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubfolderRecord {
+    tensors: Box<serde_json::value::RawValue>,
 }
 
 /// The dtype and shape of each tensor a delta must store, by key.
@@ -95,6 +106,17 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         Some(text) => json_table(text, "files", "own file", file)?,
         None => BTreeMap::new(),
     };
+    let subfolders = match md.get("subfolders") {
+        Some(text) => json_table::<SubfolderRecord>(text, "subfolders", "subfolder file", file)?
+            .into_iter()
+            .map(|(path, rec)| {
+                let key = format!("subfolders.{path}.tensors");
+                let entries = json_table(rec.tensors.get(), &key, "tensor", file)?;
+                Ok((path, entries))
+            })
+            .collect::<Result<_>>()?,
+        None => BTreeMap::new(),
+    };
     let params = Params {
         seed,
         interval,
@@ -107,6 +129,7 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         tool,
         entries,
         files,
+        subfolders,
     })
 }
 
@@ -137,97 +160,19 @@ impl Metadata {
     /// rules; returns the tensors the file must store. A `single_file` delta stores its own
     /// files as tensors, a folder delta as files (docs/FORMAT.md section 13).
     pub fn validate(&self, file: &str, single_file: bool) -> Result<Layout> {
-        let (entries, chunk) = (&self.entries, self.params.chunk);
-        let rows = entries.len();
-        let mut expected: BTreeMap<String, (Dtype, Vec<usize>)> = BTreeMap::new();
-        expected.insert(BASE_HASHES.into(), (Dtype::U8, vec![rows, 32]));
-        expected.insert(STATS.into(), (Dtype::F64, vec![rows, STATS_COLS]));
-        for (row, (name, e)) in entries.iter().enumerate() {
-            let at = || format!("{file}: tensor {name}");
-            if name.starts_with(RESERVED_PREFIX) {
+        let mut expected = Layout::new();
+        entries_layout(&self.entries, self.params.chunk, "", file, &mut expected)?;
+        for (path, entries) in &self.subfolders {
+            let at = format!("{file}: subfolder file {path}");
+            if !is_subfolder_path(path) {
                 bail!(
-                    "{}: the name uses the reserved prefix {RESERVED_PREFIX}",
-                    at()
+                    "{at}: not a valid subfolder path (components of 1 to 255 of A-Z a-z 0-9 . _ - joined by /, none beginning with a dot, at most 9, ending in .safetensors)"
                 );
             }
-            if e.row != row {
-                bail!(
-                    "{}: row is {}, expected {row} (rows follow name order)",
-                    at(),
-                    e.row
-                );
+            if let Some(other) = self.subfolders.keys().find(|o| o.starts_with(&format!("{path}/"))) {
+                bail!("{at}: a file, but {other} makes it a folder");
             }
-            e.shape
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-                .with_context(|| format!("{}: shape {:?} overflows", at(), e.shape))?;
-            match e.kind {
-                Kind::Masked => {
-                    if Float::of(e.dtype).is_none() {
-                        bail!(
-                            "{}: masked, but its dtype {:?} is not a float",
-                            at(),
-                            e.dtype
-                        );
-                    }
-                    if !e.in_base {
-                        bail!("{}: masked, but marked as not in the base", at());
-                    }
-                    let kept = e
-                        .kept
-                        .with_context(|| format!("{}: masked, but has no kept count", at()))?;
-                    if kept > e.numel() {
-                        bail!("{}: kept {kept} exceeds its {} elements", at(), e.numel());
-                    }
-                    let offsets_len = usize::try_from(e.numel().div_ceil(chunk))
-                        .ok()
-                        .and_then(|c| c.checked_add(1))
-                        .with_context(|| {
-                            format!("{}: {} chunks of {chunk} are too many", at(), e.numel())
-                        })?;
-                    expected.insert(name.clone(), (e.dtype, vec![kept as usize]));
-                    expected.insert(offsets_key(name), (Dtype::U64, vec![offsets_len]));
-                }
-                Kind::Whole => {
-                    expected.insert(name.clone(), (e.dtype, e.shape.clone()));
-                }
-                Kind::Same if !e.in_base => {
-                    bail!("{}: same as the base, but marked as not in the base", at())
-                }
-                Kind::Same => {}
-            }
-            if e.kind != Kind::Masked && e.kept.is_some() {
-                bail!("{}: only masked tensors have a kept count", at());
-            }
-            if let Some(grown) = &e.grown_shape {
-                let extends = !e.shape.is_empty()
-                    && grown.len() == e.shape.len()
-                    && grown[1..] == e.shape[1..]
-                    && grown[0] > e.shape[0];
-                if !extends {
-                    bail!(
-                        "{}: grown_shape {grown:?} does not extend its shape {:?} along dimension 0 only",
-                        at(),
-                        e.shape
-                    );
-                }
-                if !e.in_base {
-                    bail!("{}: grown, but marked as not in the base", at());
-                }
-                if !e.dtype.bitsize().is_multiple_of(8) {
-                    bail!(
-                        "{}: grown, but its dtype {:?} packs elements into bytes",
-                        at(),
-                        e.dtype
-                    );
-                }
-                grown
-                    .iter()
-                    .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-                    .with_context(|| format!("{}: grown_shape {grown:?} overflows", at()))?;
-                let rows = e.new_rows_shape().expect("checked to extend the shape");
-                expected.insert(grown_key(name), (e.dtype, rows));
-            }
+            entries_layout(entries, self.params.chunk, &sub_prefix(path), &at, &mut expected)?;
         }
         let mut total = 0u64;
         for (name, rec) in &self.files {
@@ -264,14 +209,137 @@ impl Metadata {
     }
 }
 
+/// Checks the `tensors` table `entries` of one checkpoint (the top level, or a subfolder file
+/// whose keys take `prefix`, docs/FORMAT.md section 14) and adds the tensors it implies to
+/// `expected`; `file` names the table in errors.
+fn entries_layout(
+    entries: &BTreeMap<String, Entry>,
+    chunk: u64,
+    prefix: &str,
+    file: &str,
+    expected: &mut Layout,
+) -> Result<()> {
+    let rows = entries.len();
+    let key = |k: &str| format!("{prefix}{k}");
+    expected.insert(key(BASE_HASHES), (Dtype::U8, vec![rows, 32]));
+    expected.insert(key(STATS), (Dtype::F64, vec![rows, STATS_COLS]));
+    for (row, (name, e)) in entries.iter().enumerate() {
+        let at = || format!("{file}: tensor {name}");
+        if name.starts_with(RESERVED_PREFIX) {
+            bail!(
+                "{}: the name uses the reserved prefix {RESERVED_PREFIX}",
+                at()
+            );
+        }
+        if e.row != row {
+            bail!(
+                "{}: row is {}, expected {row} (rows follow name order)",
+                at(),
+                e.row
+            );
+        }
+        e.shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .with_context(|| format!("{}: shape {:?} overflows", at(), e.shape))?;
+        match e.kind {
+            Kind::Masked => {
+                if Float::of(e.dtype).is_none() {
+                    bail!(
+                        "{}: masked, but its dtype {:?} is not a float",
+                        at(),
+                        e.dtype
+                    );
+                }
+                if !e.in_base {
+                    bail!("{}: masked, but marked as not in the base", at());
+                }
+                let kept = e
+                    .kept
+                    .with_context(|| format!("{}: masked, but has no kept count", at()))?;
+                if kept > e.numel() {
+                    bail!("{}: kept {kept} exceeds its {} elements", at(), e.numel());
+                }
+                let offsets_len = usize::try_from(e.numel().div_ceil(chunk))
+                    .ok()
+                    .and_then(|c| c.checked_add(1))
+                    .with_context(|| {
+                        format!("{}: {} chunks of {chunk} are too many", at(), e.numel())
+                    })?;
+                expected.insert(key(name), (e.dtype, vec![kept as usize]));
+                expected.insert(key(&offsets_key(name)), (Dtype::U64, vec![offsets_len]));
+            }
+            Kind::Whole => {
+                expected.insert(key(name), (e.dtype, e.shape.clone()));
+            }
+            Kind::Same if !e.in_base => {
+                bail!("{}: same as the base, but marked as not in the base", at())
+            }
+            Kind::Same => {}
+        }
+        if e.kind != Kind::Masked && e.kept.is_some() {
+            bail!("{}: only masked tensors have a kept count", at());
+        }
+        if let Some(grown) = &e.grown_shape {
+            let extends = !e.shape.is_empty()
+                && grown.len() == e.shape.len()
+                && grown[1..] == e.shape[1..]
+                && grown[0] > e.shape[0];
+            if !extends {
+                bail!(
+                    "{}: grown_shape {grown:?} does not extend its shape {:?} along dimension 0 only",
+                    at(),
+                    e.shape
+                );
+            }
+            if !e.in_base {
+                bail!("{}: grown, but marked as not in the base", at());
+            }
+            if !e.dtype.bitsize().is_multiple_of(8) {
+                bail!(
+                    "{}: grown, but its dtype {:?} packs elements into bytes",
+                    at(),
+                    e.dtype
+                );
+            }
+            grown
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+                .with_context(|| format!("{}: grown_shape {grown:?} overflows", at()))?;
+            let rows = e.new_rows_shape().expect("checked to extend the shape");
+            expected.insert(key(&grown_key(name)), (e.dtype, rows));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `ckpt` stores exactly the tensors of `expected`, with their dtypes and shapes.
 /// Reserved names under a prefix this version does not define are let through: a later minor
 /// version added them (docs/FORMAT.md section 11).
 pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<()> {
+    // The prefixes of the subfolder files recorded: every one expects its `sotu/base_hashes`.
+    let hashes_suffix = format!("/{BASE_HASHES}");
+    let subfolder_prefixes: Vec<&str> = expected
+        .keys()
+        .filter(|k| k.starts_with(SUB_PREFIX) && k.ends_with(&hashes_suffix))
+        .map(|k| &k[..k.len() - BASE_HASHES.len()])
+        .collect();
     for (key, info) in ckpt.tensors() {
         let Some((dtype, shape)) = expected.get(key) else {
-            let known = [OFFSETS_PREFIX, GROWN_PREFIX, FILES_PREFIX];
-            if key.starts_with(RESERVED_PREFIX) && !known.iter().any(|p| key.starts_with(p)) {
+            // Within a subfolder file's keys, the rules of the top level's (docs/FORMAT.md
+            // section 14).
+            let local = match key.starts_with(SUB_PREFIX) {
+                true => match subfolder_prefixes.iter().find(|p| key.starts_with(**p)) {
+                    Some(p) => &key[p.len()..],
+                    None => bail!(
+                        "{file}: tensor {key} is stored but no file of __metadata__.subfolders accounts for it"
+                    ),
+                },
+                false => key.as_str(),
+            };
+            let known = [OFFSETS_PREFIX, GROWN_PREFIX, FILES_PREFIX, SUB_PREFIX];
+            if local.starts_with(RESERVED_PREFIX) && !known.iter().any(|p| local.starts_with(p))
+            {
                 continue;
             }
             let by = if key.starts_with(FILES_PREFIX) {
@@ -303,16 +371,18 @@ pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<
 }
 
 /// Reads and checks the chunk offsets of every masked tensor (docs/FORMAT.md section 6).
+/// `prefix` is that of a subfolder file's keys (docs/FORMAT.md section 14), or empty.
 pub fn read_offsets(
     ckpt: &Checkpoint,
     entries: &BTreeMap<String, Entry>,
     chunk: u64,
+    prefix: &str,
     file: &str,
 ) -> Result<HashMap<String, Vec<u64>>> {
     let mut offsets = HashMap::new();
     for (name, e) in entries.iter().filter(|(_, e)| e.kind == Kind::Masked) {
         let offs: Vec<u64> = ckpt
-            .tensor(&offsets_key(name))
+            .tensor(&format!("{prefix}{}", offsets_key(name)))
             .unwrap()
             .whole()?
             .chunks_exact(8)

@@ -12,6 +12,7 @@ pub use metadata::{Metadata, check_stored, read_metadata, read_offsets, read_own
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use safetensors::Dtype;
@@ -23,7 +24,7 @@ use crate::mask::{Interval, Mask};
 /// `__metadata__["format"]`.
 pub const FORMAT_NAME: &str = "sotu-delta";
 /// `__metadata__["format_version"]` written by this tool.
-pub const FORMAT_VERSION: &str = "1.1";
+pub const FORMAT_VERSION: &str = "1.2";
 /// The major version this reader understands.
 pub const FORMAT_MAJOR: u64 = 1;
 /// Tensor names reserved for the format's own tensors.
@@ -40,6 +41,8 @@ pub const OFFSETS_PREFIX: &str = "sotu/offsets/";
 pub const GROWN_PREFIX: &str = "sotu/grown/";
 /// Prefix of the fine-tune's own files in a single-file delta (docs/FORMAT.md section 13).
 pub const FILES_PREFIX: &str = "sotu/files/";
+/// Prefix of the tensors of the weight files in subfolders (docs/FORMAT.md section 14).
+pub const SUB_PREFIX: &str = "sotu/sub/";
 /// The most bytes of own files a delta carries, all files together (docs/FORMAT.md section 13).
 pub const MAX_FILES_BYTES: u64 = 64 << 20;
 
@@ -56,6 +59,27 @@ pub fn grown_key(name: &str) -> String {
 /// Key of own file `name` in a single-file delta.
 pub fn file_key(name: &str) -> String {
     format!("{FILES_PREFIX}{name}")
+}
+
+/// The prefix of the keys of subfolder weight file `path`: `sotu/sub/<path>/` (docs/FORMAT.md
+/// section 14). A tensor's key under it is also the name its mask is keyed with.
+pub fn sub_prefix(path: &str) -> String {
+    format!("{SUB_PREFIX}{path}/")
+}
+
+/// Whether `path` may name a weight file in a subfolder (docs/FORMAT.md section 14): 2 to 9
+/// components of 1 to 255 bytes of `A–Z a–z 0–9 . _ -` joined by `/`, none beginning with `.`,
+/// ending in `.safetensors`. Such a path stays inside the folder it is written into.
+pub fn is_subfolder_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    (2..=9).contains(&parts.len())
+        && path.ends_with(".safetensors")
+        && parts.iter().all(|c| {
+            (1..=255).contains(&c.len())
+                && !c.starts_with('.')
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
 }
 
 /// Whether `name` may name one of the fine-tune's own files (docs/FORMAT.md section 13): 1 to
@@ -172,9 +196,14 @@ impl Params {
     }
 }
 
-/// A delta file, opened and validated.
+/// A delta file, opened and validated; or a view of the part of one that covers a subfolder
+/// weight file (docs/FORMAT.md section 14), which reads as the delta of that file alone.
+#[derive(Clone)]
 pub struct Delta {
-    ckpt: Checkpoint,
+    ckpt: Arc<Checkpoint>,
+    /// The prefix of this view's keys: empty for the delta's top-level checkpoint,
+    /// `sotu/sub/<path>/` for a subfolder file.
+    prefix: String,
     params: Params,
     tool: String,
     entries: BTreeMap<String, Entry>,
@@ -184,6 +213,8 @@ pub struct Delta {
     base_hashes: Vec<u8>,
     /// `sotu/stats`, read at open (`STATS_COLS` little-endian f64 a row).
     stats: Vec<u8>,
+    /// The views of the subfolder weight files the delta covers, by path.
+    subfolders: BTreeMap<String, Delta>,
 }
 
 impl Delta {
@@ -195,27 +226,80 @@ impl Delta {
     /// Opens `path`, reading it as `io` says, and checks everything docs/FORMAT.md requires of
     /// it. Chunk walks are checked later, as each chunk is decoded.
     pub fn open_with(path: &Path, io: IoMode) -> Result<Delta> {
-        let ckpt = Checkpoint::open_with(path, io)?;
+        let ckpt = Arc::new(Checkpoint::open_with(path, io)?);
         let file = path.display().to_string();
         let meta = read_metadata(&ckpt, &file)?;
         let expected = meta.validate(&file, !ckpt.is_folder())?;
         check_stored(&ckpt, &expected, &file)?;
-        let offsets = read_offsets(&ckpt, &meta.entries, meta.params.chunk, &file)?;
-        let own_files = read_own_files(&ckpt, &meta.files, &file)?;
-        let small = |name| -> Result<Vec<u8>> {
-            Ok(ckpt.tensor(name).expect("validated").whole()?.into_owned())
+        let mut delta = Self::view(&ckpt, String::new(), meta.entries, &meta.params, &file)?;
+        delta.tool = meta.tool;
+        delta.own_files = read_own_files(&ckpt, &meta.files, &file)?;
+        for (sub, entries) in meta.subfolders {
+            let at = format!("{file}: subfolder file {sub}");
+            let view = Self::view(&ckpt, sub_prefix(&sub), entries, &meta.params, &at)?;
+            delta.subfolders.insert(sub, view);
+        }
+        Ok(delta)
+    }
+
+    /// The delta of the tensors `entries`, whose keys in `ckpt` take `prefix`, with its offsets,
+    /// hashes and statistics read; `file` names it in errors.
+    fn view(
+        ckpt: &Arc<Checkpoint>,
+        prefix: String,
+        entries: BTreeMap<String, Entry>,
+        params: &Params,
+        file: &str,
+    ) -> Result<Delta> {
+        let offsets = read_offsets(ckpt, &entries, params.chunk, &prefix, file)?;
+        let small = |name: &str| -> Result<Vec<u8>> {
+            let key = format!("{prefix}{name}");
+            Ok(ckpt.tensor(&key).expect("validated").whole()?.into_owned())
         };
         let (base_hashes, stats) = (small(BASE_HASHES)?, small(STATS)?);
         Ok(Delta {
-            ckpt,
-            params: meta.params,
-            tool: meta.tool,
-            entries: meta.entries,
+            ckpt: Arc::clone(ckpt),
+            prefix,
+            params: params.clone(),
+            tool: String::new(),
+            entries,
             offsets,
-            own_files,
+            own_files: BTreeMap::new(),
             base_hashes,
             stats,
+            subfolders: BTreeMap::new(),
         })
+    }
+
+    /// The subfolder weight files the delta covers, each as the delta of that file alone, by
+    /// path (docs/FORMAT.md section 14).
+    pub fn subfolders(&self) -> &BTreeMap<String, Delta> {
+        &self.subfolders
+    }
+
+    /// The delta of subfolder weight file `path`: its view, or, when the delta does not cover
+    /// it, a delta with no entries (which contributes nothing to a merge).
+    pub fn subfolder(&self, path: &str) -> Delta {
+        self.subfolders.get(path).cloned().unwrap_or_else(|| Delta {
+            ckpt: Arc::clone(&self.ckpt),
+            prefix: sub_prefix(path),
+            params: self.params.clone(),
+            tool: self.tool.clone(),
+            entries: BTreeMap::new(),
+            offsets: HashMap::new(),
+            own_files: BTreeMap::new(),
+            base_hashes: Vec::new(),
+            stats: Vec::new(),
+            subfolders: BTreeMap::new(),
+        })
+    }
+
+    /// The key under which this view stores `key` (docs/FORMAT.md section 14).
+    fn key<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
+        match self.prefix.is_empty() {
+            true => key.into(),
+            false => format!("{}{key}", self.prefix).into(),
+        }
     }
 
     /// The file path.
@@ -240,12 +324,12 @@ impl Delta {
 
     /// The mask of tensor `name`.
     pub fn mask(&self, name: &str) -> Mask {
-        Mask::new(self.params.seed, name, self.params.interval)
+        Mask::new(self.params.seed, &self.key(name), self.params.interval)
     }
 
     /// The stored data of tensor `name` (kept values of a masked tensor, or a whole tensor).
     pub fn stored(&self, name: &str) -> Tensor<'_> {
-        self.ckpt.tensor(name).expect("validated at open")
+        self.ckpt.tensor(&self.key(name)).expect("validated at open")
     }
 
     /// The new rows of grown tensor `name` (docs/FORMAT.md section 12), `None` for a tensor that
