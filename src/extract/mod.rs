@@ -6,8 +6,10 @@
 //! the kept values, the provenance hashes and the statistics.
 //!
 //! - [`files`]: which of a fine-tune folder's own files (config, tokenizer) the delta carries.
+//! - [`subfolders`]: which weight files in the folders' subfolders it covers.
 
 pub mod files;
+pub mod subfolders;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,7 +23,7 @@ use crate::dtype::Float;
 use crate::dtype::elem::Elem;
 use crate::format::{
     BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, STATS, STATS_COLS, file_key,
-    grown_key, offsets_key,
+    grown_key, offsets_key, sub_prefix,
 };
 use crate::io::{Checkpoint, Tensor};
 use crate::io::{OutTensor, Output, Sink, Target};
@@ -87,6 +89,9 @@ pub struct ExtractReport {
     pub grown: Vec<GrownTensor>,
     /// The fine-tune's own files the delta carries, by name (docs/FORMAT.md section 13).
     pub files: Vec<String>,
+    /// The weight files in subfolders that the delta covers, by path (docs/FORMAT.md section
+    /// 15); their tensors count in the totals above, named `PATH: NAME`.
+    pub subfolders: Vec<String>,
 }
 
 /// A tensor that gained rows in the fine-tune.
@@ -103,9 +108,33 @@ pub struct GrownTensor {
 // The statistics kernel computes the columns of `sotu/stats`.
 const _: () = assert!(crate::simd::SUMS == STATS_COLS);
 
+/// One checkpoint the delta covers: the top level, or a weight file in a subfolder whose keys
+/// take `prefix` (docs/FORMAT.md section 15).
+struct Unit<'a> {
+    /// The subfolder file's path; `None` at the top level.
+    path: Option<&'a str>,
+    base: &'a Checkpoint,
+    tuned: &'a Tuned<'a>,
+    prefix: String,
+    plan: Vec<Planned>,
+}
+
+impl Unit<'_> {
+    /// How tensor `name` of this checkpoint is named in messages.
+    fn display(&self, name: &str) -> String {
+        match self.path {
+            Some(path) => format!("{path}: {name}"),
+            None => name.to_string(),
+        }
+    }
+}
+
 /// One tensor's plan: its entry plus where its data comes from.
 struct Planned {
     name: String,
+    /// Its key in the delta, which its mask is keyed with: `name`, under the prefix of a
+    /// subfolder file.
+    key: String,
     entry: Entry,
     offsets: Vec<u64>,
     /// The base tensor's hash, when the plan already read it whole (a tensor equal to the
@@ -113,8 +142,8 @@ struct Planned {
     base_hash: Option<[u8; 32]>,
 }
 
-/// Diffs `tuned` (a checkpoint or a LoRA adapter of `base`) against `base` and writes the
-/// delta to `out`.
+/// Diffs `tuned` (a checkpoint or a LoRA adapter of `base`) against `base`, and the weight files
+/// of their subfolders when both are model folders, and writes the delta to `out`.
 pub fn extract(
     base: &Checkpoint,
     tuned: &Tuned,
@@ -124,7 +153,24 @@ pub fn extract(
     let start = Instant::now();
     crate::io::refuse_output_over_checkpoints(&out.path, &[base, tuned.checkpoint()])?;
     crate::io::refuse_output_over_input(&out.path, &tuned.protected_paths())?;
-    let plan = plan(base, tuned, opts)?;
+    let pairs = subfolders::pairs(base, tuned)?;
+    let mut units = vec![Unit {
+        path: None,
+        base,
+        tuned,
+        prefix: String::new(),
+        plan: plan(base, tuned, opts, "")?,
+    }];
+    for pair in &pairs {
+        let prefix = sub_prefix(&pair.path);
+        units.push(Unit {
+            path: Some(&pair.path),
+            base: &pair.base,
+            tuned: &pair.tuned,
+            plan: plan(&pair.base, &pair.tuned, opts, &prefix)?,
+            prefix,
+        });
+    }
     let own_files = if opts.own_files {
         files::own_files(base, tuned.checkpoint())?
     } else {
@@ -139,8 +185,10 @@ pub fn extract(
     } else {
         &own_files
     };
-    let layout = layout(&plan, file_tensors);
-    let md = delta_metadata(&plan, &own_files, opts)?;
+    let mut layout: Vec<OutTensor> = units.iter().flat_map(unit_layout).collect();
+    layout.extend(files_layout(file_tensors));
+    layout.sort_by(|a, b| a.name.cmp(&b.name));
+    let md = delta_metadata(&units, &own_files, opts)?;
 
     let mut output = Output::create(out, &layout, &md)?;
     let file_names: Vec<String> = own_files.keys().cloned().collect();
@@ -151,18 +199,98 @@ pub fn extract(
             output.write(&file_key(&name), 0, &bytes)?;
         }
     }
+    let mut written_units = Vec::with_capacity(units.len());
+    for u in &units {
+        written_units.push(write_unit(u, &output, opts)?);
+    }
+    let written = output.commit(opts.fingerprint_output)?;
+    let display = |p: &Path| p.display().to_string();
+
+    let all = || units.iter().flat_map(|u| u.plan.iter().map(move |p| (u, p)));
+    let inexact = units
+        .iter()
+        .zip(&written_units)
+        .flat_map(|(u, (_, stats))| {
+            u.plan
+                .iter()
+                .zip(stats)
+                .filter(|(_, s)| s[2] > 0.0)
+                .map(|(p, s)| (u.display(&p.name), s[2] as u64))
+        })
+        .collect();
+    let count = |k: Kind| all().filter(|(_, p)| p.entry.kind == k).count();
+    let masked: Vec<&Entry> = all()
+        .map(|(_, p)| &p.entry)
+        .filter(|e| e.kind == Kind::Masked)
+        .collect();
+    let top = &units[0];
+    Ok(ExtractReport {
+        masked: masked.len(),
+        whole: count(Kind::Whole),
+        same: count(Kind::Same),
+        kept: masked.iter().map(|e| e.kept.unwrap()).sum(),
+        masked_elems: masked.iter().map(|e| e.numel()).sum(),
+        inputs: units
+            .iter()
+            .flat_map(|u| u.base.files())
+            .chain(units.iter().flat_map(|u| u.tuned.files()))
+            .map(display)
+            .collect(),
+        outputs: written.files.iter().map(|p| display(p)).collect(),
+        output_bytes: written.bytes,
+        output_fingerprint: written.fingerprint,
+        dense_bytes: units
+            .iter()
+            .flat_map(|u| u.tuned.tensors())
+            .map(|(_, t)| t.len)
+            .sum(),
+        input_bytes: units
+            .iter()
+            .map(|u| u.base.file_len() + u.tuned.file_len())
+            .sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        inexact,
+        grown: all()
+            .filter_map(|(u, p)| {
+                Some(GrownTensor {
+                    name: u.display(&p.name),
+                    base_shape: p.entry.shape.clone(),
+                    shape: p.entry.grown_shape.clone()?,
+                })
+            })
+            .collect(),
+        files: file_names,
+        subfolders: pairs.iter().map(|p| p.path.clone()).collect(),
+        // The top level's alone (docs/FORMAT.md section 15).
+        base_fingerprint: crate::io::fingerprint(
+            &top.plan
+                .iter()
+                .zip(&written_units[0].0)
+                .filter(|(p, _)| p.entry.in_base)
+                .map(|(_, h)| *h)
+                .collect::<Vec<_>>(),
+        ),
+    })
+}
+
+/// A unit's base hashes and statistics rows, in row order.
+type UnitRows = (Vec<[u8; 32]>, Vec<[f64; STATS_COLS]>);
+
+/// Writes the data of unit `u` into `output`: offsets, kept values and whole tensors, then its
+/// base hashes and statistics ([`UnitRows`]).
+fn write_unit(u: &Unit, output: &Output, opts: &ExtractOptions) -> Result<UnitRows> {
+    let (base, tuned, plan) = (u.base, u.tuned, &u.plan);
     base.advise_sequential();
     tuned.advise_sequential();
-
     for p in plan.iter().filter(|p| p.entry.kind == Kind::Masked) {
         let bytes: Vec<u8> = p.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-        output.write(&offsets_key(&p.name), 0, &bytes)?;
+        output.write(&format!("{}{}", u.prefix, offsets_key(&p.name)), 0, &bytes)?;
     }
     // Tensor by tensor, in file order, the base hashed while the tensor is diffed: the two
     // passes share its pages, so inputs larger than the page cache are still read once.
     let mut hashes = Vec::with_capacity(plan.len());
     let mut stats = Vec::with_capacity(plan.len());
-    for p in &plan {
+    for p in plan {
         let (hash, row) = rayon::join(
             || -> Result<[u8; 32]> {
                 match p.base_hash {
@@ -170,7 +298,7 @@ pub fn extract(
                     None => Ok(base.hash_of(&p.name)?.unwrap_or([0u8; 32])),
                 }
             },
-            || write_tensor(base, tuned, &output, p, opts.seed, opts.interval),
+            || write_tensor(base, tuned, output, p, &u.prefix, opts),
         );
         hashes.push(hash?);
         stats.push(row?);
@@ -197,7 +325,11 @@ pub fn extract(
     }
     base.check_unchanged()?;
     tuned.check_unchanged()?;
-    output.write(BASE_HASHES, 0, hashes.as_flattened())?;
+    output.write(
+        &format!("{}{BASE_HASHES}", u.prefix),
+        0,
+        hashes.as_flattened(),
+    )?;
     // docs/FORMAT.md section 7: a NaN sum is written as the canonical NaN.
     let stat_bytes: Vec<u8> = stats
         .as_flattened()
@@ -205,74 +337,22 @@ pub fn extract(
         .map(|&x| if x.is_nan() { f64::NAN } else { x })
         .flat_map(|x| x.to_le_bytes())
         .collect();
-    output.write(STATS, 0, &stat_bytes)?;
-    let written = output.commit(opts.fingerprint_output)?;
-    let display = |p: &Path| p.display().to_string();
-
-    let inexact = plan
-        .iter()
-        .zip(&stats)
-        .filter(|(_, s)| s[2] > 0.0)
-        .map(|(p, s)| (p.name.clone(), s[2] as u64))
-        .collect();
-    let count = |k: Kind| plan.iter().filter(|p| p.entry.kind == k).count();
-    let masked: Vec<&Entry> = plan
-        .iter()
-        .map(|p| &p.entry)
-        .filter(|e| e.kind == Kind::Masked)
-        .collect();
-    Ok(ExtractReport {
-        masked: masked.len(),
-        whole: count(Kind::Whole),
-        same: count(Kind::Same),
-        kept: masked.iter().map(|e| e.kept.unwrap()).sum(),
-        masked_elems: masked.iter().map(|e| e.numel()).sum(),
-        inputs: base
-            .files()
-            .into_iter()
-            .chain(tuned.files())
-            .map(display)
-            .collect(),
-        outputs: written.files.iter().map(|p| display(p)).collect(),
-        output_bytes: written.bytes,
-        output_fingerprint: written.fingerprint,
-        dense_bytes: tuned.tensors().iter().map(|(_, t)| t.len).sum(),
-        input_bytes: base.file_len() + tuned.file_len(),
-        seconds: start.elapsed().as_secs_f64(),
-        inexact,
-        grown: plan
-            .iter()
-            .filter_map(|p| {
-                Some(GrownTensor {
-                    name: p.name.clone(),
-                    base_shape: p.entry.shape.clone(),
-                    shape: p.entry.grown_shape.clone()?,
-                })
-            })
-            .collect(),
-        files: file_names,
-        base_fingerprint: crate::io::fingerprint(
-            &plan
-                .iter()
-                .zip(&hashes)
-                .filter(|(p, _)| p.entry.in_base)
-                .map(|(_, h)| *h)
-                .collect::<Vec<_>>(),
-        ),
-    })
+    output.write(&format!("{}{STATS}", u.prefix), 0, &stat_bytes)?;
+    Ok((hashes, stats))
 }
 
-/// The tensors of the delta file, in name order: kept values and offsets of each masked
-/// tensor, whole tensors, the new rows of grown tensors, the own files of a single-file delta,
-/// and the format's own tensors.
-fn layout(plan: &[Planned], file_tensors: &BTreeMap<String, Vec<u8>>) -> Vec<OutTensor> {
+/// The tensors of unit `u` in the delta file: kept values and offsets of each masked tensor,
+/// whole tensors, the new rows of grown tensors, and the format's own tensors, under the unit's
+/// prefix.
+fn unit_layout(u: &Unit) -> Vec<OutTensor> {
+    let key = |k: &str| format!("{}{k}", u.prefix);
     let mut layout = Vec::new();
-    for p in plan {
+    for p in &u.plan {
         let e = &p.entry;
         if let Some(rows) = e.new_rows_shape() {
             let n: u64 = rows.iter().map(|&d| d as u64).product();
             layout.push(OutTensor {
-                name: grown_key(&p.name),
+                name: key(&grown_key(&p.name)),
                 dtype: e.dtype,
                 len: n * e.dtype.bitsize() as u64 / 8,
                 shape: rows,
@@ -283,20 +363,20 @@ fn layout(plan: &[Planned], file_tensors: &BTreeMap<String, Vec<u8>>) -> Vec<Out
                 let size = Float::of(e.dtype).unwrap().size() as u64;
                 let kept = e.kept.unwrap();
                 layout.push(OutTensor {
-                    name: p.name.clone(),
+                    name: p.key.clone(),
                     dtype: e.dtype,
                     shape: vec![kept as usize],
                     len: kept * size,
                 });
                 layout.push(OutTensor {
-                    name: offsets_key(&p.name),
+                    name: key(&offsets_key(&p.name)),
                     dtype: Dtype::U64,
                     shape: vec![p.offsets.len()],
                     len: 8 * p.offsets.len() as u64,
                 });
             }
             Kind::Whole => layout.push(OutTensor {
-                name: p.name.clone(),
+                name: p.key.clone(),
                 dtype: e.dtype,
                 shape: e.shape.clone(),
                 len: p.base_part_len(),
@@ -304,39 +384,49 @@ fn layout(plan: &[Planned], file_tensors: &BTreeMap<String, Vec<u8>>) -> Vec<Out
             Kind::Same => {}
         }
     }
-    for (name, bytes) in file_tensors {
-        layout.push(OutTensor {
-            name: file_key(name),
-            dtype: Dtype::U8,
-            shape: vec![bytes.len()],
-            len: bytes.len() as u64,
-        });
-    }
-    let rows = plan.len();
+    let rows = u.plan.len();
     layout.push(OutTensor {
-        name: BASE_HASHES.into(),
+        name: key(BASE_HASHES),
         dtype: Dtype::U8,
         shape: vec![rows, 32],
         len: 32 * rows as u64,
     });
     layout.push(OutTensor {
-        name: STATS.into(),
+        name: key(STATS),
         dtype: Dtype::F64,
         shape: vec![rows, STATS_COLS],
         len: (8 * STATS_COLS * rows) as u64,
     });
-    layout.sort_by(|a, b| a.name.cmp(&b.name));
     layout
 }
 
-/// The delta's `__metadata__` (docs/FORMAT.md sections 2, 3 and 13).
+/// The own files of a single-file delta, as tensors.
+fn files_layout(file_tensors: &BTreeMap<String, Vec<u8>>) -> Vec<OutTensor> {
+    file_tensors
+        .iter()
+        .map(|(name, bytes)| OutTensor {
+            name: file_key(name),
+            dtype: Dtype::U8,
+            shape: vec![bytes.len()],
+            len: bytes.len() as u64,
+        })
+        .collect()
+}
+
+/// The delta's `__metadata__` (docs/FORMAT.md sections 2, 3, 13 and 15); `units[0]` is the
+/// top level.
 fn delta_metadata(
-    plan: &[Planned],
+    units: &[Unit],
     own_files: &BTreeMap<String, Vec<u8>>,
     opts: &ExtractOptions,
 ) -> Result<BTreeMap<String, String>> {
-    let entries: BTreeMap<&str, &Entry> =
-        plan.iter().map(|p| (p.name.as_str(), &p.entry)).collect();
+    let entries_of = |u: &Unit| -> BTreeMap<String, Entry> {
+        u.plan
+            .iter()
+            .map(|p| (p.name.clone(), p.entry.clone()))
+            .collect()
+    };
+    let entries = entries_of(&units[0]);
     let mut md = BTreeMap::new();
     md.insert("format".into(), FORMAT_NAME.into());
     md.insert("format_version".into(), FORMAT_VERSION.into());
@@ -358,23 +448,42 @@ fn delta_metadata(
             .collect();
         md.insert("files".into(), serde_json::to_string(&records)?);
     }
+    if units.len() > 1 {
+        let subfolders: BTreeMap<&str, serde_json::Value> = units[1..]
+            .iter()
+            .map(|u| {
+                let path = u.path.expect("a subfolder file");
+                (path, serde_json::json!({"tensors": entries_of(u)}))
+            })
+            .collect();
+        md.insert("subfolders".into(), serde_json::to_string(&subfolders)?);
+    }
     Ok(md)
 }
 
-/// Decides each tensor's kind ([`plan_kinds`]) and counts the kept elements of the masked ones.
-fn plan(base: &Checkpoint, tuned: &Tuned, opts: &ExtractOptions) -> Result<Vec<Planned>> {
-    Ok(plan_kinds(base, tuned, &opts.selector, true)?
+/// Decides each tensor's kind ([`plan_kinds`]) and counts the kept elements of the masked ones;
+/// `prefix` is that of the keys of a subfolder file (docs/FORMAT.md section 15), which its
+/// tensors are selected and masked by.
+fn plan(
+    base: &Checkpoint,
+    tuned: &Tuned,
+    opts: &ExtractOptions,
+    prefix: &str,
+) -> Result<Vec<Planned>> {
+    Ok(plan_kinds(base, tuned, &opts.selector.under(prefix), true)?
         .into_iter()
         .map(|k| {
             let mut entry = k.entry;
+            let key = format!("{prefix}{}", k.name);
             let offsets = if entry.kind == Kind::Masked {
-                chunk_offsets(&Mask::new(opts.seed, &k.name, opts.interval), entry.numel())
+                chunk_offsets(&Mask::new(opts.seed, &key, opts.interval), entry.numel())
             } else {
                 Vec::new()
             };
             entry.kept = (entry.kind == Kind::Masked).then(|| *offsets.last().unwrap());
             Planned {
                 name: k.name,
+                key,
                 entry,
                 offsets,
                 base_hash: k.base_hash,
@@ -408,15 +517,15 @@ pub fn chunk_offsets(mask: &Mask, numel: u64) -> Vec<u64> {
     offsets
 }
 
-/// Writes one tensor's data and returns its statistics row and its number of non-finite
-/// differences.
+/// Writes one tensor's data (its keys under `prefix`) and returns its statistics row and its
+/// number of non-finite differences.
 fn write_tensor(
     base: &Checkpoint,
     tuned: &Tuned,
     out: &Output,
     p: &Planned,
-    seed: u64,
-    interval: Interval,
+    prefix: &str,
+    opts: &ExtractOptions,
 ) -> Result<([f64; STATS_COLS], u64)> {
     let e = &p.entry;
     if e.kind == Kind::Same && e.grown_shape.is_none() {
@@ -429,7 +538,7 @@ fn write_tensor(
         // A grown tensor is a checkpoint's (an adapter's tensors have the base's shapes).
         let t = tensor.stored().expect("a grown tensor is stored");
         let new_rows = base_len..t.len();
-        out.copy_from(&grown_key(&p.name), t, new_rows.clone())?;
+        out.copy_from(&format!("{prefix}{}", grown_key(&p.name)), t, new_rows.clone())?;
         if let Some(f) = Float::of(e.dtype) {
             new_nonfinite = nonfinite_in(t, new_rows, f)?;
         }
@@ -441,7 +550,7 @@ fn write_tensor(
     // A stored whole tensor is copied as it is; a computed one (from a LoRA adapter) is
     // written chunk by chunk below, as its values are formed.
     if whole && let Some(t) = tensor.stored() {
-        out.copy_from(&p.name, t, 0..base_len)?;
+        out.copy_from(&p.key, t, 0..base_len)?;
     }
     let Some(float) = Float::of(e.dtype) else {
         // Stored, so copied above.
@@ -459,14 +568,14 @@ fn write_tensor(
         return Ok(([0.0; STATS_COLS], nonfinite_in(t, 0..base_len, float)?));
     }
     // A whole float tensor is a delta with every element kept (docs/FORMAT.md section 8).
-    let mask = (e.kind == Kind::Masked).then(|| Mask::new(seed, &p.name, interval));
+    let mask = (e.kind == Kind::Masked).then(|| Mask::new(opts.seed, &p.key, opts.interval));
     let partials: Vec<([f64; STATS_COLS], u64)> = (0..chunks)
         .into_par_iter()
         .map(|c| -> Result<([f64; STATS_COLS], u64)> {
             let range = c * CHUNK_ELEMS..numel.min((c + 1) * CHUNK_ELEMS);
             tensor.with_values(range.clone(), |t| {
                 if write_values {
-                    out.write(&p.name, range.start * size as u64, t)?;
+                    out.write(&p.key, range.start * size as u64, t)?;
                 }
                 CHUNK.with_borrow_mut(|buf| {
                     let Some(b_data) = b_data else {
@@ -479,7 +588,7 @@ fn write_tensor(
                     let b = b_data.read(bytes, &mut buf.base)?;
                     let s = crate::with_elem!(float, E => chunk_stats::<E>(b, t, range.clone(), mask.as_ref(), &mut buf.out));
                     if mask.is_some() {
-                        out.write(&p.name, p.offsets[c as usize] * size as u64, &buf.out.kept)?;
+                        out.write(&p.key, p.offsets[c as usize] * size as u64, &buf.out.kept)?;
                     }
                     Ok(s)
                 })

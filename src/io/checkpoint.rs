@@ -232,6 +232,15 @@ impl Checkpoint {
         })
     }
 
+    /// How the checkpoint's files are read: [`IoMode::Read`] when they are read by positional
+    /// reads, else [`IoMode::Mmap`] (an in-memory image reads as mapped).
+    pub fn io_mode(&self) -> IoMode {
+        match self.shards.first().map(|s| &s.storage) {
+            Some(Storage::Positional(..)) => IoMode::Read,
+            _ => IoMode::Mmap,
+        }
+    }
+
     /// The path given: a file or a model folder, for messages.
     pub fn path(&self) -> &Path {
         &self.path

@@ -41,6 +41,26 @@ pub struct Companions {
     pub checkpoints: Vec<PathBuf>,
 }
 
+/// The `.safetensors` files in model folder `dir`'s subfolders (found as [`companions`] finds
+/// them), each as its path relative to `dir` with `/` between components, sorted: the weight
+/// files a delta may cover (docs/FORMAT.md section 14).
+pub fn subfolder_weights(dir: &Path) -> Result<Vec<String>> {
+    let mut paths: Vec<String> = companions(dir)?
+        .files
+        .iter()
+        .filter(|f| f.components().count() > 1 && f.extension().is_some_and(|e| e == "safetensors"))
+        .map(|f| {
+            let parts: Vec<String> = f
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            parts.join("/")
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// How deep [`companions`] looks into subfolders.
 const MAX_COMPANION_DEPTH: usize = 8;
 

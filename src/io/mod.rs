@@ -33,7 +33,7 @@ pub use checkpoint::{
     Checkpoint, INDEX_NAME, Pairs, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
     tensor_hash,
 };
-pub use companions::{Companions, companions};
+pub use companions::{Companions, companions, subfolder_weights};
 pub use hash_cache::HashCache;
 pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
 pub use output::{

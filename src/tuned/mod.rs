@@ -26,6 +26,9 @@ use crate::io::{Checkpoint, IoMode, Tensor};
 pub struct Selector {
     include: Option<GlobSet>,
     exclude: Option<GlobSet>,
+    /// What the patterns see before each name: the key prefix of a subfolder weight file
+    /// (docs/FORMAT.md section 15), empty at the top level.
+    prefix: String,
 }
 
 impl Selector {
@@ -44,13 +47,24 @@ impl Selector {
         Ok(Selector {
             include: build(include)?,
             exclude: build(exclude)?,
+            prefix: String::new(),
         })
+    }
+
+    /// This selector for the tensors of a subfolder weight file, whose patterns match their
+    /// keys under `prefix` (docs/FORMAT.md section 15).
+    pub fn under(&self, prefix: &str) -> Selector {
+        Selector {
+            prefix: prefix.to_string(),
+            ..self.clone()
+        }
     }
 
     /// Whether tensor `name` is selected for masking.
     pub fn selects(&self, name: &str) -> bool {
-        self.include.as_ref().is_none_or(|g| g.is_match(name))
-            && !self.exclude.as_ref().is_some_and(|g| g.is_match(name))
+        let key = format!("{}{name}", self.prefix);
+        self.include.as_ref().is_none_or(|g| g.is_match(&key))
+            && !self.exclude.as_ref().is_some_and(|g| g.is_match(&key))
     }
 }
 
