@@ -14,7 +14,7 @@ use crate::extract::{ExtractOptions, ExtractReport, Selector};
 use crate::format::Delta;
 use crate::inspect::{InspectReport, Verdict};
 use crate::io::parts::{self, Part};
-use crate::io::{Cancel, Checkpoint, HashCache, IoMode, Target, companions, parse_size};
+use crate::io::{Cancel, Checkpoint, HashCache, IoMode, Target, parse_size, subfolder_weights};
 use crate::mask::{DEFAULT_SEED, Interval};
 use crate::merge::{
     Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method, merge_with_files,
@@ -758,15 +758,8 @@ pub fn merge(
     let (deltas, mut warnings) = spec.open(&base, flags)?;
     if base.is_folder() {
         target.copy_from = Some(spec.base.clone());
-        if target.is_folder() {
-            for sub in companions(&spec.base)?.checkpoints {
-                warnings.push(format!(
-                    "{}: a checkpoint of its own, which the deltas do not cover: copied unchanged",
-                    spec.base.join(sub).display()
-                ));
-            }
-        }
     }
+    warnings.extend(subfolder_warnings(&base, &deltas, &target)?);
     // A folder gets a recipe, which records each delta's fingerprint; a replay checks them
     // before anything is merged. A part leaves them to `finalize`, which hashes each delta
     // once.
@@ -843,6 +836,41 @@ pub fn merge(
         warnings,
         notes,
     })
+}
+
+/// What a merge does with weight files in subfolders (docs/FORMAT.md section 14) that it does
+/// not merge: copies those the deltas do not cover into a folder output from a folder base, and
+/// leaves out those they cover where the output or the base is a single file.
+fn subfolder_warnings(base: &Checkpoint, deltas: &[Input], target: &Target) -> Result<Vec<String>> {
+    let covered = crate::merge::subfolders::covered(deltas);
+    if target.part.is_some() && !covered.is_empty() && base.is_folder() {
+        return Err(usage(format!(
+            "--part: the deltas cover weight files in subfolders ({}), which a merge in parts does not write (docs/FORMAT.md section 14); merge without --part",
+            covered.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut warnings = Vec::new();
+    if base.is_folder() && target.is_folder() {
+        for sub in subfolder_weights(base.path())? {
+            if !covered.contains(sub.as_str()) {
+                warnings.push(format!(
+                    "{}: a weight file in a subfolder, which the deltas do not cover: copied unchanged",
+                    base.path().join(sub).display()
+                ));
+            }
+        }
+    } else if !covered.is_empty() {
+        let holder = match target.is_folder() {
+            true => base.path(),
+            false => target.path.as_path(),
+        };
+        warnings.push(format!(
+            "{}: a single file holds no subfolders: the deltas' weight files in subfolders ({}) are left out",
+            holder.display(),
+            covered.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(warnings)
 }
 
 /// `--part K/N`: K below N, N at least 1.

@@ -169,10 +169,20 @@ impl Metadata {
                     "{at}: not a valid subfolder path (components of 1 to 255 of A-Z a-z 0-9 . _ - joined by /, none beginning with a dot, at most 9, ending in .safetensors)"
                 );
             }
-            if let Some(other) = self.subfolders.keys().find(|o| o.starts_with(&format!("{path}/"))) {
+            if let Some(other) = self
+                .subfolders
+                .keys()
+                .find(|o| o.starts_with(&format!("{path}/")))
+            {
                 bail!("{at}: a file, but {other} makes it a folder");
             }
-            entries_layout(entries, self.params.chunk, &sub_prefix(path), &at, &mut expected)?;
+            entries_layout(
+                entries,
+                self.params.chunk,
+                &sub_prefix(path),
+                &at,
+                &mut expected,
+            )?;
         }
         let mut total = 0u64;
         for (name, rec) in &self.files {
@@ -338,8 +348,7 @@ pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<
                 false => key.as_str(),
             };
             let known = [OFFSETS_PREFIX, GROWN_PREFIX, FILES_PREFIX, SUB_PREFIX];
-            if local.starts_with(RESERVED_PREFIX) && !known.iter().any(|p| local.starts_with(p))
-            {
+            if local.starts_with(RESERVED_PREFIX) && !known.iter().any(|p| local.starts_with(p)) {
                 continue;
             }
             let by = if key.starts_with(FILES_PREFIX) {

@@ -215,6 +215,8 @@ pub struct Delta {
     stats: Vec<u8>,
     /// The views of the subfolder weight files the delta covers, by path.
     subfolders: BTreeMap<String, Delta>,
+    /// A view of a subfolder file that the delta does not cover ([`Delta::subfolder`]).
+    uncovered: bool,
 }
 
 impl Delta {
@@ -268,6 +270,7 @@ impl Delta {
             base_hashes,
             stats,
             subfolders: BTreeMap::new(),
+            uncovered: false,
         })
     }
 
@@ -280,18 +283,34 @@ impl Delta {
     /// The delta of subfolder weight file `path`: its view, or, when the delta does not cover
     /// it, a delta with no entries (which contributes nothing to a merge).
     pub fn subfolder(&self, path: &str) -> Delta {
-        self.subfolders.get(path).cloned().unwrap_or_else(|| Delta {
-            ckpt: Arc::clone(&self.ckpt),
+        self.subfolders.get(path).cloned().unwrap_or_else(|| {
+            Self::uncovered(Arc::clone(&self.ckpt), self.params.clone(), path)
+        })
+    }
+
+    /// A delta of subfolder weight file `path` with no entries, which contributes nothing to a
+    /// merge, under mask parameters `params`; `ckpt` stands for its file (nothing is read
+    /// from it).
+    pub fn uncovered(ckpt: Arc<Checkpoint>, params: Params, path: &str) -> Delta {
+        Delta {
+            ckpt,
             prefix: sub_prefix(path),
-            params: self.params.clone(),
-            tool: self.tool.clone(),
+            params,
+            tool: String::new(),
             entries: BTreeMap::new(),
             offsets: HashMap::new(),
             own_files: BTreeMap::new(),
             base_hashes: Vec::new(),
             stats: Vec::new(),
             subfolders: BTreeMap::new(),
-        })
+            uncovered: true,
+        }
+    }
+
+    /// Whether this is the view of a subfolder file that the delta does not cover: it has no
+    /// entries, and no base hashes to check.
+    pub fn is_uncovered(&self) -> bool {
+        self.uncovered
     }
 
     /// The key under which this view stores `key` (docs/FORMAT.md section 14).
@@ -329,7 +348,9 @@ impl Delta {
 
     /// The stored data of tensor `name` (kept values of a masked tensor, or a whole tensor).
     pub fn stored(&self, name: &str) -> Tensor<'_> {
-        self.ckpt.tensor(&self.key(name)).expect("validated at open")
+        self.ckpt
+            .tensor(&self.key(name))
+            .expect("validated at open")
     }
 
     /// The new rows of grown tensor `name` (docs/FORMAT.md section 12), `None` for a tensor that

@@ -41,14 +41,19 @@ pub struct Companions {
     pub checkpoints: Vec<PathBuf>,
 }
 
-/// The `.safetensors` files in model folder `dir`'s subfolders (found as [`companions`] finds
-/// them), each as its path relative to `dir` with `/` between components, sorted: the weight
-/// files a delta may cover (docs/FORMAT.md section 14).
+/// The weight files (any format, [`is_weight_file`]) in model folder `dir`'s subfolders (found
+/// as [`companions`] finds them), each as its path relative to `dir` with `/` between
+/// components, sorted: the `.safetensors` ones are those a delta may cover (docs/FORMAT.md
+/// section 14).
 pub fn subfolder_weights(dir: &Path) -> Result<Vec<String>> {
     let mut paths: Vec<String> = companions(dir)?
         .files
         .iter()
-        .filter(|f| f.components().count() > 1 && f.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|f| {
+            f.components().count() > 1
+                && f.file_name()
+                    .is_some_and(|n| is_weight_file(&n.to_string_lossy()))
+        })
         .map(|f| {
             let parts: Vec<String> = f
                 .components()
@@ -116,7 +121,7 @@ pub(super) fn copy_companions(
     c: &Companions,
     dir: &Path,
     dest: &Path,
-    skip: &[&str],
+    skip: &[&Path],
 ) -> Result<()> {
     for sub in &c.dirs {
         let to = dir.join(sub);
@@ -128,11 +133,7 @@ pub(super) fn copy_companions(
             _ => process::track_dir(&to),
         }
     }
-    for name in c
-        .files
-        .iter()
-        .filter(|f| !skip.iter().any(|s| Path::new(s) == *f))
-    {
+    for name in c.files.iter().filter(|f| !skip.contains(&f.as_path())) {
         let to = dir.join(name);
         process::track_file(&to);
         std::fs::copy(src.join(name), &to).with_context(|| {

@@ -291,6 +291,9 @@ pub struct Output {
     /// Files written into a folder output beside the shards, over any copied file of the same
     /// name ([`Output::add_file`]).
     own_files: BTreeMap<String, Vec<u8>>,
+    /// Files in subfolders written into the temporary folder by the tool, over the files of
+    /// the same paths that would be copied ([`Output::stage_file`]).
+    staged_files: Vec<PathBuf>,
     /// BLAKE3 of every shard's name and header, for the whole output (all parts).
     layout: String,
     /// Shards of the whole output (all parts).
@@ -424,6 +427,7 @@ impl Output {
             place: HashMap::new(),
             index: None,
             own_files: BTreeMap::new(),
+            staged_files: Vec::new(),
             layout: String::new(),
             total_shards: 0,
             total: 0,
@@ -526,6 +530,42 @@ impl Output {
         Ok(())
     }
 
+    /// Where to write the file at `rel` (a path inside a subfolder: a merged subfolder weight
+    /// file, docs/FORMAT.md section 14) so that it becomes part of this folder output: its
+    /// folders are made in the temporary folder, and the file copied from `Target::copy_from`
+    /// at that path, if any, is left out. Whatever is written there goes with the output if it
+    /// is not committed.
+    pub fn stage_file(&mut self, rel: &str) -> Result<PathBuf> {
+        let dest = self.target.path.display();
+        let inside = Path::new(rel)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let dir = match &self.staging {
+            Some(Staging::Folder(tmp)) if inside && self.target.part.is_none() => {
+                tmp.path().to_path_buf()
+            }
+            _ => bail!("{dest}: cannot hold the file {rel}"),
+        };
+        let mut at = dir.clone();
+        let parts: Vec<_> = Path::new(rel).components().collect();
+        for c in &parts[..parts.len() - 1] {
+            at.push(c);
+            match std::fs::create_dir(&at) {
+                Ok(()) => process::track_dir(&at),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("{}: cannot create", self.target.path.join(rel).display())
+                    });
+                }
+            }
+        }
+        let path = dir.join(rel);
+        process::track_file(&path);
+        self.staged_files.push(PathBuf::from(rel));
+        Ok(path)
+    }
+
     /// Whether this output writes tensor `name` (all of them, but in a part of a merge).
     pub fn holds(&self, name: &str) -> bool {
         self.place.contains_key(name)
@@ -534,6 +574,7 @@ impl Output {
     /// Whether `file` (relative to the folder) is one of the [`Output::add_file`] files.
     fn is_added(&self, file: &Path) -> bool {
         self.own_files.keys().any(|a| Path::new(a) == file)
+            || self.staged_files.iter().any(|s| s == file)
     }
 
     /// Runs `op` on shard `k`'s file, holding it (writers of the shard wait their turn), and
@@ -775,7 +816,8 @@ impl Output {
                 })?;
             }
             if let Some(src) = &self.target.copy_from {
-                let skip: Vec<&str> = self.own_files.keys().map(String::as_str).collect();
+                let mut skip: Vec<&Path> = self.own_files.keys().map(Path::new).collect();
+                skip.extend(self.staged_files.iter().map(PathBuf::as_path));
                 copy_companions(src, &companions(src)?, &dir, &dest, &skip)?;
             }
             for (name, bytes) in &self.own_files {

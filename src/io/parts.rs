@@ -273,10 +273,10 @@ pub fn finalize(
             .with_context(|| format!("{}: cannot write", out.join(INDEX_NAME).display()))?;
         placed.push(out.join(INDEX_NAME));
     }
-    let added: Vec<&str> = files
+    let added: Vec<&Path> = files
         .iter()
-        .map(|(n, _)| n.as_str())
-        .chain(m0.own_files.iter().map(String::as_str))
+        .map(|(n, _)| Path::new(n))
+        .chain(m0.own_files.iter().map(Path::new))
         .collect();
     placed.extend(m0.own_files.iter().map(|f| out.join(f)));
     if let Some(src) = &m0.copy_from {
@@ -286,7 +286,7 @@ pub fn finalize(
         placed.extend(
             c.files
                 .iter()
-                .filter(|f| !added.iter().any(|a| Path::new(a) == *f))
+                .filter(|f| !added.contains(&f.as_path()))
                 .map(|f| out.join(f)),
         );
     }

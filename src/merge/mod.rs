@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod input;
 pub mod methods;
 pub mod plan;
+pub mod subfolders;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -128,6 +129,31 @@ pub struct MergeReport {
     /// them (the GPU reads delta files only).
     #[serde(skip)]
     pub fine_tune_tensors_on_cpu: usize,
+    /// The subfolder weight files merged (docs/FORMAT.md section 14), by path; their tensors
+    /// count in the totals above.
+    pub subfolders: Vec<String>,
+}
+
+impl MergeReport {
+    /// Counts in the merges of subfolder weight files (docs/FORMAT.md section 14), their
+    /// tensors named `PATH: NAME`.
+    fn add_subfolders(&mut self, reports: Vec<(String, MergeReport)>) {
+        for (path, r) in reports {
+            let named = |n: &str| format!("{path}: {n}");
+            self.tensors += r.tensors;
+            self.changed += r.changed;
+            self.input_bytes += r.input_bytes;
+            self.mismatches
+                .extend(r.mismatches.iter().map(|m| named(m)));
+            self.overflowed
+                .extend(r.overflowed.iter().map(|(n, c)| (named(n), *c)));
+            self.exact_svd
+                .extend(r.exact_svd.into_iter().map(|(n, s)| (named(&n), s)));
+            self.grown
+                .extend(r.grown.iter().map(|(n, d)| (named(n), *d)));
+            self.subfolders.push(path);
+        }
+    }
 }
 
 /// Which engine the user asks for.
@@ -274,6 +300,8 @@ pub fn merge_with_files(
         extra = files(fingerprint)?;
         Ok(())
     })?;
+    // The subfolder weight files the deltas cover (docs/FORMAT.md section 14).
+    let subfolder_reports = subfolders::merge_subfolders(base, deltas, &mut output, out, opts)?;
     let written = if out.part.is_some() {
         // The files are made whole by `finalize`, from every part's.
         let hashes = run
@@ -295,14 +323,16 @@ pub fn merge_with_files(
         output.commit(opts.fingerprint_output)?
     };
     let display = |p: &Path| p.display().to_string();
-    Ok(MergeReport {
+    let mut report = MergeReport {
         outputs: written.files.iter().map(|p| display(p)).collect(),
         output_bytes: written.bytes,
         output_fingerprint: written.fingerprint,
         own_files,
         files_left_out,
         ..planned.report(base, deltas, run, start)
-    })
+    };
+    report.add_subfolders(subfolder_reports);
+    Ok(report)
 }
 
 /// A merge's output held in memory ([`merge_in_memory`]).
@@ -510,6 +540,7 @@ impl Planned {
                     .filter(|p| reads_fine_tune(p, deltas))
                     .count(),
             },
+            subfolders: Vec::new(),
         }
     }
 }
@@ -732,7 +763,12 @@ fn check_provenance(
     let mut bad = Vec::new();
     // A part of a merge hashed the base tensors of its own shards: the others are its peers'.
     let whole = base_names.len() == base.tensors().len();
-    for d in deltas.iter().filter_map(Input::delta) {
+    // A view of a subfolder file that a delta does not cover has no base to check.
+    for d in deltas
+        .iter()
+        .filter_map(Input::delta)
+        .filter(|d| !d.is_uncovered())
+    {
         let file = d.path().display();
         for (name, e) in d.entries() {
             let hashed = by_name.get(name.as_str());

@@ -1,0 +1,88 @@
+//! The weight files in a base folder's subfolders that the deltas cover (docs/FORMAT.md section
+//! 15): each merged as a checkpoint of its own, by the same [`super::merge`], into the folder
+//! output before it is committed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+
+use super::{Input, MergeOptions, MergeReport};
+use crate::format::Delta;
+use crate::io::{Checkpoint, Output, Target};
+
+/// The subfolder weight files that at least one of the delta files among `inputs` covers, by
+/// path (a fine-tune given in place of a delta covers none).
+pub fn covered<'a>(inputs: &'a [Input]) -> BTreeSet<&'a str> {
+    inputs
+        .iter()
+        .filter_map(Input::delta)
+        .flat_map(|d| d.subfolders().keys().map(String::as_str))
+        .collect()
+}
+
+/// Merges each subfolder weight file of base folder `base` that `inputs` cover into `output`
+/// (the folder output `out` being written), with the options of the top-level merge; returns
+/// each file's path and report.
+pub fn merge_subfolders(
+    base: &Checkpoint,
+    inputs: &[Input],
+    output: &mut Output,
+    out: &Target,
+    opts: &MergeOptions,
+) -> Result<Vec<(String, MergeReport)>> {
+    let paths = covered(inputs);
+    if paths.is_empty() || !base.is_folder() || !out.is_folder() {
+        return Ok(Vec::new());
+    }
+    if out.part.is_some() {
+        bail!(
+            "--part: the deltas cover weight files in subfolders ({}), which a merge in parts does not write (docs/FORMAT.md section 15); merge without --part",
+            paths.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    let opts = MergeOptions {
+        files_from: None,
+        fingerprint_output: false,
+        ..opts.clone()
+    };
+    let mut reports = Vec::new();
+    for path in paths {
+        let file = base.path().join(path);
+        if !file.is_file() {
+            let by = inputs
+                .iter()
+                .filter_map(Input::delta)
+                .find(|d| d.subfolders().contains_key(path));
+            bail!(
+                "{}: covers the subfolder weight file {path}, but the base folder {} has no such file (docs/FORMAT.md section 15)",
+                by.expect("covered by a delta").path().display(),
+                base.path().display()
+            );
+        }
+        let sub_base = Checkpoint::open_with(&file, base.io_mode())?;
+        // Each input in its place, so that weights and the methods' task count are the
+        // top level's; one that does not cover the file contributes nothing to it.
+        let sub_inputs = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Delta(d) => Ok(Input::Delta(d.subfolder(path))),
+                Input::Tuned(_) => {
+                    let ckpt = Arc::new(Checkpoint::open_with(&file, base.io_mode())?);
+                    Ok(Input::Delta(Delta::uncovered(ckpt, i.params().clone(), path)))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let target = Target {
+            path: output.stage_file(path)?,
+            copy_from: None,
+            progress: false,
+            part: None,
+            ..out.clone()
+        };
+        let report = super::merge(&sub_base, &sub_inputs, &target, &opts)
+            .with_context(|| format!("subfolder weight file {path}"))?;
+        reports.push((path.to_string(), report));
+    }
+    Ok(reports)
+}
