@@ -160,8 +160,19 @@ fn summarize(d: &Delta) -> DeltaSummary {
     let mut tensors = Vec::new();
     let mut dense = 0;
     let mut kept_sq = 0.0;
-    for (name, e) in d.entries() {
-        let s = d.stats(e.row);
+    // The top level's tensors, then each subfolder file's as `PATH: NAME` (docs/FORMAT.md
+    // section 14).
+    let views = std::iter::once((None, d)).chain(d.subfolders().iter().map(|(p, v)| (Some(p), v)));
+    let all: Vec<(String, &Delta, &crate::format::Entry)> = views
+        .flat_map(|(path, v)| {
+            v.entries().iter().map(move |(name, e)| {
+                let shown = path.map_or_else(|| name.clone(), |p| format!("{p}: {name}"));
+                (shown, v, e)
+            })
+        })
+        .collect();
+    for (name, view, e) in &all {
+        let s = view.stats(e.row);
         kept_sq += s[1];
         let numel = e.tuned_shape().iter().map(|&d| d as u64).product::<u64>();
         dense += (numel.saturating_mul(e.dtype.bitsize() as u64)).div_ceil(8);
@@ -178,7 +189,7 @@ fn summarize(d: &Delta) -> DeltaSummary {
             grown_shape: e.grown_shape.clone(),
         });
     }
-    let count = |k: Kind| d.entries().values().filter(|e| e.kind == k).count();
+    let count = |k: Kind| all.iter().filter(|(_, _, e)| e.kind == k).count();
     DeltaSummary {
         file: d.path().display().to_string(),
         tool: d.tool().to_string(),
@@ -626,50 +637,90 @@ pub struct Verdict {
     pub unknown_to_delta: Vec<String>,
 }
 
-/// Checks each delta against `base`, tensor by tensor. Fails only where the base cannot be
-/// read.
+/// Checks each delta against `base`, tensor by tensor: and against the weight files of a base
+/// folder's subfolders that it covers (docs/FORMAT.md section 14), their tensors named
+/// `PATH: NAME`. Fails only where the base cannot be read.
 pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Verdict>> {
+    let hashes = all_hashes(base)?;
+    let mut subfolder_bases = std::collections::BTreeMap::new();
+    let mut verdicts = Vec::with_capacity(deltas.len());
+    for d in deltas {
+        let mut v = verdict(base, &hashes, d, "");
+        for (path, view) in d.subfolders() {
+            let file = base.path().join(path);
+            if !base.is_folder() || !file.is_file() {
+                let recorded = view.entries().iter().filter(|(_, e)| e.in_base);
+                v.missing_in_base
+                    .extend(recorded.map(|(n, _)| format!("{path}: {n}")));
+                continue;
+            }
+            if !subfolder_bases.contains_key(path) {
+                let sub = Checkpoint::open_with(&file, base.io_mode())?;
+                let h = all_hashes(&sub)?;
+                subfolder_bases.insert(path.clone(), (sub, h));
+            }
+            let (sub, h) = &subfolder_bases[path];
+            let s = verdict(sub, h, view, &format!("{path}: "));
+            v.matched.extend(s.matched);
+            v.mismatched.extend(s.mismatched);
+            v.missing_in_base.extend(s.missing_in_base);
+            v.unknown_to_delta.extend(s.unknown_to_delta);
+        }
+        v.ok = v.mismatched.is_empty()
+            && v.missing_in_base.is_empty()
+            && v.unknown_to_delta.is_empty();
+        verdicts.push(v);
+    }
+    Ok(verdicts)
+}
+
+/// The hash of every tensor of `base`, by name.
+fn all_hashes(base: &Checkpoint) -> Result<std::collections::BTreeMap<String, [u8; 32]>> {
     let names: Vec<&String> = base.tensors().keys().collect();
-    let hashes: std::collections::BTreeMap<&str, [u8; 32]> = names
+    names
         .par_iter()
         .map(|n| {
             let h = base.hash_of(n)?.expect("a tensor of the base");
-            Ok((n.as_str(), h))
+            Ok((n.to_string(), h))
         })
         .collect::<Vec<Result<_>>>()
         .into_iter()
-        .collect::<Result<_>>()?;
-    Ok(deltas
-        .iter()
-        .map(|d| {
-            let mut v = Verdict {
-                file: d.path().display().to_string(),
-                ok: true,
-                matched: vec![],
-                mismatched: vec![],
-                missing_in_base: vec![],
-                unknown_to_delta: vec![],
-            };
-            for (name, e) in d.entries().iter().filter(|(_, e)| e.in_base) {
-                let info = base.info(name);
-                match hashes.get(name.as_str()) {
-                    None => v.missing_in_base.push(name.clone()),
-                    Some(_) if info.is_some_and(|i| i.dtype != e.dtype || i.shape != e.shape) => {
-                        v.mismatched.push(name.clone())
-                    }
-                    Some(h) if *h == d.base_hash(e.row) => v.matched.push(name.clone()),
-                    Some(_) => v.mismatched.push(name.clone()),
-                }
+        .collect()
+}
+
+/// The verdict of delta `d` (or a subfolder file's view of it) on `base`, whose tensors hash to
+/// `hashes`; tensors named with `prefix`.
+fn verdict(
+    base: &Checkpoint,
+    hashes: &std::collections::BTreeMap<String, [u8; 32]>,
+    d: &Delta,
+    prefix: &str,
+) -> Verdict {
+    let named = |n: &str| format!("{prefix}{n}");
+    let mut v = Verdict {
+        file: d.path().display().to_string(),
+        ok: true,
+        matched: vec![],
+        mismatched: vec![],
+        missing_in_base: vec![],
+        unknown_to_delta: vec![],
+    };
+    for (name, e) in d.entries().iter().filter(|(_, e)| e.in_base) {
+        let info = base.info(name);
+        match hashes.get(name.as_str()) {
+            None => v.missing_in_base.push(named(name)),
+            Some(_) if info.is_some_and(|i| i.dtype != e.dtype || i.shape != e.shape) => {
+                v.mismatched.push(named(name))
             }
-            v.unknown_to_delta = names
-                .iter()
-                .filter(|n| !d.entries().get(n.as_str()).is_some_and(|e| e.in_base))
-                .map(|n| n.to_string())
-                .collect();
-            v.ok = v.mismatched.is_empty()
-                && v.missing_in_base.is_empty()
-                && v.unknown_to_delta.is_empty();
-            v
-        })
-        .collect())
+            Some(h) if *h == d.base_hash(e.row) => v.matched.push(named(name)),
+            Some(_) => v.mismatched.push(named(name)),
+        }
+    }
+    v.unknown_to_delta = hashes
+        .keys()
+        .filter(|n| !d.entries().get(n.as_str()).is_some_and(|e| e.in_base))
+        .map(|n| named(n))
+        .collect();
+    v.ok = v.mismatched.is_empty() && v.missing_in_base.is_empty() && v.unknown_to_delta.is_empty();
+    v
 }
