@@ -22,7 +22,7 @@ import numpy as np
 TWO32 = 1 << 32
 FORMAT = "sotu-delta"
 FORMAT_MAJOR = 1
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 MASK_NAME = "sotu-mix32-v1"
 DEFAULT_SEED = 2411
 DEFAULT_CHUNK = 65536
@@ -30,6 +30,7 @@ KEY_DOMAIN = b"sotu-delta/mask/v1"
 RESERVED_PREFIX = "sotu/"
 GROWN_PREFIX = "sotu/grown/"   # §12: the new rows of a grown tensor
 FILES_PREFIX = "sotu/files/"   # §13: the fine-tune's own files in a single-file delta
+SUB_PREFIX = "sotu/sub/"       # §14: the tensors of weight files in subfolders, sotu/sub/<P>/...
 MAX_FILES_BYTES = 64 * 1024 * 1024
 # §13: the files extract stores when the fine-tune changes or adds them.
 OWN_FILE_NAMES = (
@@ -414,6 +415,7 @@ class Delta:
     stats: np.ndarray              # [rows, 3] float64
     metadata: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # §13: the fine-tune's own files, name -> bytes
+    subfolders: dict = field(default_factory=dict)  # §14: path -> Delta of that file alone
 
     def rows(self):
         """Names in row order."""
@@ -588,6 +590,7 @@ def _decimal(meta, k, path):
 
 
 _OWN_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+SUBFOLDER_PATH = re.compile(r"[A-Za-z0-9._-]{1,255}(/[A-Za-z0-9._-]{1,255})+\.safetensors")  # §14
 
 
 def _own_files(path, meta, tensors, folder_files):
@@ -632,37 +635,9 @@ def _own_files(path, meta, tensors, folder_files):
     return out
 
 
-def decode_delta(path):
-    """Parse and validate a delta, a file or a folder (§1-§7, §10, §12, §13). Returns a Delta;
-    raises FormatError on any violation a reader must refuse."""
-    meta, tensors, folder_files = read_checkpoint(path)
-    if meta is None:
-        raise FormatError(f"{path}: no __metadata__")
-    if meta.get("format") != FORMAT:
-        raise FormatError(f"{path}: format is {meta.get('format')!r}, not {FORMAT!r}")
-    version = meta.get("format_version", "")
-    parts = version.split(".")
-    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
-        raise FormatError(f"{path}: bad format_version {version!r}")
-    if int(parts[0]) != FORMAT_MAJOR:  # a larger minor only adds keys: still readable
-        raise FormatError(f"{path}: format_version {version} has an unknown major version")
-    if meta.get("mask") != MASK_NAME:
-        raise FormatError(f"{path}: unknown mask function {meta.get('mask')!r}")
-    seed = _decimal(meta, "seed", path)
-    lo, hi, chunk = (_decimal(meta, k, path) for k in ("lo", "hi", "chunk"))
-    if seed >= 1 << 64:
-        raise FormatError(f"{path}: seed does not fit in u64")
-    if not (0 <= lo <= hi <= TWO32):
-        raise FormatError(f"{path}: need 0 <= lo <= hi <= 2^32, got lo={lo} hi={hi}")
-    if chunk < 1:
-        raise FormatError(f"{path}: chunk must be >= 1")
-    try:
-        table = json.loads(meta.get("tensors", ""), object_pairs_hook=_reject_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: metadata 'tensors' is not JSON: {e}") from None
-    if not isinstance(table, dict):
-        raise FormatError(f"{path}: metadata 'tensors' is not a JSON object")
-
+def _decode_table(path, table, tensors, seed, lo, hi, chunk, prefix=""):
+    """The entries of one `tensors` table (§3-§7, §12) whose stored keys take `prefix` (§14:
+    `sotu/sub/<P>/` for a subfolder file, "" at the top level): (entries, base_hashes, stats)."""
     # Rows are 0, 1, ... in ascending name order.
     names = sorted(table)
     rows = len(names)
@@ -671,7 +646,7 @@ def decode_delta(path):
             raise FormatError(f"{path}: {name!r} should have row {want}")
 
     def fixed(k, dtype, shape):
-        t = tensors.get(k)
+        t = tensors.get(prefix + k)
         if t is None or t.dtype != dtype or t.shape != shape:
             raise FormatError(f"{path}: {k} must be a {dtype} tensor of shape {list(shape)}")
         return t
@@ -725,7 +700,7 @@ def decode_delta(path):
             if np.any(np.diff(offsets.astype(np.int64)) < 0):
                 raise FormatError(f"{path}: {name!r}: offsets decrease")
             # Walk each chunk and check it consumes exactly offsets[j+1] - offsets[j] values.
-            mask = kept_mask(seed, name, n, lo, hi)
+            mask = kept_mask(seed, prefix + name, n, lo, hi)  # §14: keyed by the stored key
             walked = _offsets(mask, n, chunk)
             bad = np.flatnonzero(walked != offsets)
             if bad.size:
@@ -735,12 +710,70 @@ def decode_delta(path):
             e.indices = np.flatnonzero(mask).astype(np.uint64)
         entries[name] = e
     for k in tensors:
-        if k.startswith(GROWN_PREFIX):
-            e = entries.get(k[len(GROWN_PREFIX):])
+        if k.startswith(prefix + GROWN_PREFIX):
+            grown = k[len(prefix + GROWN_PREFIX):]
+            e = entries.get(grown)
             if e is None or e.grown_shape is None:
-                raise FormatError(f"{path}: tensor {k!r}: no entry grows {k[len(GROWN_PREFIX):]!r}")
+                raise FormatError(f"{path}: tensor {k!r}: no entry grows {grown!r}")
+    return entries, hashes, stats
+
+
+def decode_delta(path):
+    """Parse and validate a delta, a file or a folder (§1-§7, §10, §12, §13). Returns a Delta;
+    raises FormatError on any violation a reader must refuse."""
+    meta, tensors, folder_files = read_checkpoint(path)
+    if meta is None:
+        raise FormatError(f"{path}: no __metadata__")
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: format is {meta.get('format')!r}, not {FORMAT!r}")
+    version = meta.get("format_version", "")
+    parts = version.split(".")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise FormatError(f"{path}: bad format_version {version!r}")
+    if int(parts[0]) != FORMAT_MAJOR:  # a larger minor only adds keys: still readable
+        raise FormatError(f"{path}: format_version {version} has an unknown major version")
+    if meta.get("mask") != MASK_NAME:
+        raise FormatError(f"{path}: unknown mask function {meta.get('mask')!r}")
+    seed = _decimal(meta, "seed", path)
+    lo, hi, chunk = (_decimal(meta, k, path) for k in ("lo", "hi", "chunk"))
+    if seed >= 1 << 64:
+        raise FormatError(f"{path}: seed does not fit in u64")
+    if not (0 <= lo <= hi <= TWO32):
+        raise FormatError(f"{path}: need 0 <= lo <= hi <= 2^32, got lo={lo} hi={hi}")
+    if chunk < 1:
+        raise FormatError(f"{path}: chunk must be >= 1")
+    try:
+        table = json.loads(meta.get("tensors", ""), object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: metadata 'tensors' is not JSON: {e}") from None
+    if not isinstance(table, dict):
+        raise FormatError(f"{path}: metadata 'tensors' is not a JSON object")
+
+    entries, hashes, stats = _decode_table(path, table, tensors, seed, lo, hi, chunk)
+    subfolders = {}
+    if "subfolders" in meta:  # §14
+        try:
+            subs = json.loads(meta["subfolders"], object_pairs_hook=_reject_duplicate_keys)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: metadata 'subfolders' is not JSON: {e}") from None
+        if not isinstance(subs, dict):
+            raise FormatError(f"{path}: metadata 'subfolders' is not a JSON object")
+        for p, rec in subs.items():
+            if not SUBFOLDER_PATH.fullmatch(p) or not 2 <= len(p.split("/")) <= 9 \
+                    or any(c.startswith(".") for c in p.split("/")):
+                raise FormatError(f"{path}: subfolder file {p!r}: not a valid path")
+            if any(o.startswith(p + "/") for o in subs):
+                raise FormatError(f"{path}: subfolder file {p!r} is also a folder")
+            if not isinstance(rec, dict) or set(rec) != {"tensors"} or not isinstance(rec["tensors"], dict):
+                raise FormatError(f"{path}: subfolder file {p!r}: not {{\"tensors\": {{...}}}}")
+            sub = _decode_table(f"{path}: {p}", rec["tensors"], tensors, seed, lo, hi, chunk,
+                                prefix=SUB_PREFIX + p + "/")
+            subfolders[p] = Delta(seed, lo, hi, chunk, *sub)
+    for k in tensors:
+        if k.startswith(SUB_PREFIX) and not any(k.startswith(SUB_PREFIX + p + "/") for p in subfolders):
+            raise FormatError(f"{path}: tensor {k!r}: no subfolder file accounts for it")
     files = _own_files(path, meta, tensors, folder_files)
-    return Delta(seed, lo, hi, chunk, entries, hashes, stats, meta, files)
+    return Delta(seed, lo, hi, chunk, entries, hashes, stats, meta, files, subfolders)
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,6 +881,34 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
         else:
             out[name] = (t.dtype, t.shape, t.data)
     return out
+
+
+def subfolder_view(delta, path, base):
+    """§14: delta `delta` (decoded) of subfolder weight file `path`, whose base checkpoint's
+    tensors are `base` ({name: Tensor}): its record of the file, or, when it records none, a
+    delta that leaves every tensor as the base (every entry `same`), which contributes nothing."""
+    if path in delta.subfolders:
+        return delta.subfolders[path]
+    names = sorted(base)
+    entries = {n: Entry("same", base[n].dtype, base[n].shape, row, True) for row, n in enumerate(names)}
+    hashes = np.array([np.frombuffer(blake3.blake3(base[n].data).digest(), dtype=np.uint8)
+                       for n in names], dtype=np.uint8).reshape(len(names), 32)
+    return Delta(delta.seed, delta.lo, delta.hi, delta.chunk, entries, hashes,
+                 np.zeros((len(names), 3)))
+
+
+def merge_subfolder(base_folder, delta_paths, path, **kw):
+    """§14: the tensors `merge` must write into subfolder weight file `path` of a folder output
+    from base folder `base_folder`: the merge (§8, or `method` through merge_method) of the
+    base's file with each delta's record of it. kw: as merge's, or method=... for
+    merge_method."""
+    base = read_checkpoint(Path(base_folder) / path)[1]
+    deltas = [d if isinstance(d, Delta) else decode_delta(d) for d in delta_paths]
+    views = [subfolder_view(d, path, base) for d in deltas]
+    method = kw.pop("method", "sum")
+    if method == "sum":
+        return merge(base, views, **kw)
+    return merge_method(base, views, method=method, **kw)
 
 
 def with_grown_rows(name, deltas, part):
