@@ -274,7 +274,7 @@ fn extract_with_slots_records_the_slot_interval_in_every_dtype() {
             let (tensors, md) = load(&delta);
             let iv = Interval::from_slot(k, 3, None).unwrap();
             assert_eq!(md["format"], "sotu-delta");
-            assert_eq!(md["format_version"], "1.1");
+            assert_eq!(md["format_version"], "1.2");
             assert_eq!(md["mask"], "sotu-mix32-v1");
             assert_eq!(md["seed"], DEFAULT_SEED.to_string());
             assert_eq!(md["slot"], format!("{k}/3"));

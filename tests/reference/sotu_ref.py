@@ -902,7 +902,7 @@ def merge_subfolder(base_folder, delta_paths, path, **kw):
     from base folder `base_folder`: the merge (§8, or `method` through merge_method) of the
     base's file with each delta's record of it. kw: as merge's, or method=... for
     merge_method."""
-    base = read_checkpoint(Path(base_folder) / path)[1]
+    base = read_checkpoint(os.path.join(base_folder, path))[1]
     deltas = [d if isinstance(d, Delta) else decode_delta(d) for d in delta_paths]
     views = [subfolder_view(d, path, base) for d in deltas]
     method = kw.pop("method", "sum")

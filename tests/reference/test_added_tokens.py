@@ -199,7 +199,7 @@ class TestBinary:
         assert sorted(want.files) == CARRIED
         for form in ("a.safetensors", "adir"):
             got = ref.decode_delta(work / form)
-            assert got.metadata["format_version"] == "1.1"
+            assert got.metadata["format_version"] == "1.2"
             assert_same_delta(got, want, f"binary delta {form}")
             assert np.array_equal(got.stats, want.stats), f"{form}: sotu/stats"
         assert (work / "adir" / ref.INDEX).exists(), "test design: a sharded folder delta"
@@ -215,7 +215,7 @@ class TestBinary:
         decoded = ref.decode_delta(path)
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata()
-            assert meta["format_version"] == "1.1"
+            assert meta["format_version"] == "1.2"
             records = json.loads(meta["files"])
             assert sorted(records) == CARRIED
             for name in CARRIED:

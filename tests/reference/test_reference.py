@@ -571,7 +571,7 @@ class TestBinary:
             got = ref.decode_delta(path)
             lo, hi = ref.interval(slot=f"{k - 1}/3")
             assert (got.seed, got.lo, got.hi, got.chunk) == (7, lo, hi, 65536)
-            assert got.metadata.get("format_version") == "1.1"
+            assert got.metadata.get("format_version") == "1.2"
             assert got.metadata.get("slot") == f"{k - 1}/3"
             want = ref.extract(base, fixture(f"task{k}", variant), 7, lo, hi, got.chunk)
             assert_same_delta(got, want, f"binary delta task{k}")

@@ -3,10 +3,12 @@
     SOTU_BIN=target/release/sotu-delta python -m pytest -q tests/reference/test_sentence_transformers.py
 
 A tiny BERT sentence-transformer (Transformer, Pooling, Dense, Normalize modules) is built and
-saved by the library itself; a fine-tune of it is its weights plus noise; the binary extracts a
-delta and merges it into a folder, which `SentenceTransformer(folder)` must load and encode with.
-Before issue #13 the merged folder lacked `1_Pooling/` and failed to load (`Pooling.__init__()
-missing ... 'embedding_dimension'`).
+saved by the library itself; a fine-tune of it is its weights plus noise, the Dense layer's
+(`2_Dense/model.safetensors`, a weight file in a subfolder, docs/FORMAT.md section 14) too; the
+binary extracts a delta and merges it into a folder, which `SentenceTransformer(folder)` must
+load and encode with, exactly as the fine-tune does. Before issue #13 the merged folder lacked
+`1_Pooling/` and failed to load (`Pooling.__init__() missing ... 'embedding_dimension'`), and
+the Dense layer stayed the base's.
 
 sentence-transformers (and torch) are not in `make test`'s venv: where they are not installed the
 test says so and is skipped.
@@ -53,9 +55,10 @@ def test_merged_folder_loads_in_sentence_transformers(tmp_path, capsys):
     SentenceTransformer(modules=modules).save(str(base))
     tuned = tmp_path / "tuned"
     SentenceTransformer(str(base)).save(str(tuned))
-    weights = load_file(tuned / "model.safetensors")
-    save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-               for k, v in weights.items()}, tuned / "model.safetensors", metadata={"format": "pt"})
+    for file in ("model.safetensors", "2_Dense/model.safetensors"):
+        weights = load_file(tuned / file)
+        save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                   for k, v in weights.items()}, tuned / file, metadata={"format": "pt"})
 
     def run(*args):
         proc = subprocess.run([str(binary()), *map(str, args)], capture_output=True, text=True)
@@ -65,7 +68,7 @@ def test_merged_folder_loads_in_sentence_transformers(tmp_path, capsys):
     run("extract", "--base", base, "--tuned", tuned, "--density", "1", "-o", tmp_path / "d.st")
     merged = tmp_path / "merged"
     proc = run("merge", "--base", base, tmp_path / "d.st", "-o", merged)
-    assert "2_Dense" in proc.stderr  # a checkpoint of its own, copied unchanged
+    assert "2_Dense" not in proc.stderr  # merged, not copied from the base
     model = SentenceTransformer(str(merged))
     got = model.encode(["hello world", "merge delta"])
     want = SentenceTransformer(str(tuned)).encode(["hello world", "merge delta"])
