@@ -206,7 +206,11 @@ pub fn extract(
     let written = output.commit(opts.fingerprint_output)?;
     let display = |p: &Path| p.display().to_string();
 
-    let all = || units.iter().flat_map(|u| u.plan.iter().map(move |p| (u, p)));
+    let all = || {
+        units
+            .iter()
+            .flat_map(|u| u.plan.iter().map(move |p| (u, p)))
+    };
     let inexact = units
         .iter()
         .zip(&written_units)
@@ -538,7 +542,11 @@ fn write_tensor(
         // A grown tensor is a checkpoint's (an adapter's tensors have the base's shapes).
         let t = tensor.stored().expect("a grown tensor is stored");
         let new_rows = base_len..t.len();
-        out.copy_from(&format!("{prefix}{}", grown_key(&p.name)), t, new_rows.clone())?;
+        out.copy_from(
+            &format!("{prefix}{}", grown_key(&p.name)),
+            t,
+            new_rows.clone(),
+        )?;
         if let Some(f) = Float::of(e.dtype) {
             new_nonfinite = nonfinite_in(t, new_rows, f)?;
         }

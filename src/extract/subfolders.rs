@@ -32,7 +32,10 @@ pub fn pairs(base: &Checkpoint, tuned: &Tuned) -> Result<Vec<SubfolderPair>> {
     let in_base = subfolder_weights(base.path())?;
     let mut pairs = Vec::new();
     let safetensors = |p: &String| p.ends_with(".safetensors");
-    for path in subfolder_weights(tuned.path())?.into_iter().filter(safetensors) {
+    for path in subfolder_weights(tuned.path())?
+        .into_iter()
+        .filter(safetensors)
+    {
         let (b, t) = (base.path().join(&path), tuned.path().join(&path));
         if !in_base.contains(&path) {
             bail!(

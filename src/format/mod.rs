@@ -283,9 +283,10 @@ impl Delta {
     /// The delta of subfolder weight file `path`: its view, or, when the delta does not cover
     /// it, a delta with no entries (which contributes nothing to a merge).
     pub fn subfolder(&self, path: &str) -> Delta {
-        self.subfolders.get(path).cloned().unwrap_or_else(|| {
-            Self::uncovered(Arc::clone(&self.ckpt), self.params.clone(), path)
-        })
+        self.subfolders
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| Self::uncovered(Arc::clone(&self.ckpt), self.params.clone(), path))
     }
 
     /// A delta of subfolder weight file `path` with no entries, which contributes nothing to a

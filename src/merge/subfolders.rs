@@ -69,7 +69,11 @@ pub fn merge_subfolders(
                 Input::Delta(d) => Ok(Input::Delta(d.subfolder(path))),
                 Input::Tuned(_) => {
                     let ckpt = Arc::new(Checkpoint::open_with(&file, base.io_mode())?);
-                    Ok(Input::Delta(Delta::uncovered(ckpt, i.params().clone(), path)))
+                    Ok(Input::Delta(Delta::uncovered(
+                        ckpt,
+                        i.params().clone(),
+                        path,
+                    )))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
