@@ -107,14 +107,24 @@ pub fn read_metadata(ckpt: &Checkpoint, file: &str) -> Result<Metadata> {
         None => BTreeMap::new(),
     };
     let subfolders = match md.get("subfolders") {
-        Some(text) => json_table::<SubfolderRecord>(text, "subfolders", "subfolder file", file)?
-            .into_iter()
-            .map(|(path, rec)| {
+        Some(text) => {
+            if let Some(dup) = crate::io::header::duplicate_key(text.as_bytes()) {
+                bail!("{file}: __metadata__.subfolders: subfolder file {dup} appears twice");
+            }
+            // Parsed from the text, not through a `Value`, which would merge a table's
+            // repeated names before `json_table` could see them.
+            serde_json::from_str::<BTreeMap<String, SubfolderRecord>>(text)
+                .with_context(|| {
+                    format!("{file}: __metadata__.subfolders is not a JSON object of {{\"tensors\": {{...}}}} records")
+                })?
+                .into_iter()
+                .map(|(path, rec)| {
                 let key = format!("subfolders.{path}.tensors");
                 let entries = json_table(rec.tensors.get(), &key, "tensor", file)?;
-                Ok((path, entries))
-            })
-            .collect::<Result<_>>()?,
+                    Ok((path, entries))
+                })
+                .collect::<Result<_>>()?
+        }
         None => BTreeMap::new(),
     };
     let params = Params {
