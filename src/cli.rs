@@ -479,6 +479,9 @@ fn run_extract(a: ExtractArgs, flags: &Flags) -> Result<()> {
         if !r.files.is_empty() {
             out!("  own files: {}", r.files.join(", "));
         }
+        if !r.subfolders.is_empty() {
+            out!("  subfolder weight files: {}", r.subfolders.join(", "));
+        }
     }
     Ok(())
 }
@@ -515,6 +518,9 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
             r.input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
             r.device,
         );
+        if !r.subfolders.is_empty() {
+            out!("  subfolder weight files merged: {}", r.subfolders.join(", "));
+        }
     }
     Ok(())
 }

@@ -677,6 +677,7 @@ impl Output {
                     .map(|f| self.target.path.join(f)),
             );
             files.extend(self.own_files.keys().map(|f| self.target.path.join(f)));
+            files.extend(self.staged_files.iter().map(|f| self.target.path.join(f)));
         }
         files
     }

@@ -143,6 +143,7 @@ impl MergeReport {
             self.tensors += r.tensors;
             self.changed += r.changed;
             self.input_bytes += r.input_bytes;
+            self.output_bytes += r.output_bytes;
             self.mismatches
                 .extend(r.mismatches.iter().map(|m| named(m)));
             self.overflowed
