@@ -519,7 +519,10 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
             r.device,
         );
         if !r.subfolders.is_empty() {
-            out!("  subfolder weight files merged: {}", r.subfolders.join(", "));
+            out!(
+                "  subfolder weight files merged: {}",
+                r.subfolders.join(", ")
+            );
         }
     }
     Ok(())

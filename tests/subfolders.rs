@@ -85,7 +85,10 @@ fn a_covered_dense_layer_is_merged_listed_and_verified() {
     );
     assert_eq!(o.json()["subfolders"], serde_json::json!([DENSE]), "{o}");
     let outputs = o.json()["outputs"].to_string();
-    assert!(outputs.contains("applied/2_Dense/model.safetensors"), "{outputs}");
+    assert!(
+        outputs.contains("applied/2_Dense/model.safetensors"),
+        "{outputs}"
+    );
     // Density 1, no rescale: the fine-tune's Dense layer itself, to the bit.
     assert_eq!(
         tensors(&d.join("applied").join(DENSE)),
