@@ -980,6 +980,13 @@ pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<Merged
     }
     let base = open_base(&spec.base, flags)?;
     let (deltas, mut warnings) = spec.open(&base, flags)?;
+    let covered = crate::merge::subfolders::covered(&deltas);
+    if !covered.is_empty() {
+        warnings.push(format!(
+            "merged tensors: the deltas' weight files in subfolders ({}) are not part of a merge into memory: left out",
+            covered.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
     let merged = crate::merge::merge_in_memory(&base, &deltas, &opts, flags.cancel.clone())?;
     base.save_hashes();
     let (more, notes) = spec.messages(&opts, &deltas, &merged.report, None, flags);
