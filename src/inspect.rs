@@ -637,7 +637,7 @@ pub struct Verdict {
     pub unknown_to_delta: Vec<String>,
 }
 
-/// Checks each delta against `base`, tensor by tensor: and against the weight files of a base
+/// Checks each delta against `base`, tensor by tensor, and against the weight files of a base
 /// folder's subfolders that it covers (docs/FORMAT.md section 14), their tensors named
 /// `PATH: NAME`. Fails only where the base cannot be read.
 pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Verdict>> {
@@ -646,9 +646,10 @@ pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Verdict>> {
     let mut verdicts = Vec::with_capacity(deltas.len());
     for d in deltas {
         let mut v = verdict(base, &hashes, d, "");
-        for (path, view) in d.subfolders() {
+        // A single-file base has no subfolders: a merge onto it leaves them out.
+        for (path, view) in d.subfolders().iter().filter(|_| base.is_folder()) {
             let file = base.path().join(path);
-            if !base.is_folder() || !file.is_file() {
+            if !file.is_file() {
                 let recorded = view.entries().iter().filter(|(_, e)| e.in_base);
                 v.missing_in_base
                     .extend(recorded.map(|(n, _)| format!("{path}: {n}")));

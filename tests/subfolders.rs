@@ -247,6 +247,15 @@ fn merge_refuses_a_base_folder_without_the_covered_file() {
         "merged",
         &[DENSE, "d.st"],
     );
+    let v = run(d, "verify --base base d.st");
+    assert_eq!(v.code, Some(1), "{v}");
+    assert!(
+        v.stdout
+            .contains("2_Dense/model.safetensors: linear.weight"),
+        "{v}"
+    );
+    // A single-file base has no subfolders to check, as a merge onto it leaves them out.
+    ok(d, "verify --base base/model.safetensors d.st");
 }
 
 #[test]
