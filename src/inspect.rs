@@ -161,7 +161,7 @@ fn summarize(d: &Delta) -> DeltaSummary {
     let mut dense = 0;
     let mut kept_sq = 0.0;
     // The top level's tensors, then each subfolder file's as `PATH: NAME` (docs/FORMAT.md
-    // section 14).
+    // section 15).
     let views = std::iter::once((None, d)).chain(d.subfolders().iter().map(|(p, v)| (Some(p), v)));
     let all: Vec<(String, &Delta, &crate::format::Entry)> = views
         .flat_map(|(path, v)| {
@@ -638,7 +638,7 @@ pub struct Verdict {
 }
 
 /// Checks each delta against `base`, tensor by tensor, and against the weight files of a base
-/// folder's subfolders that it covers (docs/FORMAT.md section 14), their tensors named
+/// folder's subfolders that it covers (docs/FORMAT.md section 15), their tensors named
 /// `PATH: NAME`. Fails only where the base cannot be read.
 pub fn verify(base: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Verdict>> {
     let hashes = all_hashes(base)?;

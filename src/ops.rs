@@ -838,14 +838,14 @@ pub fn merge(
     })
 }
 
-/// What a merge does with weight files in subfolders (docs/FORMAT.md section 14) that it does
+/// What a merge does with weight files in subfolders (docs/FORMAT.md section 15) that it does
 /// not merge: copies those the deltas do not cover into a folder output from a folder base, and
 /// leaves out those they cover where the output or the base is a single file.
 fn subfolder_warnings(base: &Checkpoint, deltas: &[Input], target: &Target) -> Result<Vec<String>> {
     let covered = crate::merge::subfolders::covered(deltas);
     if target.part.is_some() && !covered.is_empty() && base.is_folder() {
         return Err(usage(format!(
-            "--part: the deltas cover weight files in subfolders ({}), which a merge in parts does not write (docs/FORMAT.md section 14); merge without --part",
+            "--part: the deltas cover weight files in subfolders ({}), which a merge in parts does not write (docs/FORMAT.md section 15); merge without --part",
             covered.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }

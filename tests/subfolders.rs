@@ -1,4 +1,4 @@
-//! Weight files in subfolders (docs/FORMAT.md section 14), through the command line, on
+//! Weight files in subfolders (docs/FORMAT.md section 15), through the command line, on
 //! fixtures/tiny/sentence-transformers/ (fixtures/make_fixtures.py): a base folder whose Dense
 //! layer is a checkpoint of its own in `2_Dense/model.safetensors`, and fine-tunes that change it.
 //! What the merged tensors are is checked against the numpy reference in

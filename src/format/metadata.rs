@@ -30,7 +30,7 @@ pub struct Metadata {
     /// The records of the fine-tune's own files, by name (empty when `files` is absent).
     pub files: BTreeMap<String, FileRecord>,
     /// The tensor entries of each subfolder weight file covered, by its path (docs/FORMAT.md
-    /// section 14; empty when `subfolders` is absent).
+    /// section 15; empty when `subfolders` is absent).
     pub subfolders: BTreeMap<String, BTreeMap<String, Entry>>,
 }
 
@@ -230,7 +230,7 @@ impl Metadata {
 }
 
 /// Checks the `tensors` table `entries` of one checkpoint (the top level, or a subfolder file
-/// whose keys take `prefix`, docs/FORMAT.md section 14) and adds the tensors it implies to
+/// whose keys take `prefix`, docs/FORMAT.md section 15) and adds the tensors it implies to
 /// `expected`; `file` names the table in errors.
 fn entries_layout(
     entries: &BTreeMap<String, Entry>,
@@ -347,7 +347,7 @@ pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<
     for (key, info) in ckpt.tensors() {
         let Some((dtype, shape)) = expected.get(key) else {
             // Within a subfolder file's keys, the rules of the top level's (docs/FORMAT.md
-            // section 14).
+            // section 15).
             let local = match key.starts_with(SUB_PREFIX) {
                 true => match subfolder_prefixes.iter().find(|p| key.starts_with(**p)) {
                     Some(p) => &key[p.len()..],
@@ -390,7 +390,7 @@ pub fn check_stored(ckpt: &Checkpoint, expected: &Layout, file: &str) -> Result<
 }
 
 /// Reads and checks the chunk offsets of every masked tensor (docs/FORMAT.md section 6).
-/// `prefix` is that of a subfolder file's keys (docs/FORMAT.md section 14), or empty.
+/// `prefix` is that of a subfolder file's keys (docs/FORMAT.md section 15), or empty.
 pub fn read_offsets(
     ckpt: &Checkpoint,
     entries: &BTreeMap<String, Entry>,

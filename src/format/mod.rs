@@ -41,7 +41,7 @@ pub const OFFSETS_PREFIX: &str = "sotu/offsets/";
 pub const GROWN_PREFIX: &str = "sotu/grown/";
 /// Prefix of the fine-tune's own files in a single-file delta (docs/FORMAT.md section 13).
 pub const FILES_PREFIX: &str = "sotu/files/";
-/// Prefix of the tensors of the weight files in subfolders (docs/FORMAT.md section 14).
+/// Prefix of the tensors of the weight files in subfolders (docs/FORMAT.md section 15).
 pub const SUB_PREFIX: &str = "sotu/sub/";
 /// The most bytes of own files a delta carries, all files together (docs/FORMAT.md section 13).
 pub const MAX_FILES_BYTES: u64 = 64 << 20;
@@ -62,12 +62,12 @@ pub fn file_key(name: &str) -> String {
 }
 
 /// The prefix of the keys of subfolder weight file `path`: `sotu/sub/<path>/` (docs/FORMAT.md
-/// section 14). A tensor's key under it is also the name its mask is keyed with.
+/// section 15). A tensor's key under it is also the name its mask is keyed with.
 pub fn sub_prefix(path: &str) -> String {
     format!("{SUB_PREFIX}{path}/")
 }
 
-/// Whether `path` may name a weight file in a subfolder (docs/FORMAT.md section 14): 2 to 9
+/// Whether `path` may name a weight file in a subfolder (docs/FORMAT.md section 15): 2 to 9
 /// components of 1 to 255 bytes of `A–Z a–z 0–9 . _ -` joined by `/`, none beginning with `.`,
 /// ending in `.safetensors`. Such a path stays inside the folder it is written into.
 pub fn is_subfolder_path(path: &str) -> bool {
@@ -197,7 +197,7 @@ impl Params {
 }
 
 /// A delta file, opened and validated; or a view of the part of one that covers a subfolder
-/// weight file (docs/FORMAT.md section 14), which reads as the delta of that file alone.
+/// weight file (docs/FORMAT.md section 15), which reads as the delta of that file alone.
 #[derive(Clone)]
 pub struct Delta {
     ckpt: Arc<Checkpoint>,
@@ -275,7 +275,7 @@ impl Delta {
     }
 
     /// The subfolder weight files the delta covers, each as the delta of that file alone, by
-    /// path (docs/FORMAT.md section 14).
+    /// path (docs/FORMAT.md section 15).
     pub fn subfolders(&self) -> &BTreeMap<String, Delta> {
         &self.subfolders
     }
@@ -314,7 +314,7 @@ impl Delta {
         self.uncovered
     }
 
-    /// The key under which this view stores `key` (docs/FORMAT.md section 14).
+    /// The key under which this view stores `key` (docs/FORMAT.md section 15).
     fn key<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
         match self.prefix.is_empty() {
             true => key.into(),

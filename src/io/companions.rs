@@ -44,7 +44,7 @@ pub struct Companions {
 /// The weight files (any format, [`is_weight_file`]) in model folder `dir`'s subfolders (found
 /// as [`companions`] finds them), each as its path relative to `dir` with `/` between
 /// components, sorted: the `.safetensors` ones are those a delta may cover (docs/FORMAT.md
-/// section 14).
+/// section 15).
 pub fn subfolder_weights(dir: &Path) -> Result<Vec<String>> {
     let mut paths: Vec<String> = companions(dir)?
         .files

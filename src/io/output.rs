@@ -531,7 +531,7 @@ impl Output {
     }
 
     /// Where to write the file at `rel` (a path inside a subfolder: a merged subfolder weight
-    /// file, docs/FORMAT.md section 14) so that it becomes part of this folder output: its
+    /// file, docs/FORMAT.md section 15) so that it becomes part of this folder output: its
     /// folders are made in the temporary folder, and the file copied from `Target::copy_from`
     /// at that path, if any, is left out. Whatever is written there goes with the output if it
     /// is not committed.

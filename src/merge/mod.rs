@@ -129,13 +129,13 @@ pub struct MergeReport {
     /// them (the GPU reads delta files only).
     #[serde(skip)]
     pub fine_tune_tensors_on_cpu: usize,
-    /// The subfolder weight files merged (docs/FORMAT.md section 14), by path; their tensors
+    /// The subfolder weight files merged (docs/FORMAT.md section 15), by path; their tensors
     /// count in the totals above.
     pub subfolders: Vec<String>,
 }
 
 impl MergeReport {
-    /// Counts in the merges of subfolder weight files (docs/FORMAT.md section 14), their
+    /// Counts in the merges of subfolder weight files (docs/FORMAT.md section 15), their
     /// tensors named `PATH: NAME`.
     fn add_subfolders(&mut self, reports: Vec<(String, MergeReport)>) {
         for (path, r) in reports {
@@ -301,7 +301,7 @@ pub fn merge_with_files(
         extra = files(fingerprint)?;
         Ok(())
     })?;
-    // The subfolder weight files the deltas cover (docs/FORMAT.md section 14).
+    // The subfolder weight files the deltas cover (docs/FORMAT.md section 15).
     let subfolder_reports = subfolders::merge_subfolders(base, deltas, &mut output, out, opts)?;
     let written = if out.part.is_some() {
         // The files are made whole by `finalize`, from every part's.

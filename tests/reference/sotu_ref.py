@@ -30,7 +30,7 @@ KEY_DOMAIN = b"sotu-delta/mask/v1"
 RESERVED_PREFIX = "sotu/"
 GROWN_PREFIX = "sotu/grown/"   # §12: the new rows of a grown tensor
 FILES_PREFIX = "sotu/files/"   # §13: the fine-tune's own files in a single-file delta
-SUB_PREFIX = "sotu/sub/"       # §14: the tensors of weight files in subfolders, sotu/sub/<P>/...
+SUB_PREFIX = "sotu/sub/"       # §15: the tensors of weight files in subfolders, sotu/sub/<P>/...
 MAX_FILES_BYTES = 64 * 1024 * 1024
 # §13: the files extract stores when the fine-tune changes or adds them.
 OWN_FILE_NAMES = (
@@ -415,7 +415,7 @@ class Delta:
     stats: np.ndarray              # [rows, 3] float64
     metadata: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # §13: the fine-tune's own files, name -> bytes
-    subfolders: dict = field(default_factory=dict)  # §14: path -> Delta of that file alone
+    subfolders: dict = field(default_factory=dict)  # §15: path -> Delta of that file alone
 
     def rows(self):
         """Names in row order."""
@@ -590,7 +590,7 @@ def _decimal(meta, k, path):
 
 
 _OWN_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
-SUBFOLDER_PATH = re.compile(r"[A-Za-z0-9._-]{1,255}(/[A-Za-z0-9._-]{1,255})+\.safetensors")  # §14
+SUBFOLDER_PATH = re.compile(r"[A-Za-z0-9._-]{1,255}(/[A-Za-z0-9._-]{1,255})+\.safetensors")  # §15
 
 
 def _own_files(path, meta, tensors, folder_files):
@@ -636,7 +636,7 @@ def _own_files(path, meta, tensors, folder_files):
 
 
 def _decode_table(path, table, tensors, seed, lo, hi, chunk, prefix=""):
-    """The entries of one `tensors` table (§3-§7, §12) whose stored keys take `prefix` (§14:
+    """The entries of one `tensors` table (§3-§7, §12) whose stored keys take `prefix` (§15:
     `sotu/sub/<P>/` for a subfolder file, "" at the top level): (entries, base_hashes, stats)."""
     # Rows are 0, 1, ... in ascending name order.
     names = sorted(table)
@@ -700,7 +700,7 @@ def _decode_table(path, table, tensors, seed, lo, hi, chunk, prefix=""):
             if np.any(np.diff(offsets.astype(np.int64)) < 0):
                 raise FormatError(f"{path}: {name!r}: offsets decrease")
             # Walk each chunk and check it consumes exactly offsets[j+1] - offsets[j] values.
-            mask = kept_mask(seed, prefix + name, n, lo, hi)  # §14: keyed by the stored key
+            mask = kept_mask(seed, prefix + name, n, lo, hi)  # §15: keyed by the stored key
             walked = _offsets(mask, n, chunk)
             bad = np.flatnonzero(walked != offsets)
             if bad.size:
@@ -751,7 +751,7 @@ def decode_delta(path):
 
     entries, hashes, stats = _decode_table(path, table, tensors, seed, lo, hi, chunk)
     subfolders = {}
-    if "subfolders" in meta:  # §14
+    if "subfolders" in meta:  # §15
         try:
             subs = json.loads(meta["subfolders"], object_pairs_hook=_reject_duplicate_keys)
         except json.JSONDecodeError as e:
@@ -884,7 +884,7 @@ def merge(base_path, delta_paths, weights=None, rescale=False, out_dtype=None, f
 
 
 def subfolder_view(delta, path, base):
-    """§14: delta `delta` (decoded) of subfolder weight file `path`, whose base checkpoint's
+    """§15: delta `delta` (decoded) of subfolder weight file `path`, whose base checkpoint's
     tensors are `base` ({name: Tensor}): its record of the file, or, when it records none, a
     delta that leaves every tensor as the base (every entry `same`), which contributes nothing."""
     if path in delta.subfolders:
@@ -898,7 +898,7 @@ def subfolder_view(delta, path, base):
 
 
 def merge_subfolder(base_folder, delta_paths, path, **kw):
-    """§14: the tensors `merge` must write into subfolder weight file `path` of a folder output
+    """§15: the tensors `merge` must write into subfolder weight file `path` of a folder output
     from base folder `base_folder`: the merge (§8, or `method` through merge_method) of the
     base's file with each delta's record of it. kw: as merge's, or method=... for
     merge_method."""

@@ -4,7 +4,7 @@
 
 A tiny BERT sentence-transformer (Transformer, Pooling, Dense, Normalize modules) is built and
 saved by the library itself; a fine-tune of it is its weights plus noise, the Dense layer's
-(`2_Dense/model.safetensors`, a weight file in a subfolder, docs/FORMAT.md section 14) too; the
+(`2_Dense/model.safetensors`, a weight file in a subfolder, docs/FORMAT.md section 15) too; the
 binary extracts a delta and merges it into a folder, which `SentenceTransformer(folder)` must
 load and encode with, exactly as the fine-tune does. Before issue #13 the merged folder lacked
 `1_Pooling/` and failed to load (`Pooling.__init__() missing ... 'embedding_dimension'`), and

@@ -1,4 +1,4 @@
-"""Weight files in subfolders (docs/FORMAT.md section 14), on fixtures/tiny/sentence-transformers/:
+"""Weight files in subfolders (docs/FORMAT.md section 15), on fixtures/tiny/sentence-transformers/:
 a base folder with a Dense layer's checkpoint in 2_Dense/model.safetensors, and two fine-tunes
 that change it too.
 
