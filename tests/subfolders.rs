@@ -270,3 +270,21 @@ fn a_merge_in_parts_refuses_covered_subfolder_files() {
         "{o}"
     );
 }
+
+#[test]
+fn a_fine_tune_given_in_place_of_a_delta_contributes_nothing_to_a_subfolder_file() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, "extract --base base --tuned tuned --density 0.5 -o d.st");
+    ok(d, "merge --base base d.st -o alone");
+    ok(d, "merge --base base d.st --tuned tuned2 -o with");
+    assert_eq!(
+        tensors(&d.join("alone").join(DENSE)),
+        tensors(&d.join("with").join(DENSE))
+    );
+    assert_ne!(
+        tensors(&d.join("alone/model.safetensors")),
+        tensors(&d.join("with/model.safetensors")),
+        "test design: the fine-tune changes the top level"
+    );
+}

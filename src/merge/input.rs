@@ -141,10 +141,13 @@ impl<'b> Input<'b> {
         }
     }
 
-    /// The mask of tensor `name`.
+    /// The mask of tensor `name` (a delta file's view of a subfolder weight file keys it by
+    /// its stored key, docs/FORMAT.md section 15).
     pub fn mask(&self, name: &str) -> Mask {
-        let p = self.params();
-        Mask::new(p.seed, name, p.interval)
+        match self {
+            Input::Delta(d) => d.mask(name),
+            Input::Tuned(f) => Mask::new(f.params.seed, name, f.params.interval),
+        }
     }
 
     /// The chunk walk of masked tensor `name` with no values read ([`Delta::chunks`]); a
