@@ -2421,6 +2421,80 @@ fn interrupted_folder_merge_leaves_no_partial_folder() {
     interrupt_merge("merged");
 }
 
+/// Ctrl-C while the shards of a folder output are created and registered, at many moments: the
+/// stop takes the registries' locks (a `try_lock` that lost to a writer registering a shard once
+/// left the partial folder behind in a loaded run) and removes the staging folder whole.
+#[test]
+fn interrupts_while_shards_are_created_leave_nothing() {
+    let dir = tmp();
+    let d = dir.path();
+    // 300 tensors of 32K f32 elements, a shard each.
+    let n = 32_768;
+    let (mut base, mut tuned) = (Vec::new(), Vec::new());
+    for i in 0..300u64 {
+        let b = f32_values(n, 100 + i);
+        let t: Vec<u8> = b
+            .chunks_exact(4)
+            .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 1.001).to_le_bytes())
+            .collect();
+        base.push((format!("w{i:03}"), Dtype::F32, vec![n], b));
+        tuned.push((format!("w{i:03}"), Dtype::F32, vec![n], t));
+    }
+    let md = BTreeMap::new();
+    write_file(&d.join("base.safetensors"), &base, &md).unwrap();
+    write_file(&d.join("tuned.safetensors"), &tuned, &md).unwrap();
+    ok(
+        d,
+        "extract --base base.safetensors --tuned tuned.safetensors -o delta.safetensors --density 0.5",
+    );
+    let mut interrupted = 0;
+    for delay in 0..16u64 {
+        let out = format!("merged{delay}");
+        let mut args = vec![
+            "merge",
+            "--base",
+            "base.safetensors",
+            "--shard-size",
+            "150KB",
+        ];
+        args.extend(std::iter::repeat_n("delta.safetensors", 8));
+        args.extend(["-o", out.as_str()]);
+        let mut child = std::process::Command::new(BIN)
+            .current_dir(d)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sotu-delta");
+        let start = Instant::now();
+        while partial_files(d).is_empty() && child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no partial file appeared"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(3 * delay));
+        let pid = child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status();
+        let status = child.wait().unwrap();
+        if status.success() {
+            // Finished before the interrupt: its output is whole; nothing partial either way.
+            assert!(partial_files(d).is_empty(), "{:?}", partial_files(d));
+            continue;
+        }
+        interrupted += 1;
+        assert_ne!(status.code(), Some(101), "panicked on SIGINT");
+        assert_nothing_written(d, &out);
+    }
+    assert!(
+        interrupted >= 8,
+        "test design: only {interrupted} of 16 runs were interrupted"
+    );
+}
+
 fn interrupt_merge(output: &str) {
     let dir = tmp();
     let d = dir.path();

@@ -203,12 +203,17 @@ impl Staging {
         let dir = staging_dir(&target.path);
         let cannot_create = || cannot_create(target);
         if target.is_folder() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".sotu-delta-partial-")
-                .permissions(std::fs::Permissions::from_mode(0o777))
-                .tempdir_in(&dir)
-                .with_context(cannot_create)?;
-            process::track_dir(tmp.path());
+            let tmp = process::create_tracked(
+                process::Partial::Dir,
+                || {
+                    tempfile::Builder::new()
+                        .prefix(process::PARTIAL_PREFIX)
+                        .permissions(std::fs::Permissions::from_mode(0o777))
+                        .tempdir_in(&dir)
+                },
+                |t| t.path().to_path_buf(),
+            )
+            .with_context(cannot_create)?;
             let names = (1..=shards)
                 .map(|i| match shards {
                     1 => PathBuf::from(SINGLE_NAME),
@@ -217,13 +222,18 @@ impl Staging {
                 .collect();
             Ok((Staging::Folder(tmp), names))
         } else {
-            let tmp = tempfile::Builder::new()
-                .prefix(".sotu-delta-partial-")
-                // The usual mode of a new file (0666 less the umask), not tempfile's 0600.
-                .permissions(std::fs::Permissions::from_mode(0o666))
-                .tempfile_in(&dir)
-                .with_context(cannot_create)?;
-            process::track_file(tmp.path());
+            let tmp = process::create_tracked(
+                process::Partial::File,
+                || {
+                    tempfile::Builder::new()
+                        .prefix(process::PARTIAL_PREFIX)
+                        // The usual mode of a new file (0666 less the umask), not tempfile's 0600.
+                        .permissions(std::fs::Permissions::from_mode(0o666))
+                        .tempfile_in(&dir)
+                },
+                |t| t.path().to_path_buf(),
+            )
+            .with_context(cannot_create)?;
             Ok((Staging::File(tmp), vec![]))
         }
     }
@@ -523,7 +533,7 @@ impl Output {
             Path::new(name).components().collect::<Vec<_>>()[..],
             [std::path::Component::Normal(_)]
         );
-        if !plain || is_weight_file(name) || name.starts_with(".sotu-delta-partial-") {
+        if !plain || is_weight_file(name) || name.starts_with(process::PARTIAL_PREFIX) {
             bail!("{dest}: {name:?} is not a file name an output folder may be given");
         }
         self.own_files.insert(name.to_string(), bytes);
@@ -747,7 +757,7 @@ impl Output {
         for (name, bytes) in &self.own_files {
             let to = dir.join(name);
             let mut tmp = tempfile::Builder::new()
-                .prefix(".sotu-delta-partial-")
+                .prefix(process::PARTIAL_PREFIX)
                 .tempfile_in(&dir)
                 .with_context(|| format!("{}: cannot create", to.display()))?;
             std::io::Write::write_all(&mut tmp, bytes)
@@ -781,7 +791,7 @@ impl Output {
         // Written beside, then renamed: a manifest is there whole or not at all.
         let path = dir.join(part.manifest_name());
         let mut tmp = tempfile::Builder::new()
-            .prefix(".sotu-delta-partial-")
+            .prefix(process::PARTIAL_PREFIX)
             .tempfile_in(&dir)
             .with_context(|| format!("{}: cannot create", path.display()))?;
         serde_json::to_writer_pretty(&mut tmp, &manifest)?;

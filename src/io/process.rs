@@ -6,10 +6,10 @@
 //! handler never allocates or blocks. Readers and writers register and forget their own
 //! entries; a program (the command line, a binding) calls [`install_handlers`] once.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 /// Mapped input files: start address, length, path.
 static MAPS: Mutex<Vec<(usize, usize, CString)>> = Mutex::new(Vec::new());
@@ -52,6 +52,33 @@ pub fn untrack_file(path: &Path) {
     }
 }
 
+/// The kind of a temporary output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// A file.
+    File,
+    /// A folder.
+    Dir,
+}
+
+/// Makes a temporary output with `make` and records it (at the path `path` gives) in one step,
+/// under its registry's lock: a stop (SIGINT, SIGTERM) then finds it recorded, or comes before
+/// it exists. For outputs whose path is chosen as they are made (`tempfile`'s).
+pub fn create_tracked<T>(
+    kind: Partial,
+    make: impl FnOnce() -> std::io::Result<T>,
+    path: impl FnOnce(&T) -> PathBuf,
+) -> std::io::Result<T> {
+    let registry = match kind {
+        Partial::File => &PARTIAL_FILES,
+        Partial::Dir => &PARTIAL_DIRS,
+    };
+    let mut l = registry.lock().unwrap_or_else(PoisonError::into_inner);
+    let made = make()?;
+    l.push(c_path(&path(&made)));
+    Ok(made)
+}
+
 /// Records a temporary output folder, to be removed (once emptied) if the process is stopped.
 pub fn track_dir(path: &Path) {
     if let Ok(mut l) = PARTIAL_DIRS.lock() {
@@ -71,7 +98,8 @@ pub fn untrack_dir(dir: &Path) {
 }
 
 /// Removes every partial output of this process: the files first, then the folders they were
-/// in. Uses only `try_lock`, `unlink` and `rmdir`, so it is safe in a signal handler.
+/// in. Uses only `try_lock`, `unlink` and `rmdir`, so it is safe in a signal handler (SIGBUS's;
+/// a stop by SIGINT or SIGTERM runs outside one and does more, [`install_handlers`]).
 pub fn remove_partial_outputs() {
     if let Ok(list) = PARTIAL_FILES.try_lock() {
         for p in list.iter() {
@@ -97,10 +125,45 @@ pub fn install_handlers() {
     install_fault_handler();
     // An error means a handler is already set (by an earlier call, or by the embedding
     // program, whose choice stands).
-    let _ = ctrlc::set_handler(|| {
-        remove_partial_outputs();
-        std::process::exit(130);
-    });
+    let _ = ctrlc::set_handler(|| stop());
+}
+
+/// The prefix of the temporary file or folder an output is made in, beside it.
+pub const PARTIAL_PREFIX: &str = ".sotu-delta-partial-";
+
+/// What SIGINT and SIGTERM do, in the thread the `ctrlc` crate runs its handler in (not in a
+/// signal handler, so it may block and allocate): removes every partial output and exits with
+/// status 130. The registries are locked, not tried, so that a writer registering a shard at
+/// that moment cannot make the removal skip them (a `try_lock` that failed once left a partial
+/// folder), and they stay locked until the exit, so that nothing is registered after. A
+/// partial output folder is removed whole, with any file a writer created in it and had not
+/// registered yet; writers go on until the exit, so that is tried again while it fails.
+fn stop() -> ! {
+    let files = PARTIAL_FILES.lock().unwrap_or_else(PoisonError::into_inner);
+    let dirs = PARTIAL_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+    for p in files.iter() {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::unlink(p.as_ptr()) };
+    }
+    for p in dirs.iter().rev() {
+        let path = Path::new(OsStr::from_bytes(p.as_bytes()));
+        let staging = path
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(PARTIAL_PREFIX.as_bytes()));
+        if !staging {
+            // A subfolder of a staging folder: removed with it.
+            continue;
+        }
+        for _ in 0..200 {
+            match std::fs::remove_dir_all(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                _ => break,
+            }
+        }
+    }
+    std::process::exit(130);
 }
 
 /// Makes the allocator return large blocks to the system when they are freed: every
