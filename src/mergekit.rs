@@ -206,30 +206,7 @@ fn translate(value: &Value, at: &str) -> Result<ConfigMerge> {
     let Some(top) = value.as_object() else {
         bail!("{at}: not a mapping of keys (merge_method, base_model, models, …)");
     };
-    for key in top.keys() {
-        match key.as_str() {
-            "merge_method" | "base_model" | "models" | "parameters" | "dtype" | "out_dtype" => {}
-            "slices" | "modules" | "tokenizer_source" | "tokenizer" | "chat_template" => bail!(
-                "{at}: {key}: a mergekit key this tool does not read (it reads merge_method, base_model, models, parameters, dtype and out_dtype; docs/MERGEKIT.md)"
-            ),
-            _ => bail!("{at}: {key}: unknown key"),
-        }
-    }
-    let merge_method = match top.get("merge_method") {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => bail!("{at}: merge_method: {v} is not a method name"),
-        None => bail!("{at}: no merge_method"),
-    };
-    let Some(spec) = spec(&merge_method) else {
-        if OTHER_MERGEKIT_METHODS.contains(&merge_method.as_str()) {
-            bail!(
-                "{at}: merge_method {merge_method}: a mergekit method this tool does not implement (it reads task_arithmetic, ties, dare_linear, dare_ties, linear, sotu, iso and tsv)"
-            );
-        }
-        bail!(
-            "{at}: merge_method {merge_method}: unknown (this tool reads task_arithmetic, ties, dare_linear, dare_ties, linear, sotu, iso and tsv)"
-        );
-    };
+    let (merge_method, spec) = method(top, at)?;
     let base_given = match top.get("base_model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(local_path(s, &format!("{at}: base_model"))?),
@@ -241,85 +218,20 @@ fn translate(value: &Value, at: &str) -> Result<ConfigMerge> {
     if models.is_empty() {
         bail!("{at}: models: the list is empty");
     }
-    let dtype = |key: &str| -> Result<Option<Float>> {
-        match top.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => match s.trim_start_matches("torch.") {
-                "bfloat16" => Ok(Some(Float::BF16)),
-                "float16" => Ok(Some(Float::F16)),
-                "float32" => Ok(Some(Float::F32)),
-                other => bail!("{at}: {key}: {other:?} is not one of bfloat16, float16, float32"),
-            },
-            Some(v) => bail!("{at}: {key}: {v} is not a dtype name"),
-        }
-    };
-    let merge_dtype = dtype("dtype")?;
-    let dtype = dtype("out_dtype")?.or(merge_dtype);
-    let params = parameters(top.get("parameters"), &format!("{at}: parameters"))?;
+    let merge_dtype = dtype_of(top, "dtype", at)?;
+    let dtype = dtype_of(top, "out_dtype", at)?.or(merge_dtype);
     let mut warnings = Vec::new();
-    let mut normalize = spec.normalize;
-    let mut lambda = 1.0;
-    let mut rescale = spec.rescale;
-    for (key, v) in &params {
-        let here = format!("{at}: parameters.{key}");
-        match key.as_str() {
-            "normalize" if spec.normalize.is_some() => normalize = Some(flag(v, &here)?),
-            "lambda" if spec.lambda => lambda = number(v, &here)?,
-            "rescale" if spec.rescale.is_some() => rescale = Some(flag(v, &here)?),
-            "int8_mask" if spec.int8_mask => {
-                flag(v, &here)?;
-                warnings.push(format!(
-                    "{here}: ignored (in mergekit it only stores the sign masks in 8 bits)"
-                ));
-            }
-            _ => bail!("{here}: not a parameter of {merge_method} in this tool (docs/MERGEKIT.md)"),
-        }
-    }
-    if merge_method == "dare_ties" && rescale == Some(false) {
-        bail!(
-            "{at}: parameters.rescale: false is not supported by dare_ties here: its ties acts on each model's unbiased estimate, the DARE rescale (docs/MERGEKIT.md)"
-        );
-    }
-
+    let Global {
+        normalize,
+        lambda,
+        rescale,
+    } = global_parameters(top, &spec, &merge_method, at, &mut warnings)?;
     // The models; for mergekit's task-vector methods, the base model listed among them is
     // skipped, as mergekit skips it (`linear` averages it like any other).
-    let mut entries = Vec::new();
-    for (k, m) in models.iter().enumerate() {
-        let here = format!("{at}: models[{k}]");
-        let Some(m) = m.as_object() else {
-            bail!("{here}: not a mapping with model and parameters");
-        };
-        if let Some(key) = m.keys().find(|k| *k != "model" && *k != "parameters") {
-            bail!("{here}.{key}: unknown key (a model has model and parameters)");
-        }
-        let Some(Value::String(name)) = m.get("model") else {
-            bail!("{here}: model: a path is required");
-        };
-        let params = parameters(m.get("parameters"), &format!("{here}.parameters"))?;
-        let mut weight = None;
-        let mut density = None;
-        for (key, v) in &params {
-            let here = format!("{here}.parameters.{key}");
-            match key.as_str() {
-                "weight" => weight = Some(number(v, &here)?),
-                "density" if spec.density != Density::None => {
-                    let d = number(v, &here)?;
-                    if !(d > 0.0 && d <= 1.0) {
-                        bail!("{here}: {d} is not in (0, 1]");
-                    }
-                    density = Some(d);
-                }
-                _ => bail!(
-                    "{here}: not a model parameter of {merge_method} in this tool (docs/MERGEKIT.md)"
-                ),
-            }
-        }
-        let (path, adapter) = model_path(name, base_given.as_deref(), &format!("{here}.model"))?;
-        entries.push((k, here, path, adapter, weight, density));
-    }
+    let entries = models_of(models, &spec, &merge_method, base_given.as_deref(), at)?;
     let base = match &base_given {
         Some(b) => b.clone(),
-        None if merge_method == "linear" => entries[0].2.clone(),
+        None if merge_method == "linear" => entries[0].path.clone(),
         None => {
             bail!("{at}: base_model: {merge_method} merges task vectors and needs a base model")
         }
@@ -328,7 +240,14 @@ fn translate(value: &Value, at: &str) -> Result<ConfigMerge> {
     let linear = merge_method == "linear";
     // The models that take part, and their weights (mergekit requires `weight` of each).
     let mut parts = Vec::new();
-    for (_, here, path, adapter, weight, density) in entries {
+    for Model {
+        here,
+        path,
+        adapter,
+        weight,
+        density,
+    } in entries
+    {
         let base_itself = adapter.is_none() && is_base(&path);
         if base_itself && !linear {
             continue;
@@ -364,53 +283,12 @@ fn translate(value: &Value, at: &str) -> Result<ConfigMerge> {
             "{at}: linear with normalize: false and weights summing to {weight_sum}: mergekit then scales the base itself by that sum, which a merge of deltas onto the base cannot; set normalize: true or make the weights sum to 1"
         );
     }
-    let mut inputs = Vec::new();
-    let mut trims = Vec::new();
-    for (here, path, base_itself, weight, density) in parts {
-        if base_itself {
-            // linear: the base's own term is zero; its weight counts in the sum above.
-            continue;
-        }
-        let delta_file = is_delta_file(&path);
-        if delta_file && density.is_some() {
-            bail!(
-                "{here}.parameters.density: {} is a delta file, whose mask is its own",
-                path.display()
-            );
-        }
-        let weight = match spec.method {
-            Method::Sum => weight / divisor * lambda,
-            _ => weight,
-        };
-        let mask_density = match spec.density {
-            Density::Mask => density,
-            _ => None,
-        };
-        if spec.density == Density::Ignored && density.is_some() {
-            warnings.push(format!(
-                "{here}.parameters.density: ignored by {merge_method}, as mergekit ignores it"
-            ));
-        }
-        if spec.density == Density::Trim {
-            trims.push(density.unwrap_or(1.0));
-        }
-        inputs.push(ConfigInput {
-            path,
-            delta_file,
-            density: mask_density,
-            weight,
-        });
-    }
-    let trim = match (spec.method, trims.first()) {
-        (Method::Ties, Some(&t)) if trims.iter().all(|&x| x == t) => t,
-        (Method::Ties, Some(_)) => bail!(
-            "{at}: models: ties here trims every model to one density, and these differ ({trims:?}); give them one density (docs/MERGEKIT.md)"
-        ),
-        // dare_ties: the random mask is the only sparsification; keep every element.
-        (Method::Ties, None) => 1.0,
-        // Not a ties merge: the option's default, which the merge does not read.
-        _ => crate::merge::MergeOptions::default().trim,
+    let scale = |w: f64| match spec.method {
+        Method::Sum => w / divisor * lambda,
+        _ => w,
     };
+    let (inputs, trims) = inputs_of(parts, &spec, &merge_method, &scale, &mut warnings)?;
+    let trim = trim_of(spec.method, &trims, at)?;
     if spec.method != Method::Sum && inputs.len() < 2 {
         bail!("{at}: {merge_method} needs two models or more besides the base model");
     }
@@ -436,6 +314,219 @@ fn translate(value: &Value, at: &str) -> Result<ConfigMerge> {
         density: sotu_density,
         warnings,
     })
+}
+
+/// The inputs that `parts` (the models taking part: where each was written, its path, whether
+/// it is the base itself, its weight and density) make, their weights scaled by `scale`; and
+/// the densities that `ties` trims to.
+fn inputs_of(
+    parts: Vec<(String, PathBuf, bool, f64, Option<f64>)>,
+    spec: &MethodSpec,
+    merge_method: &str,
+    scale: &dyn Fn(f64) -> f64,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<ConfigInput>, Vec<f64>)> {
+    let mut inputs = Vec::new();
+    let mut trims = Vec::new();
+    for (here, path, base_itself, weight, density) in parts {
+        if base_itself {
+            // linear: the base's own term is zero; its weight counts in the sum above.
+            continue;
+        }
+        let delta_file = is_delta_file(&path);
+        if delta_file && density.is_some() {
+            bail!(
+                "{here}.parameters.density: {} is a delta file, whose mask is its own",
+                path.display()
+            );
+        }
+        let weight = scale(weight);
+        let mask_density = match spec.density {
+            Density::Mask => density,
+            _ => None,
+        };
+        if spec.density == Density::Ignored && density.is_some() {
+            warnings.push(format!(
+                "{here}.parameters.density: ignored by {merge_method}, as mergekit ignores it"
+            ));
+        }
+        if spec.density == Density::Trim {
+            trims.push(density.unwrap_or(1.0));
+        }
+        inputs.push(ConfigInput {
+            path,
+            delta_file,
+            density: mask_density,
+            weight,
+        });
+    }
+    Ok((inputs, trims))
+}
+
+/// `ties`' one trim fraction from the models' densities (`trims`).
+fn trim_of(method: Method, trims: &[f64], at: &str) -> Result<f64> {
+    Ok(match (method, trims.first()) {
+        (Method::Ties, Some(&t)) if trims.iter().all(|&x| x == t) => t,
+        (Method::Ties, Some(_)) => bail!(
+            "{at}: models: ties here trims every model to one density, and these differ ({trims:?}); give them one density (docs/MERGEKIT.md)"
+        ),
+        // dare_ties: the random mask is the only sparsification; keep every element.
+        (Method::Ties, None) => 1.0,
+        // Not a ties merge: the option's default, which the merge does not read.
+        _ => crate::merge::MergeOptions::default().trim,
+    })
+}
+
+/// The dtype named by `key` (`dtype`, `out_dtype`), if any.
+fn dtype_of(top: &serde_json::Map<String, Value>, key: &str, at: &str) -> Result<Option<Float>> {
+    match top.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match s.trim_start_matches("torch.") {
+            "bfloat16" => Ok(Some(Float::BF16)),
+            "float16" => Ok(Some(Float::F16)),
+            "float32" => Ok(Some(Float::F32)),
+            other => bail!("{at}: {key}: {other:?} is not one of bfloat16, float16, float32"),
+        },
+        Some(v) => bail!("{at}: {key}: {v} is not a dtype name"),
+    }
+}
+
+/// The configuration's keys checked, and its `merge_method` with what this tool makes of it.
+fn method(top: &serde_json::Map<String, Value>, at: &str) -> Result<(String, MethodSpec)> {
+    for key in top.keys() {
+        match key.as_str() {
+            "merge_method" | "base_model" | "models" | "parameters" | "dtype" | "out_dtype" => {}
+            "slices" | "modules" | "tokenizer_source" | "tokenizer" | "chat_template" => bail!(
+                "{at}: {key}: a mergekit key this tool does not read (it reads merge_method, base_model, models, parameters, dtype and out_dtype; docs/MERGEKIT.md)"
+            ),
+            _ => bail!("{at}: {key}: unknown key"),
+        }
+    }
+    let merge_method = match top.get("merge_method") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => bail!("{at}: merge_method: {v} is not a method name"),
+        None => bail!("{at}: no merge_method"),
+    };
+    let Some(spec) = spec(&merge_method) else {
+        if OTHER_MERGEKIT_METHODS.contains(&merge_method.as_str()) {
+            bail!(
+                "{at}: merge_method {merge_method}: a mergekit method this tool does not implement (it reads task_arithmetic, ties, dare_linear, dare_ties, linear, sotu, iso and tsv)"
+            );
+        }
+        bail!(
+            "{at}: merge_method {merge_method}: unknown (this tool reads task_arithmetic, ties, dare_linear, dare_ties, linear, sotu, iso and tsv)"
+        );
+    };
+    Ok((merge_method, spec))
+}
+
+/// The top-level `parameters` a method takes.
+struct Global {
+    normalize: Option<bool>,
+    lambda: f64,
+    rescale: Option<bool>,
+}
+
+/// Reads the top-level `parameters` of `merge_method` (`spec`), adding its warnings.
+fn global_parameters(
+    top: &serde_json::Map<String, Value>,
+    spec: &MethodSpec,
+    merge_method: &str,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Global> {
+    let params = parameters(top.get("parameters"), &format!("{at}: parameters"))?;
+    let mut normalize = spec.normalize;
+    let mut lambda = 1.0;
+    let mut rescale = spec.rescale;
+    for (key, v) in &params {
+        let here = format!("{at}: parameters.{key}");
+        match key.as_str() {
+            "normalize" if spec.normalize.is_some() => normalize = Some(flag(v, &here)?),
+            "lambda" if spec.lambda => lambda = number(v, &here)?,
+            "rescale" if spec.rescale.is_some() => rescale = Some(flag(v, &here)?),
+            "int8_mask" if spec.int8_mask => {
+                flag(v, &here)?;
+                warnings.push(format!(
+                    "{here}: ignored (in mergekit it only stores the sign masks in 8 bits)"
+                ));
+            }
+            _ => bail!("{here}: not a parameter of {merge_method} in this tool (docs/MERGEKIT.md)"),
+        }
+    }
+    if merge_method == "dare_ties" && rescale == Some(false) {
+        bail!(
+            "{at}: parameters.rescale: false is not supported by dare_ties here: its ties acts on each model's unbiased estimate, the DARE rescale (docs/MERGEKIT.md)"
+        );
+    }
+
+    Ok(Global {
+        normalize,
+        lambda,
+        rescale,
+    })
+}
+
+/// One entry of `models` as written: where it is and its parameters.
+struct Model {
+    /// `models[k]`, for messages.
+    here: String,
+    path: PathBuf,
+    /// A LoRA adapter's folder, when the model is `base+adapter`.
+    adapter: Option<PathBuf>,
+    weight: Option<f64>,
+    density: Option<f64>,
+}
+
+/// Reads every entry of `models`, checking its keys and parameters against `merge_method`.
+fn models_of(
+    models: &[Value],
+    spec: &MethodSpec,
+    merge_method: &str,
+    base_given: Option<&Path>,
+    at: &str,
+) -> Result<Vec<Model>> {
+    let mut entries = Vec::new();
+    for (k, m) in models.iter().enumerate() {
+        let here = format!("{at}: models[{k}]");
+        let Some(m) = m.as_object() else {
+            bail!("{here}: not a mapping with model and parameters");
+        };
+        if let Some(key) = m.keys().find(|k| *k != "model" && *k != "parameters") {
+            bail!("{here}.{key}: unknown key (a model has model and parameters)");
+        }
+        let Some(Value::String(name)) = m.get("model") else {
+            bail!("{here}: model: a path is required");
+        };
+        let params = parameters(m.get("parameters"), &format!("{here}.parameters"))?;
+        let mut weight = None;
+        let mut density = None;
+        for (key, v) in &params {
+            let here = format!("{here}.parameters.{key}");
+            match key.as_str() {
+                "weight" => weight = Some(number(v, &here)?),
+                "density" if spec.density != Density::None => {
+                    let d = number(v, &here)?;
+                    if !(d > 0.0 && d <= 1.0) {
+                        bail!("{here}: {d} is not in (0, 1]");
+                    }
+                    density = Some(d);
+                }
+                _ => bail!(
+                    "{here}: not a model parameter of {merge_method} in this tool (docs/MERGEKIT.md)"
+                ),
+            }
+        }
+        let (path, adapter) = model_path(name, base_given, &format!("{here}.model"))?;
+        entries.push(Model {
+            here,
+            path,
+            adapter,
+            weight,
+            density,
+        });
+    }
+    Ok(entries)
 }
 
 /// A `parameters` mapping: numbers and flags by name; a mergekit gradient (a list) or
