@@ -16,12 +16,15 @@ use crate::inspect::{InspectReport, Verdict};
 use crate::io::parts::{self, Part};
 use crate::io::{Cancel, Checkpoint, HashCache, IoMode, Target, parse_size, subfolder_weights};
 use crate::mask::{DEFAULT_SEED, Interval};
+use crate::merge::Input;
 use crate::merge::{
     Device, MergeOptions, MergeReport, MergedInMemory, Method, check_method, merge_with_files,
 };
-use crate::merge::{FineTune, Input};
 use crate::release::{self, Operation, Recipe};
 use crate::tuned::Tuned;
+
+mod inputs;
+pub use inputs::{InputSpec, fine_tune_inputs};
 
 /// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
 /// the cost of starting them (docs/RELIABILITY.md).
@@ -298,130 +301,6 @@ pub struct MergeSpec {
     pub normalize: bool,
     /// A merge from a mergekit configuration: its file name and `merge_method`, for the record.
     pub mergekit: Option<(String, String)>,
-}
-
-/// One input of a merge as stated: a delta file, or a fine-tune whose delta is taken as it is
-/// read (`merge --tuned`, `apply` of a LoRA adapter; docs/FORMAT.md section 14).
-#[derive(Clone, Debug)]
-pub enum InputSpec {
-    /// A delta file or folder.
-    Delta(PathBuf),
-    /// A fine-tune (a checkpoint, or a PEFT LoRA adapter folder) and the mask its delta is
-    /// taken with.
-    Tuned {
-        /// The fine-tune.
-        path: PathBuf,
-        /// Mask seed.
-        seed: u64,
-        /// Keep interval.
-        interval: Interval,
-        /// `K/N` when masked with a slot, for the record.
-        slot: Option<String>,
-        /// Merge NaN and infinite values (extract's `--allow-nonfinite`).
-        allow_nonfinite: bool,
-    },
-}
-
-impl InputSpec {
-    /// What `apply` takes: a delta, or a PEFT LoRA adapter folder, applied as the fine-tune it
-    /// stands for (docs/LORA.md).
-    pub fn applied(path: &Path) -> InputSpec {
-        match crate::tuned::lora::is_adapter(path) {
-            true => InputSpec::fine_tune(path),
-            false => InputSpec::Delta(path.to_path_buf()),
-        }
-    }
-
-    /// A fine-tune taken whole (density 1, the default seed): what `apply` of an adapter
-    /// rebuilds.
-    pub fn fine_tune(path: &Path) -> InputSpec {
-        InputSpec::Tuned {
-            path: path.to_path_buf(),
-            seed: DEFAULT_SEED,
-            interval: Interval::from_density(1.0).expect("density 1 is valid"),
-            slot: None,
-            allow_nonfinite: false,
-        }
-    }
-
-    /// The path given.
-    pub fn path(&self) -> &Path {
-        match self {
-            InputSpec::Delta(p) | InputSpec::Tuned { path: p, .. } => p,
-        }
-    }
-
-    /// Opens the input over `base`.
-    fn open<'b>(&self, base: &'b Checkpoint, io: IoMode) -> Result<Input<'b>> {
-        Ok(match self {
-            InputSpec::Delta(p) => Input::Delta(Delta::open_with(p, io)?),
-            InputSpec::Tuned {
-                path,
-                seed,
-                interval,
-                slot,
-                allow_nonfinite,
-            } => {
-                let tuned = Tuned::open(path, base, io)?;
-                // The own files extract would store (a fine-tune folder's), for --files-from.
-                let own_files = crate::extract::files::own_files(base, tuned.checkpoint())?;
-                Input::Tuned(FineTune::new(
-                    base,
-                    tuned,
-                    *seed,
-                    *interval,
-                    slot.clone(),
-                    *allow_nonfinite,
-                    own_files,
-                )?)
-            }
-        })
-    }
-}
-
-/// The inputs given as `(path, density)`, in order: a delta file where the density is `None`,
-/// else a fine-tune. Fine-tune t (counting the fine-tunes from 0) is masked with seed
-/// `seed + t` at its density, or under `slots` with slot t/T of `seed` (a density below 1 then
-/// narrowing the slot, as `extract --slot` does).
-pub fn fine_tune_inputs(
-    given: &[(PathBuf, Option<f64>)],
-    seed: u64,
-    slots: bool,
-    allow_nonfinite: bool,
-) -> Result<Vec<InputSpec>> {
-    let count = given.iter().filter(|s| s.1.is_some()).count() as u64;
-    let mut t = 0u64;
-    let mut inputs = Vec::with_capacity(given.len());
-    for (path, density) in given {
-        let Some(density) = *density else {
-            inputs.push(InputSpec::Delta(path.clone()));
-            continue;
-        };
-        let (seed, interval, slot) = if slots {
-            let narrow = (density != 1.0).then_some(density);
-            let interval = Interval::from_slot(t, count, narrow)
-                .map_err(|e| usage(format!("--slots: fine-tune {t} of {count}: {e}")))?;
-            (seed, interval, Some(format!("{t}/{count}")))
-        } else {
-            let seed = seed.checked_add(t).ok_or_else(|| {
-                usage(format!(
-                    "--seed {seed}: fine-tune {t} would be masked with seed {seed} + {t}, past the largest seed"
-                ))
-            })?;
-            let interval =
-                Interval::from_density(density).map_err(|e| usage(format!("--density: {e}")))?;
-            (seed, interval, None)
-        };
-        inputs.push(InputSpec::Tuned {
-            path: path.clone(),
-            seed,
-            interval,
-            slot,
-            allow_nonfinite,
-        });
-        t += 1;
-    }
-    Ok(inputs)
 }
 
 impl MergeSpec {
