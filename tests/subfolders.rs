@@ -271,20 +271,46 @@ fn a_merge_in_parts_refuses_covered_subfolder_files() {
     );
 }
 
+/// A fine-tune given in place of a delta (`merge --tuned`, docs/FORMAT.md section 14) covers
+/// its subfolder weight files as its extract would: the merge is the bytes of extract followed
+/// by merge, the Dense layer included, mixed with a delta file or alone, at any density.
 #[test]
-fn a_fine_tune_given_in_place_of_a_delta_contributes_nothing_to_a_subfolder_file() {
+fn a_fine_tune_given_in_place_of_a_delta_covers_its_subfolder_files_as_its_extract() {
     let dir = setup();
     let d = dir.path();
     ok(d, "extract --base base --tuned tuned --density 0.5 -o d.st");
-    ok(d, "merge --base base d.st -o alone");
-    ok(d, "merge --base base d.st --tuned tuned2 -o with");
-    assert_eq!(
-        tensors(&d.join("alone").join(DENSE)),
-        tensors(&d.join("with").join(DENSE))
+    ok(
+        d,
+        "extract --base base --tuned tuned2 --seed 2412 --density 0.5 -o d2.st",
     );
+    ok(d, "merge --base base d.st d2.st -o want");
+    ok(
+        d,
+        "merge --base base d.st --tuned tuned2 --seed 2412 --density 0.5 -o got",
+    );
+    for file in ["model.safetensors", DENSE] {
+        assert_eq!(
+            tensors(&d.join("got").join(file)),
+            tensors(&d.join("want").join(file)),
+            "{file}: merge --tuned is not extract + merge"
+        );
+    }
+    ok(d, "merge --base base d.st -o alone");
     assert_ne!(
-        tensors(&d.join("alone/model.safetensors")),
-        tensors(&d.join("with/model.safetensors")),
-        "test design: the fine-tune changes the top level"
+        tensors(&d.join("alone").join(DENSE)),
+        tensors(&d.join("got").join(DENSE)),
+        "test design: the fine-tune changes the Dense layer"
+    );
+    // Two fine-tunes, no delta file: the same as their extracts in slots.
+    ok(d, "extract --base base --tuned tuned --slot 0/2 -o s0.st");
+    ok(d, "extract --base base --tuned tuned2 --slot 1/2 -o s1.st");
+    ok(d, "merge --base base s0.st s1.st -o slots-want");
+    ok(
+        d,
+        "merge --base base --tuned tuned --tuned tuned2 --slots -o slots-got",
+    );
+    assert_eq!(
+        tensors(&d.join("slots-got").join(DENSE)),
+        tensors(&d.join("slots-want").join(DENSE))
     );
 }

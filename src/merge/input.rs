@@ -41,6 +41,9 @@ pub struct FineTune<'b> {
     entries: BTreeMap<String, Entry>,
     allow_nonfinite: bool,
     own_files: BTreeMap<String, Vec<u8>>,
+    /// What each tensor's mask is keyed with before its name: empty at the top level,
+    /// `sotu/sub/<path>/` in a subfolder weight file (docs/FORMAT.md section 15).
+    key_prefix: String,
 }
 
 impl<'b> FineTune<'b> {
@@ -107,7 +110,49 @@ impl<'b> FineTune<'b> {
             entries,
             allow_nonfinite,
             own_files,
+            key_prefix: String::new(),
         })
+    }
+
+    /// The subfolder weight files this fine-tune's extract would diff (docs/FORMAT.md section
+    /// 15), by path: those of a fine-tune folder's subfolders that the base folder `base` has.
+    pub fn subfolder_paths(&self, base: &Checkpoint) -> Result<Vec<String>> {
+        Ok(crate::extract::subfolders::pairs(base, &self.tuned)?
+            .into_iter()
+            .map(|p| p.path)
+            .collect())
+    }
+
+    /// The delta of its subfolder weight file `path` against `base_file` (the base folder's
+    /// file), as extract stores it: the same seed and interval, each mask keyed by the tensor's
+    /// stored key; `None` when the fine-tune has no such file.
+    pub fn subfolder(
+        &self,
+        base_file: &Checkpoint,
+        path: &str,
+    ) -> Result<Option<FineTune<'static>>> {
+        let Tuned::Checkpoint(c) = &self.tuned else {
+            return Ok(None);
+        };
+        let file = c.path().join(path);
+        if !c.is_folder() || !file.is_file() {
+            return Ok(None);
+        }
+        let tuned = Tuned::Checkpoint(Checkpoint::open_with(&file, c.io_mode())?);
+        let p = &self.params;
+        let sub = FineTune::new(
+            base_file,
+            tuned,
+            p.seed,
+            p.interval,
+            p.slot.clone(),
+            self.allow_nonfinite,
+            BTreeMap::new(),
+        )?;
+        Ok(Some(FineTune {
+            key_prefix: crate::format::sub_prefix(path),
+            ..sub
+        }))
     }
 
     /// The fine-tune.
@@ -146,7 +191,11 @@ impl<'b> Input<'b> {
     pub fn mask(&self, name: &str) -> Mask {
         match self {
             Input::Delta(d) => d.mask(name),
-            Input::Tuned(f) => Mask::new(f.params.seed, name, f.params.interval),
+            Input::Tuned(f) => Mask::new(
+                f.params.seed,
+                &format!("{}{name}", f.key_prefix),
+                f.params.interval,
+            ),
         }
     }
 

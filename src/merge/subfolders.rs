@@ -11,14 +11,20 @@ use super::{Input, MergeOptions, MergeReport};
 use crate::format::Delta;
 use crate::io::{Checkpoint, Output, Target};
 
-/// The subfolder weight files that at least one of the delta files among `inputs` covers, by
-/// path (a fine-tune given in place of a delta covers none).
-pub fn covered<'a>(inputs: &'a [Input]) -> BTreeSet<&'a str> {
-    inputs
+/// The subfolder weight files that at least one of `inputs` covers, by path: those a delta
+/// file records, and those a fine-tune folder's extract against `base` would diff.
+pub fn covered(base: &Checkpoint, inputs: &[Input]) -> Result<BTreeSet<String>> {
+    let mut paths: BTreeSet<String> = inputs
         .iter()
         .filter_map(Input::delta)
-        .flat_map(|d| d.subfolders().keys().map(String::as_str))
-        .collect()
+        .flat_map(|d| d.subfolders().keys().cloned())
+        .collect();
+    for input in inputs {
+        if let Input::Tuned(f) = input {
+            paths.extend(f.subfolder_paths(base)?);
+        }
+    }
+    Ok(paths)
 }
 
 /// Merges each subfolder weight file of base folder `base` that `inputs` cover into `output`
@@ -31,8 +37,11 @@ pub fn merge_subfolders(
     out: &Target,
     opts: &MergeOptions,
 ) -> Result<Vec<(String, MergeReport)>> {
-    let paths = covered(inputs);
-    if paths.is_empty() || !base.is_folder() || !out.is_folder() {
+    if !base.is_folder() || !out.is_folder() {
+        return Ok(Vec::new());
+    }
+    let paths = covered(base, inputs)?;
+    if paths.is_empty() {
         return Ok(Vec::new());
     }
     if out.part.is_some() {
@@ -47,7 +56,8 @@ pub fn merge_subfolders(
         ..opts.clone()
     };
     let mut reports = Vec::new();
-    for path in paths {
+    for path in &paths {
+        let path = path.as_str();
         let file = base.path().join(path);
         if !file.is_file() {
             let by = inputs
@@ -67,14 +77,17 @@ pub fn merge_subfolders(
             .iter()
             .map(|i| match i {
                 Input::Delta(d) => Ok(Input::Delta(d.subfolder(path))),
-                Input::Tuned(_) => {
-                    let ckpt = Arc::new(Checkpoint::open_with(&file, base.io_mode())?);
-                    Ok(Input::Delta(Delta::uncovered(
-                        ckpt,
-                        i.params().clone(),
-                        path,
-                    )))
-                }
+                Input::Tuned(f) => match f.subfolder(&sub_base, path)? {
+                    Some(sub) => Ok(Input::Tuned(sub)),
+                    None => {
+                        let ckpt = Arc::new(Checkpoint::open_with(&file, base.io_mode())?);
+                        Ok(Input::Delta(Delta::uncovered(
+                            ckpt,
+                            i.params().clone(),
+                            path,
+                        )))
+                    }
+                },
             })
             .collect::<Result<Vec<_>>>()?;
         let target = Target {

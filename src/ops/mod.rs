@@ -721,7 +721,7 @@ pub fn merge(
 /// not merge: copies those the deltas do not cover into a folder output from a folder base, and
 /// leaves out those they cover where the output or the base is a single file.
 fn subfolder_warnings(base: &Checkpoint, deltas: &[Input], target: &Target) -> Result<Vec<String>> {
-    let covered = crate::merge::subfolders::covered(deltas);
+    let covered = crate::merge::subfolders::covered(base, deltas)?;
     if target.part.is_some() && !covered.is_empty() && base.is_folder() {
         return Err(usage(format!(
             "--part: the deltas cover weight files in subfolders ({}), which a merge in parts does not write (docs/FORMAT.md section 15); merge without --part",
@@ -859,7 +859,7 @@ pub fn merge_in_memory(spec: &MergeSpec, flags: &Flags) -> Result<Outcome<Merged
     }
     let base = open_base(&spec.base, flags)?;
     let (deltas, mut warnings) = spec.open(&base, flags)?;
-    let covered = crate::merge::subfolders::covered(&deltas);
+    let covered = crate::merge::subfolders::covered(&base, &deltas)?;
     if !covered.is_empty() {
         warnings.push(format!(
             "merged tensors: the deltas' weight files in subfolders ({}) are not part of a merge into memory: left out",
