@@ -500,7 +500,7 @@ fn run_merge(spec: &MergeSpec, output: &Path, common: &OutputArgs, flags: &Flags
         emit(&format!("{}\n", serde_json::to_string_pretty(r)?))?;
     } else if !flags.quiet {
         out!(
-            "{}: {} delta(s) onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
+            "{}: {} onto {} -> {}\n  {} tensors ({} changed), wrote {}, read {}\n  {:.3} s: {:.1} MB/s of output, {:.1} MB/s of input\n  device: {}",
             match part {
                 Some(p) => format!("merge part {}/{}", p.k, p.n),
                 None if delta_paths.len() == 1 => "apply".into(),

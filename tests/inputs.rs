@@ -311,6 +311,16 @@ fn fine_tunes_mixed_with_delta_files_keep_the_command_line_order() {
         "merge -q --base base --tuned t0.safetensors e1.safetensors --tuned t2.safetensors --density 0.5 --seed 40 --weights 2,-1,0.5 -o got --shard-size 100KB",
     );
     assert_same_merge(&d.join("got"), &d.join("want"), "mixed");
+    // The summary counts both kinds.
+    let o = ok(
+        d,
+        "merge --base base --tuned t0.safetensors e1.safetensors --tuned t2.safetensors -o summary.st",
+    );
+    assert!(
+        o.stdout
+            .contains("merge: 1 delta(s) and 2 fine-tune(s) onto base -> summary.st"),
+        "{o}"
+    );
     let r = record(&d.join("got"));
     let kinds: Vec<&str> = r["deltas"]
         .as_array()
