@@ -239,6 +239,30 @@ impl Staging {
     }
 }
 
+/// A temporary file in `dir` for part file `to`, registered for removal should the process
+/// be stopped before [`persist_part_temp`] renames it into place.
+fn part_temp(dir: &Path, to: &Path) -> Result<tempfile::NamedTempFile> {
+    process::create_tracked(
+        process::Partial::File,
+        || {
+            tempfile::Builder::new()
+                .prefix(process::PARTIAL_PREFIX)
+                .tempfile_in(dir)
+        },
+        |t| t.path().to_path_buf(),
+    )
+    .with_context(|| format!("{}: cannot create", to.display()))
+}
+
+/// Renames a [`part_temp`] file to `to` and forgets it.
+fn persist_part_temp(tmp: tempfile::NamedTempFile, to: &Path) -> Result<()> {
+    let staged = tmp.path().to_path_buf();
+    let kept = tmp.persist(to);
+    process::untrack_file(&staged);
+    kept.map(drop)
+        .map_err(|e| anyhow::anyhow!("{}: cannot rename into place: {}", to.display(), e.error))
+}
+
 /// The folder the temporary form of output `dest` is made in: the output's own.
 fn staging_dir(dest: &Path) -> PathBuf {
     match dest.parent() {
@@ -756,15 +780,10 @@ impl Output {
         // The own files taken from a delta (docs/FORMAT.md section 13): the same in every part.
         for (name, bytes) in &self.own_files {
             let to = dir.join(name);
-            let mut tmp = tempfile::Builder::new()
-                .prefix(process::PARTIAL_PREFIX)
-                .tempfile_in(&dir)
-                .with_context(|| format!("{}: cannot create", to.display()))?;
+            let mut tmp = part_temp(&dir, &to)?;
             std::io::Write::write_all(&mut tmp, bytes)
                 .with_context(|| format!("{}: cannot write", to.display()))?;
-            tmp.persist(&to).map_err(|e| {
-                anyhow::anyhow!("{}: cannot rename into place: {}", to.display(), e.error)
-            })?;
+            persist_part_temp(tmp, &to)?;
             placed.push(to);
         }
         let manifest = Manifest {
@@ -790,17 +809,12 @@ impl Output {
         };
         // Written beside, then renamed: a manifest is there whole or not at all.
         let path = dir.join(part.manifest_name());
-        let mut tmp = tempfile::Builder::new()
-            .prefix(process::PARTIAL_PREFIX)
-            .tempfile_in(&dir)
-            .with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut tmp = part_temp(&dir, &path)?;
         serde_json::to_writer_pretty(&mut tmp, &manifest)?;
         if self.target.durable {
             tmp.as_file().sync_all()?;
         }
-        tmp.persist(&path).map_err(|e| {
-            anyhow::anyhow!("{}: cannot rename into place: {}", path.display(), e.error)
-        })?;
+        persist_part_temp(tmp, &path)?;
         placed.push(path);
         if self.target.durable {
             sync_folder(&dir)?;
