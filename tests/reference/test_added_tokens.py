@@ -13,7 +13,6 @@ open with the `safetensors` package, own files and new rows included.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu_ref as ref  # noqa: E402
+from sotu_bin import run as run_bin  # noqa: E402
 from test_methods import assert_within_tolerance  # noqa: E402
 from test_reference import assert_same_delta, assert_same_tensors  # noqa: E402
 
@@ -159,23 +159,6 @@ def test_reference_merge_refuses_two_deltas_that_grow_a_tensor_differently(tmp_p
 # =============================================================================================
 # Group b: the binary against the reference
 # =============================================================================================
-
-def _binary():
-    env = os.environ.get("SOTU_BIN")
-    path = Path(env) if env else Path("target/release/sotu-delta")
-    return path if path.is_absolute() else REPO / path
-
-
-def run_bin(*args, cwd=None):
-    binary = _binary()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"sotu-delta binary not found at {binary}: build it with `cargo build --release`")
-    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
-    if proc.returncode != 0:
-        pytest.fail(f"`sotu-delta {' '.join(map(str, args))}` exited {proc.returncode}:\n{proc.stderr}")
-    return proc
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):

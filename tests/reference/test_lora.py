@@ -17,8 +17,6 @@ That PEFT's own merge_and_unload agrees is checked where torch and PEFT can be i
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,29 +26,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_ref  # noqa: E402
 import sotu_ref as ref  # noqa: E402
+from sotu_bin import call  # noqa: E402
+from sotu_bin import run as run_bin  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _binary():
-    env = os.environ.get("SOTU_BIN")
-    path = Path(env) if env else Path("target/release/sotu-delta")
-    return path if path.is_absolute() else REPO / path
-
-
-def call(*args):
-    binary = _binary()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"sotu-delta binary not found at {binary}: build it with `cargo build --release` "
-                    "(or point SOTU_BIN at it)")
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def run_bin(*args):
-    proc = call(*args)
-    if proc.returncode != 0:
-        pytest.fail(f"`sotu-delta {' '.join(map(str, args))}` exited {proc.returncode}:\n{proc.stderr}")
-    return proc
 
 
 def tensor(values, dtype, shape):

@@ -17,8 +17,6 @@ mergekit's own output is compared where mergekit can be installed (tests/ecosyst
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,24 +25,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mergekit_ref  # noqa: E402
+import sotu_bin  # noqa: E402
 import sotu_ref as ref  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "fixtures" / "tiny"
 
 
-def _binary():
-    env = os.environ.get("SOTU_BIN")
-    path = Path(env) if env else Path("target/release/sotu-delta")
-    return path if path.is_absolute() else REPO / path
-
-
 def call(*args):
-    binary = _binary()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"sotu-delta binary not found at {binary}: build it with `cargo build --release` "
-                    "(or point SOTU_BIN at it)")
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return sotu_bin.call(*args, timeout=300)
 
 
 def yaml(config):

@@ -22,8 +22,6 @@ matters for the mean path (Σ w τ)/T and for tsv's k); and a zero task brings n
 stack.
 """
 
-import os
-import subprocess
 import sys
 import zlib
 from functools import lru_cache
@@ -34,6 +32,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu_ref as ref  # noqa: E402
+from sotu_bin import call  # noqa: E402
+from sotu_bin import run as run_bin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "fixtures" / "tiny"
@@ -444,27 +444,6 @@ def test_tolerance_check_can_fail():
 # =============================================================================================
 # The binary against the reference
 # =============================================================================================
-
-def _binary():
-    env = os.environ.get("SOTU_BIN")
-    path = Path(env) if env else Path("target/release/sotu-delta")
-    return path if path.is_absolute() else REPO / path
-
-
-def call(*args, cwd=None):
-    binary = _binary()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"sotu-delta binary not found at {binary}: build it with `cargo build --release` "
-                    "(or point SOTU_BIN at it)")
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
-
-
-def run_bin(*args):
-    proc = call(*args)
-    if proc.returncode != 0:
-        pytest.fail(f"`sotu-delta {' '.join(map(str, args))}` exited {proc.returncode}:\n{proc.stderr}")
-    return proc
-
 
 @lru_cache(maxsize=None)
 def _decode(path):

@@ -14,19 +14,13 @@ sentence-transformers (and torch) are not in `make test`'s venv: where they are 
 test says so and is skipped.
 """
 
-import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def binary():
-    env = os.environ.get("SOTU_BIN")
-    path = Path(env) if env else Path("target/release/sotu-delta")
-    return path if path.is_absolute() else REPO / path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sotu_bin import run  # noqa: E402
 
 
 def test_merged_folder_loads_in_sentence_transformers(tmp_path, capsys):
@@ -59,11 +53,6 @@ def test_merged_folder_loads_in_sentence_transformers(tmp_path, capsys):
         weights = load_file(tuned / file)
         save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
                    for k, v in weights.items()}, tuned / file, metadata={"format": "pt"})
-
-    def run(*args):
-        proc = subprocess.run([str(binary()), *map(str, args)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        return proc
 
     run("extract", "--base", base, "--tuned", tuned, "--density", "1", "-o", tmp_path / "d.st")
     merged = tmp_path / "merged"

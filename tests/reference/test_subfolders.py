@@ -12,9 +12,7 @@ with weights, `apply`, `ties`; `iso` and `tsv` within METHODS.md's tolerance), t
 tensors as before, and a delta that does not cover the file must contribute nothing to it.
 """
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu_ref as ref  # noqa: E402
+from sotu_bin import run as run_bin  # noqa: E402
 from test_methods import assert_within_tolerance  # noqa: E402
 from test_reference import assert_same_tensors  # noqa: E402
 
@@ -30,18 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "fixtures" / "tiny" / "sentence-transformers"
 BASE, TUNED, TUNED2 = FIX / "base", FIX / "tuned", FIX / "tuned2"
 DENSE = "2_Dense/model.safetensors"
-
-
-def run_bin(*args):
-    env = os.environ.get("SOTU_BIN")
-    binary = Path(env) if env else Path("target/release/sotu-delta")
-    binary = binary if binary.is_absolute() else REPO / binary
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"sotu-delta binary not found at {binary}: build it with `cargo build --release`")
-    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        pytest.fail(f"`sotu-delta {' '.join(map(str, args))}` exited {proc.returncode}:\n{proc.stderr}")
-    return proc
 
 
 def tensors_of(path):
