@@ -154,7 +154,7 @@ impl MergeSpec {
         })
     }
 
-    /// The merge options, checked (a mistake is a [`UsageError`]).
+    /// The merge options, checked (a mistake is a [`super::UsageError`]).
     pub fn options(&self, fingerprint_output: bool) -> Result<MergeOptions> {
         let stated = match &self.replay {
             Some((path, recipe)) => recipe.options(path)?,
