@@ -258,6 +258,25 @@ fn merge_refuses_a_base_folder_without_the_covered_file() {
     ok(d, "verify --base base/model.safetensors d.st");
 }
 
+/// The missing file is found before the top-level merge runs: with the top level's base changed
+/// too (which the merge finds only once it has read every tensor), the error is the missing
+/// file's.
+#[test]
+fn a_missing_covered_file_is_refused_before_the_top_level_is_merged() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, "extract --base base --tuned tuned --density 0.5 -o d.st");
+    fs::remove_file(d.join("base").join(DENSE)).unwrap();
+    let top = "model.safetensors";
+    fs::copy(d.join("tuned2").join(top), d.join("base").join(top)).unwrap();
+    refused(
+        d,
+        "merge --base base d.st -o merged",
+        "merged",
+        &[DENSE, "d.st", "has no such file"],
+    );
+}
+
 #[test]
 fn a_merge_in_parts_refuses_covered_subfolder_files() {
     let dir = setup();

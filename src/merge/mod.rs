@@ -280,6 +280,9 @@ pub fn merge_with_files(
     let protected: Vec<&Path> = deltas.iter().flat_map(Input::protected_paths).collect();
     crate::io::refuse_output_over_input(&out.path, &protected)?;
     let mut planned = Planned::new(base, deltas, opts)?;
+    // The subfolder weight files the deltas cover (docs/FORMAT.md section 15), merged after
+    // the top level.
+    let subfolder_merges = subfolders::prepare(base, deltas, out)?;
     // The own files taken (docs/FORMAT.md section 13): into a folder, or left out of a file.
     let taken = opts.files_from.map(|k| deltas[k].own_files());
     let names: Vec<String> = taken.into_iter().flat_map(|f| f.keys().cloned()).collect();
@@ -301,8 +304,7 @@ pub fn merge_with_files(
         extra = files(fingerprint)?;
         Ok(())
     })?;
-    // The subfolder weight files the deltas cover (docs/FORMAT.md section 15).
-    let subfolder_reports = subfolders::merge_subfolders(base, deltas, &mut output, out, opts)?;
+    let subfolder_reports = subfolder_merges.run(&mut output, out, opts)?;
     let written = if out.part.is_some() {
         // The files are made whole by `finalize`, from every part's.
         let hashes = run

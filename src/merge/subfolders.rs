@@ -1,6 +1,6 @@
 //! The weight files in a base folder's subfolders that the deltas cover (docs/FORMAT.md section
-//! 15): each merged as a checkpoint of its own, by the same [`super::merge`], into the folder
-//! output before it is committed.
+//! 15): each opened before the top-level merge runs, then merged as a checkpoint of its own, by
+//! the same [`super::merge`], into the folder output before it is committed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,22 +27,27 @@ pub fn covered(base: &Checkpoint, inputs: &[Input]) -> Result<BTreeSet<String>> 
     Ok(paths)
 }
 
-/// Merges each subfolder weight file of base folder `base` that `inputs` cover into `output`
-/// (the folder output `out` being written), with the options of the top-level merge; returns
-/// each file's path and report.
-pub fn merge_subfolders(
+/// The subfolder weight files a folder merge covers, each opened with the inputs that merge it,
+/// before the top-level merge runs: a file the base folder lacks, or cannot open, fails the
+/// merge before anything is computed, not after the top level's tensors are written.
+pub struct SubfolderMerges<'b> {
+    files: Vec<(String, Checkpoint, Vec<Input<'b>>)>,
+}
+
+/// Opens the subfolder weight files of base folder `base` that `inputs` cover, for a merge into
+/// `out`; none when `base` or `out` is a single file (the caller warns that they are left out).
+pub fn prepare<'b>(
     base: &Checkpoint,
-    inputs: &[Input],
-    output: &mut Output,
+    inputs: &[Input<'b>],
     out: &Target,
-    opts: &MergeOptions,
-) -> Result<Vec<(String, MergeReport)>> {
+) -> Result<SubfolderMerges<'b>> {
+    let mut files = Vec::new();
     if !base.is_folder() || !out.is_folder() {
-        return Ok(Vec::new());
+        return Ok(SubfolderMerges { files });
     }
     let paths = covered(base, inputs)?;
     if paths.is_empty() {
-        return Ok(Vec::new());
+        return Ok(SubfolderMerges { files });
     }
     if out.part.is_some() {
         bail!(
@@ -50,20 +55,13 @@ pub fn merge_subfolders(
             paths.into_iter().collect::<Vec<_>>().join(", ")
         );
     }
-    let opts = MergeOptions {
-        files_from: None,
-        fingerprint_output: false,
-        ..opts.clone()
-    };
-    let mut reports = Vec::new();
-    for path in &paths {
-        let path = path.as_str();
-        let file = base.path().join(path);
+    for path in paths {
+        let file = base.path().join(&path);
         if !file.is_file() {
             let by = inputs
                 .iter()
                 .filter_map(Input::delta)
-                .find(|d| d.subfolders().contains_key(path));
+                .find(|d| d.subfolders().contains_key(&path));
             bail!(
                 "{}: covers the subfolder weight file {path}, but the base folder {} has no such file (docs/FORMAT.md section 15)",
                 by.expect("covered by a delta").path().display(),
@@ -76,30 +74,52 @@ pub fn merge_subfolders(
         let sub_inputs = inputs
             .iter()
             .map(|i| match i {
-                Input::Delta(d) => Ok(Input::Delta(d.subfolder(path))),
-                Input::Tuned(f) => match f.subfolder(&sub_base, path)? {
+                Input::Delta(d) => Ok(Input::Delta(d.subfolder(&path))),
+                Input::Tuned(f) => match f.subfolder(&sub_base, &path)? {
                     Some(sub) => Ok(Input::Tuned(sub)),
                     None => {
                         let ckpt = Arc::new(Checkpoint::open_with(&file, base.io_mode())?);
                         Ok(Input::Delta(Delta::uncovered(
                             ckpt,
                             i.params().clone(),
-                            path,
+                            &path,
                         )))
                     }
                 },
             })
             .collect::<Result<Vec<_>>>()?;
-        let target = Target {
-            path: output.stage_file(path)?,
-            copy_from: None,
-            progress: false,
-            part: None,
-            ..out.clone()
-        };
-        let report = super::merge(&sub_base, &sub_inputs, &target, &opts)
-            .with_context(|| format!("subfolder weight file {path}"))?;
-        reports.push((path.to_string(), report));
+        files.push((path, sub_base, sub_inputs));
     }
-    Ok(reports)
+    Ok(SubfolderMerges { files })
+}
+
+impl SubfolderMerges<'_> {
+    /// Merges each file into `output` (the folder output `out` being written), with the options
+    /// of the top-level merge; returns each file's path and report.
+    pub fn run(
+        self,
+        output: &mut Output,
+        out: &Target,
+        opts: &MergeOptions,
+    ) -> Result<Vec<(String, MergeReport)>> {
+        let opts = MergeOptions {
+            files_from: None,
+            fingerprint_output: false,
+            ..opts.clone()
+        };
+        let mut reports = Vec::new();
+        for (path, sub_base, sub_inputs) in self.files {
+            let target = Target {
+                path: output.stage_file(&path)?,
+                copy_from: None,
+                progress: false,
+                part: None,
+                ..out.clone()
+            };
+            let report = super::merge(&sub_base, &sub_inputs, &target, &opts)
+                .with_context(|| format!("subfolder weight file {path}"))?;
+            reports.push((path, report));
+        }
+        Ok(reports)
+    }
 }
