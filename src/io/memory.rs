@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
-use super::output::{Cancel, OutTensor, Sink, header};
+use super::output::{OutTensor, Sink, header};
+use super::target::Cancel;
 
 /// Bytes in memory, 8-byte aligned, so that tensor data of any dtype can be viewed in place
 /// (numpy and torch want their elements aligned).

@@ -6,6 +6,8 @@
 //! - [`hash_cache`]: base tensor hashes remembered per file, keyed as git's index keys files.
 //! - [`storage`]: how an input file's bytes are reached (`--io mmap|read`), chosen once per
 //!   checkpoint.
+//! - [`target`]: where an output goes and how (file or folder, shard size, durability, the
+//!   stop request, a part of a merge in parts).
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
 //! - [`companions`]: what a folder output carries over from the base's folder besides weights
@@ -28,6 +30,7 @@ pub mod overwrite;
 pub mod parts;
 pub mod process;
 pub mod storage;
+pub mod target;
 
 pub use checkpoint::{
     Checkpoint, INDEX_NAME, Pairs, SINGLE_NAME, Tensor, TensorInfo, fingerprint, read_small_file,
@@ -36,9 +39,7 @@ pub use checkpoint::{
 pub use companions::{Companions, companions, subfolder_weights};
 pub use hash_cache::HashCache;
 pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
-pub use output::{
-    Cancel, DEFAULT_SHARD_SIZE, OutTensor, Output, Sink, Target, Written, is_folder_path,
-    parse_size, write_file, write_tensors,
-};
+pub use output::{OutTensor, Output, Sink, Written, write_file, write_tensors};
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};
 pub use storage::{IoMode, PIECE, with_buffer};
+pub use target::{Cancel, DEFAULT_SHARD_SIZE, Target, is_folder_path, parse_size};
