@@ -72,6 +72,7 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets --locked -- -D warnings
 	$(CARGO) clippy --release --locked -p sotu-delta-python -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --locked
 
 # Three task deltas in disjoint slots of one seed, inspected, merged and verified.
 demo: build

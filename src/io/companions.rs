@@ -1,7 +1,7 @@
 //! What a folder output carries over from the base's model folder besides the weights: its
 //! top-level files that are not weights (config, tokenizer, card) and its subfolders
 //! (sentence-transformers' `1_Pooling/`), found by [`companions`] and copied by
-//! [`copy_companions`].
+//! `copy_companions`.
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +41,7 @@ pub struct Companions {
     pub checkpoints: Vec<PathBuf>,
 }
 
-/// The weight files (any format, [`is_weight_file`]) in model folder `dir`'s subfolders (found
+/// The weight files (any format, by their names) in model folder `dir`'s subfolders (found
 /// as [`companions`] finds them), each as its path relative to `dir` with `/` between
 /// components, sorted: the `.safetensors` ones are those a delta may cover (docs/FORMAT.md
 /// section 15).

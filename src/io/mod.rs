@@ -10,7 +10,7 @@
 //!   stop request, a part of a merge in parts).
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
 //!   output path until it is complete.
-//! - [`companions`]: what a folder output carries over from the base's folder besides weights
+//! - [`mod@companions`]: what a folder output carries over from the base's folder besides weights
 //!   (config, tokenizer, card, library subfolders).
 //! - [`memory`]: tensors in memory instead of files: a merge's output as buffers, and a
 //!   checkpoint built from in-memory tensors.

@@ -3,7 +3,7 @@
 //!
 //! A tensor is computed whole on one thread: its decompositions run with faer in sequential
 //! mode, so the result does not depend on the thread count, and rayon runs tensors side by
-//! side ([`super::execute`]). Memory per worker, in copies of one tensor in f64
+//! side (`merge::execute`). Memory per worker, in copies of one tensor in f64
 //! (docs/METHODS.md, "Memory"): `ties` T + 3 (the T trimmed estimates, the base, one scratch,
 //! the result); `iso` and `tsv` about 4 (the base, one estimate or their sum, the result, the
 //! stacked triplets) plus faer's SVD factors and workspace, whatever T.

@@ -2,7 +2,7 @@
 //! arithmetic of docs/FORMAT.md section 8; with `--method ties|iso|tsv`, the methods of
 //! docs/METHODS.md.
 //!
-//! - [`plan`]: which tensor comes from where, and what each delta contributes.
+//! - [`mod@plan`]: which tensor comes from where, and what each delta contributes.
 //! - [`Engine`]: what executes the plan, chosen once: [`cpu`] (rayon) or [`cuda`] (a GPU).
 //!   Callers never branch on the device.
 //! - [`methods`]: `ties`, `iso` and `tsv` on the CPU, a tensor per thread.

@@ -66,7 +66,7 @@ fn detected() -> Detected {
 }
 
 /// Whether the AVX-512 kernels may run: the CPU has the level (F, BW, VL, DQ, POPCNT) and
-/// `SOTU_DELTA_SCALAR` is unset. The keep bits of the mask ([`crate::simd::keep`]) use it.
+/// `SOTU_DELTA_SCALAR` is unset. The keep bits of the mask ([`crate::mask`]) use it.
 #[inline]
 pub fn avx512() -> bool {
     detected().avx512

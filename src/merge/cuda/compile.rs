@@ -34,7 +34,7 @@ fn dtype_name(f: Float) -> &'static str {
 }
 
 /// A family of merge kernels, one entry point per `(from, to)` pair; all take the same
-/// arguments ([`super::driver::launch_merge`]).
+/// arguments (`driver::launch_merge`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
     /// `round(base + Σ terms)` (docs/FORMAT.md section 8): `sotu_merge_<from>_<to>`.

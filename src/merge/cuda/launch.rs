@@ -335,7 +335,7 @@ pub fn plan_slices(
     Ok(all)
 }
 
-/// What runs a staged slice: the GPU ([`Backend`]), or the host emulation in the tests. Two
+/// What runs a staged slice: the GPU ([`super::Backend`]), or the host emulation in the tests. Two
 /// slots, 0 and 1; a slot holds one slice at a time.
 pub trait SlotDevice {
     /// Makes both slots hold at least `need` bytes of staging. Called with nothing in flight.

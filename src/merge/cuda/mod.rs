@@ -9,7 +9,7 @@
 //!   CPU, through a small emulation header) and compare with the CPU engine, byte for byte.
 //! - [`driver`]: the device, its streams and pinned staging, and the one kernel launch (merge
 //!   and ties kernels alike).
-//! - [`bench`]: the kernel against a device-to-device copy (`make bench-gpu`).
+//! - [`mod@bench`]: the kernel against a device-to-device copy (`make bench-gpu`).
 
 pub mod bench;
 pub mod compile;
