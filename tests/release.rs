@@ -14,8 +14,9 @@
 //!   `merge --recipe R -o OUT` gives the same shards, index and tensors; an input whose
 //!   fingerprint changed is refused, naming it, and nothing is written.
 //!
-//! The card's front matter is read here with yaml-rust2 (the crate the tool uses to read base
-//! cards, not the one it writes with: it writes with the same crate's emitter); fingerprints are
+//! The card's front matter is read here with serde-saphyr (the tool writes it with serde_json,
+//! as YAML's flow style; tests/reference/test_card.py reads it with PyYAML, the Hub library's
+//! reader); fingerprints are
 //! checked against what other commands report (`extract --json`'s `output_fingerprint`,
 //! `merge --json`'s `base_fingerprint`).
 
@@ -24,7 +25,6 @@ use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
-use yaml_rust2::{Yaml, YamlLoader};
 
 mod common;
 use common::{Outcome, ok, partial_files, root, run, tmp};
@@ -65,25 +65,19 @@ fn setup() -> tempfile::TempDir {
 }
 
 /// The front matter of the card at `path`, as a YAML mapping, and its body.
-fn card(path: &Path) -> (BTreeMap<String, Yaml>, String) {
+fn card(path: &Path) -> (BTreeMap<String, Value>, String) {
     let text = fs::read_to_string(path).unwrap();
     let rest = text
         .strip_prefix("---\n")
         .unwrap_or_else(|| panic!("{}: no front matter\n{text}", path.display()));
     let end = rest.find("\n---\n").expect("front matter closed");
-    let docs = YamlLoader::load_from_str(&rest[..end]).unwrap();
-    let Yaml::Hash(h) = &docs[0] else {
-        panic!("front matter not a mapping: {text}")
-    };
-    let map = h
-        .iter()
-        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
-        .collect();
+    let map = serde_saphyr::from_str(&rest[..end])
+        .unwrap_or_else(|e| panic!("front matter not a mapping: {e}\n{text}"));
     (map, rest[end + 5..].to_string())
 }
 
-fn strings(y: &Yaml) -> Vec<String> {
-    y.as_vec()
+fn strings(y: &Value) -> Vec<String> {
+    y.as_array()
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap().to_string())

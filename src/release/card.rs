@@ -3,14 +3,16 @@
 //! (`base_model`, `base_model_relation`, `tags`, `library_name`, `license`) and a body that says
 //! what went in and how, rendered from the [`Recipe`].
 //!
-//! The base's card is read only for its `license`. A card that cannot be read (not UTF-8, front
-//! matter that is not a YAML mapping, YAML aliases) gets a warning, never a failed merge.
+//! The base's card is read only for its `license` (with serde-saphyr, the YAML reader of
+//! `merge --config`). A card that cannot be read (not UTF-8, front matter that is not a YAML
+//! mapping, YAML aliases) gets a warning, never a failed merge. The front matter is written a key
+//! a line, each value in JSON, which is YAML's flow style: any YAML reader (the Hub's, PyYAML)
+//! reads it, and no string needs quoting rules of its own.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
-use yaml_rust2::parser::{Event, EventReceiver, Parser};
-use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
+use serde_json::{Value, json};
 
 use super::recipe::{Operation, Recipe};
 use crate::merge::Method;
@@ -51,18 +53,6 @@ fn base_model(base: &Path) -> String {
     })
 }
 
-/// Counts aliases: a loader expands each by copying its anchor, so a few nested ones in a small
-/// card (a "billion laughs") would take all memory. A card's front matter has no use for them.
-struct Aliases(usize);
-
-impl EventReceiver for Aliases {
-    fn on_event(&mut self, ev: Event) {
-        if matches!(ev, Event::Alias(_)) {
-            self.0 += 1;
-        }
-    }
-}
-
 /// The YAML front matter of a card (between a first line `---` and the next `---` line), if it
 /// has one.
 fn front_matter(text: &str) -> Option<&str> {
@@ -80,9 +70,9 @@ fn front_matter(text: &str) -> Option<&str> {
     None
 }
 
-/// The license keys of the base card at `path`: `Ok(None)` where there is no card or it has no
-/// front matter, `Err(why)` where it cannot be read.
-fn base_license(path: &Path) -> Result<Vec<(String, Yaml)>, String> {
+/// The license keys of the base card at `path` with their values (a string or a list): none
+/// where there is no card or it has no front matter, `Err(why)` where it cannot be read.
+fn base_license(path: &Path) -> Result<Vec<(String, Value)>, String> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(Vec::new());
     };
@@ -97,32 +87,30 @@ fn base_license(path: &Path) -> Result<Vec<(String, Yaml)>, String> {
         }
         return Ok(Vec::new());
     };
-    let mut aliases = Aliases(0);
-    Parser::new_from_str(yaml)
-        .load(&mut aliases, true)
-        .map_err(|e| format!("its front matter is not YAML: {e}"))?;
-    if aliases.0 > 0 {
-        return Err("its front matter uses YAML aliases".into());
-    }
-    let docs = YamlLoader::load_from_str(yaml)
-        .map_err(|e| format!("its front matter is not YAML: {e}"))?;
-    let map = match docs.first() {
-        None | Some(Yaml::Null) => return Ok(Vec::new()),
-        Some(Yaml::Hash(h)) => h,
-        Some(_) => return Err("its front matter is not a YAML mapping".into()),
+    // A loader expands each alias by copying its anchor, so a few nested ones in a small card
+    // (a "billion laughs") would take all memory; a card's front matter has no use for them.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! { max_aliases: 0 },
+    };
+    let front: Value = serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
+        let why = e.without_snippet().to_string();
+        format!(
+            "its front matter is not YAML without aliases: {}",
+            why.trim_start_matches("error: ")
+        )
+    })?;
+    let map = match front {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(map) => map,
+        _ => return Err("its front matter is not a YAML mapping".into()),
     };
     Ok(LICENSE_KEYS
         .iter()
         .filter_map(|k| {
-            let v = map.get(&Yaml::String(k.to_string()))?;
-            matches!(v, Yaml::String(_) | Yaml::Array(_)).then(|| (k.to_string(), v.clone()))
+            let v = map.get(*k)?;
+            matches!(v, Value::String(_) | Value::Array(_)).then(|| (k.to_string(), v.clone()))
         })
         .collect())
-}
-
-/// `s` as a YAML string node.
-fn string(s: &str) -> Yaml {
-    Yaml::String(s.to_string())
 }
 
 /// The card of the output of `recipe`. `base` is the base checkpoint as given (a folder, or a
@@ -143,30 +131,30 @@ pub fn render(recipe: &Recipe, base: &Path) -> Card {
     };
     let base_model = base_model(base);
     let merge = recipe.operation == Operation::Merge;
-    let mut front = yaml_rust2::yaml::Hash::new();
-    front.insert(string("base_model"), string(&base_model));
-    front.insert(
-        string("base_model_relation"),
-        string(if merge { "merge" } else { "finetune" }),
-    );
-    let tags = if merge {
-        vec![string("sotu-delta"), string("merge")]
-    } else {
-        vec![string("sotu-delta")]
-    };
-    front.insert(string("tags"), Yaml::Array(tags));
+    let mut front = vec![
+        ("base_model".to_string(), json!(base_model)),
+        (
+            "base_model_relation".to_string(),
+            json!(if merge { "merge" } else { "finetune" }),
+        ),
+        (
+            "tags".to_string(),
+            if merge {
+                json!(["sotu-delta", "merge"])
+            } else {
+                json!(["sotu-delta"])
+            },
+        ),
+    ];
     if base_dir.is_some_and(|d| d.join("config.json").is_file()) {
-        front.insert(string("library_name"), string("transformers"));
+        front.push(("library_name".to_string(), json!("transformers")));
     }
-    for (k, v) in license {
-        front.insert(string(&k), v);
+    front.extend(license);
+    let mut text = String::from("---\n");
+    for (key, value) in front {
+        let _ = writeln!(text, "{key}: {value}");
     }
-    let mut yaml = String::new();
-    YamlEmitter::new(&mut yaml)
-        .dump(&Yaml::Hash(front))
-        .expect("a mapping of strings emits");
-    // The emitter opens the document with `---`; the card closes it.
-    let mut text = format!("{yaml}\n---\n\n");
+    text.push_str("---\n\n");
     body(&mut text, recipe, &base_model);
     Card { text, warnings }
 }
