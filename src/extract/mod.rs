@@ -25,7 +25,7 @@ use crate::format::{
     BASE_HASHES, Entry, FORMAT_NAME, FORMAT_VERSION, FileRecord, Kind, STATS, STATS_COLS, file_key,
     grown_key, offsets_key, sub_prefix,
 };
-use crate::io::{Checkpoint, Tensor};
+use crate::io::{Checkpoint, Tensor, Written};
 use crate::io::{OutTensor, Output, Sink, Target};
 use crate::mask::{CHUNK_ELEMS, Interval, MASK_NAME, Mask};
 use crate::simd::Kept;
@@ -204,6 +204,17 @@ pub fn extract(
         written_units.push(write_unit(u, &output, opts)?);
     }
     let written = output.commit(opts.fingerprint_output)?;
+    Ok(report(&units, &written_units, written, file_names, start))
+}
+
+/// What [`extract`] did, from its units, what each unit's write returned, and the output.
+fn report(
+    units: &[Unit],
+    written_units: &[UnitRows],
+    written: Written,
+    files: Vec<String>,
+    start: Instant,
+) -> ExtractReport {
     let display = |p: &Path| p.display().to_string();
 
     let all = || {
@@ -213,7 +224,7 @@ pub fn extract(
     };
     let inexact = units
         .iter()
-        .zip(&written_units)
+        .zip(written_units)
         .flat_map(|(u, (_, stats))| {
             u.plan
                 .iter()
@@ -228,7 +239,7 @@ pub fn extract(
         .filter(|e| e.kind == Kind::Masked)
         .collect();
     let top = &units[0];
-    Ok(ExtractReport {
+    ExtractReport {
         masked: masked.len(),
         whole: count(Kind::Whole),
         same: count(Kind::Same),
@@ -263,8 +274,11 @@ pub fn extract(
                 })
             })
             .collect(),
-        files: file_names,
-        subfolders: pairs.iter().map(|p| p.path.clone()).collect(),
+        files,
+        subfolders: units
+            .iter()
+            .filter_map(|u| u.path.map(str::to_string))
+            .collect(),
         // The top level's alone (docs/FORMAT.md section 15).
         base_fingerprint: crate::io::fingerprint(
             &top.plan
@@ -274,7 +288,7 @@ pub fn extract(
                 .map(|(_, h)| *h)
                 .collect::<Vec<_>>(),
         ),
-    })
+    }
 }
 
 /// A unit's base hashes and statistics rows, in row order.
