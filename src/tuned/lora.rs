@@ -339,50 +339,7 @@ fn read_config(path: &Path) -> Result<Config> {
     let Some(obj) = value.as_object() else {
         bail!("{at}: not a JSON object");
     };
-    match obj.get("peft_type").and_then(Value::as_str) {
-        Some("LORA") => {}
-        Some(other) => bail!(
-            "{at}: peft_type {other}: only LoRA adapters (peft_type LORA) are supported, not {other}"
-        ),
-        None => bail!("{at}: no peft_type: not a PEFT adapter configuration"),
-    }
-    // Variants of LoRA whose merged weight is not W + s·B·A, or that change the base itself.
-    let truthy = |v: &Value| {
-        !matches!(v, Value::Null | Value::Bool(false))
-            && !v.as_array().is_some_and(|a| a.is_empty())
-            && !v.as_object().is_some_and(|o| o.is_empty())
-    };
-    let refused = [
-        ("use_dora", "DoRA"),
-        ("lora_bias", "a LoRA bias"),
-        ("use_qalora", "QALoRA"),
-        ("layer_replication", "layer replication"),
-        ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
-        (
-            "target_parameters",
-            "LoRA on parameters (target_parameters)",
-        ),
-        ("trainable_token_indices", "trainable tokens"),
-        ("megatron_config", "Megatron-sharded LoRA"),
-        ("use_bdlora", "block-diagonal LoRA"),
-        ("arrow_config", "Arrow routing"),
-        ("kasa_config", "KaSA"),
-        ("velora_config", "VeLoRA"),
-        ("monteclora_config", "MonteCLoRA"),
-    ];
-    for (key, what) in refused {
-        if obj.get(key).is_some_and(truthy) {
-            bail!("{at}: {key}: {what} is not supported (only plain LoRA)");
-        }
-    }
-    match obj.get("init_lora_weights") {
-        None | Some(Value::Bool(_)) => {}
-        Some(Value::String(s))
-            if ["gaussian", "eva", "orthogonal", "mica"].contains(&s.as_str()) => {}
-        Some(v) => bail!(
-            "{at}: init_lora_weights {v}: an adapter initialised this way was trained from a changed base (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA change the base weights); convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
-        ),
-    }
+    refuse_unsupported(obj, &at)?;
     let int = |key: &str, default: usize| -> Result<usize> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(default),
@@ -456,6 +413,59 @@ fn read_config(path: &Path) -> Result<Config> {
         rank_pattern,
         alpha_pattern,
     })
+}
+
+/// Fails unless configuration `obj` (of the file shown as `at`) is a plain LoRA adapter: one
+/// whose merged weight is `W + s·B·A` on the base as it is.
+fn refuse_unsupported(
+    obj: &serde_json::Map<String, Value>,
+    at: &dyn std::fmt::Display,
+) -> Result<()> {
+    match obj.get("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {}
+        Some(other) => bail!(
+            "{at}: peft_type {other}: only LoRA adapters (peft_type LORA) are supported, not {other}"
+        ),
+        None => bail!("{at}: no peft_type: not a PEFT adapter configuration"),
+    }
+    // Variants of LoRA whose merged weight is not W + s·B·A, or that change the base itself.
+    let truthy = |v: &Value| {
+        !matches!(v, Value::Null | Value::Bool(false))
+            && !v.as_array().is_some_and(|a| a.is_empty())
+            && !v.as_object().is_some_and(|o| o.is_empty())
+    };
+    let refused = [
+        ("use_dora", "DoRA"),
+        ("lora_bias", "a LoRA bias"),
+        ("use_qalora", "QALoRA"),
+        ("layer_replication", "layer replication"),
+        ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
+        (
+            "target_parameters",
+            "LoRA on parameters (target_parameters)",
+        ),
+        ("trainable_token_indices", "trainable tokens"),
+        ("megatron_config", "Megatron-sharded LoRA"),
+        ("use_bdlora", "block-diagonal LoRA"),
+        ("arrow_config", "Arrow routing"),
+        ("kasa_config", "KaSA"),
+        ("velora_config", "VeLoRA"),
+        ("monteclora_config", "MonteCLoRA"),
+    ];
+    for (key, what) in refused {
+        if obj.get(key).is_some_and(truthy) {
+            bail!("{at}: {key}: {what} is not supported (only plain LoRA)");
+        }
+    }
+    match obj.get("init_lora_weights") {
+        None | Some(Value::Bool(_)) => {}
+        Some(Value::String(s))
+            if ["gaussian", "eva", "orthogonal", "mica"].contains(&s.as_str()) => {}
+        Some(v) => bail!(
+            "{at}: init_lora_weights {v}: an adapter initialised this way was trained from a changed base (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA change the base weights); convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
+        ),
+    }
+    Ok(())
 }
 
 /// The factors of `module` (whose weight is the base tensor `weight`), checked against the
