@@ -43,7 +43,8 @@ pub fn view(data: &[f64], (rows, cols): (usize, usize)) -> MatRef<'_, f64> {
     MatRef::from_column_major_slice(data, cols, rows)
 }
 
-/// `P Qᵀ` of the thin SVD `a = P Σ Qᵀ` (`a` no wider than tall).
+/// `P Qᵀ` of the thin SVD `a = P Σ Qᵀ`: orthonormal columns where `a` is tall, orthonormal rows
+/// where it is wide.
 pub fn polar(a: MatRef<'_, f64>, name: &str) -> Result<Mat<f64>> {
     let (p, _, q) = thin_svd(a, name)?;
     Ok(mul_transposed(p.as_ref(), q.as_ref(), 1.0))
@@ -119,13 +120,18 @@ pub fn top_singular_exact(a: MatRef<'_, f64>, k: usize, name: &str) -> Result<Tr
     ))
 }
 
-/// `(XᵀX)^(-1/2)` and the eigenvalues of `XᵀX` (nondecreasing), for `x` no wider than tall, from
-/// one symmetric eigendecomposition `XᵀX = W diag(λ) Wᵀ`: `X · (XᵀX)^(-1/2)` is the polar factor
-/// of `X`, and `√λ` its singular values. `None` where `λ_min < POLAR_GRAM_MIN_RATIO · λ_max`
-/// (`X` rank deficient or nearly so: two equal deltas, say): the caller then takes the exact SVD.
+/// `(XᵀX)^(-1/2)` and the eigenvalues of `XᵀX` (nondecreasing), from one symmetric
+/// eigendecomposition `XᵀX = W diag(λ) Wᵀ`: `X · (XᵀX)^(-1/2)` is the polar factor of `X`, and
+/// `√λ` its singular values. `None` where `λ_min < POLAR_GRAM_MIN_RATIO · λ_max` (`X` rank
+/// deficient or nearly so: two equal deltas, say), and where `X` is wider than tall (`XᵀX` is
+/// then singular: `tsv`'s stacks of a matrix with fewer rows or columns than tasks): the caller
+/// then takes the exact SVD.
 pub fn inverse_sqrt_gram(x: MatRef<'_, f64>, name: &str) -> Result<Option<(Mat<f64>, Vec<f64>)>> {
     let p = x.ncols();
-    assert!(p >= 1 && p <= x.nrows(), "a {}×{p} matrix", x.nrows());
+    assert!(p >= 1, "a matrix of no columns");
+    if p > x.nrows() {
+        return Ok(None);
+    }
     let (lambda, w) = symmetric_eigen(gram(x), p, name)?;
     let (min, max) = (lambda[0], lambda[p - 1]);
     if !(min > POLAR_GRAM_MIN_RATIO * max && max.is_finite()) {

@@ -811,15 +811,17 @@ def test_binary_non_finite_estimate_fails_naming_the_tensor(method, bad, tmp_pat
 
 @pytest.fixture(scope="module")
 def odd_shapes(tmp_path_factory):
-    """A base and two tunes with a 0-d, an empty (0×4), a 2-D, a 1-D and a 3-D F32 tensor, and
-    their deltas at density 1 and at density 0.5 (the binary's)."""
+    """A base and three tunes with a 0-d, an empty (0×4), a 2-D, a 1-D and a 3-D F32 tensor, and
+    matrices with fewer rows or columns than tasks (tsv's k is then 1 and its stacks Û or V̂ are
+    wider than tall), and their deltas at density 1 and at density 0.5 (the binary's)."""
     d = tmp_path_factory.mktemp("odd")
     rng = np.random.default_rng(8)
-    shapes = {"a.scalar": (), "b.empty": (0, 4), "c.matrix": (6, 4), "d.vector": (5,), "e.cube": (2, 3, 4)}
+    shapes = {"a.scalar": (), "b.empty": (0, 4), "c.matrix": (6, 4), "d.vector": (5,), "e.cube": (2, 3, 4),
+              "f.row": (1, 7), "g.pair": (2, 9), "h.column": (9, 2)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     ref.write_safetensors(d / "base.safetensors", {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in base.items()})
     paths = {}
-    for k in (1, 2):
+    for k in (1, 2, 3):
         tune = {n: (v + 0.1 * rng.standard_normal(shapes[n])).astype(np.float32) for n, v in base.items()}
         ref.write_safetensors(d / f"t{k}.safetensors", {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in tune.items()})
         for dens in ("1", "0.5"):
@@ -849,5 +851,5 @@ def test_binary_zero_d_and_empty_tensors(method, density, odd_shapes):
         assert_same_tensors(got, want, f"{method} odd shapes")
     else:
         residual = ref.method_residual(d / "base.safetensors", ds, method)
-        assert {"c.matrix", "d.vector", "e.cube"} <= set(residual)
+        assert {"c.matrix", "d.vector", "e.cube", "f.row", "g.pair", "h.column"} <= set(residual)
         assert_within_tolerance(got, want, residual, f"{method} odd shapes", min_exact=0.9)
