@@ -10,7 +10,9 @@ use crate::inspect::human_bytes;
 use crate::io::IoMode;
 use crate::mask::DEFAULT_SEED;
 use crate::merge::{Device, Method};
-use crate::ops::{ExtractSpec, Flags, InputSpec, MergeSpec, Outcome, parse_part, usage};
+use crate::ops::{
+    ExtractSpec, FineTuneMasks, Flags, InputSpec, MergeSpec, Outcome, parse_part, usage,
+};
 use crate::release::Operation;
 
 pub use crate::ops::{MAX_THREADS, UsageError};
@@ -322,13 +324,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
             let stated = match (&a.recipe, &a.config) {
                 (Some(path), _) => MergeSpec::replay(path)?,
                 (None, Some(config)) => {
-                    refuse_beside_config(&a, m)?;
-                    let (spec, warnings) = crate::ops::MergeSpec::from_config(
-                        config,
-                        a.seed.unwrap_or(DEFAULT_SEED),
-                        a.slots,
-                        a.allow_nonfinite,
-                    )?;
+                    let (spec, warnings) =
+                        MergeSpec::from_config(config, a.masks(), &given_beside_config(m))?;
                     for w in warnings {
                         eprintln!("sotu-delta: warning: {w}");
                     }
@@ -344,8 +341,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
                     alpha: a.alpha,
                     trim: a.trim,
                     files_from: a.files_from,
-                    deltas: merge_inputs(&a, &input_order(m))?,
-                    ..MergeSpec::new(a.base.as_deref().expect("required without --recipe"), &[])
+                    ..MergeSpec::listed(
+                        a.base.as_deref().expect("required without --recipe"),
+                        &listed_inputs(&a, m),
+                        a.masks(),
+                    )?
                 },
             };
             let spec = MergeSpec {
@@ -541,74 +541,36 @@ fn count_inputs(inputs: &[InputSpec]) -> String {
     }
 }
 
-/// Whether each input of `merge` is a delta (`false`) or a fine-tune (`true`), in command-line
-/// order: positional deltas and `--tuned` may be mixed, and weights follow this order.
-fn input_order(m: &clap::ArgMatches) -> Vec<bool> {
+/// The inputs of `merge` as `(path, is_fine_tune)`, in command-line order: positional deltas
+/// and `--tuned` may be mixed, and weights follow this order.
+fn listed_inputs(a: &MergeArgs, m: &clap::ArgMatches) -> Vec<(PathBuf, bool)> {
     let at = |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
-    let mut all: Vec<(usize, bool)> = at("deltas")
-        .into_iter()
-        .map(|i| (i, false))
-        .chain(at("tuned").into_iter().map(|i| (i, true)))
+    let mut all: Vec<(usize, PathBuf, bool)> = (at("deltas").into_iter().zip(&a.deltas))
+        .map(|(i, p)| (i, p.clone(), false))
+        .chain(at("tuned").into_iter().zip(&a.tuned).map(|(i, p)| (i, p.clone(), true)))
         .collect();
-    all.sort();
-    all.into_iter().map(|(_, t)| t).collect()
+    all.sort_by_key(|(i, _, _)| *i);
+    all.into_iter().map(|(_, p, t)| (p, t)).collect()
 }
 
-/// The inputs of `merge`, in command-line order ([`crate::ops::fine_tune_inputs`] masks the
-/// fine-tunes).
-fn merge_inputs(a: &MergeArgs, order: &[bool]) -> Result<Vec<InputSpec>> {
-    let tuned_flags = a.density.is_some() || a.seed.is_some() || a.slots || a.allow_nonfinite;
-    if a.tuned.is_empty() && tuned_flags {
-        return Err(usage(
-            "--density, --seed, --slots and --allow-nonfinite say how --tuned fine-tunes are masked; give --tuned",
-        ));
+impl MergeArgs {
+    /// How the `--tuned` fine-tunes are masked, as stated.
+    fn masks(&self) -> FineTuneMasks {
+        FineTuneMasks {
+            density: self.density,
+            seed: self.seed,
+            slots: self.slots,
+            allow_nonfinite: self.allow_nonfinite,
+        }
     }
-    if a.deltas.is_empty() && a.tuned.is_empty() {
-        return Err(usage(
-            "give at least one delta, or a fine-tune with --tuned",
-        ));
-    }
-    let (mut deltas, mut tuned) = (a.deltas.iter(), a.tuned.iter());
-    let given: Vec<(PathBuf, Option<f64>)> = order
-        .iter()
-        .map(|&is_tuned| match is_tuned {
-            true => (
-                tuned.next().expect("counted").clone(),
-                Some(a.density.unwrap_or(1.0)),
-            ),
-            false => (deltas.next().expect("counted").clone(), None),
-        })
-        .collect();
-    crate::ops::fine_tune_inputs(
-        &given,
-        a.seed.unwrap_or(DEFAULT_SEED),
-        a.slots,
-        a.allow_nonfinite,
-    )
 }
 
-/// `merge --config`: the configuration gives the base, the models and the method's
-/// parameters, so those flags are usage errors beside it.
-fn refuse_beside_config(a: &MergeArgs, m: &clap::ArgMatches) -> Result<()> {
+/// The options given on the command line that a mergekit configuration gives
+/// ([`crate::ops::GIVEN_BY_CONFIG`]), refused beside `--config`.
+fn given_beside_config(m: &clap::ArgMatches) -> Vec<&'static str> {
     let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
-    let taken = [
-        "base", "deltas", "tuned", "weights", "rescale", "method", "alpha", "trim", "density",
-    ];
-    if let Some(id) = taken.iter().find(|id| given(id)) {
-        let flag = match *id {
-            "deltas" => "delta files".to_string(),
-            _ => format!("--{id}"),
-        };
-        return Err(usage(format!(
-            "{flag}: with --config, the configuration gives the base, the models and the method's parameters"
-        )));
-    }
-    if a.common.dtype.is_some() {
-        return Err(usage(
-            "--dtype: with --config, the configuration's dtype and out_dtype give the output dtype",
-        ));
-    }
-    Ok(())
+    let ids = crate::ops::GIVEN_BY_CONFIG.into_iter();
+    ids.filter(|id| given(id)).collect()
 }
 
 fn run_inspect(a: InspectArgs, flags: &Flags) -> Result<()> {

@@ -135,3 +135,66 @@ pub fn fine_tune_inputs(
     }
     Ok(inputs)
 }
+
+/// How the fine-tunes among a merge's inputs are masked, as stated (`merge --density D --seed S
+/// --slots --allow-nonfinite`, and the Python package's keyword arguments of those names): one
+/// rule for them all, which [`fine_tune_inputs`] applies.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FineTuneMasks {
+    /// `--density`: the fraction of each fine-tune's elements kept (1, or under `slots` its
+    /// whole slot, when `None`).
+    pub density: Option<f64>,
+    /// `--seed` (`DEFAULT_SEED` when `None`).
+    pub seed: Option<u64>,
+    /// `--slots`: fine-tune t of T masked with slot t/T of one seed.
+    pub slots: bool,
+    /// `--allow-nonfinite`: merge fine-tunes that hold NaN or infinite values.
+    pub allow_nonfinite: bool,
+}
+
+impl FineTuneMasks {
+    /// The seed stated, or the default one.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(DEFAULT_SEED)
+    }
+
+    /// The command-line flags that state these masks (none for the defaults).
+    pub(super) fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(d) = self.density {
+            flags.extend(["--density".to_string(), d.to_string()]);
+        }
+        if let Some(s) = self.seed {
+            flags.extend(["--seed".to_string(), s.to_string()]);
+        }
+        if self.slots {
+            flags.push("--slots".into());
+        }
+        if self.allow_nonfinite {
+            flags.push("--allow-nonfinite".into());
+        }
+        flags
+    }
+}
+
+/// The inputs of a merge listed as `(path, is_fine_tune)`, in the merge's order (the command
+/// line's order of positional deltas among `--tuned`; the Python package's list): delta files,
+/// and fine-tunes masked as `masks` says. Mask options without a fine-tune, and no input at
+/// all, are usage errors.
+pub fn listed_inputs(listed: &[(PathBuf, bool)], masks: &FineTuneMasks) -> Result<Vec<InputSpec>> {
+    if !listed.iter().any(|(_, tuned)| *tuned) && *masks != FineTuneMasks::default() {
+        return Err(usage(
+            "--density, --seed, --slots and --allow-nonfinite say how --tuned fine-tunes are masked; give --tuned",
+        ));
+    }
+    if listed.is_empty() {
+        return Err(usage(
+            "give at least one delta, or a fine-tune with --tuned",
+        ));
+    }
+    let given: Vec<(PathBuf, Option<f64>)> = listed
+        .iter()
+        .map(|(path, tuned)| (path.clone(), tuned.then(|| masks.density.unwrap_or(1.0))))
+        .collect();
+    fine_tune_inputs(&given, masks.seed(), masks.slots, masks.allow_nonfinite)
+}

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{Flags, InputSpec, Outcome, fine_tune_inputs, open_base, target, usage};
+use super::{
+    FineTuneMasks, Flags, InputSpec, Outcome, fine_tune_inputs, listed_inputs, open_base, target,
+    usage,
+};
 use crate::dtype::Float;
 use crate::io::parts::{self, Part};
 use crate::io::{Checkpoint, Target, subfolder_weights};
@@ -58,6 +61,11 @@ pub struct MergeSpec {
     pub normalize: bool,
     /// A merge from a mergekit configuration: its file name and `merge_method`, for the record.
     pub mergekit: Option<(String, String)>,
+    /// The mergekit configuration the merge was stated by ([`MergeSpec::from_config`]).
+    pub config: Option<PathBuf>,
+    /// How the fine-tunes among `deltas` were stated to be masked ([`MergeSpec::listed`],
+    /// [`MergeSpec::from_config`]), for the command line a recipe records.
+    pub masks: FineTuneMasks,
 }
 
 impl MergeSpec {
@@ -80,22 +88,38 @@ impl MergeSpec {
             part: None,
             normalize: true,
             mergekit: None,
+            config: None,
+            masks: FineTuneMasks::default(),
         }
+    }
+
+    /// The command line's defaults for this base and the inputs `listed` as `(path,
+    /// is_fine_tune)` in the merge's order: delta files, and fine-tunes masked as `masks` says
+    /// ([`listed_inputs`]).
+    pub fn listed(base: &Path, listed: &[(PathBuf, bool)], masks: FineTuneMasks) -> Result<Self> {
+        Ok(MergeSpec {
+            deltas: listed_inputs(listed, &masks)?,
+            masks,
+            ..MergeSpec::new(base, &[])
+        })
     }
 
     /// The merge a mergekit configuration states (docs/MERGEKIT.md): its base, models (a model
     /// that is a delta file is taken as one; the others are fine-tunes, masked as
-    /// [`fine_tune_inputs`] says with `seed` and `slots`, each at its density), method and
-    /// parameters; with the configuration's warnings.
+    /// [`fine_tune_inputs`] says with the seed and slots of `masks`, each at its density), method
+    /// and parameters; with the configuration's warnings. The configuration gives what
+    /// `also_stated` names and `masks`' density, so each is a usage error beside it
+    /// ([`refuse_beside_config`]).
     pub fn from_config(
         config: &Path,
-        seed: u64,
-        slots: bool,
-        allow_nonfinite: bool,
+        masks: FineTuneMasks,
+        also_stated: &[&str],
     ) -> Result<(Self, Vec<String>)> {
+        let density = masks.density.is_some().then_some("density");
+        refuse_beside_config(config, also_stated.iter().copied().chain(density))?;
         let c = crate::mergekit::read(config)?;
         // A model without a density: the method's default, or under --slots its whole slot.
-        let fallback = if slots { 1.0 } else { c.density };
+        let fallback = if masks.slots { 1.0 } else { c.density };
         let given: Vec<(PathBuf, Option<f64>)> = c
             .inputs
             .iter()
@@ -105,7 +129,7 @@ impl MergeSpec {
             })
             .collect();
         let spec = MergeSpec {
-            deltas: fine_tune_inputs(&given, seed, slots, allow_nonfinite)?,
+            deltas: fine_tune_inputs(&given, masks.seed(), masks.slots, masks.allow_nonfinite)?,
             weights: c.inputs.iter().map(|i| i.weight).collect(),
             rescale: c.rescale,
             method: c.method,
@@ -119,6 +143,8 @@ impl MergeSpec {
                     .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
                 c.merge_method.clone(),
             )),
+            config: Some(config.to_path_buf()),
+            masks,
             ..MergeSpec::new(&c.base, &[])
         };
         Ok((spec, c.warnings))
@@ -226,24 +252,32 @@ impl MergeSpec {
         let mut arg = |words: &[&str]| w.extend(words.iter().map(|s| s.to_string()));
         let path = |p: &Path| p.display().to_string();
         let apply = self.operation == Operation::Apply;
-        arg(&[
-            if apply { "apply" } else { "merge" },
-            "--base",
-            &path(&self.base),
-        ]);
-        // The Python package, the only caller, gives delta files only.
-        for d in &self.deltas {
-            match d {
-                InputSpec::Delta(p) => arg(&[&path(p)]),
-                InputSpec::Tuned { path: p, .. } => arg(&["--tuned", &path(p)]),
+        if let Some(config) = &self.config {
+            // The configuration gives the base, the inputs, the method and the dtype.
+            arg(&["merge", "--config", &path(config)]);
+        } else {
+            arg(&[
+                if apply { "apply" } else { "merge" },
+                "--base",
+                &path(&self.base),
+            ]);
+            for d in &self.deltas {
+                match (d, apply) {
+                    (InputSpec::Delta(p), _) | (InputSpec::Tuned { path: p, .. }, true) => {
+                        arg(&[&path(p)])
+                    }
+                    (InputSpec::Tuned { path: p, .. }, false) => arg(&["--tuned", &path(p)]),
+                }
             }
         }
+        let masks = self.masks.flags();
+        arg(&masks.iter().map(String::as_str).collect::<Vec<_>>());
         arg(&["-o", &path(output)]);
         if apply {
             if !self.rescale {
                 arg(&["--no-rescale"]);
             }
-        } else {
+        } else if self.config.is_none() {
             if self.method != Method::Sum {
                 arg(&["--method", self.method.name()]);
             }
@@ -260,11 +294,11 @@ impl MergeSpec {
             if let Some(t) = self.trim {
                 arg(&["--trim", &t.to_string()]);
             }
-            if let Some(k) = self.files_from {
-                arg(&["--files-from", &k.to_string()]);
-            }
         }
-        if let Some(d) = &self.dtype {
+        if let Some(k) = self.files_from.filter(|_| !apply) {
+            arg(&["--files-from", &k.to_string()]);
+        }
+        if let Some(d) = self.dtype.as_ref().filter(|_| self.config.is_none()) {
             arg(&["--dtype", d]);
         }
         if self.force {
@@ -364,6 +398,44 @@ impl MergeSpec {
         }
         (warnings, notes)
     }
+}
+
+/// What a mergekit configuration gives (docs/MERGEKIT.md), by the command line's argument
+/// names: the base, the inputs (`deltas`, the delta files; `tuned`), the method and its
+/// parameters, the fine-tunes' density, the output dtype. Each is refused beside the
+/// configuration ([`refuse_beside_config`]).
+pub const GIVEN_BY_CONFIG: [&str; 10] = [
+    "base", "deltas", "tuned", "weights", "rescale", "method", "alpha", "trim", "density", "dtype",
+];
+
+/// Refuses, as a usage error, a merge from the mergekit configuration `config` where the caller
+/// was also given the options `stated` (names of [`GIVEN_BY_CONFIG`]), which the configuration
+/// gives: the first one is named. `merge --config` and the Python package's `merge(config=...)`
+/// both refuse through here.
+pub fn refuse_beside_config<'a>(
+    config: &Path,
+    stated: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let stated: Vec<&str> = stated.into_iter().collect();
+    debug_assert!(stated.iter().all(|id| GIVEN_BY_CONFIG.contains(id)));
+    let Some(first) = GIVEN_BY_CONFIG.iter().find(|id| stated.contains(id)) else {
+        return Ok(());
+    };
+    let config = config.display();
+    Err(usage(match *first {
+        "dtype" => format!(
+            "--dtype: with --config {config}, the configuration's dtype and out_dtype give the output dtype"
+        ),
+        id => {
+            let flag = match id {
+                "deltas" => "delta files".to_string(),
+                _ => format!("--{id}"),
+            };
+            format!(
+                "{flag}: with --config {config}, the configuration gives the base, the models and the method's parameters"
+            )
+        }
+    }))
 }
 
 /// Merges as `spec` says and writes the result to `output` (a `.safetensors` file, or else a

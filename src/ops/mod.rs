@@ -23,8 +23,8 @@ use crate::tuned::Tuned;
 
 mod inputs;
 mod merge;
-pub use inputs::{InputSpec, fine_tune_inputs};
-pub use merge::{MergeSpec, merge, merge_in_memory};
+pub use inputs::{FineTuneMasks, InputSpec, fine_tune_inputs, listed_inputs};
+pub use merge::{GIVEN_BY_CONFIG, MergeSpec, merge, merge_in_memory, refuse_beside_config};
 
 /// The most worker threads `--threads` (or `RAYON_NUM_THREADS`) may ask for: more only adds
 /// the cost of starting them (docs/RELIABILITY.md).

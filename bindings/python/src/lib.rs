@@ -21,7 +21,9 @@ use pyo3::types::{PyBytes, PyDict};
 use rayon::ThreadPool;
 use sotu_delta::io::{AlignedBytes, Cancel, Checkpoint, MemoryImage, MemoryTensor, OutTensor};
 use sotu_delta::merge::{Device, Method};
-use sotu_delta::ops::{self, ExtractSpec, Flags, InputSpec, MergeSpec, Outcome, UsageError};
+use sotu_delta::ops::{
+    self, ExtractSpec, FineTuneMasks, Flags, InputSpec, MergeSpec, Outcome, UsageError,
+};
 use sotu_delta::release::Operation;
 
 pyo3::import_exception!(sotu_delta, SotuDeltaError);
@@ -239,64 +241,102 @@ fn extract(
     reported(&outcome)
 }
 
-/// The [`MergeSpec`] of the Python arguments.
-#[allow(clippy::too_many_arguments)]
-fn merge_spec(
-    base: PathBuf,
-    deltas: Vec<PathBuf>,
-    method: &str,
+/// A merge as the Python package states it (`merge`, `apply`, `load_merged`): the keyword
+/// arguments of the same names, as a dict from py_src/sotu_delta/__init__.py (`None` where not
+/// given). `inputs` are `(path, is_fine_tune)` in the merge's order.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct StatedMerge {
+    base: Option<PathBuf>,
+    inputs: Vec<(PathBuf, bool)>,
+    config: Option<PathBuf>,
+    method: Option<String>,
     weights: Option<Vec<f64>>,
-    rescale: bool,
+    rescale: Option<bool>,
     alpha: Option<f64>,
     trim: Option<f64>,
+    density: Option<f64>,
+    seed: Option<u64>,
+    slots: bool,
+    allow_nonfinite: bool,
     dtype: Option<String>,
     force: bool,
-    device: &str,
-) -> PyResult<MergeSpec> {
-    Ok(MergeSpec {
-        weights: weights.unwrap_or_default(),
-        rescale,
-        method: ops::parse_choice::<Method>("--method", method).map_err(to_py)?,
-        alpha,
-        trim,
-        dtype,
-        force,
-        device: ops::parse_choice::<Device>("--device", device).map_err(to_py)?,
-        ..MergeSpec::new(&base, &deltas)
-    })
+    device: String,
+    files_from: Option<usize>,
+}
+
+impl StatedMerge {
+    /// The [`MergeSpec`] stated, and the configuration's warnings: from the listed inputs as
+    /// `merge --base B D --tuned T ...` takes them ([`MergeSpec::listed`]), or from a mergekit
+    /// configuration as `merge --config` takes it, refusing the same options beside it
+    /// ([`MergeSpec::from_config`]).
+    fn spec(self) -> anyhow::Result<(MergeSpec, Vec<String>)> {
+        let masks = FineTuneMasks {
+            density: self.density,
+            seed: self.seed,
+            slots: self.slots,
+            allow_nonfinite: self.allow_nonfinite,
+        };
+        let device = ops::parse_choice::<Device>("--device", &self.device)?;
+        let (stated, warnings) = match &self.config {
+            Some(config) => {
+                let given = [
+                    ("base", self.base.is_some()),
+                    ("deltas", self.inputs.iter().any(|(_, tuned)| !tuned)),
+                    ("tuned", self.inputs.iter().any(|(_, tuned)| *tuned)),
+                    ("weights", self.weights.is_some()),
+                    ("rescale", self.rescale.is_some()),
+                    ("method", self.method.is_some()),
+                    ("alpha", self.alpha.is_some()),
+                    ("trim", self.trim.is_some()),
+                    ("dtype", self.dtype.is_some()),
+                ];
+                let given: Vec<&str> = given.iter().filter(|g| g.1).map(|g| g.0).collect();
+                MergeSpec::from_config(config, masks, &given)?
+            }
+            None => {
+                let base = self.base.as_deref().ok_or_else(|| {
+                    ops::usage("give the base (base=), or a mergekit configuration (config=)")
+                })?;
+                let method = self.method.as_deref().unwrap_or("sum");
+                let spec = MergeSpec {
+                    weights: self.weights.unwrap_or_default(),
+                    rescale: self.rescale.unwrap_or(false),
+                    method: ops::parse_choice::<Method>("--method", method)?,
+                    alpha: self.alpha,
+                    trim: self.trim,
+                    dtype: self.dtype,
+                    ..MergeSpec::listed(base, &self.inputs, masks)?
+                };
+                (spec, Vec::new())
+            }
+        };
+        let spec = MergeSpec {
+            force: self.force,
+            device,
+            files_from: self.files_from,
+            ..stated
+        };
+        Ok((spec, warnings))
+    }
 }
 
 /// `merge` and `apply` (one delta, `rescale` its default, `files_from` 0, `apply` true, which a
 /// folder output's recipe records): returns the `--json` report, the warnings and the notes.
 #[pyfunction]
-#[pyo3(signature = (base, deltas, output, method, weights, rescale, alpha, trim, dtype, force,
-    device, files_from, shard_size, quiet, no_sync, threads, apply))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (stated, output, shard_size, quiet, no_sync, threads, apply))]
 fn merge(
     py: Python<'_>,
-    base: PathBuf,
-    deltas: Vec<PathBuf>,
+    stated: StatedMerge,
     output: PathBuf,
-    method: &str,
-    weights: Option<Vec<f64>>,
-    rescale: bool,
-    alpha: Option<f64>,
-    trim: Option<f64>,
-    dtype: Option<String>,
-    force: bool,
-    device: &str,
-    files_from: Option<usize>,
     shard_size: String,
     quiet: bool,
     no_sync: bool,
     threads: Option<usize>,
     apply: bool,
 ) -> PyResult<(String, Vec<String>, Vec<String>)> {
-    let stated = merge_spec(
-        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-    )?;
+    let (stated, config_warnings) = stated.spec().map_err(to_py)?;
     let spec = MergeSpec {
-        files_from,
         operation: if apply {
             Operation::Apply
         } else {
@@ -314,9 +354,10 @@ fn merge(
         ..stated
     };
     let flags = flags(quiet, no_sync);
-    let outcome = run_detached(py, threads, &flags.cancel, || {
+    let mut outcome = run_detached(py, threads, &flags.cancel, || {
         ops::merge(&spec, &output, &shard_size, true, &flags)
     })?;
+    outcome.warnings.splice(0..0, config_warnings);
     reported(&outcome)
 }
 
@@ -375,36 +416,24 @@ impl Tensor {
 /// The merge of `merge`, into memory: returns the tensors (in name order), the report as JSON,
 /// the warnings and the notes.
 #[pyfunction]
-#[pyo3(signature = (base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-    threads))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (stated, threads))]
 #[allow(clippy::type_complexity)]
 fn merge_in_memory(
     py: Python<'_>,
-    base: PathBuf,
-    deltas: Vec<PathBuf>,
-    method: &str,
-    weights: Option<Vec<f64>>,
-    rescale: bool,
-    alpha: Option<f64>,
-    trim: Option<f64>,
-    dtype: Option<String>,
-    force: bool,
-    device: &str,
+    stated: StatedMerge,
     threads: Option<usize>,
 ) -> PyResult<(Vec<Tensor>, String, Vec<String>, Vec<String>)> {
-    let spec = merge_spec(
-        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-    )?;
+    let (spec, config_warnings) = stated.spec().map_err(to_py)?;
     let flags = flags(true, false);
     let outcome = run_detached(py, threads, &flags.cancel, || {
         ops::merge_in_memory(&spec, &flags)
     })?;
     let Outcome {
         report,
-        warnings,
+        mut warnings,
         notes,
     } = outcome;
+    warnings.splice(0..0, config_warnings);
     let json = serde_json::to_string(&report.report)
         .map_err(|e| PyRuntimeError::new_err(format!("cannot write the report: {e}")))?;
     let tensors = report.tensors.into_iter().map(Tensor::new).collect();

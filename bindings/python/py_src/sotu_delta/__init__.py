@@ -13,6 +13,9 @@ a write, removes its partial output and raises :class:`KeyboardInterrupt`. ``thr
 In memory, with nothing written: :func:`sotu_delta.numpy.load_merged` and
 :func:`sotu_delta.torch.load_merged`. :func:`extract` also takes the fine-tune as a state dict
 (name -> numpy array or torch tensor).
+
+A merge's inputs are delta files and fine-tunes (:class:`FineTune`, ``merge --tuned``) in one
+list, in the merge's order; or a mergekit configuration (``config=``, ``merge --config``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from . import _sotu_delta
 
 __all__ = [
+    "FineTune",
     "SotuDeltaError",
     "SotuDeltaUsageError",
     "SotuDeltaWarning",
@@ -55,11 +60,68 @@ class SotuDeltaWarning(UserWarning):
     """What the command line prints as ``sotu-delta: warning: ...``."""
 
 
+@dataclass(frozen=True)
+class FineTune:
+    """A fine-tune of the base given to :func:`merge` (or ``load_merged``) in place of a delta
+    file: ``sotu-delta merge --tuned PATH``. ``path`` is a checkpoint (a ``.safetensors`` file
+    or a model folder) or a PEFT LoRA adapter folder (docs/LORA.md). Its delta is taken as the
+    merge reads it, as ``extract`` would store it (docs/FORMAT.md section 14): the output is the
+    bytes of ``extract`` followed by ``merge``.
+
+    How it is masked is the merge's ``density``, ``seed``, ``slots`` and ``allow_nonfinite``,
+    one rule for all the fine-tunes of a merge, as on the command line: fine-tune t (counting
+    the fine-tunes from 0, delta files left out) is masked with seed ``seed + t``, or with slot
+    t/T of ``seed`` under ``slots=True``.
+    """
+
+    path: str | os.PathLike
+
+
 def _paths(deltas):
     """One path or a sequence of paths, as a list."""
-    if isinstance(deltas, (str, bytes, os.PathLike)):
+    if isinstance(deltas, (str, bytes, os.PathLike, FineTune)):
         return [deltas]
     return list(deltas)
+
+
+def _inputs(deltas):
+    """A merge's inputs (one, or a sequence, of paths and :class:`FineTune`) as the extension
+    takes them: ``(path, is_fine_tune)`` in order. ``None`` is no input."""
+    if deltas is None:
+        return []
+    if isinstance(deltas, Mapping):
+        raise SotuDeltaUsageError(
+            "a state dict is not a merge input: merge takes delta files and fine-tunes "
+            "(sotu_delta.FineTune) as paths; save the state dict, or extract a delta from it "
+            "(sotu_delta.extract takes a state dict)"
+        )
+    return [
+        (d.path, True) if isinstance(d, FineTune) else (d, False) for d in _paths(deltas)
+    ]
+
+
+def _stated(base, deltas, config, method, weights, rescale, alpha, trim, density, seed, slots,
+            allow_nonfinite, dtype, force, device, files_from):
+    """A merge as the extension takes it: the keyword arguments by name, ``None`` where not
+    given (a mergekit configuration refuses what it gives, as ``merge --config`` does)."""
+    return {
+        "base": base,
+        "inputs": _inputs(deltas),
+        "config": config,
+        "method": method,
+        "weights": None if weights is None else list(weights),
+        "rescale": rescale,
+        "alpha": alpha,
+        "trim": trim,
+        "density": density,
+        "seed": seed,
+        "slots": slots,
+        "allow_nonfinite": allow_nonfinite,
+        "dtype": dtype,
+        "force": force,
+        "device": device,
+        "files_from": files_from,
+    }
 
 
 def _finish(report_json, warns, notes, stacklevel=3):
@@ -72,13 +134,10 @@ def _finish(report_json, warns, notes, stacklevel=3):
     return json.loads(report_json)
 
 
-def _merged_in_memory(base, deltas, method, weights, rescale, alpha, trim, dtype, force, device,
-                      threads):
-    """The merged tensors of an in-memory merge (`numpy.load_merged`, `torch.load_merged`),
-    after emitting its warnings and logging its notes."""
-    tensors, report, warns, notes = _sotu_delta.merge_in_memory(
-        base, _paths(deltas), method, weights, rescale, alpha, trim, dtype, force, device, threads
-    )
+def _merged_in_memory(stated, threads):
+    """The merged tensors of an in-memory merge (`numpy.load_merged`, `torch.load_merged`) of
+    the merge `stated` (:func:`_stated`), after emitting its warnings and logging its notes."""
+    tensors, report, warns, notes = _sotu_delta.merge_in_memory(stated, threads)
     _finish(report, warns, notes, stacklevel=4)
     return tensors
 
@@ -145,13 +204,18 @@ def extract(
 
 
 def merge(
-    base,
-    deltas,
-    out,
-    method="sum",
+    base=None,
+    deltas=None,
+    out=None,
+    method=None,
     weights=None,
     *,
-    rescale=False,
+    config=None,
+    density=None,
+    seed=None,
+    slots=False,
+    allow_nonfinite=False,
+    rescale=None,
     alpha=None,
     trim=None,
     dtype=None,
@@ -166,33 +230,32 @@ def merge(
     """Merge ``deltas`` onto ``base`` and write one checkpoint to ``out`` (``sotu-delta
     merge``). Returns the ``--json`` summary.
 
-    ``method`` is ``sum`` (the SoTU sum), ``ties``, ``iso`` or ``tsv`` (docs/METHODS.md);
-    ``weights`` one weight per delta; ``rescale`` scales kept values by 1/density (``sum``
-    only); ``alpha`` and ``trim`` are the methods' parameters; ``dtype`` is the output dtype
-    of float tensors (``f32``, ``f16``, ``bf16``, ``f64``; the base's by default);
-    ``files_from=K`` gives a folder output delta K's own files (config, tokenizer) instead of
-    the base's.
+    ``deltas`` is one input or a sequence of them, merged in that order (``weights`` follow
+    it): a path is a delta file or folder; :class:`FineTune` ``(path)`` is a fine-tune (a
+    checkpoint, or a PEFT LoRA adapter folder) whose delta is taken as it is read
+    (``--tuned``), masked as ``density`` (1, or the whole slot under ``slots``), ``seed``
+    (2411; fine-tune t gets ``seed + t``), ``slots=True`` (fine-tune t of T gets slot t/T of
+    ``seed``) and ``allow_nonfinite`` say; those four are refused without a fine-tune.
+
+    ``method`` is ``sum`` (the SoTU sum, the default), ``ties``, ``iso`` or ``tsv``
+    (docs/METHODS.md); ``weights`` one weight per input; ``rescale`` scales kept values by
+    1/density (``sum`` only); ``alpha`` and ``trim`` are the methods' parameters; ``dtype`` is
+    the output dtype of float tensors (``f32``, ``f16``, ``bf16``, ``f64``; the base's by
+    default); ``files_from=K`` gives a folder output input K's own files (config, tokenizer)
+    instead of the base's.
+
+    ``config`` is a mergekit configuration (``merge --config``, docs/MERGEKIT.md): it gives the
+    base, the inputs, the method, its parameters and the dtype, so ``base``, ``deltas``,
+    ``method``, ``weights``, ``rescale``, ``alpha``, ``trim``, ``density`` and ``dtype`` are
+    refused beside it (:class:`SotuDeltaUsageError`); ``seed``, ``slots``, ``allow_nonfinite``
+    mask its fine-tunes: ``merge(config="merge.yml", out="merged", seed=7)``.
     """
+    if out is None:
+        raise TypeError("merge() needs the output: out=")
+    stated = _stated(base, deltas, config, method, weights, rescale, alpha, trim, density, seed,
+                     slots, allow_nonfinite, dtype, force, device, files_from)
     return _finish(
-        *_sotu_delta.merge(
-            base,
-            _paths(deltas),
-            out,
-            method,
-            weights,
-            rescale,
-            alpha,
-            trim,
-            dtype,
-            force,
-            device,
-            files_from,
-            shard_size,
-            quiet,
-            no_sync,
-            threads,
-            False,
-        )
+        *_sotu_delta.merge(stated, out, shard_size, quiet, no_sync, threads, False)
     )
 
 
@@ -214,26 +277,10 @@ def apply(
     write the fine-tune to ``out`` (``sotu-delta apply``).
     Returns the ``--json`` summary. ``rescale=False`` is ``--no-rescale``: kept values exact,
     the base elsewhere. A folder output gets the delta's own files (config, tokenizer)."""
+    stated = _stated(base, [delta], None, None, None, rescale, None, None, None, None, False,
+                     False, dtype, force, device, 0)
     return _finish(
-        *_sotu_delta.merge(
-            base,
-            [delta],
-            out,
-            "sum",
-            None,
-            rescale,
-            None,
-            None,
-            dtype,
-            force,
-            device,
-            0,
-            shard_size,
-            quiet,
-            no_sync,
-            threads,
-            True,
-        )
+        *_sotu_delta.merge(stated, out, shard_size, quiet, no_sync, threads, True)
     )
 
 

@@ -6,6 +6,15 @@ from typing import Any, Literal
 
 _Path = str | os.PathLike[str]
 _Paths = _Path | Sequence[_Path]
+
+class FineTune:
+    """A fine-tune given to merge in place of a delta file (``merge --tuned``)."""
+
+    path: _Path
+    def __init__(self, path: _Path) -> None: ...
+
+_Input = _Path | FineTune
+_Inputs = _Input | Sequence[_Input]
 _Method = Literal["sum", "ties", "iso", "tsv"]
 _Device = Literal["auto", "cpu", "cuda"]
 _DType = Literal["f32", "f16", "bf16", "f64"]
@@ -34,13 +43,18 @@ def extract(
     threads: int | None = None,
 ) -> dict[str, Any]: ...
 def merge(
-    base: _Path,
-    deltas: _Paths,
-    out: _Path,
-    method: _Method = "sum",
+    base: _Path | None = None,
+    deltas: _Inputs | None = None,
+    out: _Path | None = None,
+    method: _Method | None = None,
     weights: Sequence[float] | None = None,
     *,
-    rescale: bool = False,
+    config: _Path | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+    slots: bool = False,
+    allow_nonfinite: bool = False,
+    rescale: bool | None = None,
     alpha: float | None = None,
     trim: float | None = None,
     dtype: _DType | None = None,

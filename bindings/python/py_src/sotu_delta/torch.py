@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _merged_in_memory
+from . import _merged_in_memory, _stated
 from ._convert import array_of
 
 __all__ = ["load_merged"]
@@ -36,12 +36,17 @@ def _tensor(t) -> torch.Tensor:
 
 
 def load_merged(
-    base,
-    deltas,
+    base=None,
+    deltas=None,
     *,
-    method="sum",
+    config=None,
+    method=None,
     weights=None,
-    rescale=False,
+    density=None,
+    seed=None,
+    slots=False,
+    allow_nonfinite=False,
+    rescale=None,
     alpha=None,
     trim=None,
     dtype=None,
@@ -54,9 +59,9 @@ def load_merged(
     :func:`sotu_delta.numpy.load_merged`'s arguments; every tensor holds exactly the bytes
     that ``sotu-delta merge`` writes for it, bfloat16 included.
     """
-    tensors = _merged_in_memory(
-        base, deltas, method, weights, rescale, alpha, trim, dtype, force, device, threads
-    )
+    stated = _stated(base, deltas, config, method, weights, rescale, alpha, trim, density, seed,
+                     slots, allow_nonfinite, dtype, force, device, None)
+    tensors = _merged_in_memory(stated, threads)
     return {t.name: _tensor(t) for t in tensors}
 
 
