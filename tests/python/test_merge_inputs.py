@@ -35,7 +35,7 @@ def delta2(tmp_path_factory):
 def cli_words(inputs):
     """The command line's inputs for a list of paths and FineTunes, in the same order."""
     words = []
-    for i in inputs:
+    for i in [inputs] if isinstance(inputs, FineTune) else inputs:
         words += ["--tuned", i.path] if isinstance(i, FineTune) else [i]
     return words
 
@@ -51,7 +51,7 @@ def same_in_memory(arrays, path):
 
 def check_against_cli(tmp_path, inputs, args, kw):
     """merge(inputs, **kw) and load_merged(inputs, **kw) are `merge --base BASE <inputs> <args>`."""
-    (tmp_path / "py").mkdir(), (tmp_path / "cli").mkdir()
+    (tmp_path / "py").mkdir(parents=True), (tmp_path / "cli").mkdir()
     py_out, cli_out = tmp_path / "py" / "m.safetensors", tmp_path / "cli" / "m.safetensors"
     got = sotu_delta.merge(BASE, inputs, py_out, quiet=True, **kw)
     want = cli_json("merge", "--base", BASE, *cli_words(inputs), *args, "-o", cli_out)
@@ -160,7 +160,7 @@ def test_a_mergekit_config_matches_the_cli(tmp_path, delta2):
         same_in_memory(sdnp.load_merged(config=config, seed=7), cli_out)
 
     # Under --slots, and to a folder whose recipe records a command that makes it again.
-    config.write_text(config_text(delta2, "ties"))
+    config.write_text(config_text(delta2, "dare_linear"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sotu_delta.SotuDeltaWarning)
         sotu_delta.merge(config=config, out=tmp_path / "py" / "f", slots=True, files_from=0,
@@ -195,8 +195,9 @@ def test_a_non_finite_fine_tune_needs_allow_nonfinite(tmp_path):
         assert str(e.value) == want
         assert str(tuned) in str(e.value) and not isinstance(e.value, sotu_delta.SotuDeltaUsageError)
     assert not out.exists()
-    # Allowed, the NaN is merged, as on the command line.
-    sotu_delta.merge(base, [FineTune(tuned)], out, allow_nonfinite=True, quiet=True)
+    # Allowed, the NaN is merged, as on the command line, which warns of it.
+    with pytest.warns(sotu_delta.SotuDeltaWarning, match="infinite or NaN"):
+        sotu_delta.merge(base, [FineTune(tuned)], out, allow_nonfinite=True, quiet=True)
     cli("merge", "--base", base, "--tuned", tuned, "--allow-nonfinite", "-o", tmp_path / "cli.safetensors", "-q")
     same_files(out, tmp_path / "cli.safetensors")
     assert np.isnan(np.frombuffer(read_tensors(out)[0]["w"][2], "<f4")[5])
