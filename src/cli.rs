@@ -547,7 +547,12 @@ fn listed_inputs(a: &MergeArgs, m: &clap::ArgMatches) -> Vec<(PathBuf, bool)> {
     let at = |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
     let mut all: Vec<(usize, PathBuf, bool)> = (at("deltas").into_iter().zip(&a.deltas))
         .map(|(i, p)| (i, p.clone(), false))
-        .chain(at("tuned").into_iter().zip(&a.tuned).map(|(i, p)| (i, p.clone(), true)))
+        .chain(
+            at("tuned")
+                .into_iter()
+                .zip(&a.tuned)
+                .map(|(i, p)| (i, p.clone(), true)),
+        )
         .collect();
     all.sort_by_key(|(i, _, _)| *i);
     all.into_iter().map(|(_, p, t)| (p, t)).collect()

@@ -325,6 +325,7 @@ impl StatedMerge {
 /// folder output's recipe records): returns the `--json` report, the warnings and the notes.
 #[pyfunction]
 #[pyo3(signature = (stated, output, shard_size, quiet, no_sync, threads, apply))]
+#[allow(clippy::too_many_arguments)]
 fn merge(
     py: Python<'_>,
     stated: StatedMerge,
