@@ -2,11 +2,12 @@
 //! thread multiplying on its own, `Par::Seq`, all threads at once), the physical limit that
 //! `make bench-methods` holds the SVD methods against. Prints JSON.
 //!
-//! `sotu-linalgbench shapes [--time] ROWSxCOLS …` prints, per matrix shape, the floating-point
-//! operations that `tsv` (3 deltas) and `iso` count on it (`merge::methods::tsv_flops`,
-//! `iso_flops`); with `--time`, also the seconds each takes on this thread on three dense
-//! pseudo-random deltas, and those of one exact thin SVD of the shape (the step the methods
-//! took before the Gram route), for extrapolating a model's time from its shapes. Each time is
+//! `sotu-linalgbench shapes [--time [--tsv-only]] ROWSxCOLS …` prints, per matrix shape, the
+//! floating-point operations that `tsv` (3 deltas) and `iso` count on it
+//! (`merge::methods::tsv_flops`, `iso_flops`); with `--time`, also the seconds each takes on this
+//! thread on three dense pseudo-random deltas, and those of one exact thin SVD of the shape (the
+//! step the methods took before the Gram route), for extrapolating a model's time from its
+//! shapes; `--tsv-only` times `tsv` alone, for a profiler. Each time is
 //! the thread's CPU time (on a shared machine, wall time also counts other processes' turns),
 //! beside a 2048³ product timed the same way just before: `*_matmuls` is the time in such
 //! products, the measure that carries over to a quiet machine.
@@ -26,12 +27,16 @@ fn main() {
         None => matmul_rate(),
         Some("shapes") => {
             let time = args.iter().any(|a| a == "--time");
-            for shape in args[1..].iter().filter(|a| *a != "--time") {
+            let tsv_only = args.iter().any(|a| a == "--tsv-only");
+            for shape in args[1..]
+                .iter()
+                .filter(|a| *a != "--time" && *a != "--tsv-only")
+            {
                 let parsed = shape
                     .split_once('x')
                     .and_then(|(r, c)| Some((r.parse().ok()?, c.parse().ok()?)));
                 match parsed {
-                    Some(s) => per_shape(s, time),
+                    Some(s) => per_shape(s, time, tsv_only),
                     None => usage(&format!("not a shape ROWSxCOLS: {shape}")),
                 }
             }
@@ -41,7 +46,7 @@ fn main() {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("sotu-linalgbench: {why}\nusage: sotu-linalgbench [shapes [--time] ROWSxCOLS ...]");
+    eprintln!("sotu-linalgbench: {why}\nusage: sotu-linalgbench [shapes [--time [--tsv-only]] ROWSxCOLS ...]");
     std::process::exit(2)
 }
 
@@ -131,7 +136,7 @@ fn one_matmul() -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn per_shape(shape: (usize, usize), time: bool) {
+fn per_shape(shape: (usize, usize), time: bool, tsv_only: bool) {
     let k = (shape.0.min(shape.1) / TASKS).max(1);
     let (tsv_gflop, iso_gflop) = (tsv_flops(shape, TASKS, k) / 1e9, iso_flops(shape) / 1e9);
     let mut line = format!(
@@ -160,6 +165,15 @@ fn per_shape(shape: (usize, usize), time: bool) {
             .expect("tsv")
         });
         std::hint::black_box(r);
+        line += &format!(
+            ", \"matmul_s\": {matmul_s}, \"tsv_s\": {tsv_s}, \"tsv_matmuls\": {}, \"tsv_gflops\": {}",
+            tsv_s / matmul_s,
+            tsv_gflop / tsv_s,
+        );
+        if tsv_only {
+            println!("{line}, \"exact_svd\": {exact:?}}}");
+            return;
+        }
         let mut sum = taus[0].clone();
         for tau in &taus[1..] {
             sum.iter_mut().zip(tau).for_each(|(a, b)| *a += b);
@@ -170,9 +184,7 @@ fn per_shape(shape: (usize, usize), time: bool) {
         let (svd_s, r) = cpu_time(|| thin_svd(view(&taus[0], shape), "bench").expect("svd"));
         std::hint::black_box(r);
         line += &format!(
-            ", \"matmul_s\": {matmul_s}, \"tsv_s\": {tsv_s}, \"tsv_matmuls\": {}, \"tsv_gflops\": {}, \"iso_s\": {iso_s}, \"iso_matmuls\": {}, \"iso_gflops\": {}, \"thin_svd_s\": {svd_s}, \"thin_svd_matmuls\": {}, \"exact_svd\": {:?}",
-            tsv_s / matmul_s,
-            tsv_gflop / tsv_s,
+            ", \"iso_s\": {iso_s}, \"iso_matmuls\": {}, \"iso_gflops\": {}, \"thin_svd_s\": {svd_s}, \"thin_svd_matmuls\": {}, \"exact_svd\": {:?}",
             iso_s / matmul_s,
             iso_gflop / iso_s,
             svd_s / matmul_s,
