@@ -117,7 +117,7 @@ bench-gpu: build
 # ships it, fine-tuned on the CPU on three text-classification tasks built from this machine's data;
 # each merge method's backbone scored with every task's head. Not part of `make test`. Its own venv
 # holds torch (PyPI's build brings its CUDA wheels: ~5.5 GB, ~2 min to install). The fine-tunes
-# (40 min on this machine's 2 shared cores) are cached under target/bench/quality/, so a rerun only
+# (15 min on this machine's 2 cores) are cached under target/bench/quality/, so a rerun only
 # extracts, merges and scores (~10 min). Prints a markdown table and writes
 # target/bench/quality.json. SOTU_BIN=path uses that binary instead of building this tree's.
 QVENV := target/bench/quality/venv

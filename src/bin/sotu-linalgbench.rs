@@ -46,7 +46,9 @@ fn main() {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("sotu-linalgbench: {why}\nusage: sotu-linalgbench [shapes [--time [--tsv-only]] ROWSxCOLS ...]");
+    eprintln!(
+        "sotu-linalgbench: {why}\nusage: sotu-linalgbench [shapes [--time [--tsv-only]] ROWSxCOLS ...]"
+    );
     std::process::exit(2)
 }
 
