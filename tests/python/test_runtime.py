@@ -82,8 +82,12 @@ def partial_outputs(d):
     return [p for p in os.listdir(d) if p.startswith(".sotu-delta-partial-")]
 
 
+# The child raises KeyboardInterrupt on SIGINT whatever it inherits: Python leaves SIGINT ignored
+# when its parent ignored it (a shell's background job, `nohup … &`), and then no Ctrl-C could
+# reach the call at all.
 INTERRUPTED_MERGE = """
-import sys, time, sotu_delta, sotu_delta.numpy
+import signal, sys, time, sotu_delta, sotu_delta.numpy
+signal.signal(signal.SIGINT, signal.default_int_handler)
 base, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 deltas = sys.argv[4:]
 returned = False
