@@ -353,7 +353,8 @@ fn tsv(
 
 /// `tsv` of row-major matrices of `shape`, on their [`view`]s: `task(t, buf)` writes the `t`-th
 /// task's `w_t · τ_t` into `buf`, for `t` in `0..deltas.len()`; `deltas[t]` numbers it (1-based,
-/// on the command line) in the notes of `exact_svd`. Each brings its top `k` triplets.
+/// on the command line) in the notes of `exact_svd`. Each brings its top `k` triplets, but for a
+/// task that is zero everywhere, which brings none (all of them zero: `R = 0`).
 ///
 /// With `polar(X) = X · (XᵀX)^(-1/2)` on each side where [`inverse_sqrt_gram`] accepts `XᵀX`,
 /// the result is `Û · (A diag(ŝ) B) · V̂ᵀ` with `A`, `B` the two inverse roots: products of
@@ -369,21 +370,33 @@ pub fn tsv_matrix(
     exact_svd: &mut Vec<String>,
 ) -> Result<Mat<f64>> {
     let (rows, cols) = (shape.1, shape.0);
-    let tk = k * deltas.len();
-    let mut u_hat = Mat::<f64>::zeros(rows, tk);
-    let mut v_hat = Mat::<f64>::zeros(cols, tk);
-    let mut s_hat = Vec::with_capacity(tk);
+    let mut triplets = Vec::with_capacity(deltas.len());
     let mut tau = Vec::new();
     for (t, delta) in deltas.iter().enumerate() {
         task(t, &mut tau)?;
+        // A zero task (a weight of 0, or no kept element that differs from the base) has
+        // arbitrary singular vectors: it brings no triplets (docs/METHODS.md).
+        if tau.iter().all(|&x| x == 0.0) {
+            continue;
+        }
         let a = view(&tau, shape);
-        let (u, s, v) = match top_singular_gram(a, k, name)? {
+        triplets.push(match top_singular_gram(a, k, name)? {
             Some(triplets) => triplets,
             None => {
                 exact_svd.push(format!("top triplets of delta {delta}"));
                 top_singular_exact(a, k, name)?
             }
-        };
+        });
+    }
+    drop(tau);
+    if triplets.is_empty() {
+        return Ok(Mat::zeros(rows, cols));
+    }
+    let tk = k * triplets.len();
+    let mut u_hat = Mat::<f64>::zeros(rows, tk);
+    let mut v_hat = Mat::<f64>::zeros(cols, tk);
+    let mut s_hat = Vec::with_capacity(tk);
+    for (t, (u, s, v)) in triplets.into_iter().enumerate() {
         u_hat
             .as_mut()
             .submatrix_mut(0, t * k, rows, k)
@@ -394,7 +407,6 @@ pub fn tsv_matrix(
             .copy_from(&v);
         s_hat.extend_from_slice(&s);
     }
-    drop(tau);
     let (u_base, a) = polar_parts(u_hat, "polar(Û)", name, exact_svd)?;
     let (v_base, b) = polar_parts(v_hat, "polar(V̂)", name, exact_svd)?;
     // The core A diag(ŝ) B, with an absent root the identity; None: the core is diag(ŝ) itself.

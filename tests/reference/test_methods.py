@@ -817,7 +817,7 @@ def odd_shapes(tmp_path_factory):
     d = tmp_path_factory.mktemp("odd")
     rng = np.random.default_rng(8)
     shapes = {"a.scalar": (), "b.empty": (0, 4), "c.matrix": (6, 4), "d.vector": (5,), "e.cube": (2, 3, 4),
-              "f.row": (1, 7), "g.pair": (2, 9), "h.column": (9, 2)}
+              "f.row": (1, 7), "g.pair": (2, 9), "h.column": (9, 2), "i.one": (1, 1)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     ref.write_safetensors(d / "base.safetensors", {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in base.items()})
     paths = {}
@@ -853,3 +853,22 @@ def test_binary_zero_d_and_empty_tensors(method, density, odd_shapes):
         residual = ref.method_residual(d / "base.safetensors", ds, method)
         assert {"c.matrix", "d.vector", "e.cube", "f.row", "g.pair", "h.column"} <= set(residual)
         assert_within_tolerance(got, want, residual, f"{method} odd shapes", min_exact=0.9)
+
+
+@pytest.mark.parametrize("method", ["ties", "iso", "tsv"])
+def test_binary_a_zero_weight_task_brings_nothing(method, odd_shapes):
+    """TestBinary: a delta weighted 0 is one of the T tasks but adds nothing: for `tsv` it brings
+    no singular triplets (those of a zero matrix are arbitrary; before, the binary stacked them
+    and missed the reference by up to the size of R)."""
+    d, paths = odd_shapes
+    out = d / f"zero-weight-{method}.safetensors"
+    run_bin("merge", "--base", d / "base.safetensors", *paths["1"], "-o", out, "--method", method,
+            "--weights", "1,0,0.5")
+    got = ref.read_tensors(out)
+    ds = decoded(paths["1"])
+    want = ref.merge_method(d / "base.safetensors", ds, method, weights=[1, 0, 0.5])
+    if method == "ties":
+        assert_same_tensors(got, want, "ties, a zero weight")
+    else:
+        residual = ref.method_residual(d / "base.safetensors", ds, method, weights=[1, 0, 0.5])
+        assert_within_tolerance(got, want, residual, f"{method}, a zero weight", min_exact=0.9)
