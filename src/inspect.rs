@@ -104,9 +104,10 @@ pub struct PairSummary {
     /// Cosine of the two masked deltas; `None` when it needs the base and none was given.
     pub cosine: Option<f64>,
     /// With `--subspaces`: the alignment of the two deltas' top singular subspaces, averaged
-    /// over the 2-D tensors both mask: `‖U_aᵀ U_b‖_F² / k`, where `U` holds the top `k` left
-    /// singular vectors of a delta's unbiased estimate and `k = max(1, ⌊min(m, n) / T⌋)` for
-    /// `T` deltas, as `merge --method tsv` keeps. 1 is the same subspace, 0 orthogonal ones.
+    /// over the 2-D tensors both mask with a nonzero estimate: `‖U_aᵀ U_b‖_F² / k`, where `U`
+    /// holds the top `k` left singular vectors of a delta's unbiased estimate and
+    /// `k = max(1, ⌊min(m, n) / T⌋)` for `T` deltas, as `merge --method tsv` keeps. 1 is the
+    /// same subspace, 0 orthogonal ones.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subspace_alignment: Option<f64>,
     /// What two random subspaces of those dimensions give on average (`k / m`, averaged the
@@ -375,7 +376,7 @@ fn subspace_alignment(
 }
 
 /// One tensor's `(‖U_iᵀ U_j‖_F² / k, k / m)` for each pair, `None` where one of the two does not
-/// mask it.
+/// mask it or keeps no change of it.
 fn tensor_alignment(
     deltas: &[Delta],
     base: &Checkpoint,
@@ -404,6 +405,12 @@ fn tensor_alignment(
             d.params().rescale(),
             &mut tau,
         )?;
+        // A zero estimate (no kept element differs from the base) has no subspace of its own:
+        // its singular vectors would be arbitrary.
+        if tau.iter().all(|&x| x == 0.0) {
+            tops.push(None);
+            continue;
+        }
         // The tensor's left singular vectors are the right ones of faer's transposed view.
         let (_, _, v) = crate::linalg::thin_svd(crate::linalg::view(&tau, (rows, cols)), name)?;
         tops.push(Some(v.as_ref().submatrix(0, 0, rows, k).to_owned()));

@@ -22,6 +22,7 @@ matters for the mean path (Σ w τ)/T and for tsv's k); and a zero task brings n
 stack.
 """
 
+import json
 import sys
 import zlib
 from functools import lru_cache
@@ -872,3 +873,40 @@ def test_binary_a_zero_weight_task_brings_nothing(method, odd_shapes):
     else:
         residual = ref.method_residual(d / "base.safetensors", ds, method, weights=[1, 0, 0.5])
         assert_within_tolerance(got, want, residual, f"{method}, a zero weight", min_exact=0.9)
+
+
+def test_binary_a_delta_that_keeps_no_change_of_a_matrix_brings_nothing(tmp_path):
+    """TestBinary: two deltas in the two slots of one seed keep disjoint elements, so of a 1×1
+    matrix exactly one keeps the change and the other's estimate is zero (a `masked` tensor with
+    nothing kept). `tsv` takes no triplets from the zero one (METHODS.md), and `inspect
+    --subspaces` finds no pair of subspaces to compare in it."""
+    shapes = {"one": (1, 1), "wide": (2, 5)}
+    rng = np.random.default_rng(11)
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    write = lambda path, ts: ref.write_safetensors(
+        path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in ts.items()})
+    write(tmp_path / "base.safetensors", base)
+    deltas = []
+    for k in (0, 1):
+        write(tmp_path / f"t{k}.safetensors",
+              {n: v + np.float32(0.1) * rng.standard_normal(shapes[n]).astype(np.float32) for n, v in base.items()})
+        deltas.append(tmp_path / f"d{k}.delta.safetensors")
+        run_bin("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / f"t{k}.safetensors",
+                "--seed", "5", "--slot", f"{k}/2", "-o", deltas[-1])
+    ds = decoded(deltas)
+    kept = [d.entries["one"].indices.size for d in ds]
+    assert [d.entries["one"].kind for d in ds] == ["masked", "masked"] and sorted(kept) == [0, 1], (
+        f"the construction: the 1×1 matrix is masked by both and kept by one: {kept}")
+    out = tmp_path / "tsv.safetensors"
+    run_bin("merge", "--base", tmp_path / "base.safetensors", *deltas, "-o", out, "--method", "tsv")
+    want = ref.merge_method(tmp_path / "base.safetensors", ds, "tsv")
+    residual = ref.method_residual(tmp_path / "base.safetensors", ds, "tsv")
+    assert_within_tolerance(ref.read_tensors(out), want, residual, "tsv, a zero task", min_exact=0.9)
+    report = json.loads(run_bin("inspect", "--json", "--subspaces", "--base", tmp_path / "base.safetensors",
+                                *deltas).stdout)
+    # Only `wide` has two subspaces to compare: ‖U_aᵀ U_b‖_F² / k with k = max(1, ⌊2/2⌋) = 1.
+    bv = base["wide"].astype(np.float64).reshape(-1)
+    tops = [np.linalg.svd(ref.estimate(d, "wide", bv).reshape(shapes["wide"]))[0][:, :1] for d in ds]
+    want_alignment = float(np.sum((tops[0].T @ tops[1]) ** 2))
+    got_alignment = report["pairs"][0]["subspace_alignment"]
+    assert abs(got_alignment - want_alignment) < 1e-9, (got_alignment, want_alignment)
