@@ -910,3 +910,80 @@ def test_binary_a_delta_that_keeps_no_change_of_a_matrix_brings_nothing(tmp_path
     want_alignment = float(np.sum((tops[0].T @ tops[1]) ** 2))
     got_alignment = report["pairs"][0]["subspace_alignment"]
     assert abs(got_alignment - want_alignment) < 1e-9, (got_alignment, want_alignment)
+
+
+def _ill_defined(method, shape, taus, weights):
+    """Whether METHODS.md leaves `method`'s R open on this 2-D tensor ("Where `tsv` is not well
+    defined", and a rank-deficient `M` for `iso`), judged from the exact SVDs with a margin of
+    1e-9 of the largest singular value."""
+    T, r = len(taus), min(shape)
+    k = max(1, r // T)
+    if method == "iso":
+        s = np.linalg.svd(sum(w * t for w, t in zip(weights, taus)).reshape(shape), compute_uv=False)
+        return s[-1] <= 1e-9 * s[0]
+    us, vs = [], []
+    for w, t in zip(weights, taus):
+        x = (np.float64(w) * t).reshape(shape)
+        if not np.any(x):
+            continue
+        u, s, vt = np.linalg.svd(x, full_matrices=False)
+        if s[k - 1] <= 1e-9 * s[0] or (k < s.size and s[k - 1] - s[k] <= 1e-9 * s[0]):
+            return True
+        us.append(u[:, :k])
+        vs.append(vt[:k].T)
+    for stack in (np.hstack(us), np.hstack(vs)) if us else ():
+        sv = np.linalg.svd(stack, compute_uv=False)
+        if sv[-1] <= 1e-9 * sv[0]:
+            return True
+    return False
+
+
+def test_binary_random_small_merges_match_the_reference(tmp_path):
+    """TestBinary, seeded random cases: 2 to 4 deltas of small F32 matrices (1 to 6 rows and
+    columns, fewer than the tasks included) and a vector, at densities 1, 0.5, 0.3 or in slots,
+    some tensors unchanged by some fine-tunes, weights from {1, 0.5, 0, −1, 2}. `ties` equals the
+    reference bit for bit; `iso` and `tsv` are within one ulp wherever METHODS.md defines R."""
+    rng = np.random.default_rng(2026)
+    checked = 0
+    for case in range(12):
+        d = tmp_path / f"c{case}"
+        d.mkdir()
+        T = int(rng.integers(2, 5))
+        shapes = {f"m{i}": (int(rng.integers(1, 7)), int(rng.integers(1, 7))) for i in range(3)}
+        shapes["v"] = (int(rng.integers(1, 5)),)
+        base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        write = lambda path, ts: ref.write_safetensors(
+            path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in ts.items()})
+        write(d / "base.safetensors", base)
+        density, slots = str(rng.choice(["1", "0.5", "0.3"])), bool(rng.random() < 0.3)
+        paths = []
+        for k in range(T):
+            changed = {n: rng.random() < 0.85 for n in shapes}
+            write(d / f"t{k}.safetensors", {n: v + np.float32(0.1 * changed[n]) * rng.standard_normal(shapes[n]).astype(np.float32)
+                                            for n, v in base.items()})
+            paths.append(d / f"d{k}.delta.safetensors")
+            mask = ["--seed", "9", "--slot", f"{k}/{T}"] if slots else ["--density", density, "--seed", str(k + 1)]
+            run_bin("extract", "--base", d / "base.safetensors", "--tuned", d / f"t{k}.safetensors", "-o", paths[-1], *mask)
+        ds = decoded(paths)
+        weights = [float(w) for w in rng.choice([1, 0.5, 0, -1, 2], T)]
+        bv = {n: v.astype(np.float64).reshape(-1) for n, v in base.items()}
+        for method in ("ties", "iso", "tsv"):
+            out = d / f"{method}.safetensors"
+            run_bin("merge", "--method", method, "--base", d / "base.safetensors", *paths, "-o", out,
+                    "--weights", ",".join(map(str, weights)))
+            got = ref.read_tensors(out)
+            want = ref.merge_method(d / "base.safetensors", ds, method, weights=weights)
+            what = f"case {case} ({T} deltas, weights {weights}, density {density}, slots {slots}): {method}"
+            if method == "ties":
+                assert_same_tensors(got, want, what)
+                continue
+            for name, shape in shapes.items():
+                taus = [ref.estimate(x, name, bv[name]) if x.entries[name].kind == "masked"
+                        else np.zeros(bv[name].size) for x in ds]
+                if len(shape) == 2 and _ill_defined(method, shape, taus, weights):
+                    continue
+                g, w = _bits(got[name][2], "F32"), _bits(want[name][2], "F32")
+                diff = np.abs(_ordered(g, "F32") - _ordered(w, "F32"))
+                assert diff.max() <= 1, f"{what}: {name} {shape}: {int(diff.max())} ulps from the reference"
+                checked += 1
+    assert checked >= 40, f"only {checked} tensors were well defined enough to check"
