@@ -370,7 +370,10 @@ pub fn tsv_matrix(
     exact_svd: &mut Vec<String>,
 ) -> Result<Mat<f64>> {
     let (rows, cols) = (shape.1, shape.0);
-    let mut triplets = Vec::with_capacity(deltas.len());
+    let tk = k * deltas.len();
+    let mut u_hat = Mat::<f64>::zeros(rows, tk);
+    let mut v_hat = Mat::<f64>::zeros(cols, tk);
+    let mut s_hat = Vec::with_capacity(tk);
     let mut tau = Vec::new();
     for (t, delta) in deltas.iter().enumerate() {
         task(t, &mut tau)?;
@@ -380,32 +383,27 @@ pub fn tsv_matrix(
             continue;
         }
         let a = view(&tau, shape);
-        triplets.push(match top_singular_gram(a, k, name)? {
+        let (u, s, v) = match top_singular_gram(a, k, name)? {
             Some(triplets) => triplets,
             None => {
                 exact_svd.push(format!("top triplets of delta {delta}"));
                 top_singular_exact(a, k, name)?
             }
-        });
+        };
+        // The tasks that bring triplets, in order, from the first column.
+        let at = s_hat.len();
+        u_hat.as_mut().submatrix_mut(0, at, rows, k).copy_from(&u);
+        v_hat.as_mut().submatrix_mut(0, at, cols, k).copy_from(&v);
+        s_hat.extend_from_slice(&s);
     }
     drop(tau);
-    if triplets.is_empty() {
+    let tk = s_hat.len();
+    if tk == 0 {
         return Ok(Mat::zeros(rows, cols));
     }
-    let tk = k * triplets.len();
-    let mut u_hat = Mat::<f64>::zeros(rows, tk);
-    let mut v_hat = Mat::<f64>::zeros(cols, tk);
-    let mut s_hat = Vec::with_capacity(tk);
-    for (t, (u, s, v)) in triplets.into_iter().enumerate() {
-        u_hat
-            .as_mut()
-            .submatrix_mut(0, t * k, rows, k)
-            .copy_from(&u);
-        v_hat
-            .as_mut()
-            .submatrix_mut(0, t * k, cols, k)
-            .copy_from(&v);
-        s_hat.extend_from_slice(&s);
+    if tk < u_hat.ncols() {
+        u_hat = u_hat.subcols(0, tk).to_owned();
+        v_hat = v_hat.subcols(0, tk).to_owned();
     }
     let (u_base, a) = polar_parts(u_hat, "polar(Û)", name, exact_svd)?;
     let (v_base, b) = polar_parts(v_hat, "polar(V̂)", name, exact_svd)?;
