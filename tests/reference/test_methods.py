@@ -778,6 +778,11 @@ def _f32(x):
     return np.asarray(x, dtype=np.float32).tobytes()
 
 
+def _write_f32(path, shapes, tensors):
+    """A checkpoint of F32 tensors {name: array}, each of its shape in `shapes`."""
+    ref.write_safetensors(path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in tensors.items()})
+
+
 @pytest.mark.parametrize("method,bad", [("ties", "inf"), ("ties", "nan"), ("iso", "nan"), ("tsv", "-inf")])
 def test_binary_non_finite_estimate_fails_naming_the_tensor(method, bad, tmp_path):
     """TestBinary: a kept non-finite fine-tuned value (extracted with --allow-nonfinite) makes τ
@@ -820,11 +825,11 @@ def odd_shapes(tmp_path_factory):
     shapes = {"a.scalar": (), "b.empty": (0, 4), "c.matrix": (6, 4), "d.vector": (5,), "e.cube": (2, 3, 4),
               "f.row": (1, 7), "g.pair": (2, 9), "h.column": (9, 2), "i.one": (1, 1)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-    ref.write_safetensors(d / "base.safetensors", {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in base.items()})
+    _write_f32(d / "base.safetensors", shapes, base)
     paths = {}
     for k in (1, 2, 3):
         tune = {n: (v + 0.1 * rng.standard_normal(shapes[n])).astype(np.float32) for n, v in base.items()}
-        ref.write_safetensors(d / f"t{k}.safetensors", {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in tune.items()})
+        _write_f32(d / f"t{k}.safetensors", shapes, tune)
         for dens in ("1", "0.5"):
             out = d / f"d{k}-{dens}.delta.safetensors"
             run_bin("extract", "--base", d / "base.safetensors", "--tuned", d / f"t{k}.safetensors", "-o", out,
@@ -883,13 +888,11 @@ def test_binary_a_delta_that_keeps_no_change_of_a_matrix_brings_nothing(tmp_path
     shapes = {"one": (1, 1), "wide": (2, 5)}
     rng = np.random.default_rng(11)
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-    write = lambda path, ts: ref.write_safetensors(
-        path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in ts.items()})
-    write(tmp_path / "base.safetensors", base)
+    _write_f32(tmp_path / "base.safetensors", shapes, base)
     deltas = []
     for k in (0, 1):
-        write(tmp_path / f"t{k}.safetensors",
-              {n: v + np.float32(0.1) * rng.standard_normal(shapes[n]).astype(np.float32) for n, v in base.items()})
+        _write_f32(tmp_path / f"t{k}.safetensors", shapes,
+                   {n: v + np.float32(0.1) * rng.standard_normal(shapes[n]).astype(np.float32) for n, v in base.items()})
         deltas.append(tmp_path / f"d{k}.delta.safetensors")
         run_bin("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / f"t{k}.safetensors",
                 "--seed", "5", "--slot", f"{k}/2", "-o", deltas[-1])
@@ -952,15 +955,14 @@ def test_binary_random_small_merges_match_the_reference(tmp_path):
         shapes = {f"m{i}": (int(rng.integers(1, 7)), int(rng.integers(1, 7))) for i in range(3)}
         shapes["v"] = (int(rng.integers(1, 5)),)
         base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-        write = lambda path, ts: ref.write_safetensors(
-            path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in ts.items()})
-        write(d / "base.safetensors", base)
+        _write_f32(d / "base.safetensors", shapes, base)
         density, slots = str(rng.choice(["1", "0.5", "0.3"])), bool(rng.random() < 0.3)
         paths = []
         for k in range(T):
             changed = {n: rng.random() < 0.85 for n in shapes}
-            write(d / f"t{k}.safetensors", {n: v + np.float32(0.1 * changed[n]) * rng.standard_normal(shapes[n]).astype(np.float32)
-                                            for n, v in base.items()})
+            _write_f32(d / f"t{k}.safetensors", shapes,
+                       {n: v + np.float32(0.1 * changed[n]) * rng.standard_normal(shapes[n]).astype(np.float32)
+                        for n, v in base.items()})
             paths.append(d / f"d{k}.delta.safetensors")
             mask = ["--seed", "9", "--slot", f"{k}/{T}"] if slots else ["--density", density, "--seed", str(k + 1)]
             run_bin("extract", "--base", d / "base.safetensors", "--tuned", d / f"t{k}.safetensors", "-o", paths[-1], *mask)
