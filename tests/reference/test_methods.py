@@ -778,9 +778,12 @@ def _f32(x):
     return np.asarray(x, dtype=np.float32).tobytes()
 
 
-def _write_f32(path, shapes, tensors):
-    """A checkpoint of F32 tensors {name: array}, each of its shape in `shapes`."""
-    ref.write_safetensors(path, {n: ref.Tensor("F32", shapes[n], _f32(v)) for n, v in tensors.items()})
+def _write_f32(path, shapes, tensors, dtype="F32"):
+    """A checkpoint of tensors {name: array}, each of its shape in `shapes`, rounded to `dtype`
+    (F32 by default); returns their values as stored, in f64."""
+    raw = {n: ref.round_to_bytes(np.asarray(v, dtype=np.float64).reshape(-1), dtype) for n, v in tensors.items()}
+    ref.write_safetensors(path, {n: ref.Tensor(dtype, shapes[n], b) for n, b in raw.items()})
+    return {n: ref.to_f64(dtype, np.frombuffer(b, dtype=ref.DTYPES[dtype][1])) for n, b in raw.items()}
 
 
 @pytest.mark.parametrize("method,bad", [("ties", "inf"), ("ties", "nan"), ("iso", "nan"), ("tsv", "-inf")])
@@ -942,40 +945,40 @@ def _ill_defined(method, shape, taus, weights):
 
 
 def test_binary_random_small_merges_match_the_reference(tmp_path):
-    """TestBinary, seeded random cases: 2 to 4 deltas of small F32 matrices (1 to 6 rows and
-    columns, fewer than the tasks included) and a vector, at densities 1, 0.5, 0.3 or in slots,
-    some tensors unchanged by some fine-tunes, weights from {1, 0.5, 0, −1, 2}. `ties` equals the
-    reference bit for bit; `iso` and `tsv` are within one ulp wherever METHODS.md defines R."""
+    """TestBinary, seeded random cases: 2 to 4 deltas of small F32, BF16 or F16 matrices (1 to 6
+    rows and columns, fewer than the tasks included) and a vector, at densities 1, 0.5, 0.3 or in
+    slots, some tensors unchanged by some fine-tunes, weights from {1, 0.5, 0, −1, 2}. `ties`
+    equals the reference bit for bit; `iso` and `tsv` are within one ulp wherever METHODS.md
+    defines R."""
     rng = np.random.default_rng(2026)
     checked = 0
-    for case in range(12):
+    for case in range(15):
         d = tmp_path / f"c{case}"
         d.mkdir()
         T = int(rng.integers(2, 5))
+        dtype = ("F32", "BF16", "F16")[case % 3]
         shapes = {f"m{i}": (int(rng.integers(1, 7)), int(rng.integers(1, 7))) for i in range(3)}
         shapes["v"] = (int(rng.integers(1, 5)),)
-        base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-        _write_f32(d / "base.safetensors", shapes, base)
+        base = {n: rng.standard_normal(s) for n, s in shapes.items()}
+        bv = _write_f32(d / "base.safetensors", shapes, base, dtype)
         density, slots = str(rng.choice(["1", "0.5", "0.3"])), bool(rng.random() < 0.3)
         paths = []
         for k in range(T):
             changed = {n: rng.random() < 0.85 for n in shapes}
             _write_f32(d / f"t{k}.safetensors", shapes,
-                       {n: v + np.float32(0.1 * changed[n]) * rng.standard_normal(shapes[n]).astype(np.float32)
-                        for n, v in base.items()})
+                       {n: v + 0.1 * changed[n] * rng.standard_normal(shapes[n]) for n, v in base.items()}, dtype)
             paths.append(d / f"d{k}.delta.safetensors")
             mask = ["--seed", "9", "--slot", f"{k}/{T}"] if slots else ["--density", density, "--seed", str(k + 1)]
             run_bin("extract", "--base", d / "base.safetensors", "--tuned", d / f"t{k}.safetensors", "-o", paths[-1], *mask)
         ds = decoded(paths)
         weights = [float(w) for w in rng.choice([1, 0.5, 0, -1, 2], T)]
-        bv = {n: v.astype(np.float64).reshape(-1) for n, v in base.items()}
         for method in ("ties", "iso", "tsv"):
             out = d / f"{method}.safetensors"
             run_bin("merge", "--method", method, "--base", d / "base.safetensors", *paths, "-o", out,
                     "--weights", ",".join(map(str, weights)))
             got = ref.read_tensors(out)
             want = ref.merge_method(d / "base.safetensors", ds, method, weights=weights)
-            what = f"case {case} ({T} deltas, weights {weights}, density {density}, slots {slots}): {method}"
+            what = f"case {case} ({T} {dtype} deltas, weights {weights}, density {density}, slots {slots}): {method}"
             if method == "ties":
                 assert_same_tensors(got, want, what)
                 continue
@@ -984,8 +987,8 @@ def test_binary_random_small_merges_match_the_reference(tmp_path):
                         else np.zeros(bv[name].size) for x in ds]
                 if len(shape) == 2 and _ill_defined(method, shape, taus, weights):
                     continue
-                g, w = _bits(got[name][2], "F32"), _bits(want[name][2], "F32")
-                diff = np.abs(_ordered(g, "F32") - _ordered(w, "F32"))
+                g, w = _bits(got[name][2], dtype), _bits(want[name][2], dtype)
+                diff = np.abs(_ordered(g, dtype) - _ordered(w, dtype))
                 assert diff.max() <= 1, f"{what}: {name} {shape}: {int(diff.max())} ulps from the reference"
                 checked += 1
-    assert checked >= 40, f"only {checked} tensors were well defined enough to check"
+    assert checked >= 50, f"only {checked} tensors were well defined enough to check"
