@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
-use super::output::{OutTensor, Sink, header};
+use super::layout::{OutTensor, header};
+use super::output::Sink;
 use super::target::Cancel;
 
 /// Bytes in memory, 8-byte aligned, so that tensor data of any dtype can be viewed in place

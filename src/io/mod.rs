@@ -9,7 +9,8 @@
 //! - [`target`]: where an output goes and how (file or folder, shard size, durability, the
 //!   stop request, a part of a merge in parts).
 //! - [`output`]: atomic output, as one file or a sharded model folder; nothing appears at the
-//!   output path until it is complete.
+//!   output path until it is complete. [`layout`] lays out its shards and headers, [`place`]
+//!   puts a finished folder at its destination.
 //! - [`mod@companions`]: what a folder output carries over from the base's folder besides weights
 //!   (config, tokenizer, card, library subfolders).
 //! - [`memory`]: tensors in memory instead of files: a merge's output as buffers, and a
@@ -24,10 +25,12 @@ pub mod checkpoint;
 pub mod companions;
 pub mod hash_cache;
 pub mod header;
+pub mod layout;
 pub mod memory;
 pub mod output;
 pub mod overwrite;
 pub mod parts;
+pub mod place;
 pub mod process;
 pub mod storage;
 pub mod target;
@@ -38,8 +41,9 @@ pub use checkpoint::{
 };
 pub use companions::{Companions, companions, subfolder_weights};
 pub use hash_cache::HashCache;
+pub use layout::OutTensor;
 pub use memory::{AlignedBytes, MemoryImage, MemoryOutput, MemoryTensor};
-pub use output::{OutTensor, Output, Sink, Written, write_file, write_tensors};
+pub use output::{Output, Sink, Written, write_file, write_tensors};
 pub use overwrite::{refuse_output_over_checkpoints, refuse_output_over_input};
 pub use storage::{IoMode, PIECE, with_buffer};
 pub use target::{Cancel, DEFAULT_SHARD_SIZE, Target, is_folder_path, parse_size};

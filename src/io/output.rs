@@ -17,6 +17,8 @@ use serde_json::json;
 use super::checkpoint::{INDEX_NAME, SINGLE_NAME, Tensor};
 use super::companions::{companions, copy_companions, is_weight_file};
 
+use super::layout::{MAX_HEADER_BYTES, OutTensor, header, pack};
+use super::place::{place_folder, refuse_to_replace, sync_folder};
 use super::process;
 use super::storage::{PIECE, with_buffer};
 use super::target::Target;
@@ -25,19 +27,6 @@ use super::target::Target;
 /// few are open at a time in practice; a file closed here is opened again if it is written
 /// again. A folder of thousands of shards thus never runs out of file descriptors.
 const MAX_OPEN_SHARDS: usize = 8;
-
-/// A tensor to be written: name, dtype, shape and byte length.
-#[derive(Clone, Debug)]
-pub struct OutTensor {
-    /// Tensor key.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Data length in bytes.
-    pub len: u64,
-}
 
 /// Where an operation puts its output bytes: positional writes into named tensors, from any
 /// thread, each tensor's length fixed by the layout given when the sink was made. [`Output`]
@@ -223,91 +212,6 @@ pub struct Written {
     pub files: Vec<PathBuf>,
     /// Its fingerprint, when asked for.
     pub fingerprint: Option<String>,
-}
-
-/// Splits `tensors` (in order) into shards of at most `limit` data bytes; a tensor larger than
-/// the limit gets a shard of its own.
-fn pack(tensors: &[OutTensor], limit: u64) -> Vec<std::ops::Range<usize>> {
-    let mut shards = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, t) in tensors.iter().enumerate() {
-        if i > start && bytes + t.len > limit {
-            shards.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes += t.len;
-    }
-    shards.push(start..tensors.len());
-    shards
-}
-
-/// The largest header that safetensors readers accept, this tool's among them (the
-/// `MAX_HEADER_SIZE` of the safetensors crate): a larger one would be written and then refused.
-pub const MAX_HEADER_BYTES: usize = 100_000_000;
-
-/// The safetensors header of `tensors` laid out without gaps, padded with spaces so the data
-/// starts 8-byte aligned (as the safetensors writer does); with each tensor's data offset, and
-/// the length of the `__metadata__` JSON in it.
-///
-/// Written as it goes, with no JSON tree of the whole header: for hundreds of thousands of
-/// tensors that tree took several times the memory of the header itself. The bytes are those
-/// of serde_json's map, which wrote it before: keys in byte order, `__metadata__` among them.
-pub(super) fn header(
-    tensors: &[OutTensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<(Vec<u8>, Vec<u64>, usize)> {
-    const METADATA: &str = "__metadata__";
-    let mut offsets = Vec::with_capacity(tensors.len());
-    let mut pos = 0u64;
-    for t in tensors {
-        offsets.push(pos);
-        pos += t.len;
-    }
-    let key = |k: &Option<usize>| k.map_or(METADATA, |i| tensors[i].name.as_str());
-    let mut keys: Vec<Option<usize>> = (0..tensors.len()).map(Some).chain([None]).collect();
-    keys.sort_unstable_by(|a, b| key(a).cmp(key(b)));
-    if let Some(w) = keys.windows(2).find(|w| key(&w[0]) == key(&w[1])) {
-        bail!("tensor {} appears twice in the output", key(&w[0]));
-    }
-    let mut bytes = vec![0u8; 8];
-    let mut metadata_len = 0;
-    bytes.push(b'{');
-    for (n, k) in keys.iter().enumerate() {
-        if n > 0 {
-            bytes.push(b',');
-        }
-        serde_json::to_writer(&mut bytes, key(k))?;
-        bytes.push(b':');
-        match *k {
-            None => {
-                let at = bytes.len();
-                serde_json::to_writer(&mut bytes, metadata)?;
-                metadata_len = bytes.len() - at;
-            }
-            Some(i) => {
-                let t = &tensors[i];
-                bytes.extend_from_slice(b"{\"data_offsets\":");
-                serde_json::to_writer(&mut bytes, &[offsets[i], offsets[i] + t.len])?;
-                bytes.extend_from_slice(b",\"dtype\":");
-                serde_json::to_writer(&mut bytes, &t.dtype)?;
-                bytes.extend_from_slice(b",\"shape\":");
-                serde_json::to_writer(&mut bytes, &t.shape)?;
-                bytes.push(b'}');
-            }
-        }
-    }
-    bytes.push(b'}');
-    while !bytes.len().is_multiple_of(8) {
-        bytes.push(b' ');
-    }
-    let n = bytes.len() as u64 - 8;
-    bytes[..8].copy_from_slice(&n.to_le_bytes());
-    let start = bytes.len() as u64;
-    Ok((
-        bytes,
-        offsets.into_iter().map(|o| o + start).collect(),
-        metadata_len,
-    ))
 }
 
 impl Output {
@@ -794,105 +698,6 @@ impl Drop for Output {
     }
 }
 
-/// Refuses to replace an existing folder at `dest` unless it is empty or a model folder (it
-/// holds `model.safetensors` or an index): `-o ~/models` by mistake must not delete a folder of
-/// other things. Refuses a symbolic link there too, before anything is computed: replacing it
-/// would put a real folder where the link was and leave the folder it points to as it was,
-/// which is neither of the two things the link's owner may have meant.
-pub(super) fn refuse_to_replace(dest: &Path) -> Result<()> {
-    if let Ok(m) = std::fs::symlink_metadata(dest)
-        && m.file_type().is_symlink()
-    {
-        let to = std::fs::read_link(dest).unwrap_or_default();
-        bail!(
-            "{}: is a symbolic link (to {}); refusing to replace it with a model folder. Give the folder it points to as the output, or remove the link",
-            dest.display(),
-            to.display()
-        );
-    }
-    let Ok(mut entries) = std::fs::read_dir(dest) else {
-        return Ok(()); // nothing there, or not a folder (found out when placing it)
-    };
-    if entries.next().is_none()
-        || dest.join(SINGLE_NAME).is_file()
-        || dest.join(INDEX_NAME).is_file()
-    {
-        return Ok(());
-    }
-    bail!(
-        "{}: exists and is not a model folder (no {SINGLE_NAME} or {INDEX_NAME}); refusing to replace it. Remove it or choose another output path",
-        dest.display()
-    )
-}
-
-pub(super) fn sync_folder(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("{}: cannot flush the folder", dir.display()))
-}
-
-/// Moves the finished folder `staged` to `dest`. An existing folder at `dest` is swapped out
-/// atomically (Linux `renameat2(RENAME_EXCHANGE)`), then removed, so readers of `dest` see
-/// the old folder or the new one, never a mixture.
-pub(super) fn place_folder(staged: &Path, dest: &Path) -> Result<()> {
-    let fail =
-        |e: std::io::Error| anyhow::anyhow!("{}: cannot rename into place: {e}", dest.display());
-    match std::fs::symlink_metadata(dest) {
-        Err(_) => std::fs::rename(staged, dest).map_err(fail),
-        Ok(m) if m.is_dir() => {
-            let (a, b) = (process::c_path(staged), process::c_path(dest));
-            // SOTU_DELTA_NO_RENAME_EXCHANGE=1 takes the fallback below, for its test.
-            let exchange = std::env::var_os("SOTU_DELTA_NO_RENAME_EXCHANGE").is_none();
-            let r = if !exchange {
-                -1
-            } else {
-                // SAFETY: two valid NUL-terminated paths.
-                unsafe {
-                    libc::renameat2(
-                        libc::AT_FDCWD,
-                        a.as_ptr(),
-                        libc::AT_FDCWD,
-                        b.as_ptr(),
-                        libc::RENAME_EXCHANGE,
-                    )
-                }
-            };
-            if r != 0 {
-                let e = if exchange {
-                    std::io::Error::last_os_error()
-                } else {
-                    std::io::Error::from_raw_os_error(libc::EINVAL)
-                };
-                if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-                    return Err(fail(e));
-                }
-                // A filesystem without the exchange (NFS, some FUSE): move the old folder
-                // aside (into the staging name, which is then free), then the new one in. For
-                // a moment nothing is at `dest`; never a mixture.
-                let aside = staged.with_extension("old");
-                std::fs::rename(dest, &aside).map_err(fail)?;
-                if let Err(e) = std::fs::rename(staged, dest) {
-                    let _ = std::fs::rename(&aside, dest);
-                    return Err(fail(e));
-                }
-                std::fs::rename(&aside, staged).map_err(fail)?;
-            }
-            // `staged` now holds the old folder.
-            std::fs::remove_dir_all(staged).with_context(|| {
-                format!(
-                    "{}: written, but the folder it replaced could not be removed from {}",
-                    dest.display(),
-                    staged.display()
-                )
-            })
-        }
-        Ok(_) => bail!(
-            "{}: exists and is not a folder; refusing to replace it with a model folder",
-            dest.display()
-        ),
-    }
-}
-
 /// Writes a whole safetensors file or folder from in-memory tensors (name, dtype, shape,
 /// data), through the same atomic [`Output`] path as every other output. For fixtures, tests
 /// and benchmarks.
@@ -926,91 +731,4 @@ pub fn write_tensors(
         out.write(name, 0, data)?;
     }
     out.commit(false).map(|_| ())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The header as serde_json's map wrote it before [`header`] wrote it as it goes.
-    fn header_by_map(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), json!(metadata));
-        let mut pos = 0u64;
-        for t in tensors {
-            header.insert(
-                t.name.clone(),
-                json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [pos, pos + t.len]}),
-            );
-            pos += t.len;
-        }
-        let mut bytes = serde_json::to_vec(&header).unwrap();
-        while !(bytes.len() + 8).is_multiple_of(8) {
-            bytes.push(b' ');
-        }
-        let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(&bytes);
-        out
-    }
-
-    #[test]
-    fn headers_are_the_bytes_serde_json_map_wrote() {
-        let t = |name: &str, dtype, shape: Vec<usize>, len| OutTensor {
-            name: name.into(),
-            dtype,
-            shape,
-            len,
-        };
-        let names = [
-            "model.embed_tokens.weight",
-            "A.upper",
-            "_under",
-            "__metadata_",
-            "__metadata__x",
-            "Zeta",
-            "é\u{1F600}",
-            "quote\"back\\slash\ttab\u{1}",
-            "",
-        ];
-        let dtypes = [Dtype::BF16, Dtype::F32, Dtype::U64, Dtype::I64, Dtype::F16];
-        let tensors: Vec<OutTensor> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| t(n, dtypes[i % dtypes.len()], vec![i, 3], (7 * i) as u64))
-            .collect();
-        let mut md = BTreeMap::new();
-        md.insert("format".to_string(), "pt".to_string());
-        md.insert("tensors".to_string(), "{\"a\":[1,2]}\n\u{e9}".to_string());
-        for n in [0, 1, 4, tensors.len()] {
-            for md in [BTreeMap::new(), md.clone()] {
-                let (got, offsets, _) = header(&tensors[..n], &md).unwrap();
-                assert_eq!(got, header_by_map(&tensors[..n], &md), "{n} tensors");
-                assert_eq!(got.len() % 8, 0);
-                let mut at = got.len() as u64;
-                for (o, t) in offsets.iter().zip(&tensors) {
-                    assert_eq!(*o, at);
-                    at += t.len;
-                }
-            }
-        }
-        let twice = [
-            t("x", Dtype::F32, vec![1], 4),
-            t("x", Dtype::F32, vec![1], 4),
-        ];
-        assert!(header(&twice, &md).is_err());
-    }
-
-    #[test]
-    fn packing_is_greedy_and_gives_a_big_tensor_its_own_shard() {
-        let t = |len| OutTensor {
-            name: String::new(),
-            dtype: Dtype::U8,
-            shape: vec![len as usize],
-            len,
-        };
-        let ts = [t(4), t(4), t(3), t(20), t(1), t(10)];
-        assert_eq!(pack(&ts, 10), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
-        assert_eq!(pack(&ts, 100), vec![0..6]);
-        assert_eq!(pack(&[], 10), vec![0..0]);
-    }
 }

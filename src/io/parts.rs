@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::INDEX_NAME;
 use super::companions::{Companions, companions, copy_companions};
-use super::output::{place_folder, sync_folder};
+use super::place::{place_folder, sync_folder};
 
 /// `format` of a part manifest.
 pub const PART_FORMAT: &str = "sotu-delta-part";
@@ -303,7 +303,7 @@ pub fn finalize(
     if durable {
         sync_folder(&dir)?;
     }
-    super::output::refuse_to_replace(out)?;
+    super::place::refuse_to_replace(out)?;
     place_folder(&dir, out)?;
     if durable && let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = sync_folder(parent);
