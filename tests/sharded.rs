@@ -1932,6 +1932,9 @@ fn quiet_runs_print_nothing_with_folders() {
 // 9. Bounded memory
 // ==========================================================================================
 
+/// A mebibyte, the unit of the bounds below.
+const MIB: u64 = 1 << 20;
+
 /// Runs the binary with `args` in `dir`, sampling RssAnon of /proc/PID/status about every
 /// millisecond; returns (exit code, stderr, peak RssAnon in bytes).
 fn run_sampling_rss(dir: &Path, args: &[&str]) -> (Option<i32>, String, u64) {
@@ -1980,6 +1983,22 @@ fn run_sampling_rss(dir: &Path, args: &[&str]) -> (Option<i32>, String, u64) {
     (status.code(), err, peak_kb * 1024)
 }
 
+/// Runs the binary with `args` in `dir` ([`run_sampling_rss`]) and asserts that it succeeds and
+/// that its peak RssAnon stays within `bound` bytes; `what` names the run in the messages.
+fn assert_peak_rss_within(dir: &Path, args: &[&str], bound: u64, what: &str) {
+    let (code, err, peak) = run_sampling_rss(dir, args);
+    assert_eq!(code, Some(0), "{what} failed: {err}");
+    println!(
+        "{what}: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+        peak as f64 / MIB as f64,
+        bound as f64 / MIB as f64
+    );
+    assert!(
+        peak <= bound,
+        "{what}: peak RssAnon {peak} bytes > bound {bound} bytes"
+    );
+}
+
 /// bf16 values in ±[0.5, 1) (finite), quickly.
 fn bf16_bytes(numel: usize, seed: u64) -> Vec<u8> {
     let mut v = noise(numel * 2, seed);
@@ -1992,7 +2011,6 @@ fn bf16_bytes(numel: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn merge_peak_anonymous_memory_stays_within_the_bound() {
-    const MIB: usize = 1 << 20;
     let dir = tmp();
     let d = dir.path();
     // 22 bf16 tensors of 4 MiB ([1024, 2048]) and a few smaller ones: ~90 MiB, > 20 x the
@@ -2004,7 +2022,7 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             T {
                 dtype: "BF16".into(),
                 shape: vec![1024, 2048],
-                data: bf16_bytes(2 * MIB, i),
+                data: bf16_bytes(2 * MIB as usize, i),
             },
         );
     }
@@ -2075,20 +2093,13 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             "--shard-size",
             "20MB",
         ];
-        let (code, err, peak) = run_sampling_rss(d, &args);
-        assert_eq!(code, Some(0), "merge --io {io} failed: {err}");
-        let bound = 64 * MIB as u64 + 4 * largest as u64;
-        println!(
-            "merge --io {io} of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB): peak RssAnon {:.1} MiB, bound {:.1} MiB",
+        let bound = 64 * MIB + 4 * largest as u64;
+        let what = format!(
+            "merge --io {io} of 3 deltas onto a {:.1} MiB sharded base (largest tensor {:.1} MiB; bound 64 MiB + 4 x {largest})",
             total as f64 / MIB as f64,
             largest as f64 / MIB as f64,
-            peak as f64 / MIB as f64,
-            bound as f64 / MIB as f64
         );
-        assert!(
-            peak <= bound,
-            "--io {io}: peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
-        );
+        assert_peak_rss_within(d, &args, bound, &what);
         // And the result is complete: 20MB shards, every tensor present.
         let index: Value =
             serde_json::from_slice(&fs::read(d.join("merged").join(INDEX)).unwrap()).unwrap();
@@ -2116,17 +2127,9 @@ fn merge_peak_anonymous_memory_stays_within_the_bound() {
             "--shard-size",
             "20MB",
         ];
-        let (code, err, peak) = run_sampling_rss(d, &args);
-        assert_eq!(code, Some(0), "merge --io {io} --tuned failed: {err}");
-        println!(
-            "merge --io {io} --tuned of 3 fine-tunes: peak RssAnon {:.1} MiB, bound {:.1} MiB",
-            peak as f64 / MIB as f64,
-            bound as f64 / MIB as f64
-        );
-        assert!(
-            peak <= bound,
-            "merge --io {io} --tuned: peak RssAnon {peak} bytes > bound {bound} bytes (64 MiB + 4 x {largest})"
-        );
+        let what =
+            format!("merge --io {io} --tuned of 3 fine-tunes (bound 64 MiB + 4 x {largest})");
+        assert_peak_rss_within(d, &args, bound, &what);
         assert_same_tensors(
             &load_any(&d.join(&out)),
             &load_any(&d.join("merged")),
@@ -2140,7 +2143,6 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
     // docs/METHODS.md, "Memory": a worker holds T + 3 copies of one tensor in f64 for `ties`;
     // for `iso` and `tsv` 4 copies plus faer's SVD factors and workspace (7 copies at most,
     // for a square matrix), whatever T. With 2 threads and T = 3: 64 MiB + 2 x that.
-    const MIB: u64 = 1 << 20;
     let dir = tmp();
     let d = dir.path();
     let (rows, cols) = (512usize, 1024usize);
@@ -2194,22 +2196,11 @@ fn merge_methods_peak_anonymous_memory_stays_within_the_bound() {
             "-o",
             &out,
         ];
-        let (code, err, peak) = run_sampling_rss(d, &args);
-        assert_eq!(
-            code,
-            Some(0),
-            "merge --io {io} --method {method} failed: {err}"
-        );
-        println!(
-            "merge --io {io} --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
+        let what = format!(
+            "merge --io {io} --method {method} of 3 deltas, 6 tensors of {rows}x{cols} ({:.1} MiB in f64 each), 2 threads",
             largest_f64 as f64 / MIB as f64,
-            peak as f64 / MIB as f64,
-            bound as f64 / MIB as f64
         );
-        assert!(
-            peak <= bound,
-            "--io {io} --method {method}: peak RssAnon {peak} bytes > bound {bound} bytes"
-        );
+        assert_peak_rss_within(d, &args, bound, &what);
     }
 }
 
@@ -2323,7 +2314,6 @@ fn lora_apply_peak_anonymous_memory_stays_within_the_bound() {
     // docs/LORA.md: an adapter's product is formed a piece at a time as it is read. Six bf16
     // weights of 2048 x 4096 (16 MiB each; 64 MiB in f64), each adapted at rank 16: holding one
     // whole product in f64 per thread would pass 64 MiB + 4 x 16 MiB with two threads.
-    const MIB: u64 = 1 << 20;
     let dir = tmp();
     let d = dir.path();
     let (rows, cols, r) = (2048usize, 4096usize, 16usize);
@@ -2392,17 +2382,9 @@ fn lora_apply_peak_anonymous_memory_stays_within_the_bound() {
         "-o",
         "out.safetensors",
     ];
-    let (code, err, peak) = run_sampling_rss(d, &args);
-    assert_eq!(code, Some(0), "apply of the adapter failed: {err}");
-    println!(
-        "apply of a rank-{r} adapter onto 6 weights of {rows}x{cols} bf16, 2 threads: peak RssAnon {:.1} MiB, bound {:.1} MiB",
-        peak as f64 / MIB as f64,
-        bound as f64 / MIB as f64
-    );
-    assert!(
-        peak <= bound,
-        "peak RssAnon {peak} bytes > bound {bound} bytes"
-    );
+    let what =
+        format!("apply of a rank-{r} adapter onto 6 weights of {rows}x{cols} bf16, 2 threads");
+    assert_peak_rss_within(d, &args, bound, &what);
     // Every weight changed.
     let out = tensors_of(&d.join("out.safetensors"));
     for (name, t) in &base {
