@@ -360,24 +360,4 @@ impl<'b> Input<'b> {
             .get(name)
             .is_some_and(|e| e.kind == Kind::Masked)
     }
-
-    /// The safetensors files read.
-    pub fn files(&self) -> Vec<&Path> {
-        self.checkpoint().files()
-    }
-
-    /// The size of its files in bytes.
-    pub fn file_len(&self) -> u64 {
-        self.checkpoint().file_len()
-    }
-
-    /// Fails if a file changed since it was opened.
-    pub fn check_unchanged(&self) -> Result<()> {
-        self.checkpoint().check_unchanged()
-    }
-
-    /// Hints sequential reading of its files.
-    pub fn advise_sequential(&self) {
-        self.checkpoint().advise_sequential()
-    }
 }

@@ -457,7 +457,10 @@ impl Planned {
         hashed: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Ran> {
         base.advise_sequential();
-        deltas.iter().for_each(Input::advise_sequential);
+        deltas
+            .iter()
+            .map(Input::checkpoint)
+            .for_each(Checkpoint::advise_sequential);
         let (base_hashes, overflows, exact_svd) =
             execute(self.engine, base, deltas, &self.plans, sink)?;
         let base_fingerprint = crate::io::fingerprint(&base_hashes);
@@ -482,7 +485,10 @@ impl Planned {
             );
         }
         base.check_unchanged()?;
-        deltas.iter().try_for_each(Input::check_unchanged)?;
+        deltas
+            .iter()
+            .map(Input::checkpoint)
+            .try_for_each(Checkpoint::check_unchanged)?;
         Ok(Ran {
             base_fingerprint,
             base_hashes: base_names.into_iter().cloned().zip(base_hashes).collect(),
@@ -499,7 +505,7 @@ impl Planned {
             inputs: base
                 .files()
                 .into_iter()
-                .chain(deltas.iter().flat_map(Input::files))
+                .chain(deltas.iter().flat_map(|d| d.checkpoint().files()))
                 .map(display)
                 .collect(),
             outputs: Vec::new(),
@@ -513,7 +519,7 @@ impl Planned {
                 })
                 .count(),
             output_bytes: 0,
-            input_bytes: base.file_len() + deltas.iter().map(Input::file_len).sum::<u64>(),
+            input_bytes: base.file_len() + deltas.iter().map(|d| d.checkpoint().file_len()).sum::<u64>(),
             seconds: start.elapsed().as_secs_f64(),
             mismatches: run.mismatches,
             base_fingerprint: run.base_fingerprint,
