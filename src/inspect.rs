@@ -412,8 +412,9 @@ fn tensor_alignment(
             continue;
         }
         // The tensor's left singular vectors are the right ones of faer's transposed view.
-        let (_, _, v) = crate::linalg::thin_svd(crate::linalg::view(&tau, (rows, cols)), name)?;
-        tops.push(Some(v.as_ref().submatrix(0, 0, rows, k).to_owned()));
+        let view = crate::linalg::view(&tau, (rows, cols));
+        let (_, _, v) = crate::linalg::top_singular_exact(view, k, name)?;
+        tops.push(Some(v));
     }
     Ok(pairs
         .iter()
